@@ -1,0 +1,24 @@
+"""The one small exception tree of dicom-node.
+
+Every failure a user can cause ends in one of these, with a message that says what to do.
+"""
+
+
+class DicomNodeError(Exception):
+    """Base of every error dicom-node raises on purpose."""
+
+
+class ConfigError(DicomNodeError):
+    """The node configuration is invalid; the message names the key and the bad value."""
+
+
+class ModelPackageError(DicomNodeError):
+    """A model package folder is missing, incomplete or inconsistent."""
+
+
+class InputError(DicomNodeError):
+    """Input images cannot be processed (unsupported, inconsistent or undecodable)."""
+
+
+class SendError(DicomNodeError):
+    """A result could not be delivered to a destination."""

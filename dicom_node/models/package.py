@@ -1,0 +1,259 @@
+"""Model packages: a folder with ``model.yaml`` and weights, everything the node needs to run it.
+
+A package says what it accepts (modalities, 2D or 3D), how its input is prepared (size or patch,
+spacing, intensity normalisation), what it outputs (multi-label sigmoid or exclusive softmax),
+and how each output channel is described in DICOM (label, coded category and type from
+pydicom's code dictionaries, display colour, postprocessing). See ``docs/model-package.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from dicom_node.errors import ModelPackageError
+
+MODEL_FILE = "model.yaml"
+
+
+class Activation(enum.Enum):
+    """How network outputs become masks."""
+
+    SIGMOID = "sigmoid"  # multi-label: one independent channel per structure, overlaps allowed
+    SOFTMAX = "softmax"  # exclusive: channel 0 is background, channel i is structure i
+
+
+class NormalizationKind(enum.Enum):
+    """Intensity normalisation applied before the network (``input.normalization.kind``)."""
+
+    PERCENTILE = "percentile"  # clip to [lower, upper] percentiles, scale to [0, 1]
+    WINDOW = "window"  # clip to center +- width / 2, scale to [0, 1]
+    ZSCORE = "zscore"  # subtract mean, divide by standard deviation
+
+
+class Postprocess(enum.Enum):
+    """Per-structure postprocessing steps (``structures[].postprocess``)."""
+
+    LARGEST_COMPONENT = "largest_component"
+    FILL_HOLES = "fill_holes"
+
+
+class Measurement(enum.Enum):
+    """Measurements the SR reports (``measurements``)."""
+
+    AREA = "area"  # per structure, 2D images, cm2
+    VOLUME = "volume"  # per structure, 3D series, ml
+    CARDIOTHORACIC_RATIO = "cardiothoracic_ratio"  # needs heart and both lungs
+
+
+@dataclass(frozen=True)
+class Normalization:
+    kind: NormalizationKind
+    lower: float = 0.5
+    upper: float = 99.5
+    center: float = 0.0
+    width: float = 1.0
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One output channel of the model and its DICOM segment description."""
+
+    label: str  # machine name, e.g. "right_lung"
+    name: str  # Segment Label (0062,0005), e.g. "Right lung"
+    category: Code  # Segmented Property Category Code Sequence (0062,0003)
+    type: Code  # Segmented Property Type Code Sequence (0062,000F)
+    type_modifier: Code | None  # Segmented Property Type Modifier Code Sequence (0062,0011)
+    color_rgb: tuple[int, int, int]
+    postprocess: tuple[Postprocess, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A validated model package. Construct with :func:`load_package`."""
+
+    path: Path
+    name: str
+    version: str
+    dims: int  # 2: runs per image/slice, batched; 3: runs on volumes by sliding window
+    modalities: tuple[str, ...]
+    input_size: tuple[int, ...]  # 2D: (rows, cols) of the network input; 3D: patch (z, y, x)
+    spacing_mm: tuple[float, ...] | None  # 3D: resample to this (z, y, x) spacing first
+    normalization: Normalization
+    activation: Activation
+    threshold: float
+    network: dict[str, Any]  # keyword arguments of monai.networks.nets.UNet (less dims/ch)
+    weights: Path
+    structures: tuple[Structure, ...]
+    measurements: tuple[Measurement, ...] = ()
+    description: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out_channels(self) -> int:
+        n = len(self.structures)
+        return n + 1 if self.activation is Activation.SOFTMAX else n
+
+
+def resolve_code(value: Any, key: str) -> Code:
+    """Return a :class:`Code` from ``"SCT.Lung"`` (pydicom's dictionaries) or a mapping.
+
+    A mapping is ``{value: ..., scheme: ..., meaning: ...}``.
+    """
+    if isinstance(value, str):
+        scheme, _, keyword = value.partition(".")
+        try:
+            return getattr(getattr(codes, scheme), keyword)  # type: ignore[no-any-return]
+        except AttributeError as exc:
+            raise ModelPackageError(
+                f"{key}: {value!r} is not in pydicom's code dictionaries; use SCHEME.Keyword "
+                "(e.g. SCT.Lung) or {value, scheme, meaning}"
+            ) from exc
+    if isinstance(value, dict) and {"value", "scheme", "meaning"} <= value.keys():
+        return Code(str(value["value"]), str(value["scheme"]), str(value["meaning"]))
+    raise ModelPackageError(
+        f"{key}: expected SCHEME.Keyword or {{value, scheme, meaning}}, got {value!r}"
+    )
+
+
+def _require(doc: dict[str, Any], key: str, where: str) -> Any:
+    if key not in doc:
+        raise ModelPackageError(f"{where}: missing key {key!r}")
+    return doc[key]
+
+
+def _enum(cls: type[enum.Enum], value: Any, key: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in cls)  # type: ignore[attr-defined]
+        raise ModelPackageError(f"{key}: {value!r} is not one of {allowed}") from None
+
+
+def _structure(doc: Any, index: int, where: str) -> Structure:
+    key = f"{where}: structures[{index}]"
+    if not isinstance(doc, dict):
+        raise ModelPackageError(f"{key}: expected a mapping, got {doc!r}")
+    color = doc.get("color", [255, 0, 0])
+    if (
+        not isinstance(color, list)
+        or len(color) != 3
+        or not all(isinstance(c, int) and 0 <= c <= 255 for c in color)
+    ):
+        raise ModelPackageError(f"{key}.color: expected [r, g, b] in 0..255, got {color!r}")
+    modifier = doc.get("type_modifier")
+    return Structure(
+        label=str(_require(doc, "label", key)),
+        name=str(doc.get("name", doc["label"])),
+        category=resolve_code(_require(doc, "category", key), f"{key}.category"),
+        type=resolve_code(_require(doc, "type", key), f"{key}.type"),
+        type_modifier=None
+        if modifier is None
+        else resolve_code(modifier, f"{key}.type_modifier"),
+        color_rgb=(color[0], color[1], color[2]),
+        postprocess=tuple(
+            _enum(Postprocess, p, f"{key}.postprocess") for p in doc.get("postprocess", [])
+        ),
+    )
+
+
+def load_package(path: Path | str) -> ModelPackage:
+    """Read and validate the model package in folder ``path``.
+
+    Raises
+    ------
+    ModelPackageError
+        When ``model.yaml`` or the weights are missing, or a key is invalid; the message names
+        the file and the key.
+    """
+    folder = Path(path)
+    model_file = folder / MODEL_FILE
+    if not model_file.is_file():
+        raise ModelPackageError(
+            f"{folder}: no {MODEL_FILE}; a model package is a folder with {MODEL_FILE} and weights"
+        )
+    where = str(model_file)
+    try:
+        doc = yaml.safe_load(model_file.read_text())
+    except yaml.YAMLError as exc:
+        raise ModelPackageError(f"{where}: not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ModelPackageError(f"{where}: expected a mapping at the top level")
+
+    dims = _require(doc, "dims", where)
+    if dims not in (2, 3):
+        raise ModelPackageError(f"{where}: dims: must be 2 or 3, got {dims!r}")
+    inp = _require(doc, "input", where)
+    size = _require(inp, "size", f"{where}: input")
+    if (
+        not isinstance(size, list)
+        or len(size) != dims
+        or not all(isinstance(s, int) and s > 0 for s in size)
+    ):
+        raise ModelPackageError(
+            f"{where}: input.size: expected {dims} positive integers, got {size!r}"
+        )
+    spacing = inp.get("spacing_mm")
+    if spacing is not None and (
+        not isinstance(spacing, list)
+        or len(spacing) != dims
+        or not all(isinstance(s, int | float) and s > 0 for s in spacing)
+    ):
+        raise ModelPackageError(
+            f"{where}: input.spacing_mm: expected {dims} positive numbers, got {spacing!r}"
+        )
+    norm_doc = inp.get("normalization", {"kind": "percentile"})
+    norm = Normalization(
+        kind=_enum(NormalizationKind, norm_doc.get("kind"), "input.normalization.kind"),
+        lower=float(norm_doc.get("lower", 0.5)),
+        upper=float(norm_doc.get("upper", 99.5)),
+        center=float(norm_doc.get("center", 0.0)),
+        width=float(norm_doc.get("width", 1.0)),
+    )
+    out = doc.get("output", {})
+    threshold = float(out.get("threshold", 0.5))
+    if not 0.0 < threshold < 1.0:
+        raise ModelPackageError(f"{where}: output.threshold: must be in (0, 1), got {threshold}")
+    structures_doc = _require(doc, "structures", where)
+    if not isinstance(structures_doc, list) or not structures_doc:
+        raise ModelPackageError(f"{where}: structures: expected a non-empty list")
+    structures = tuple(_structure(s, i, where) for i, s in enumerate(structures_doc))
+    labels = [s.label for s in structures]
+    if len(set(labels)) != len(labels):
+        raise ModelPackageError(f"{where}: structures: labels must be unique, got {labels}")
+    weights = folder / str(doc.get("weights", "model.pt"))
+    if not weights.is_file():
+        raise ModelPackageError(f"{where}: weights: file {weights} does not exist")
+    modalities = doc.get("modalities", [])
+    if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
+        raise ModelPackageError(f"{where}: modalities: expected a list of strings")
+    measurements = tuple(
+        _enum(Measurement, m, f"{where}: measurements") for m in doc.get("measurements", [])
+    )
+    network = doc.get("network", {})
+    if not isinstance(network, dict):
+        raise ModelPackageError(f"{where}: network: expected a mapping")
+    return ModelPackage(
+        path=folder,
+        name=str(_require(doc, "name", where)),
+        version=str(_require(doc, "version", where)),
+        dims=dims,
+        modalities=tuple(modalities),
+        input_size=tuple(size),
+        spacing_mm=None if spacing is None else tuple(float(s) for s in spacing),
+        normalization=norm,
+        activation=_enum(Activation, out.get("activation", "sigmoid"), "output.activation"),
+        threshold=threshold,
+        network=dict(network),
+        weights=weights,
+        structures=structures,
+        measurements=measurements,
+        description=str(doc.get("description", "")),
+        metrics=dict(doc.get("metrics", {}) or {}),
+    )

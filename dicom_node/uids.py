@@ -1,0 +1,52 @@
+"""UID checks for data from the network and deterministic UIDs for outputs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from pydicom.uid import UID, generate_uid
+
+# PS3.5 9.1: components of digits, no leading zero (except "0" itself), dots between, <= 64 chars.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def is_valid_uid(value: object) -> bool:
+    """Return True when ``value`` is a syntactically valid DICOM UID (PS3.5 9.1).
+
+    Only such UIDs ever become part of a file path, so a value like ``1.2.3/../../etc``
+    can never escape the spool.
+    """
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+def derive_uid(*parts: str) -> UID:
+    """Return a UID determined only by ``parts`` (a ``2.25.`` UUID-derived UID).
+
+    The same parts always give the same UID, so processing the same input twice yields the
+    same output UIDs and a redelivery replaces rather than duplicates.
+    """
+    if not parts:
+        raise ValueError("derive_uid needs at least one part")
+    return generate_uid(prefix=None, entropy_srcs=["dicom-node", *parts])
+
+
+def output_uids(
+    source_series_uid: str,
+    model_name: str,
+    model_version: str,
+    kind: str,
+    source_instance_uids: Iterable[str],
+) -> tuple[UID, UID]:
+    """Return ``(series_uid, sop_instance_uid)`` for one output kind (``"seg"`` or ``"sr"``).
+
+    The series UID depends on (source series, model name + version, kind). The SOP Instance
+    UID also depends on the set of source instances, so a reprocessing after late instances
+    arrive yields a new instance in the same output series, while processing the same
+    instances again yields exactly the same UIDs.
+    """
+    model = f"{model_name}@{model_version}"
+    series_uid = derive_uid(source_series_uid, model, kind, "series")
+    instances = ",".join(sorted(set(source_instance_uids)))
+    sop_uid = derive_uid(source_series_uid, model, kind, "instance", instances)
+    return series_uid, sop_uid

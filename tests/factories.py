@@ -1,0 +1,205 @@
+"""Builders of realistic DICOM test data: DX radiographs from the JSRT PNGs, synthetic CT series.
+
+Used by the tests and benchmarks only; nothing here is imported by ``dicom_node``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DICOM_NODE_SHARED_DATA", REPO.parent / "shared" / "data"))
+JSRT = SHARED_DATA / "jsrt"
+JSRT_SPACING_MM = 0.35  # README of shared/data/jsrt: 1024 px over the 2048 px at 0.175 mm
+
+# Patient data that must never appear in operational logs (see tests of logging).
+PATIENT_NAME = "Doe^Jane^Secret"
+PATIENT_ID = "PID-7731-SECRET"
+PATIENT_BIRTH_DATE = "19470312"
+ACCESSION_NUMBER = "ACC-99871-SECRET"
+
+
+def _patient_study(ds: Dataset, study_uid: str) -> None:
+    now = dt.datetime(2026, 11, 20, 9, 30, 0)
+    ds.PatientName = PATIENT_NAME
+    ds.PatientID = PATIENT_ID
+    ds.PatientBirthDate = PATIENT_BIRTH_DATE
+    ds.PatientSex = "F"
+    ds.AccessionNumber = ACCESSION_NUMBER
+    ds.StudyInstanceUID = study_uid
+    ds.StudyID = "1"
+    ds.StudyDate = now.strftime("%Y%m%d")
+    ds.StudyTime = now.strftime("%H%M%S")
+    ds.ReferringPhysicianName = ""
+    ds.Manufacturer = "dicom-node tests"
+
+
+def _file_meta(ds: Dataset) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+
+
+def jsrt_cases() -> list[str]:
+    """Case ids of the JSRT images present under ``SHARED_DATA``."""
+    return sorted(p.stem for p in (JSRT / "images").glob("*.png"))
+
+
+def dx_from_array(
+    pixels: np.ndarray,
+    *,
+    spacing_mm: float = JSRT_SPACING_MM,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    monochrome1: bool = False,
+    bits_stored: int = 12,
+) -> Dataset:
+    """A DX For Presentation image of ``pixels`` (2D, normal polarity, any range)."""
+    arr = pixels.astype(np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    scaled = (arr - lo) / max(hi - lo, 1e-9) * (2**bits_stored - 1)
+    if monochrome1:
+        scaled = (2**bits_stored - 1) - scaled
+    data = np.round(scaled).astype(np.uint16)
+    ds = Dataset()
+    _patient_study(ds, study_uid or generate_uid())
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = "DX"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.PatientOrientation = ["L", "F"]  # columns toward patient left, rows toward feet (PA)
+    ds.ImagerPixelSpacing = [spacing_mm, spacing_mm]
+    ds.PixelSpacing = [spacing_mm, spacing_mm]
+    ds.BurnedInAnnotation = "NO"
+    ds.ContentDate = ds.StudyDate
+    ds.ContentTime = ds.StudyTime
+    ds.AcquisitionDeviceProcessingDescription = ""
+    ds.DetectorType = "DIRECT"
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = -1 if monochrome1 else 1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.ImageLaterality = "U"  # unpaired: the whole chest
+    ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
+    ds.PositionerType = ""
+    ds.AcquisitionContextSequence = []
+    region = Dataset()
+    region.CodeValue = "51185008"
+    region.CodingSchemeDesignator = "SCT"
+    region.CodeMeaning = "Chest"
+    ds.AnatomicRegionSequence = [region]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.Rows, ds.Columns = data.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = 2 ** (bits_stored - 1)
+    ds.WindowWidth = 2**bits_stored
+    ds.LossyImageCompression = "00"
+    ds.PixelData = data.tobytes()
+    _file_meta(ds)
+    return ds
+
+
+def jsrt_dx(case: str, **kwargs: object) -> Dataset:
+    """The JSRT radiograph ``case`` (e.g. ``"JPCLN001"``) as a DX image at 0.35 mm spacing."""
+    png = np.asarray(Image.open(JSRT / "images" / f"{case}.png").convert("L"))
+    return dx_from_array(png, **kwargs)  # type: ignore[arg-type]
+
+
+def jsrt_mask(case: str, structure: str) -> np.ndarray:
+    """The expert mask of ``structure`` for ``case`` as a boolean array."""
+    return np.asarray(Image.open(JSRT / "masks" / structure / f"{case}.png").convert("L")) > 127
+
+
+def ct_series(
+    n_slices: int = 8,
+    rows: int = 64,
+    cols: int = 64,
+    *,
+    spacing_mm: tuple[float, float, float] = (2.5, 0.8, 0.8),
+    study_uid: str | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+) -> list[Dataset]:
+    """A small synthetic axial CT series: a bright ellipsoid in air, in HU via rescale.
+
+    Instances are returned in shuffled order (unless ``shuffle`` is False) and numbered in
+    reverse, so that a reader must sort them by position along the slice normal.
+    """
+    rng = np.random.default_rng(seed)
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    for_uid = generate_uid()
+    dz, dy, dx = spacing_mm
+    zz, yy, xx = np.mgrid[0:n_slices, 0:rows, 0:cols]
+    inside = (
+        ((zz - n_slices / 2) / (n_slices / 2.5)) ** 2
+        + ((yy - rows / 2) / (rows / 3)) ** 2
+        + ((xx - cols / 2) / (cols / 3)) ** 2
+    ) <= 1.0
+    hu = np.where(inside, 40.0, -1000.0) + rng.normal(0, 10, inside.shape)
+    out = []
+    for k in range(n_slices):
+        ds = Dataset()
+        _patient_study(ds, study_uid)
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = for_uid
+        ds.PositionReferenceIndicator = ""
+        ds.Modality = "CT"
+        ds.PatientPosition = "HFS"
+        ds.SeriesNumber = 2
+        ds.InstanceNumber = n_slices - k
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [-cols * dx / 2, -rows * dy / 2, -100.0 + k * dz]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [dy, dx]
+        ds.SliceThickness = dz
+        ds.KVP = 120
+        ds.AcquisitionNumber = 1
+        ds.ContentDate = ds.StudyDate
+        ds.ContentTime = ds.StudyTime
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = rows, cols
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.RescaleType = "HU"
+        ds.WindowCenter = 40
+        ds.WindowWidth = 400
+        ds.PixelData = np.round(hu[k] + 1024).astype(np.int16).tobytes()
+        _file_meta(ds)
+        out.append(ds)
+    if shuffle:
+        order = rng.permutation(n_slices)
+        out = [out[i] for i in order]
+    return out
