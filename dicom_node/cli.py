@@ -1,0 +1,229 @@
+"""The ``dicom-node`` command line: serve, process, echo, send, status, retry, audit, train,
+evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from dicom_node import __version__
+from dicom_node.config import Destination, Settings, load_settings
+from dicom_node.errors import DicomNodeError
+from dicom_node.log import configure_logging
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_CONFIG = Path("config/node.yaml")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.pipeline.node import Node
+
+    settings = _settings(args)
+    node = Node(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    node.start()
+    print(
+        f"dicom-node {__version__} listening as {settings.ae_title} on port {settings.port}; "
+        f"storage in {settings.storage_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop.wait()
+    node.stop()
+    return 0
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    """Run one route's model on a folder of DICOM files, writing SEG + SR: no network."""
+    from dicom_node.models.inference import Segmenter
+    from dicom_node.models.package import load_package
+    from dicom_node.pipeline.segment import group_series, segment_series, write_outputs
+
+    configure_logging("console", "warning")
+    if args.model is not None:
+        model = Path(args.model)
+    else:
+        settings = load_settings(args.config)
+        if not settings.routes:
+            raise DicomNodeError(f"{args.config}: no routes; give --model PACKAGE instead")
+        model = settings.routes[0].model
+    segmenter = Segmenter(load_package(model))
+    groups = group_series(Path(args.input_dir))
+    if not groups:
+        raise DicomNodeError(f"{args.input_dir}: no DICOM files found")
+    out = Path(args.output_dir)
+    for series_uid, paths in groups.items():
+        result = segment_series(paths, segmenter)
+        for path in write_outputs(result, out):
+            print(path)
+        print(f"series {series_uid}: {len(paths)} instance(s) -> SEG + SR", file=sys.stderr)
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node.net.sender import echo
+
+    status = echo(args.host, args.port, args.ae_title, calling_ae=args.calling_ae)
+    if status is None:
+        print(f"C-ECHO {args.ae_title}@{args.host}:{args.port}: no association", file=sys.stderr)
+        return 1
+    print(f"C-ECHO {args.ae_title}@{args.host}:{args.port}: status 0x{status:04X}")
+    return 0 if status == 0 else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from dicom_node.net.sender import store_files
+
+    paths = []
+    for item in args.files:
+        p = Path(item)
+        paths.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+    dest = Destination("cli", args.ae_title, args.host, args.port)
+    results = store_files(dest, paths, calling_ae=args.calling_ae)
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"{r.path}: {r.detail}", file=sys.stderr)
+    print(f"sent {len(results) - len(failed)} of {len(results)}")
+    return 1 if failed else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dicom_node.store.database import Database
+
+    settings = load_settings(args.config)
+    if not settings.database_path.exists():
+        print(f"no database at {settings.database_path}: the node has not run yet")
+        return 0
+    db = Database(settings.database_path)
+    status = db.status()
+    db.close()
+    status["configured_destinations"] = {
+        name: f"{d.ae_title}@{d.host}:{d.port}" for name, d in settings.destinations.items()
+    }
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"instances indexed: {status['instances']}")
+    for table in ("series", "jobs", "sends"):
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(status[table].items())) or "none"
+        print(f"{table}: {counts}")
+    for name, addr in status["configured_destinations"].items():
+        d = status["destinations"].get(name, {})
+        line = f"destination {name} ({addr}): " + (
+            ", ".join(f"{k} {v}" for k, v in sorted(d.items()) if k != "last_error") or "idle"
+        )
+        if "last_error" in d:
+            line += f"; last error: {d['last_error']}"
+        print(line)
+    for job in status["failed_jobs"]:
+        print(f"failed job {job['id']} (route {job['route']}, {job['attempts']} attempts): "
+              f"{job['error']}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from dicom_node.store.database import Database
+
+    settings = load_settings(args.config)
+    db = Database(settings.database_path)
+    n = db.retry_failed_sends(args.destination)
+    db.close()
+    print(f"{n} failed send(s) queued again; a running node sends them within seconds")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from dicom_node.audit import verify
+
+    settings = load_settings(args.config)
+    n, problems = verify(settings.audit_path)
+    for p in problems:
+        print(p)
+    print(f"{settings.audit_path}: {n} record(s), " + ("chain intact" if not problems
+                                                       else f"{len(problems)} problem(s)"))
+    return 1 if problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicom-node",
+        description="DICOM node that segments incoming studies and sends back SEG + SR.",
+    )
+    parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                       help=f"node config YAML (default {DEFAULT_CONFIG})")
+        return p
+
+    p = with_config(sub.add_parser("serve", help="run the node"))
+    p.set_defaults(func=cmd_serve)
+
+    p = with_config(sub.add_parser("process", help="segment DICOM files from a folder, no network"))
+    p.add_argument("input_dir")
+    p.add_argument("output_dir")
+    p.add_argument("--model", help="model package folder (default: the first route's model)")
+    p.set_defaults(func=cmd_process)
+
+    p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--ae-title", default="ANY-SCP", help="called AE title")
+    p.add_argument("--calling-ae", default="DICOMNODE")
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("files", nargs="+")
+    p.add_argument("--ae-title", default="ANY-SCP", help="called AE title")
+    p.add_argument("--calling-ae", default="DICOMNODE")
+    p.set_defaults(func=cmd_send)
+
+    p = with_config(sub.add_parser("status", help="queue, jobs, failures and destinations"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = with_config(sub.add_parser("retry", help="queue dead-lettered sends again"))
+    p.add_argument("--destination")
+    p.set_defaults(func=cmd_retry)
+
+    audit = sub.add_parser("audit", help="audit trail tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    p = with_config(audit_sub.add_parser("verify", help="check the audit log's hash chain"))
+    p.set_defaults(func=cmd_audit_verify)
+
+    try:
+        from dicom_node.training.cli import add_evaluate_parser, add_train_parser
+    except ImportError:  # training extras missing: the node itself still runs
+        pass
+    else:
+        add_train_parser(sub)
+        add_evaluate_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DicomNodeError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,326 @@
+"""One typed, validated settings object read from YAML, with environment overrides.
+
+Every error names the key and the bad value, and the node does not start with an invalid file.
+Relative paths (``storage_dir``, route ``model``) are taken relative to the current directory,
+as a user typing ``dicom-node serve --config config/node.yaml`` in the repository expects.
+
+Environment overrides (for containers and systemd): ``DICOM_NODE_AE_TITLE``,
+``DICOM_NODE_PORT``, ``DICOM_NODE_STORAGE_DIR``, ``DICOM_NODE_LOG_FORMAT``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dicom_node.errors import ConfigError
+
+# PS3.5 6.2: AE titles are up to 16 characters of the default repertoire, no backslash or
+# control characters; leading and trailing spaces are not significant.
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer that receives results (C-STORE SCP)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which series go to which model package, and where the results go."""
+
+    name: str
+    match: dict[str, tuple[str, ...]]  # DICOM keyword -> accepted values (any of them)
+    model: Path
+    send_to: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SendPolicy:
+    """Retries of C-STORE to destinations, persisted across restarts."""
+
+    max_attempts: int = 20
+    initial_backoff_s: float = 2.0
+    max_backoff_s: float = 300.0
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole node configuration. Build it with :func:`load_settings`."""
+
+    ae_title: str = "DICOMNODE"
+    port: int = 11112
+    bind_address: str = "0.0.0.0"
+    storage_dir: Path = Path("var")
+    allowed_callers: tuple[str, ...] = ()
+    stable_after_s: float = 10.0
+    release_grace_s: float = 1.0
+    late_instances: str = "reprocess"
+    destinations: dict[str, Destination] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    send: SendPolicy = SendPolicy()
+    workers: int = 1
+    batch_size: int = 8
+    device: str = "auto"
+    delete_after_success: bool = False
+    retention_days: float | None = None
+    metrics_port: int | None = None
+    log_format: str = "console"
+    log_level: str = "info"
+    job_lease_s: float = 600.0
+    max_job_attempts: int = 3
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.storage_dir / "spool"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.storage_dir / "outbox"
+
+    @property
+    def database_path(self) -> Path:
+        return self.storage_dir / "node.sqlite3"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.storage_dir / "audit.jsonl"
+
+
+#: Series-level attributes the index keeps for routing; ``routes[].match`` may use these.
+ROUTING_KEYWORDS = (
+    "Modality",
+    "BodyPartExamined",
+    "SeriesDescription",
+    "StudyDescription",
+    "ProtocolName",
+    "SOPClassUID",
+    "ViewPosition",
+    "ImageType",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "StationName",
+)
+
+_TOP_KEYS = set(Settings.__dataclass_fields__)
+_LATE_POLICIES = ("reprocess", "ignore")
+_LOG_FORMATS = ("console", "json")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+def _ae_title(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not _AE_RE.match(value) or not value.strip():
+        raise ConfigError(
+            f"{key}: {value!r} is not a valid AE title (1 to 16 printable ASCII characters, "
+            "no backslash)"
+        )
+    return value.strip()
+
+
+def _port(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(f"{key}: {value!r} is not a TCP port (an integer in 1..65535)")
+    return value
+
+
+def _number(value: Any, key: str, *, minimum: float = 0.0, integer: bool = False) -> Any:
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"{key}: {value!r} must be {what} >= {minimum:g}")
+    return value
+
+
+def _choice(value: Any, key: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} must be one of {', '.join(allowed)}")
+    return str(value)
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    return value
+
+
+def _destinations(doc: Any) -> dict[str, Destination]:
+    out = {}
+    for name, item in _mapping(doc, "destinations").items():
+        key = f"destinations.{name}"
+        item = _mapping(item, key)
+        unknown = set(item) - {"ae_title", "host", "port"}
+        if unknown:
+            raise ConfigError(f"{key}: unknown key(s) {', '.join(sorted(unknown))}")
+        for required in ("ae_title", "host", "port"):
+            if required not in item:
+                raise ConfigError(f"{key}.{required}: missing")
+        host = item["host"]
+        if not isinstance(host, str) or not host:
+            raise ConfigError(f"{key}.host: {host!r} must be a host name or address")
+        out[str(name)] = Destination(
+            name=str(name),
+            ae_title=_ae_title(item["ae_title"], f"{key}.ae_title"),
+            host=host,
+            port=_port(item["port"], f"{key}.port"),
+        )
+    return out
+
+
+def _routes(doc: Any, destinations: dict[str, Destination], base: Path) -> tuple[Route, ...]:
+    if not isinstance(doc, list):
+        raise ConfigError(f"routes: expected a list, got {doc!r}")
+    routes = []
+    for i, item in enumerate(doc):
+        key = f"routes[{i}]"
+        item = _mapping(item, key)
+        unknown = set(item) - {"name", "match", "model", "send_to"}
+        if unknown:
+            raise ConfigError(f"{key}: unknown key(s) {', '.join(sorted(unknown))}")
+        name = item.get("name", f"route-{i}")
+        match: dict[str, tuple[str, ...]] = {}
+        for attr, values in _mapping(item.get("match", {}), f"{key}.match").items():
+            if attr not in ROUTING_KEYWORDS:
+                raise ConfigError(
+                    f"{key}.match.{attr}: cannot route on this attribute; "
+                    f"use one of {', '.join(ROUTING_KEYWORDS)}"
+                )
+            vals = values if isinstance(values, list) else [values]
+            if not vals or not all(isinstance(v, str | int | float) for v in vals):
+                raise ConfigError(f"{key}.match.{attr}: expected a value or a list of values")
+            match[str(attr)] = tuple(str(v) for v in vals)
+        if "model" not in item or not isinstance(item["model"], str):
+            raise ConfigError(f"{key}.model: missing; the path of a model package folder")
+        model = Path(item["model"])
+        if not model.is_absolute():
+            model = base / model
+        if not (model / "model.yaml").is_file():
+            raise ConfigError(
+                f"{key}.model: {item['model']!r} is not a model package (no model.yaml in {model})"
+            )
+        send_to = item.get("send_to", [])
+        if not isinstance(send_to, list):
+            raise ConfigError(f"{key}.send_to: expected a list of destination names")
+        for dest in send_to:
+            if dest not in destinations:
+                raise ConfigError(
+                    f"{key}.send_to: {dest!r} is not a destination; "
+                    f"known: {', '.join(destinations) or 'none'}"
+                )
+        routes.append(Route(str(name), match, model, tuple(send_to)))
+    return tuple(routes)
+
+
+def parse_settings(doc: Any, base: Path | None = None) -> Settings:
+    """Validate a parsed YAML document into :class:`Settings`.
+
+    Parameters
+    ----------
+    doc
+        The parsed YAML (a mapping).
+    base
+        Folder that relative paths are resolved against (default: the current directory).
+    """
+    base = base or Path.cwd()
+    doc = dict(_mapping(doc or {}, "top level"))
+    env = os.environ
+    for var, key, conv in (
+        ("DICOM_NODE_AE_TITLE", "ae_title", str),
+        ("DICOM_NODE_PORT", "port", int),
+        ("DICOM_NODE_STORAGE_DIR", "storage_dir", str),
+        ("DICOM_NODE_LOG_FORMAT", "log_format", str),
+    ):
+        if var in env:
+            try:
+                doc[key] = conv(env[var])
+            except ValueError:
+                raise ConfigError(f"{var}: {env[var]!r} is not valid for {key}") from None
+    unknown = set(doc) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(sorted(unknown))}; known keys: {', '.join(sorted(_TOP_KEYS))}"
+        )
+    defaults = Settings()
+    callers = doc.get("allowed_callers", [])
+    if not isinstance(callers, list):
+        raise ConfigError(f"allowed_callers: expected a list of AE titles, got {callers!r}")
+    destinations = _destinations(doc.get("destinations", {}))
+    send_doc = _mapping(doc.get("send", {}), "send")
+    unknown_send = set(send_doc) - set(SendPolicy.__dataclass_fields__)
+    if unknown_send:
+        raise ConfigError(f"send: unknown key(s) {', '.join(sorted(unknown_send))}")
+    send = SendPolicy(
+        max_attempts=_number(send_doc.get("max_attempts", 20), "send.max_attempts", minimum=1,
+                             integer=True),
+        initial_backoff_s=_number(send_doc.get("initial_backoff_s", 2.0),
+                                  "send.initial_backoff_s"),
+        max_backoff_s=_number(send_doc.get("max_backoff_s", 300.0), "send.max_backoff_s"),
+        timeout_s=_number(send_doc.get("timeout_s", 30.0), "send.timeout_s", minimum=1),
+    )
+    storage = Path(str(doc.get("storage_dir", defaults.storage_dir)))
+    retention = doc.get("retention_days")
+    metrics_port = doc.get("metrics_port")
+    return Settings(
+        ae_title=_ae_title(doc.get("ae_title", defaults.ae_title), "ae_title"),
+        port=_port(doc.get("port", defaults.port), "port"),
+        bind_address=str(doc.get("bind_address", defaults.bind_address)),
+        storage_dir=storage if storage.is_absolute() else base / storage,
+        allowed_callers=tuple(
+            _ae_title(c, f"allowed_callers[{i}]") for i, c in enumerate(callers)
+        ),
+        stable_after_s=_number(doc.get("stable_after_s", defaults.stable_after_s),
+                               "stable_after_s"),
+        release_grace_s=_number(doc.get("release_grace_s", defaults.release_grace_s),
+                                "release_grace_s"),
+        late_instances=_choice(doc.get("late_instances", defaults.late_instances),
+                               "late_instances", _LATE_POLICIES),
+        destinations=destinations,
+        routes=_routes(doc.get("routes", []), destinations, base),
+        send=send,
+        workers=_number(doc.get("workers", 1), "workers", minimum=1, integer=True),
+        batch_size=_number(doc.get("batch_size", 8), "batch_size", minimum=1, integer=True),
+        device=_choice(doc.get("device", "auto"), "device", _DEVICES),
+        delete_after_success=bool(doc.get("delete_after_success", False)),
+        retention_days=None if retention is None else _number(retention, "retention_days"),
+        metrics_port=None if metrics_port is None else _port(metrics_port, "metrics_port"),
+        log_format=_choice(doc.get("log_format", "console"), "log_format", _LOG_FORMATS),
+        log_level=_choice(doc.get("log_level", "info"), "log_level", _LOG_LEVELS),
+        job_lease_s=_number(doc.get("job_lease_s", 600.0), "job_lease_s", minimum=1),
+        max_job_attempts=_number(doc.get("max_job_attempts", 3), "max_job_attempts", minimum=1,
+                                 integer=True),
+    )
+
+
+def load_settings(path: Path | str) -> Settings:
+    """Read and validate the YAML file at ``path``.
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing, not YAML, or a key is invalid; the message starts with the
+        file name and names the key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return parse_settings(doc)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

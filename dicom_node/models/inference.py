@@ -1,0 +1,166 @@
+"""Running a model package on a series: probabilities and masks on the source pixel grid.
+
+One code path for CPU and GPU: the network runs under :func:`torch.inference_mode`, and under
+:func:`torch.autocast` (fp16) only when the device is CUDA.
+
+* 2D models run on each frame (projection image or slice), batched ``batch_size`` at a time,
+  prepared by :func:`~dicom_node.models.preprocess.prepare_image`.
+* 3D models run :func:`monai.inferers.sliding_window_inference` with ``roi_size`` the package's
+  ``input.size`` on the volume resampled to ``input.spacing_mm``, then resample back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import structlog
+import torch
+from monai.inferers import sliding_window_inference
+
+from dicom_node.errors import InputError
+from dicom_node.imaging.series import ImageSeries
+from dicom_node.models.package import Activation, ModelPackage
+from dicom_node.models.postprocess import postprocess
+from dicom_node.models.preprocess import (
+    prepare_image,
+    prepare_volume,
+    restore_probabilities,
+    restore_volume,
+)
+from dicom_node.models.unet import load_network
+
+log = structlog.get_logger(__name__)
+
+#: Fraction of overlap between neighbouring patches of the sliding window (3D models).
+SLIDING_WINDOW_OVERLAP = 0.25
+
+
+def select_device() -> torch.device:
+    """Return ``cuda`` when a CUDA device is available, else ``cpu``; call it once at start."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    log.info("inference device selected", device=str(device))
+    return device
+
+
+def masks_from_probabilities(probs: np.ndarray, package: ModelPackage) -> np.ndarray:
+    """Turn probabilities ``(..., S)`` into boolean masks of the same shape (no postprocessing).
+
+    Sigmoid models: each structure where its probability exceeds ``output.threshold``
+    (structures may overlap). Softmax models: each pixel goes to the most probable class, the
+    background (``1 - sum``) included, so the structures never overlap.
+    """
+    if package.activation is Activation.SIGMOID:
+        return probs > package.threshold
+    background = 1.0 - probs.sum(axis=-1, keepdims=True)
+    winner = np.argmax(np.concatenate([background, probs], axis=-1), axis=-1)
+    return winner[..., None] == np.arange(1, probs.shape[-1] + 1)
+
+
+class Segmenter:
+    """A loaded model package, ready to segment series.
+
+    Parameters
+    ----------
+    package
+        The model package; its network is built and its weights loaded once, in eval mode.
+    device
+        Where the network runs; default :func:`select_device`.
+    batch_size
+        Frames per forward pass for 2D models; patches per pass for 3D models.
+    """
+
+    def __init__(
+        self, package: ModelPackage, device: torch.device | None = None, batch_size: int = 8
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.package = package
+        self.device = device if device is not None else select_device()
+        self.batch_size = batch_size
+        self.network = load_network(package, self.device)
+
+    def _check(self, series: ImageSeries) -> None:
+        modalities = self.package.modalities
+        if modalities and series.modality not in modalities:
+            raise InputError(
+                f"model {self.package.name} accepts {', '.join(modalities)} images, not "
+                f"{series.modality or 'an unknown modality'}; route this series to another model"
+            )
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C, ...)`` to probabilities ``(B, S, ...)``, background dropped."""
+        logits = logits.float()
+        if self.package.activation is Activation.SIGMOID:
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=1)[:, 1:]
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(
+            device_type=self.device.type,
+            dtype=torch.float16,
+            enabled=self.device.type == "cuda",
+        )
+
+    def _predict_2d(self, pixels: np.ndarray) -> np.ndarray:
+        frames, rows, cols = pixels.shape
+        out = np.empty((frames, rows, cols, len(self.package.structures)), dtype=np.float32)
+        for start in range(0, frames, self.batch_size):
+            stop = min(start + self.batch_size, frames)
+            prepared = [prepare_image(pixels[f], self.package) for f in range(start, stop)]
+            batch = torch.from_numpy(np.stack([image for image, _ in prepared])[:, None])
+            with torch.inference_mode(), self._autocast():
+                probs = self._activate(self.network(batch.to(self.device))).cpu().numpy()
+            for i, (_, placement) in enumerate(prepared):
+                out[start + i] = np.moveaxis(restore_probabilities(probs[i], placement), 0, -1)
+        return out
+
+    def _predict_3d(self, series: ImageSeries) -> np.ndarray:
+        volume, placement = prepare_volume(series, self.package)
+        tensor = torch.from_numpy(volume)[None, None].to(self.device)
+        with torch.inference_mode(), self._autocast():
+            logits = sliding_window_inference(
+                tensor,
+                roi_size=self.package.input_size,
+                sw_batch_size=self.batch_size,
+                predictor=self.network,
+                overlap=SLIDING_WINDOW_OVERLAP,
+                mode="gaussian",
+                cval=float(volume.min()),
+            )
+            assert isinstance(logits, torch.Tensor)
+            probs = self._activate(logits)[0].cpu().numpy()
+        return np.ascontiguousarray(np.moveaxis(restore_volume(probs, placement), 0, -1))
+
+    def predict(self, series: ImageSeries) -> np.ndarray:
+        """Return the probabilities of each structure on the source pixel grid.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``float32`` array ``(frames, rows, cols, S)``, ``S = len(package.structures)``,
+            in the frame order of ``series`` (softmax models: background channel dropped).
+
+        Raises
+        ------
+        InputError
+            When the series' Modality (0008,0060) is not among the package's ``modalities``,
+            or a 3D model gets a series it cannot resample (see
+            :func:`~dicom_node.models.preprocess.prepare_volume`).
+        """
+        self._check(series)
+        if self.package.dims == 3:
+            probs = self._predict_3d(series)
+        else:
+            probs = self._predict_2d(series.pixels)
+        log.debug("prediction done", model=self.package.name, frames=probs.shape[0])
+        return probs
+
+    def segment(self, series: ImageSeries) -> np.ndarray:
+        """Return boolean masks ``(frames, rows, cols, S)`` on the source pixel grid.
+
+        Probabilities from :meth:`predict` are thresholded (sigmoid) or arg-maxed (softmax) by
+        :func:`masks_from_probabilities`, then postprocessed per structure: connected
+        components per frame for projection images, over the volume for cross-sectional
+        series.
+        """
+        masks = masks_from_probabilities(self.predict(series), self.package)
+        return postprocess(masks, self.package, per_frame=series.is_projection)

@@ -1,0 +1,280 @@
+"""The receiver: a Verification and Storage SCP that stores each instance durably.
+
+Handlers stay thin: validate, write the bytes as received (temp file, fsync, rename), index
+them, and only then answer Success. Nothing heavy runs on an association thread; pixel data
+is not decoded here. Every bad input gets a failure status and the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.audit import (
+    AuditAction,
+    AuditEvent,
+    AuditEventType,
+    AuditLog,
+    AuditOutcome,
+    Participants,
+)
+from dicom_node.config import ROUTING_KEYWORDS, Settings
+from dicom_node.net.status import StoreStatus
+from dicom_node.net.syntaxes import ACCEPTED
+from dicom_node.store.database import Database
+from dicom_node.store.spool import durable_write, instance_path
+from dicom_node.uids import is_valid_uid
+
+log = structlog.get_logger(__name__)
+
+_BYTES_PER_SAMPLE = {8: 1, 16: 2, 32: 4}
+
+
+class RejectedInstance(Exception):
+    """An instance the receiver refuses; carries the status to answer with."""
+
+    def __init__(self, status: StoreStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class _Association:
+    id: str
+    who: Participants
+    studies: Counter[tuple[str, str]] = field(default_factory=Counter)  # (patient, study) -> n
+
+
+def _participants(event: Event, called: str) -> Participants:
+    requestor = event.assoc.requestor
+    return Participants(
+        calling_ae=str(requestor.ae_title).strip(),
+        called_ae=called,
+        peer_address=f"{requestor.address}:{requestor.port}",
+    )
+
+
+def routing_attributes(ds: Dataset) -> dict[str, str]:
+    """The values of :data:`ROUTING_KEYWORDS` present in ``ds``, multi-values joined by '\\'."""
+    out = {}
+    for keyword in ROUTING_KEYWORDS:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+            out[keyword] = "\\".join(str(v) for v in value)
+        else:
+            out[keyword] = str(value)
+    return out
+
+
+def check_instance(ds: Dataset, request: Any) -> None:
+    """Validate a received dataset against its C-STORE request; raise RejectedInstance.
+
+    Checks that the UIDs that become paths are valid, that the dataset's SOP Class and
+    Instance UIDs match the request, and that native pixel data is not truncated.
+    """
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = ds.get(keyword)
+        if not is_valid_uid(value):
+            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"missing or invalid {keyword}")
+    if ds.SOPInstanceUID != request.AffectedSOPInstanceUID:
+        raise RejectedInstance(
+            StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOP Instance UID differs from the C-STORE request",
+        )
+    if ds.SOPClassUID != request.AffectedSOPClassUID:
+        raise RejectedInstance(
+            StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOP Class UID differs from the C-STORE request",
+        )
+    if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
+        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        bits = int(ds.get("BitsAllocated", 0))
+        if bits in _BYTES_PER_SAMPLE:
+            expected = (
+                rows
+                * cols
+                * int(ds.get("SamplesPerPixel", 1))
+                * int(ds.get("NumberOfFrames", 1) or 1)
+                * _BYTES_PER_SAMPLE[bits]
+            )
+            if len(ds.PixelData) < expected:
+                raise RejectedInstance(
+                    StoreStatus.CANNOT_UNDERSTAND,
+                    f"pixel data truncated ({len(ds.PixelData)} of {expected} bytes)",
+                )
+
+
+class Receiver:
+    """Owns the listening AE: C-ECHO, C-STORE into the spool and index, association audit."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        audit: AuditLog,
+        on_release: threading.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.audit = audit
+        self.on_release = on_release
+        self._assocs: dict[int, _Association] = {}
+        self._lock = threading.Lock()
+        self.server: ThreadedAssociationServer | None = None
+
+    def _ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_pdu_size = 1024 * 1024
+        ae.network_timeout = 60
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.maximum_associations = 32
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, list(ACCEPTED))
+        if self.settings.allowed_callers:
+            ae.require_calling_aet = list(self.settings.allowed_callers)
+        return ae
+
+    def start(self) -> ThreadedAssociationServer:
+        """Start listening on ``bind_address:port`` in background threads."""
+        handlers = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+        ]
+        server = self._ae().start_server(
+            (self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers
+        )
+        self.server = server
+        log.info("receiver.listening", port=self.settings.port, ae_title=self.settings.ae_title)
+        return server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    def _assoc(self, event: Event) -> _Association:
+        key = id(event.assoc)
+        with self._lock:
+            state = self._assocs.get(key)
+            if state is None:
+                state = _Association(
+                    uuid.uuid4().hex[:12], _participants(event, self.settings.ae_title)
+                )
+                self._assocs[key] = state
+            return state
+
+    def _on_echo(self, event: Event) -> int:
+        return 0x0000
+
+    def _on_accepted(self, event: Event) -> None:
+        state = self._assoc(event)
+        self.audit.record(
+            AuditEvent.USER_AUTHENTICATION,
+            AuditAction.EXECUTE,
+            AuditOutcome.SUCCESS,
+            state.who,
+            event_type=AuditEventType.LOGIN,
+            association_id=state.id,
+        )
+        log.info("association.accepted", association_id=state.id, calling_ae=state.who.calling_ae)
+
+    def _on_rejected(self, event: Event) -> None:
+        who = _participants(event, self.settings.ae_title)
+        self.audit.record(
+            AuditEvent.SECURITY_ALERT,
+            AuditAction.EXECUTE,
+            AuditOutcome.MINOR_FAILURE,
+            who,
+            event_type=AuditEventType.NODE_AUTHENTICATION,
+            reason="calling AE title not in allowed_callers",
+        )
+        log.warning("association.rejected", calling_ae=who.calling_ae, peer=who.peer_address)
+
+    def _on_store(self, event: Event) -> int:
+        state = self._assoc(event)
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            check_instance(ds, event.request)
+            study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+            sop_uid = str(ds.SOPInstanceUID)
+            patient_id = str(ds.get("PatientID", ""))
+            attributes = routing_attributes(ds)
+        except RejectedInstance as exc:
+            log.warning("store.refused", association_id=state.id, reason=exc.reason,
+                        status=f"0x{exc.status:04X}")
+            return int(exc.status)
+        except Exception as exc:  # noqa: BLE001 - network input: any decode failure is a refusal
+            log.warning("store.undecodable", association_id=state.id, error=type(exc).__name__)
+            return int(StoreStatus.CANNOT_UNDERSTAND)
+        path = instance_path(self.settings.spool_dir, study_uid, series_uid, sop_uid)
+        try:
+            durable_write(path, event.encoded_dataset(include_meta=True))
+            self.db.record_instance(
+                sop_instance_uid=sop_uid,
+                sop_class_uid=str(ds.SOPClassUID),
+                study_uid=study_uid,
+                series_uid=series_uid,
+                patient_id=patient_id,
+                attributes=attributes,
+                path=path,
+                association_id=state.id,
+                late_policy=self.settings.late_instances,
+            )
+        except OSError as exc:
+            log.error("store.write_failed", association_id=state.id, error=exc.strerror)
+            return int(StoreStatus.OUT_OF_RESOURCES)
+        except Exception as exc:  # noqa: BLE001 - e.g. database busy: refuse, keep serving
+            log.error("store.index_failed", association_id=state.id, error=type(exc).__name__)
+            return int(StoreStatus.OUT_OF_RESOURCES)
+        with self._lock:
+            state.studies[(patient_id, study_uid)] += 1
+        return int(StoreStatus.SUCCESS)
+
+    def _on_close(self, event: Event) -> None:
+        with self._lock:
+            state = self._assocs.pop(id(event.assoc), None)
+        if state is None:
+            return
+        for (patient_id, study_uid), count in state.studies.items():
+            self.audit.record(
+                AuditEvent.INSTANCES_TRANSFERRED,
+                AuditAction.CREATE,
+                AuditOutcome.SUCCESS,
+                state.who,
+                patient_id=patient_id,
+                study_uid=study_uid,
+                association_id=state.id,
+                instances=count,
+            )
+        if state.studies:
+            self.db.association_released(state.id)
+            if self.on_release is not None:
+                self.on_release.set()
+        log.info(
+            "association.closed",
+            association_id=state.id,
+            instances=sum(state.studies.values()),
+            studies=len(state.studies),
+        )

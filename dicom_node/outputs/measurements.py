@@ -1,0 +1,372 @@
+"""Measurements on the masks of one series: area, volume and the cardiothoracic ratio.
+
+What is measured follows the model package's ``measurements`` list
+(:class:`~dicom_node.models.package.Measurement`):
+
+* ``area``: per structure on a single image (a projection radiograph or a single slice), the
+  pixel count times the row and column spacing, in cm2. The spacing is the one
+  :class:`~dicom_node.imaging.series.ImageSeries` chose, and the result names its attribute:
+  Pixel Spacing (0028,0030), i.e. in the patient (or calibrated), or Imager Pixel Spacing
+  (0018,1164), i.e. at the detector, magnified by the source-to-detector geometry.
+* ``volume``: per structure on a cross-sectional series of two or more slices, the voxel count
+  times row spacing x column spacing x slice spacing, in ml.
+* ``cardiothoracic_ratio``: on a single projection image (a PA chest radiograph), the widest
+  transverse extent of the heart over the widest inner extent of the thorax, both along the
+  image columns, from the masks labelled ``heart``, ``right_lung`` and ``left_lung``.
+
+Nothing here reads patient data; the results carry counts, spacings and image indices only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from dicom_node.imaging.series import ImageSeries
+from dicom_node.models.package import Measurement, ModelPackage
+
+log = structlog.get_logger(__name__)
+
+#: Labels of the structures the cardiothoracic ratio is taken from.
+HEART_LABEL = "heart"
+RIGHT_LUNG_LABEL = "right_lung"
+LEFT_LUNG_LABEL = "left_lung"
+
+#: DICOM attribute tags of the spacing keywords ImageSeries reports, for human-readable text.
+SPACING_TAGS = {
+    "PixelSpacing": "(0028,0030)",
+    "ImagerPixelSpacing": "(0018,1164)",
+    "NominalScannedPixelSpacing": "(0018,2010)",
+}
+
+_MM2_PER_CM2 = 100.0
+_MM3_PER_ML = 1000.0
+
+
+@dataclass(frozen=True)
+class StructureMeasurement:
+    """The area or volume of one structure (one segment of the SEG).
+
+    Attributes
+    ----------
+    label
+        The structure's label in the model package, e.g. ``"right_lung"``.
+    segment_number
+        Segment Number (0062,0004) of the structure in the SEG: its 1-based position in
+        ``ModelPackage.structures``.
+    kind
+        :attr:`Measurement.AREA` (value in cm2) or :attr:`Measurement.VOLUME` (value in ml).
+    value
+        The area in cm2 or the volume in ml.
+    pixel_count
+        Number of mask pixels (area) or voxels (volume).
+    spacing_mm
+        Area: ``(row, column)`` spacing; volume: ``(slice, row, column)`` spacing, in mm.
+    spacing_source
+        Keyword of the attribute the in-plane spacing came from, e.g. ``"PixelSpacing"`` or
+        ``"ImagerPixelSpacing"``.
+    """
+
+    label: str
+    segment_number: int
+    kind: Measurement
+    value: float
+    pixel_count: int
+    spacing_mm: tuple[float, ...]
+    spacing_source: str
+
+    @property
+    def unit(self) -> str:
+        """UCUM code of :attr:`value`: ``"cm2"`` or ``"ml"``."""
+        return "cm2" if self.kind is Measurement.AREA else "ml"
+
+    def describe(self) -> str:
+        """One sentence saying how the value was derived (for the SR)."""
+        tag = SPACING_TAGS.get(self.spacing_source, "")
+        attribute = f"{self.spacing_source} {tag}".strip()
+        if self.kind is Measurement.AREA:
+            row, col = self.spacing_mm
+            plane = (
+                " at the detector, not corrected for magnification"
+                if self.spacing_source == "ImagerPixelSpacing"
+                else ""
+            )
+            return (
+                f"{self.pixel_count} pixels x {attribute} {row:g} mm (rows) x {col:g} mm "
+                f"(columns){plane}"
+            )
+        dz, row, col = self.spacing_mm
+        return (
+            f"{self.pixel_count} voxels x {attribute} {row:g} mm (rows) x {col:g} mm "
+            f"(columns) x {dz:g} mm slice spacing from ImagePositionPatient (0020,0032)"
+        )
+
+
+@dataclass(frozen=True)
+class Extent:
+    """The widest extent of a mask along the image columns (the transverse direction).
+
+    Columns and rows are 0-based image indices. The leftmost and rightmost columns need not
+    lie on the same row: as in the radiological definition of the cardiothoracic ratio, the
+    widths are taken between the outermost points on each side.
+    """
+
+    first_column: int
+    first_row: int  # a row on which first_column is reached
+    last_column: int
+    last_row: int  # a row on which last_column is reached
+
+    @property
+    def width_px(self) -> int:
+        """Number of columns from the first to the last, both included."""
+        return self.last_column - self.first_column + 1
+
+    def describe(self) -> str:
+        """The extent in words, with 0-based image indices."""
+        return (
+            f"columns {self.first_column} (row {self.first_row}) to {self.last_column} "
+            f"(row {self.last_row}), {self.width_px} px"
+        )
+
+
+@dataclass(frozen=True)
+class CardiothoracicRatio:
+    """Cardiothoracic ratio of one projection image and how it was derived.
+
+    Attributes
+    ----------
+    value
+        ``heart.width_px / thorax.width_px`` (both along the columns, so the spacing cancels).
+    heart
+        Widest transverse extent of the ``heart`` mask.
+    thorax
+        Inner extent of the thorax: from the leftmost column of either lung mask to the
+        rightmost one.
+    column_spacing_mm
+        Column spacing of the image, or None when the image has no spacing.
+    spacing_source
+        Keyword of the attribute :attr:`column_spacing_mm` came from, or None.
+    view_position
+        View Position (0018,5101) of the image (``"PA"``, ``"AP"``, ...), empty when absent;
+        an AP view magnifies the heart, so its ratio is higher than on a PA view.
+    """
+
+    value: float
+    heart: Extent
+    thorax: Extent
+    column_spacing_mm: float | None
+    spacing_source: str | None
+    view_position: str
+
+    @property
+    def heart_width_mm(self) -> float | None:
+        """Transverse cardiac diameter in mm, None without spacing."""
+        if self.column_spacing_mm is None:
+            return None
+        return self.heart.width_px * self.column_spacing_mm
+
+    @property
+    def thorax_width_mm(self) -> float | None:
+        """Inner transverse thoracic diameter in mm, None without spacing."""
+        if self.column_spacing_mm is None:
+            return None
+        return self.thorax.width_px * self.column_spacing_mm
+
+    def describe(self) -> str:
+        """How the ratio was derived, in words (for the SR)."""
+        view = f" on a {self.view_position} view" if self.view_position else ""
+        return (
+            f"Heart width {self.heart.width_px} px ({self.heart.describe()}) over inner "
+            f"thorax width {self.thorax.width_px} px ({self.thorax.describe()}) from the "
+            f"outermost columns of the right and left lung masks{view}; 0-based image "
+            "rows and columns"
+        )
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """All measurements of one series: per-structure values and the optional ratio."""
+
+    structures: tuple[StructureMeasurement, ...]
+    cardiothoracic_ratio: CardiothoracicRatio | None
+
+    def for_segment(self, segment_number: int) -> StructureMeasurement | None:
+        """The measurement of segment ``segment_number``, or None when it was not measured."""
+        for m in self.structures:
+            if m.segment_number == segment_number:
+                return m
+        return None
+
+
+def column_extent(mask: np.ndarray) -> Extent | None:
+    """Leftmost and rightmost column of a 2D ``mask`` and rows where they are reached.
+
+    Returns None for an empty mask. Ties go to the topmost row.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2D (rows, cols), got shape {mask.shape}")
+    columns = np.flatnonzero(mask.any(axis=0))
+    if columns.size == 0:
+        return None
+    first, last = int(columns[0]), int(columns[-1])
+    return Extent(
+        first_column=first,
+        first_row=int(np.argmax(mask[:, first])),
+        last_column=last,
+        last_row=int(np.argmax(mask[:, last])),
+    )
+
+
+def cardiothoracic_ratio(
+    heart: np.ndarray,
+    right_lung: np.ndarray,
+    left_lung: np.ndarray,
+    *,
+    column_spacing_mm: float | None = None,
+    spacing_source: str | None = None,
+    view_position: str = "",
+) -> CardiothoracicRatio | None:
+    """Cardiothoracic ratio from 2D masks of the heart and both lungs.
+
+    Parameters
+    ----------
+    heart, right_lung, left_lung
+        Boolean masks of shape ``(rows, cols)`` on one projection image.
+    column_spacing_mm, spacing_source, view_position
+        Recorded in the result (the ratio itself needs no spacing).
+
+    Returns
+    -------
+    CardiothoracicRatio | None
+        None when the heart or both lungs are empty.
+    """
+    heart_extent = column_extent(heart)
+    thorax_extent = column_extent(np.logical_or(right_lung, left_lung))
+    if heart_extent is None or thorax_extent is None:
+        return None
+    return CardiothoracicRatio(
+        value=heart_extent.width_px / thorax_extent.width_px,
+        heart=heart_extent,
+        thorax=thorax_extent,
+        column_spacing_mm=column_spacing_mm,
+        spacing_source=spacing_source,
+        view_position=view_position,
+    )
+
+
+def is_planar(series: ImageSeries) -> bool:
+    """True when ``series`` is one image (a radiograph or a single slice): measured by area."""
+    return series.shape[0] == 1
+
+
+def _check_masks(series: ImageSeries, masks: np.ndarray, package: ModelPackage) -> None:
+    expected = (*series.shape, len(package.structures))
+    if masks.shape != expected:
+        raise ValueError(
+            f"masks must have shape (frames, rows, cols, structures) = {expected}, "
+            f"got {masks.shape}"
+        )
+    if masks.dtype != np.bool_:
+        raise ValueError(f"masks must be a boolean array, got dtype {masks.dtype}")
+
+
+def _structure_measurements(
+    series: ImageSeries, masks: np.ndarray, package: ModelPackage
+) -> tuple[StructureMeasurement, ...]:
+    planar = is_planar(series)
+    kind = Measurement.AREA if planar else Measurement.VOLUME
+    if kind not in package.measurements:
+        return ()
+    if series.is_projection and not planar:
+        log.warning("several projection images in one series; structures not measured")
+        return ()
+    if series.pixel_spacing_mm is None or series.spacing_source is None:
+        log.warning("no pixel spacing; structures not measured", measurement=kind.value)
+        return ()
+    row, col = series.pixel_spacing_mm
+    spacing: tuple[float, ...]
+    if planar:
+        spacing = (row, col)
+        factor = row * col / _MM2_PER_CM2
+    else:
+        if series.slice_spacing_mm is None:
+            log.warning("no uniform slice spacing; volumes not measured")
+            return ()
+        spacing = (series.slice_spacing_mm, row, col)
+        factor = series.slice_spacing_mm * row * col / _MM3_PER_ML
+    counts = masks.reshape(-1, masks.shape[-1]).sum(axis=0)
+    return tuple(
+        StructureMeasurement(
+            label=structure.label,
+            segment_number=index + 1,
+            kind=kind,
+            value=float(counts[index]) * factor,
+            pixel_count=int(counts[index]),
+            spacing_mm=spacing,
+            spacing_source=series.spacing_source,
+        )
+        for index, structure in enumerate(package.structures)
+    )
+
+
+def _ratio(
+    series: ImageSeries, masks: np.ndarray, package: ModelPackage
+) -> CardiothoracicRatio | None:
+    if Measurement.CARDIOTHORACIC_RATIO not in package.measurements:
+        return None
+    index = {s.label: i for i, s in enumerate(package.structures)}
+    needed = (HEART_LABEL, RIGHT_LUNG_LABEL, LEFT_LUNG_LABEL)
+    if not all(label in index for label in needed):
+        log.warning("cardiothoracic ratio needs structures heart, right_lung and left_lung")
+        return None
+    if not (series.is_projection and series.shape[0] == 1):
+        log.warning("cardiothoracic ratio is taken on a single projection image only")
+        return None
+    frame = masks[0]
+    heart, right, left = (frame[..., index[label]] for label in needed)
+    if not (heart.any() and right.any() and left.any()):
+        log.info("cardiothoracic ratio not measured: heart or a lung mask is empty")
+        return None
+    column_spacing = None if series.pixel_spacing_mm is None else series.pixel_spacing_mm[1]
+    return cardiothoracic_ratio(
+        heart,
+        right,
+        left,
+        column_spacing_mm=column_spacing,
+        spacing_source=series.spacing_source if column_spacing is not None else None,
+        view_position=str(series.datasets[0].get("ViewPosition", "") or ""),
+    )
+
+
+def measure(series: ImageSeries, masks: np.ndarray, package: ModelPackage) -> Measurements:
+    """Measure the structures of ``package`` in ``masks`` as the package asks.
+
+    Parameters
+    ----------
+    series
+        The source series; its spacing (and the attribute it came from) scales the counts.
+    masks
+        Boolean array ``(frames, rows, cols, S)`` on the source grid, ``S`` =
+        ``len(package.structures)``, overlaps allowed.
+    package
+        Its ``measurements`` select area (planar images), volume (cross-sectional series of
+        two or more slices) and the cardiothoracic ratio.
+
+    Returns
+    -------
+    Measurements
+        Per-structure areas or volumes (empty when not asked for or without spacing) and the
+        cardiothoracic ratio (None when not asked for, not applicable or not measurable).
+
+    Raises
+    ------
+    ValueError
+        When ``masks`` is not boolean or its shape does not match the series and package.
+    """
+    _check_masks(series, masks, package)
+    return Measurements(
+        structures=_structure_measurements(series, masks, package),
+        cardiothoracic_ratio=_ratio(series, masks, package),
+    )

@@ -1,0 +1,305 @@
+"""DICOM Segmentation (SEG) of a model's masks, written with highdicom, and a reader for it.
+
+:func:`build_seg` writes a BINARY Segmentation Storage instance with one segment per structure
+of the model package (overlaps allowed), on the exact grid of the source images, referencing
+every source instance. Three things highdicom 0.28 does not do are added here:
+
+* Segmented Property Type Modifier Code Sequence (0062,0011), e.g. Right or Left, inside the
+  item of Segmented Property Type Code Sequence (0062,000F) (Segment Description Macro,
+  PS3.3 C.8.20.2);
+* Patient Orientation (0020,0020) for sources without a Frame of Reference (projection
+  radiographs): Type 2C in the General Image Module when there is no Image Orientation
+  (Patient); copied from the source, as dciodvfy reports its absence as an error;
+* deterministic Dimension Organization UIDs (0020,9164), so the same input gives the same
+  object (highdicom draws random ones).
+
+:func:`read_seg_masks` decodes a BINARY SEG back onto its source grid with pydicom alone,
+following each frame's Derivation Image Sequence (0008,9124). It works where
+``highdicom.seg.segread`` does not: highdicom 0.28 cannot read a SEG on a projection image,
+whose Pixel Measures Sequence (0028,9110) has no Slice Thickness (0018,0050).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import structlog
+from pydicom.sr.codedict import codes
+from pydicom.uid import UID
+
+import dicom_node
+from dicom_node.imaging.series import ImageSeries
+from dicom_node.models.package import ModelPackage, Structure
+from dicom_node.uids import derive_uid
+
+log = structlog.get_logger(__name__)
+
+MANUFACTURER = "dicom-node"
+#: Series Number (0020,0011) of a SEG series, when not given: this plus the source's number.
+SEG_SERIES_NUMBER_OFFSET = 1000
+
+_CS_INVALID = re.compile(r"[^A-Z0-9_ ]")
+_CS_MAX_CHARS = 16
+
+
+def code_string(text: str) -> str:
+    """``text`` as a valid Code String (CS): upper case, ``A-Z 0-9 _ space``, <= 16 chars.
+
+    Used for Content Label (0070,0080). Returns ``"SEGMENTATION"`` when nothing is left.
+    """
+    value = _CS_INVALID.sub("_", text.upper())[:_CS_MAX_CHARS].strip()
+    return value or "SEGMENTATION"
+
+
+def segment_tracking_uid(source_series_uid: str, package: ModelPackage, label: str) -> UID:
+    """Tracking UID (0062,0021) of structure ``label``: the same for the same series and model.
+
+    The SR's Tracking Unique Identifier (TID 4108) of the structure's measurement group takes
+    this UID from the SEG, so both documents identify the finding alike.
+    """
+    return derive_uid(source_series_uid, f"{package.name}@{package.version}", "segment", label)
+
+
+def default_series_number(series: ImageSeries, offset: int) -> int:
+    """``offset`` + the source's Series Number (0020,0011) (0 when it has none)."""
+    value = series.datasets[0].get("SeriesNumber")
+    number = 0 if value in (None, "") else int(value)
+    return offset + max(number, 0)
+
+
+def algorithm_identification(package: ModelPackage) -> hd.AlgorithmIdentificationSequence:
+    """Segment Algorithm Identification: family DCM 123110 "Artificial Intelligence" (CID
+    7162), name and version of the model, its output activation and threshold."""
+    return hd.AlgorithmIdentificationSequence(
+        name=package.name,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=package.version,
+        parameters={
+            "activation": package.activation.value,
+            "threshold": f"{package.threshold:g}",
+        },
+    )
+
+
+def segment_description(
+    number: int,
+    structure: Structure,
+    algorithm: hd.AlgorithmIdentificationSequence,
+    tracking_uid: str,
+) -> hd.seg.SegmentDescription:
+    """Segment Sequence (0062,0002) item of one structure (Segment Description Macro).
+
+    Segment Label, Segmented Property Category and Type (with Type Modifier when the
+    structure has one), Segment Algorithm Type AUTOMATIC, Tracking ID/UID and Recommended
+    Display CIELab Value (0062,000D) from the structure's RGB colour.
+    """
+    description = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=structure.name,
+        segmented_property_category=structure.category,
+        segmented_property_type=structure.type,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        tracking_uid=tracking_uid,
+        tracking_id=structure.label,
+        display_color=hd.color.CIELabColor.from_rgb(*structure.color_rgb),
+    )
+    if structure.type_modifier is not None:
+        # highdicom 0.28 has no parameter for it; PS3.3 C.8.20.2 nests it in the type's item.
+        type_item = description.SegmentedPropertyTypeCodeSequence[0]
+        type_item.SegmentedPropertyTypeModifierCodeSequence = [
+            hd.sr.CodedConcept.from_code(structure.type_modifier)
+        ]
+    return description
+
+
+def keeps_empty_frames(series: ImageSeries) -> bool:
+    """True when the SEG of ``series`` keeps empty frames: planar images (projection images
+    or a single slice), each measured and referenced per frame (TID 1410)."""
+    return series.is_projection or series.shape[0] == 1
+
+
+def _fix_dimension_organization(seg: hd.seg.Segmentation, sop_uid: str) -> None:
+    uid = derive_uid(sop_uid, "dimension-organization")
+    for item in seg.get("DimensionOrganizationSequence", []):
+        item.DimensionOrganizationUID = uid
+    for item in seg.get("DimensionIndexSequence", []):
+        if "DimensionOrganizationUID" in item:
+            item.DimensionOrganizationUID = uid
+
+
+def build_seg(
+    series: ImageSeries,
+    masks: np.ndarray,
+    package: ModelPackage,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int | None = None,
+    instance_number: int = 1,
+    content_label: str | None = None,
+    series_description: str | None = None,
+) -> hd.seg.Segmentation:
+    """A BINARY DICOM SEG of ``masks`` on the source series, one segment per structure.
+
+    Parameters
+    ----------
+    series
+        The source series; every instance is referenced (Referenced Series Sequence
+        (0008,1115) and each frame's Derivation Image Sequence (0008,9124)).
+    masks
+        Boolean array ``(frames, rows, cols, S)`` on the source grid, ``S`` =
+        ``len(package.structures)``; segment ``i + 1`` is ``masks[..., i]``. Overlaps are
+        allowed (BINARY, not LABELMAP).
+    package
+        Its structures describe the segments; name and version identify the algorithm.
+    series_uid, sop_uid
+        Series Instance UID (0020,000E) and SOP Instance UID (0008,0018), from
+        :func:`dicom_node.uids.output_uids`.
+    series_number
+        Series Number (0020,0011); default :data:`SEG_SERIES_NUMBER_OFFSET` + the source's.
+    instance_number
+        Instance Number (0020,0013).
+    content_label
+        Content Label (0070,0080); default the model name as a Code String.
+    series_description
+        Series Description (0008,103E); default ``"<model name> segmentation"``.
+
+    Returns
+    -------
+    highdicom.seg.Segmentation
+        Projection images and single slices keep a frame per segment and image even when it
+        is empty, so that every segment has a frame an SR can reference (TID 1410); series of
+        several slices omit empty frames.
+
+    Raises
+    ------
+    ValueError
+        When ``masks`` is not boolean or does not match the series and package.
+    """
+    expected = (*series.shape, len(package.structures))
+    if masks.shape != expected:
+        raise ValueError(
+            f"masks must have shape (frames, rows, cols, structures) = {expected}, "
+            f"got {masks.shape}"
+        )
+    if masks.dtype != np.bool_:
+        raise ValueError(f"masks must be a boolean array, got dtype {masks.dtype}")
+    algorithm = algorithm_identification(package)
+    descriptions = [
+        segment_description(
+            i + 1,
+            structure,
+            algorithm,
+            segment_tracking_uid(series.series_instance_uid, package, structure.label),
+        )
+        for i, structure in enumerate(package.structures)
+    ]
+    omit_empty = not keeps_empty_frames(series) and bool(masks.any())
+    seg = hd.seg.Segmentation(
+        source_images=list(series.datasets),
+        pixel_array=masks,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid,
+        series_number=(
+            default_series_number(series, SEG_SERIES_NUMBER_OFFSET)
+            if series_number is None
+            else series_number
+        ),
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=package.name[:64],
+        software_versions=dicom_node.__version__,
+        device_serial_number="0",
+        content_description=f"{package.name} {package.version}"[:64],
+        content_label=code_string(content_label or package.name),
+        series_description=(series_description or f"{package.name} segmentation")[:64],
+        omit_empty_frames=omit_empty,
+    )
+    if "FrameOfReferenceUID" not in seg and "PatientOrientation" not in seg:
+        # General Image Module, Type 2C without Image Orientation (Patient).
+        seg.PatientOrientation = series.datasets[0].get("PatientOrientation", "")
+    _fix_dimension_organization(seg, sop_uid)
+    log.debug(
+        "segmentation built",
+        segments=len(descriptions),
+        frames=int(seg.NumberOfFrames),
+        omit_empty_frames=omit_empty,
+    )
+    return seg
+
+
+def source_frame_keys(datasets: Sequence[pydicom.Dataset]) -> list[tuple[str, int]]:
+    """``(SOP Instance UID, frame number)`` of every source frame, in frame order.
+
+    Single-frame instances have frame number 1; a multi-frame instance contributes its
+    Number of Frames (0028,0008) frames.
+    """
+    keys = []
+    for ds in datasets:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        keys.extend((str(ds.SOPInstanceUID), f) for f in range(1, frames + 1))
+    return keys
+
+
+def read_seg_masks(
+    seg: pydicom.Dataset, source_frames: Sequence[tuple[str, int]]
+) -> np.ndarray:
+    """Decode a BINARY SEG onto its source grid, using pydicom only.
+
+    Parameters
+    ----------
+    seg
+        A Segmentation Storage dataset with Segmentation Type (0062,0001) BINARY whose frames
+        each name one source frame in Derivation Image Sequence (0008,9124) > Source Image
+        Sequence (0008,2112) (highdicom, dcmqi and this module write them).
+    source_frames
+        ``(SOP Instance UID, frame number)`` of each frame of the source grid, e.g. from
+        :func:`source_frame_keys`; frame numbers are 1 for single-frame instances.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean ``(len(source_frames), rows, cols, number of segments)``; segment ``n`` is
+        ``[..., n - 1]``. Source frames without a SEG frame are empty.
+
+    Raises
+    ------
+    ValueError
+        When the SEG is not BINARY, or a frame names no source frame or one not in
+        ``source_frames``.
+    """
+    if seg.get("SegmentationType") != "BINARY":
+        raise ValueError(
+            f"only BINARY segmentations are read, got {seg.get('SegmentationType')!r}"
+        )
+    index = {key: i for i, key in enumerate(source_frames)}
+    n_segments = len(seg.SegmentSequence)
+    rows, cols = int(seg.Rows), int(seg.Columns)
+    out = np.zeros((len(source_frames), rows, cols, n_segments), dtype=bool)
+    n_frames = int(seg.get("NumberOfFrames", 1))
+    pixels = np.asarray(seg.pixel_array).reshape(n_frames, rows, cols)
+    for f, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        sources = [
+            src for drv in item.get("DerivationImageSequence", []) for src in drv.SourceImageSequence
+        ]
+        if not sources:
+            raise ValueError(f"frame {f + 1} names no source image (DerivationImageSequence)")
+        for src in sources:
+            ref_frames = src.get("ReferencedFrameNumber", 1)
+            numbers = ref_frames if isinstance(ref_frames, Sequence) else [ref_frames]
+            for number in numbers:
+                key = (str(src.ReferencedSOPInstanceUID), int(number))
+                if key not in index:
+                    raise ValueError(
+                        f"frame {f + 1} refers to a source frame that is not in source_frames"
+                    )
+                out[index[key], :, :, segment - 1] |= pixels[f] != 0
+    return out

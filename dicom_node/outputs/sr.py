@@ -1,0 +1,423 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) of a model's segments, with highdicom.
+
+:func:`build_sr` writes one measurement group per segment of the SEG that
+:func:`dicom_node.outputs.seg.build_seg` made:
+
+* planar images (a radiograph or a single slice): TID 1410 Planar ROI Measurements, each
+  referencing its segment's frame (Referenced Segmentation Frame, DCM 121214) and holding the
+  area (SCT 42798000 "Area", UCUM ``cm2``);
+* series of several slices: TID 1411 Volumetric ROI Measurements, each referencing its segment
+  (Referenced Segment, DCM 121191) and holding the volume (SCT 118565006 "Volume", UCUM
+  ``ml``).
+
+Each group carries the structure's Tracking Identifier and Tracking Unique Identifier (TID
+4108, the same UID as the segment's Tracking UID (0062,0021) in the SEG), its type as Finding
+(and, with a type modifier such as Right or Left, a Finding Site with that laterality) and its
+category as Finding Category. Each value has a Comment (DCM 121106) that says how it was
+derived and which pixel spacing attribute was used: Pixel Spacing (0028,0030) or Imager Pixel
+Spacing (0018,1164).
+
+The cardiothoracic ratio is a TID 1501 Measurement Group of its own: the ratio (UCUM
+``{ratio}``), the transverse diameters of heart and thorax in mm when the image has a spacing,
+a Comment with the image columns and rows of both extents, and a reference to the heart and
+lung segments it was inferred from.
+
+No standard code for the cardiothoracic ratio of a chest radiograph could be confirmed: LOINC
+59074-5 and 59076-0 (DICOM CID 12279) are fetal ultrasound ratios of circumference and area,
+and no SNOMED CT concept was found. The ratio is therefore coded in the private coding scheme
+:data:`PRIVATE_SCHEME` ("99" prefix, PS3.16 8.2), declared in Coding Scheme Identification
+Sequence (0008,0110).
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import structlog
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+import dicom_node
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from dicom_node.imaging.series import ImageSeries
+from dicom_node.models.package import ModelPackage, Structure
+from dicom_node.outputs.measurements import (
+    HEART_LABEL,
+    LEFT_LUNG_LABEL,
+    RIGHT_LUNG_LABEL,
+    CardiothoracicRatio,
+    Measurements,
+    StructureMeasurement,
+)
+from dicom_node.outputs.seg import MANUFACTURER, default_series_number, keeps_empty_frames
+from dicom_node.uids import derive_uid
+
+log = structlog.get_logger(__name__)
+
+#: Series Number (0020,0011) of an SR series, when not given: this plus the source's number.
+SR_SERIES_NUMBER_OFFSET = 2000
+
+#: Private coding scheme of dicom-node's own concepts (PS3.16 8.2: designators starting "99").
+PRIVATE_SCHEME = "99DCMNODE"
+#: No standard code confirmed for the radiographic cardiothoracic ratio; see the module text.
+CARDIOTHORACIC_RATIO = Code("CTR", PRIVATE_SCHEME, "Cardiothoracic ratio")
+
+UNIT_CM2 = codes.UCUM.SquareCentimeter  # "cm2"
+UNIT_ML = Code("ml", "UCUM", "milliliter")  # as dcmqi writes it
+UNIT_MM = codes.UCUM.Millimeter
+UNIT_RATIO = codes.UCUM.Ratio  # "{ratio}", CID 7181
+
+_SOURCE_OF_MEASUREMENT = codes.DCM.SourceOfMeasurement  # DCM 121112
+
+
+def procedure_reported(series: ImageSeries) -> Code | hd.sr.CodedConcept:
+    """Procedure Reported (TID 1500 row 4) for ``series``.
+
+    The source's Procedure Code Sequence (0008,1032) when present; SCT 413815006 "Chest
+    imaging" for a chest (Body Part Examined (0018,0015) CHEST or Anatomic Region Sequence
+    (0008,2218) chest); else the modality's "unspecified body region" LOINC code of CID 100,
+    or SCT 363679005 "Imaging procedure".
+    """
+    ds = series.datasets[0]
+    procedure = ds.get("ProcedureCodeSequence")
+    if procedure:
+        return hd.sr.CodedConcept.from_dataset(procedure[0])
+    regions = {str(item.get("CodeValue", "")) for item in ds.get("AnatomicRegionSequence", [])}
+    if str(ds.get("BodyPartExamined", "")).upper() == "CHEST" or regions & {
+        "51185008",  # SCT Thoracic structure
+        "816094009",  # SCT Thorax / Chest
+    }:
+        return codes.SCT.ChestImaging
+    by_modality = {
+        "CT": codes.LN.CTUnspecifiedBodyRegion,
+        "MR": codes.LN.MRIUnspecifiedBodyRegion,
+        "PT": codes.LN.PETUnspecifiedBodyRegion,
+        "NM": codes.LN.NMUnspecifiedBodyRegion,
+        "CR": codes.LN.XRUnspecifiedBodyRegion,
+        "DX": codes.LN.XRUnspecifiedBodyRegion,
+    }
+    return by_modality.get(series.modality, codes.SCT.ImagingProcedure)  # type: ignore[no-any-return]
+
+
+def observation_context(package: ModelPackage) -> hd.sr.ObservationContext:
+    """TID 1001 with a device observer (TID 1004): dicom-node running the model."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derive_uid("device-observer", MANUFACTURER, package.name, package.version),
+        name=MANUFACTURER,
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{package.name} {package.version}"[:64],
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def _comment(measurement: hd.sr.Measurement, text: str) -> None:
+    """Add a Comment (DCM 121106) TEXT item under the measurement's NUM item."""
+    item = hd.sr.TextContentItem(
+        name=codes.DCM.Comment,
+        value=text[:1024],
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+    )
+    num = measurement[0]
+    if "ContentSequence" not in num:
+        num.ContentSequence = hd.sr.ContentSequence()
+    num.ContentSequence.append(item)
+
+
+def structure_measurement(value: StructureMeasurement) -> hd.sr.Measurement:
+    """TID 300 Measurement of an area (cm2) or volume (ml), with how it was derived."""
+    area = value.unit == "cm2"
+    measurement = hd.sr.Measurement(
+        name=codes.SCT.Area if area else codes.SCT.Volume,
+        value=value.value,
+        unit=UNIT_CM2 if area else UNIT_ML,
+    )
+    _comment(measurement, value.describe())
+    return measurement
+
+
+def _finding_sites(structure: Structure) -> list[hd.sr.FindingSite] | None:
+    if structure.type_modifier is None:
+        return None
+    return [hd.sr.FindingSite(structure.type, laterality=structure.type_modifier)]
+
+
+def _frames_of_segment(seg: pydicom.Dataset, segment_number: int) -> list[int]:
+    return [
+        i + 1
+        for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence)
+        if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == segment_number
+    ]
+
+
+def segmentation_frame_reference(
+    seg: pydicom.Dataset, frame_number: int
+) -> hd.sr.ReferencedSegmentationFrame:
+    """Referenced Segmentation Frame (DCM 121214) and its Source Image For Segmentation.
+
+    Built here rather than with ``ReferencedSegmentationFrame.from_segmentation``, which in
+    highdicom 0.28 writes both Referenced Frame Number (0008,1160) and Referenced Segment
+    Number (0062,000B) in the SEG reference, and the SEG's frame number in the reference to a
+    single-frame source image; dciodvfy reports both as errors (Image SOP Instance Reference
+    Macro, PS3.3 Table 10-3). Here the SEG is referenced by frame only (the frame implies its
+    segment) and the source by its own frame number, only when it is multi-frame.
+    """
+    item = seg.PerFrameFunctionalGroupsSequence[frame_number - 1]
+    segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+    src = item.DerivationImageSequence[0].SourceImageSequence[0]
+    source_frame = src.get("ReferencedFrameNumber")
+    reference = hd.sr.ReferencedSegmentationFrame(
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        frame_number=frame_number,
+        segment_number=segment,
+        source_image=hd.sr.SourceImageForSegmentation(
+            referenced_sop_class_uid=src.ReferencedSOPClassUID,
+            referenced_sop_instance_uid=src.ReferencedSOPInstanceUID,
+            referenced_frame_numbers=None if source_frame is None else [int(source_frame)],
+        ),
+    )
+    del reference[0].ReferencedSOPSequence[0].ReferencedSegmentNumber
+    return reference
+
+
+def _structure_groups(
+    series: ImageSeries,
+    seg: pydicom.Dataset,
+    masks: np.ndarray,
+    package: ModelPackage,
+    measurements: Measurements,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> list[
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+]:
+    groups: list[
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    planar = keeps_empty_frames(series)
+    for index, structure in enumerate(package.structures):
+        number = index + 1
+        segment_item = seg.SegmentSequence[index]
+        value = measurements.for_segment(number)
+        values = [] if value is None else [structure_measurement(value)]
+        common = {
+            "finding_type": structure.type,
+            "finding_category": structure.category,
+            "finding_sites": _finding_sites(structure),
+            "algorithm_id": algorithm,
+        }
+        frames = _frames_of_segment(seg, number)
+        if planar:
+            # One group per image; a series of several projection images is not measured.
+            for k, frame in enumerate(frames):
+                identifier = structure.name if len(frames) == 1 else f"{structure.name} {k + 1}"
+                groups.append(
+                    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                        tracking_identifier=hd.sr.TrackingIdentifier(
+                            uid=segment_item.TrackingUID, identifier=identifier
+                        ),
+                        referenced_segment=segmentation_frame_reference(seg, frame),
+                        measurements=values if len(frames) == 1 else None,
+                        **common,  # type: ignore[arg-type]
+                    )
+                )
+            continue
+        if frames:
+            reference = hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
+        else:  # empty segment: no frame names its source images
+            reference = hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=number,
+                source_series=hd.sr.SourceSeriesForSegmentation(series.series_instance_uid),
+            )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=segment_item.TrackingUID, identifier=structure.name
+                ),
+                referenced_segment=reference,
+                measurements=values,
+                **common,  # type: ignore[arg-type]
+            )
+        )
+        if not masks[..., index].any():
+            log.info("segment empty", segment=number)
+    return groups
+
+
+def ratio_group(
+    series: ImageSeries,
+    seg: pydicom.Dataset,
+    package: ModelPackage,
+    ratio: CardiothoracicRatio,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of the cardiothoracic ratio, the two diameters and their derivation."""
+    source = series.datasets[0]
+    numbers = {s.label: i + 1 for i, s in enumerate(package.structures)}
+    ratio_value = hd.sr.Measurement(
+        name=CARDIOTHORACIC_RATIO,
+        value=ratio.value,
+        unit=UNIT_RATIO,
+    )
+    _comment(ratio_value, ratio.describe())
+    ratio_value[0].ContentSequence.append(
+        hd.sr.ImageContentItem(
+            name=_SOURCE_OF_MEASUREMENT,
+            referenced_sop_class_uid=seg.SOPClassUID,
+            referenced_sop_instance_uid=seg.SOPInstanceUID,
+            referenced_segment_numbers=[
+                numbers[HEART_LABEL],
+                numbers[RIGHT_LUNG_LABEL],
+                numbers[LEFT_LUNG_LABEL],
+            ],
+            relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
+        )
+    )
+    values = [ratio_value]
+    if ratio.heart_width_mm is not None and ratio.thorax_width_mm is not None:
+        attribute = ratio.spacing_source or "unknown spacing"
+        for width, site, extent, what in (
+            (ratio.heart_width_mm, codes.SCT.Heart, ratio.heart, "heart mask"),
+            (ratio.thorax_width_mm, codes.SCT.Thorax, ratio.thorax, "right and left lung masks"),
+        ):
+            diameter = hd.sr.Measurement(
+                name=codes.SCT.Diameter,
+                value=width,
+                unit=UNIT_MM,
+                finding_sites=[hd.sr.FindingSite(site)],
+            )
+            _comment(
+                diameter,
+                f"Transverse extent of the {what}: {extent.describe()} x {attribute} column "
+                f"spacing {ratio.column_spacing_mm:g} mm",
+            )
+            values.append(diameter)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_uid(
+                series.series_instance_uid,
+                f"{package.name}@{package.version}",
+                "cardiothoracic-ratio",
+            ),
+            identifier="Cardiothoracic ratio",
+        ),
+        algorithm_id=algorithm,
+        measurements=values,
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)
+        ],
+    )
+
+
+def build_sr(
+    series: ImageSeries,
+    seg: pydicom.Dataset,
+    masks: np.ndarray,
+    package: ModelPackage,
+    measurements: Measurements,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int | None = None,
+    instance_number: int = 1,
+    series_description: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 Measurement Report on ``seg`` and its source ``series``.
+
+    Parameters
+    ----------
+    series
+        The source series (evidence and Procedure Reported).
+    seg
+        The SEG made by :func:`dicom_node.outputs.seg.build_seg` from ``masks`` and
+        ``package``: its segments are referenced and its Tracking UIDs reused.
+    masks
+        Boolean ``(frames, rows, cols, S)`` masks the SEG was made from.
+    package
+        The model: structures (finding type, category, laterality), name and version
+        (Algorithm Identification, TID 4019; device observer, TID 1004).
+    measurements
+        From :func:`dicom_node.outputs.measurements.measure`.
+    series_uid, sop_uid
+        Series Instance UID (0020,000E) and SOP Instance UID (0008,0018), from
+        :func:`dicom_node.uids.output_uids`.
+    series_number
+        Series Number (0020,0011); default :data:`SR_SERIES_NUMBER_OFFSET` + the source's.
+    instance_number
+        Instance Number (0020,0013).
+    series_description
+        Series Description (0008,103E); default ``"<model name> measurements"``.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        Complete, unverified, preliminary (Completion Flag COMPLETE, Verification Flag
+        UNVERIFIED, Preliminary Flag PRELIMINARY): no person has reviewed it.
+
+    Raises
+    ------
+    ValueError
+        When ``masks`` or ``seg`` do not match ``package``.
+    """
+    if masks.shape[-1] != len(package.structures) or len(seg.SegmentSequence) != masks.shape[-1]:
+        raise ValueError(
+            f"package has {len(package.structures)} structures, masks {masks.shape[-1]} "
+            f"channels and the SEG {len(seg.SegmentSequence)} segments; they must agree"
+        )
+    algorithm = hd.sr.AlgorithmIdentification(name=package.name, version=package.version)
+    groups: list[
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = list(_structure_groups(series, seg, masks, package, measurements, algorithm))
+    if measurements.cardiothoracic_ratio is not None:
+        groups.append(
+            ratio_group(series, seg, package, measurements.cardiothoracic_ratio, algorithm)
+        )
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context(package),
+        procedure_reported=procedure_reported(series),
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*series.datasets, seg],
+        content=report[0],
+        series_instance_uid=series_uid,
+        series_number=(
+            default_series_number(series, SR_SERIES_NUMBER_OFFSET)
+            if series_number is None
+            else series_number
+        ),
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=(series_description or f"{package.name} measurements")[:64],
+        manufacturer_model_name=package.name[:64],
+        software_versions=dicom_node.__version__,
+        coding_schemes=(
+            None
+            if measurements.cardiothoracic_ratio is None
+            else [
+                CodingSchemeIdentificationItem(
+                    designator=PRIVATE_SCHEME,
+                    name="dicom-node private concepts",
+                    responsible_organization=MANUFACTURER,
+                )
+            ]
+        ),
+    )
+    log.debug("measurement report built", groups=len(groups))
+    return sr

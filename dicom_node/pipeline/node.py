@@ -1,0 +1,143 @@
+"""The node: composes receive -> assemble -> queue -> infer -> write -> send in one process.
+
+Threads: the receiver's association threads (thin: write + index), one scheduler thread that
+runs the assembler, delivery and retention ticks, and ``workers`` worker threads that run
+jobs. Every stage hands over through the database, so a node killed at any instant restarts
+into a consistent state: ``start`` returns running jobs to the queue and resumes sends.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from typing import IO
+
+import structlog
+import torch
+
+from dicom_node.audit import (
+    AuditAction,
+    AuditEvent,
+    AuditEventType,
+    AuditLog,
+    AuditOutcome,
+    Participants,
+)
+from dicom_node.config import Settings
+from dicom_node.errors import DicomNodeError
+from dicom_node.models.inference import select_device
+from dicom_node.net.receiver import Receiver
+from dicom_node.pipeline.assembler import Assembler
+from dicom_node.pipeline.delivery import Delivery
+from dicom_node.pipeline.retention import Retention
+from dicom_node.pipeline.worker import Worker
+from dicom_node.store.database import Database
+from dicom_node.store.spool import clean_stale_temp_files
+
+log = structlog.get_logger(__name__)
+
+TICK_S = 0.2
+
+
+def _device(preference: str) -> torch.device:
+    """The inference device from the ``device`` setting: auto, cpu or cuda."""
+    if preference == "auto":
+        return select_device()
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise DicomNodeError("device: cuda is set but no CUDA device is available; use auto or cpu")
+    return torch.device(preference)
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = self._take_lock()
+        self.db = Database(settings.database_path)
+        self.audit = AuditLog(settings.audit_path)
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.device = _device(settings.device)
+        self.receiver = Receiver(settings, self.db, self.audit, on_release=self.wake)
+        self.assembler = Assembler(settings, self.db)
+        self.delivery = Delivery(settings, self.db, self.audit)
+        self.retention = Retention(settings, self.db, self.audit)
+        self.worker = Worker(settings, self.db, self.audit, self.device)
+        self._threads: list[threading.Thread] = []
+
+    def _take_lock(self) -> IO[str]:
+        path = self.settings.storage_dir / "node.lock"
+        fh = path.open("a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise DicomNodeError(
+                f"{self.settings.storage_dir} is in use by another dicom-node process; "
+                "give each node its own storage_dir"
+            ) from None
+        fh.truncate(0)
+        fh.write(str(os.getpid()))
+        fh.flush()
+        return fh
+
+    def start(self) -> None:
+        clean_stale_temp_files(self.settings.spool_dir)
+        clean_stale_temp_files(self.settings.outbox_dir)
+        resumed = self.db.recover_after_restart()
+        for route in self.settings.routes:  # fail at start, not at the first study
+            self.worker.segmenter(route.model)
+        self.receiver.start()
+        self.audit.record(
+            AuditEvent.APPLICATION_ACTIVITY, AuditAction.EXECUTE, AuditOutcome.SUCCESS,
+            Participants(called_ae=self.settings.ae_title),
+            event_type=AuditEventType.APPLICATION_START,
+        )
+        self._spawn("scheduler", self._schedule)
+        for i in range(self.settings.workers):
+            self._spawn(f"worker-{i}", self._work)
+        log.info("node.started", resumed_jobs=resumed, device=str(self.device),
+                 routes=[r.name for r in self.settings.routes])
+
+    def _spawn(self, name: str, target: object) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        thread.start()
+        self._threads.append(thread)
+
+    def _schedule(self) -> None:
+        while not self.stopping.is_set():
+            self.wake.wait(TICK_S)
+            self.wake.clear()
+            for stage in (self.assembler, self.delivery, self.retention):
+                try:
+                    stage.tick()
+                except Exception:  # noqa: BLE001 - a stage error must not stop the node
+                    log.exception("stage.error", stage=type(stage).__name__)
+
+    def _work(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                ran = self.worker.run_once()
+            except Exception:  # noqa: BLE001 - keep the worker alive; the job lease expires
+                log.exception("worker.error")
+                ran = False
+            if not ran:
+                self.stopping.wait(TICK_S)
+            else:
+                self.wake.set()  # results are queued: let delivery run now
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+        self.receiver.stop()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self.audit.record(
+            AuditEvent.APPLICATION_ACTIVITY, AuditAction.EXECUTE, AuditOutcome.SUCCESS,
+            Participants(called_ae=self.settings.ae_title),
+            event_type=AuditEventType.APPLICATION_STOP,
+        )
+        self.db.close()
+        self._lock_file.close()
+        log.info("node.stopped")

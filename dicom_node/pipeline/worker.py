@@ -1,0 +1,125 @@
+"""The worker: leases a job, segments its series, writes SEG + SR to the outbox, queues sends.
+
+A job that raises :class:`~dicom_node.errors.InputError` or
+:class:`~dicom_node.errors.ModelPackageError` fails for good (retrying cannot help and the
+message says what to fix); any other failure is retried up to ``max_job_attempts``. A node
+killed while a job runs starts it again on restart; output UIDs are deterministic, so a
+second delivery replaces the first at the destination instead of duplicating it.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import structlog
+import torch
+
+from dicom_node.audit import AuditAction, AuditEvent, AuditLog, AuditOutcome, Participants
+from dicom_node.config import Route, Settings
+from dicom_node.errors import DicomNodeError, InputError, ModelPackageError
+from dicom_node.models.inference import Segmenter
+from dicom_node.models.package import load_package
+from dicom_node.pipeline.segment import segment_series, write_outputs
+from dicom_node.store.database import Database, Job, JobState
+
+log = structlog.get_logger(__name__)
+
+
+class Worker:
+    """Runs jobs from the queue; one instance per worker thread shares the model cache."""
+
+    def __init__(
+        self, settings: Settings, db: Database, audit: AuditLog, device: torch.device
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.audit = audit
+        self.device = device
+        self._routes = {r.name: r for r in settings.routes}
+        self._segmenters: dict[Path, Segmenter] = {}
+        self._lock = threading.Lock()
+
+    def segmenter(self, model: Path) -> Segmenter:
+        """The loaded model for package folder ``model`` (loaded once, then cached)."""
+        with self._lock:
+            if model not in self._segmenters:
+                self._segmenters[model] = Segmenter(
+                    load_package(model), self.device, batch_size=self.settings.batch_size
+                )
+            return self._segmenters[model]
+
+    def run_once(self) -> bool:
+        """Claim and run one job; return False when the queue had none."""
+        job = self.db.claim_job(self.settings.job_lease_s)
+        if job is None:
+            return False
+        self.run(job)
+        return True
+
+    def run(self, job: Job) -> None:
+        bound = log.bind(job_id=job.id, route=job.route, attempt=job.attempts)
+        info = self.db.series_info(job.series_uid) or {}
+        who = Participants(called_ae=self.settings.ae_title)
+        route = self._routes.get(job.route)
+        try:
+            if route is None:
+                raise InputError(f"route {job.route!r} is no longer in the configuration")
+            outputs = self._process(job, route)
+        except (InputError, ModelPackageError) as exc:
+            self._failed(job, bound, who, info, exc, retry=False)
+            return
+        except (DicomNodeError, OSError, RuntimeError, ValueError) as exc:
+            retry = job.attempts < self.settings.max_job_attempts
+            self._failed(job, bound, who, info, exc, retry=retry)
+            return
+        if not self.db.finish_job(job.id, outputs, list(route.send_to)):
+            bound.info("job.superseded")
+            return
+        self.audit.record(
+            AuditEvent.INSTANCES_ACCESSED,
+            AuditAction.CREATE,
+            AuditOutcome.SUCCESS,
+            who,
+            patient_id=info.get("patient_id"),
+            study_uid=info.get("study_uid"),
+            job_id=job.id,
+            route=job.route,
+            created=[uid for _, uid in outputs],
+        )
+        bound.info("job.done", outputs=len(outputs), destinations=list(route.send_to))
+
+    def _process(self, job: Job, route: Route) -> list[tuple[Path, str]]:
+        records = self.db.series_instances(job.series_uid)
+        if not records:
+            raise InputError("no instances left for this series (deleted by retention?)")
+        segmenter = self.segmenter(route.model)
+        result = segment_series([r.path for r in records], segmenter)
+        seg_path, sr_path = write_outputs(result, self.settings.outbox_dir / str(job.id))
+        return [(seg_path, str(result.seg.SOPInstanceUID)), (sr_path, str(result.sr.SOPInstanceUID))]
+
+    def _failed(
+        self,
+        job: Job,
+        bound: structlog.stdlib.BoundLogger,
+        who: Participants,
+        info: dict[str, object],
+        exc: Exception,
+        *,
+        retry: bool,
+    ) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        state = self.db.fail_job(job.id, message, retry=retry)
+        bound.warning("job.failed", error=type(exc).__name__, retry=state is JobState.PENDING)
+        if state is JobState.FAILED:
+            self.audit.record(
+                AuditEvent.INSTANCES_ACCESSED,
+                AuditAction.CREATE,
+                AuditOutcome.SERIOUS_FAILURE,
+                who,
+                patient_id=str(info.get("patient_id", "")),
+                study_uid=str(info.get("study_uid", "")),
+                job_id=job.id,
+                route=job.route,
+                error=message,
+            )

@@ -1,0 +1,69 @@
+"""Durable files on disk: received instances (the spool) and results waiting to be sent (outbox).
+
+Every write is temp file -> fsync -> rename -> fsync of the folder, so a file that exists under
+its final name is complete, whatever instant the process was killed at.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from dicom_node.uids import is_valid_uid
+
+
+def durable_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def instance_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """Path of a received instance: ``root/<study>/<series>/<sop>.dcm``.
+
+    Raises
+    ------
+    ValueError
+        When any UID is not a valid DICOM UID: only validated UIDs become path components, so
+        network input such as ``1.2.3/../../etc`` can never name a file outside the spool.
+    """
+    for name, uid in (("study", study_uid), ("series", series_uid), ("SOP instance", sop_uid)):
+        if not is_valid_uid(uid):
+            raise ValueError(f"invalid {name} UID")
+    return root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+
+def remove_empty_parents(path: Path, stop: Path) -> None:
+    """Remove the empty folders above ``path`` up to (not including) ``stop``."""
+    parent = path.parent
+    while parent != stop and stop in parent.parents:
+        try:
+            parent.rmdir()
+        except OSError:
+            return
+        parent = parent.parent
+
+
+def clean_stale_temp_files(root: Path) -> int:
+    """Remove temp files left by a write that was killed half-way; return how many."""
+    count = 0
+    if root.is_dir():
+        for tmp in root.rglob(".incoming-*.tmp"):
+            tmp.unlink(missing_ok=True)
+            count += 1
+    return count

@@ -1,0 +1,238 @@
+"""The parts of a model package that people read: training curves and ``MODEL_CARD.md``.
+
+The card states the data and its citations, the split, the preprocessing, the validation
+figures per structure against the goals and the published figures, the measured effect of
+postprocessing, training time and hardware, and how to retrain. Every figure in it is measured
+by the training run that writes it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dicom_node.models.package import ModelPackage
+from dicom_node.training.metrics import format_table
+
+if TYPE_CHECKING:
+    from dicom_node.training.data import Split
+    from dicom_node.training.train import TrainConfig
+
+CURVES_FILE = "training_curves.png"
+CARD_FILE = "MODEL_CARD.md"
+
+#: Goals of the default chest X-ray model, as mean Jaccard on held-out cases.
+GOALS_JACCARD = {"lungs": 0.95, "heart": 0.89, "clavicles": 0.87}
+
+#: Published Jaccard figures on all 247 JSRT cases (see ../shared/data/jsrt/README.md).
+PUBLISHED_JACCARD = {
+    "human second observer (van Ginneken et al. 2006)": {
+        "lungs": 0.946,
+        "heart": 0.878,
+        "clavicles": 0.896,
+    },
+    "InvertedNet (Novikov et al., IEEE TMI 2018)": {
+        "lungs": 0.950,
+        "heart": 0.882,
+        "clavicles": 0.868,
+    },
+}
+
+CITATIONS = (
+    "Shiraishi J, Katsuragawa S, Ikezoe J, et al. Development of a digital image database for "
+    "chest radiographs with and without a lung nodule: receiver operating characteristic "
+    "analysis of radiologists' detection of pulmonary nodules. AJR 2000;174:71-74. "
+    "(JSRT database, Japanese Society of Radiological Technology)",
+    "van Ginneken B, Stegmann MB, Loog M. Segmentation of anatomical structures in chest "
+    "radiographs using supervised methods: a comparative study on a public database. Medical "
+    "Image Analysis 2006;10(1):19-40. (SCR masks)",
+)
+
+
+def hardware(device: torch.device) -> str:
+    """A one-line description of the device training ran on (no host names)."""
+    if device.type == "cuda":
+        return f"CUDA {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, best_epoch: int) -> Path:
+    """Plot losses, validation Dice per structure and learning rate per epoch to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
+    axes[0].plot(epochs, [h["train_loss"] for h in history], label="training loss")
+    axes[0].plot(epochs, [h["val_loss"] for h in history], label="validation loss")
+    axes[0].set_yscale("log")
+    axes[0].set_title("Dice + BCE loss")
+    labels = list(history[0]["val_dice"]) if history else []
+    for label in labels:
+        axes[1].plot(epochs, [h["val_dice"][label] for h in history], label=label)
+    axes[1].set_ylim(0.5, 1.0)
+    axes[1].set_title("validation Dice (network input grid)")
+    axes[2].plot(epochs, [h["lr"] for h in history])
+    axes[2].set_title("learning rate")
+    for ax in axes[:2]:
+        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
+        ax.legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _goal_table(summary: dict[str, dict[str, float]]) -> str:
+    rows = [
+        "| group | this model (Jaccard, mean ± sd) | goal | "
+        + " | ".join(PUBLISHED_JACCARD)
+        + " |",
+        "|---|---|---|" + "---|" * len(PUBLISHED_JACCARD),
+    ]
+    for group, goal in GOALS_JACCARD.items():
+        if group not in summary:
+            continue
+        mean, std = summary[group]["jaccard"], summary[group]["jaccard_std"]
+        met = "met" if mean >= goal else "not met"
+        published = " | ".join(f"{p[group]:.3f}" for p in PUBLISHED_JACCARD.values())
+        rows.append(f"| {group} | {mean:.3f} ± {std:.3f} | {goal:.2f} ({met}) | {published} |")
+    return "\n".join(rows)
+
+
+def write_model_card(
+    folder: Path,
+    *,
+    package: ModelPackage,
+    config: TrainConfig,
+    split: Split,
+    history: list[dict[str, Any]],
+    best_epoch: int,
+    seconds: float,
+    device: torch.device,
+    summary: dict[str, dict[str, float]],
+    postprocess_comparison: dict[str, dict[str, float]],
+    init: ModelPackage | None,
+) -> Path:
+    """Write ``MODEL_CARD.md`` of the package in ``folder`` from the measured figures."""
+    s = config.training
+    a = config.augment
+    norm = package.normalization
+    epoch_s = [h["seconds"] for h in history]
+    structures = ", ".join(f"{st.name} (`{st.label}`)" for st in package.structures)
+    labels = [st.label for st in package.structures]
+    pp_rows = ["| postprocessing | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for variant, per in postprocess_comparison.items():
+        pp_rows.append(f"| {variant} | " + " | ".join(f"{per[lb]:.4f}" for lb in labels) + " |")
+    chosen = {st.label: [p.value for p in st.postprocess] for st in package.structures}
+    weights_mb = package.weights.stat().st_size / 1e6
+    text = f"""# Model card: {package.name} {package.version}
+
+{package.description.strip()}
+
+Generated by `dicom-node train` on {dt.date.today().isoformat()}; every figure below was
+measured by that run.
+
+## Output
+
+Multi-label ({package.activation.value}, threshold {package.threshold}): one channel per
+structure, structures may overlap, written as a BINARY DICOM SEG with one segment each:
+{structures}. Left and right are the patient's. Modalities: {", ".join(package.modalities)}.
+Measurements in the SR: {", ".join(m.value for m in package.measurements)}.
+
+## Data
+
+{len(split.train) + len(split.validation)} posterior-anterior chest radiographs of the JSRT
+database with the SCR expert masks (`{Path(config.source).name if config.source else "?"}`
+config, data folder laid out as `images/<case>.png`, `masks/<structure>/<case>.png`),
+1024 × 1024 pixels of {s.spacing_mm} mm. Cite both when using this model:
+
+1. {CITATIONS[0]}
+2. {CITATIONS[1]}
+
+Both are provided for research and education. This model is not a medical device.
+
+## Split
+
+{len(split.validation)} of {len(split.train) + len(split.validation)} cases held out for
+validation (fraction {split.validation_fraction}, seed {split.seed}, stratified by
+{split.stratified_by or "nothing"}; one radiograph per patient, so the split is by patient).
+The network never trained on them; they chose the best epoch and the postprocessing, so the
+figures below are validation, not independent test, figures. The case ids are in `split.json`.
+
+## Preprocessing (shared with inference)
+
+`dicom_node.models.preprocess.prepare_image`: intensities clipped to the
+{norm.lower}–{norm.upper} percentiles of the image and scaled to [0, 1] ({norm.kind.value}),
+padded to a square, resized to {package.input_size[0]} × {package.input_size[1]} (bilinear,
+antialiased). Probabilities are resized back to the full source grid before thresholding.
+
+## Network and training
+
+MONAI `UNet` {package.network}, 1 grey input channel,
+{package.out_channels} outputs; weights in fp16 ({weights_mb:.1f} MB).
+Loss: soft Dice + BCE (weights {s.dice_weight} / {s.bce_weight}); AdamW (lr
+{s.learning_rate}, weight decay {s.weight_decay}), {s.warmup_epochs} warm-up epochs then
+cosine decay, batch {s.batch_size}, seed {s.seed}.
+Augmentation (no left/right flips): rotation ±{a.rotate_deg}°, scale ±{a.scale:.0%},
+translation ±{a.translate:.0%}, shear ±{a.shear}, p={a.affine_prob}; elastic p={a.elastic_prob}
+(±{a.elastic_magnitude_px} px); gamma {a.gamma[0]}–{a.gamma[1]}, contrast ±{a.contrast:.0%},
+brightness ±{a.brightness}, Gaussian noise σ={a.noise_std}, p={a.intensity_prob} each.
+Initialisation: {"random" if init is None else f"from package {init.name} {init.version}"}.
+
+{len(history)} epochs in {seconds / 60:.1f} min (median {sorted(epoch_s)[len(epoch_s) // 2]:.1f} s
+per epoch, validation included) on {hardware(device)}; best epoch {best_epoch} (mean
+validation Dice on the input grid). Curves: `{CURVES_FILE}`.
+
+## Validation figures
+
+On the {len(split.validation)} held-out cases, at full resolution (1024 × 1024), after
+postprocessing, mean ± sd over cases; HD95 in mm. Groups are the mean of their left and
+right structures per case.
+
+```
+{format_table(summary)}
+```
+
+Against the goals and the published figures (Jaccard; the published ones are on all 247 JSRT
+cases, lungs there as lung fields):
+
+{_goal_table(summary)}
+
+Overlays of the best, median and worst validation case: `validation/overlay_*.png`.
+
+## Postprocessing, measured
+
+Mean validation Jaccard per structure for each combination; a step is kept for a structure
+only when it improves on `none`. Kept: {chosen}.
+
+{chr(10).join(pp_rows)}
+
+## Retrain and evaluate
+
+```
+dicom-node train --data ../shared/data/jsrt --config config/train-cxr.yaml \\
+    --out config/models/{package.name}
+dicom-node evaluate --model config/models/{package.name} --data ../shared/data/jsrt --out /tmp/eval
+```
+"""
+    path = folder / CARD_FILE
+    path.write_text(text)
+    return path

@@ -1,0 +1,465 @@
+"""``dicom-node train``: train a 2D multi-label U-Net and write a complete model package.
+
+The training config (see ``config/train-cxr.yaml``) has three parts: ``model`` is the
+``model.yaml`` of the package to produce (less ``weights`` and ``metrics``, which training
+writes), ``training`` the optimisation settings (:class:`TrainSettings`) and ``augment`` the
+augmentation ranges (:class:`~dicom_node.training.augment.AugmentConfig`).
+
+One code path for CPU and CUDA: mixed precision (autocast + gradient scaling) is enabled on
+CUDA only. Loss: soft Dice + binary cross-entropy on the sigmoid channels (multi-label: the
+structures overlap). AdamW with linear warm-up and cosine decay per step. Validation Dice on the
+held-out cases after every epoch; the best epoch's weights are kept. Afterwards the candidate
+postprocessing steps are measured on the validation cases at full resolution and kept per
+structure only where they improve the mean Jaccard; the package is written and checked with
+:func:`~dicom_node.models.package.load_package`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+import yaml
+from monai.losses import DiceLoss
+from monai.utils import set_determinism
+from tqdm import tqdm
+
+from dicom_node.errors import ConfigError
+from dicom_node.models.inference import select_device
+from dicom_node.models.package import MODEL_FILE, ModelPackage, Postprocess, load_package
+from dicom_node.models.unet import build_network, load_network
+from dicom_node.training import card
+from dicom_node.training.augment import AugmentConfig, build_augmentation
+from dicom_node.training.data import CachedCases, list_cases, make_split, read_findings
+from dicom_node.training.evaluate import evaluate, select_postprocessing
+from dicom_node.training.metrics import batch_dice
+
+log = structlog.get_logger(__name__)
+
+WEIGHTS_FILE = "model.pt"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The ``training:`` part of the training config.
+
+    Attributes
+    ----------
+    seed
+        Seed of weights, batches and augmentation.
+    epochs
+        Number of epochs (the schedule is laid out over them).
+    max_minutes
+        Wall-clock budget: stop before an epoch that would end after it (best weights kept).
+    batch_size, learning_rate, weight_decay, warmup_epochs
+        AdamW and its schedule (linear warm-up, then cosine decay to 1% of the rate).
+    dice_weight, bce_weight
+        Weights of the soft Dice and binary cross-entropy terms of the loss.
+    validation_fraction, split_seed
+        The held-out fraction of cases and the seed of the split.
+    spacing_mm
+        Pixel spacing of the training images (PNG has none), for HD95 in mm.
+    postprocess_candidates
+        Postprocessing steps to measure on the validation cases.
+    num_threads
+        CPU threads of torch (None: torch's default).
+    """
+
+    seed: int = 0
+    epochs: int = 100
+    max_minutes: float | None = None
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 2
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    validation_fraction: float = 0.2
+    split_seed: int = 0
+    spacing_mm: float = 1.0
+    postprocess_candidates: tuple[str, ...] = ("largest_component", "fill_holes")
+    num_threads: int | None = None
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any] | None) -> TrainSettings:
+        doc = dict(doc or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(doc) - set(known))
+        if unknown:
+            raise ConfigError(f"training: unknown keys {unknown}; known keys are {sorted(known)}")
+        if "postprocess_candidates" in doc:
+            steps = doc["postprocess_candidates"] or []
+            allowed = [p.value for p in Postprocess]
+            bad = [s for s in steps if s not in allowed]
+            if bad:
+                raise ConfigError(f"training.postprocess_candidates: {bad} not in {allowed}")
+            doc["postprocess_candidates"] = tuple(steps)
+        settings = cls(**doc)
+        if settings.epochs < 1 or settings.batch_size < 1:
+            raise ConfigError("training.epochs and training.batch_size must be >= 1")
+        if settings.learning_rate <= 0 or settings.spacing_mm <= 0:
+            raise ConfigError("training.learning_rate and training.spacing_mm must be > 0")
+        return settings
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A parsed training config: the package to produce, the settings, the augmentation."""
+
+    model: dict[str, Any]
+    training: TrainSettings
+    augment: AugmentConfig
+    source: str = ""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced."""
+
+    package: ModelPackage
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def load_train_config(path: Path | str) -> TrainConfig:
+    """Read a training config YAML file.
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing, not YAML, or a key is invalid; the message names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: training config not found")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_train_config(doc, source=str(path))
+
+
+def parse_train_config(doc: Any, source: str = "<config>") -> TrainConfig:
+    """Validate a training config document (see the module docstring)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
+        raise ConfigError(f"{source}: expected a mapping with model:, training: and augment:")
+    unknown = sorted(set(doc) - {"model", "training", "augment"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level keys {unknown}")
+    model = dict(doc["model"])
+    for key in ("weights", "metrics"):
+        if key in model:
+            raise ConfigError(f"{source}: model.{key} is written by training; remove it")
+    return TrainConfig(
+        model=model,
+        training=TrainSettings.from_dict(doc.get("training")),
+        augment=AugmentConfig.from_dict(doc.get("augment")),
+        source=source,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and MONAI."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    set_determinism(seed=seed)
+
+
+def save_weights(network: torch.nn.Module, path: Path) -> None:
+    """Save the network's ``state_dict`` in half precision (small files; inference casts back)."""
+    state = {
+        k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()
+        for k, v in network.state_dict().items()
+    }
+    torch.save(state, path)
+
+
+def write_model_yaml(folder: Path, model: dict[str, Any]) -> Path:
+    """Write ``model.yaml`` with ``weights`` pointing at :data:`WEIGHTS_FILE`."""
+    doc = dict(model)
+    doc["weights"] = WEIGHTS_FILE
+    path = folder / MODEL_FILE
+    path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def transfer_weights(network: torch.nn.Module, init: ModelPackage) -> tuple[int, int]:
+    """Copy the weights of package ``init`` into ``network`` where names and shapes match.
+
+    Returns the number of tensors copied and the number of tensors of ``network``; tensors that
+    do not fit (e.g. the last layer when the structures differ) keep their initialisation.
+    """
+    source = load_network(init, torch.device("cpu")).state_dict()
+    target = network.state_dict()
+    copied = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    target.update(copied)
+    network.load_state_dict(target)
+    return len(copied), len(target)
+
+
+def _schedule(warmup_steps: int, total_steps: int) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.01 + 0.99 * step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _validate(
+    network: torch.nn.Module,
+    loader: torch.utils.data.DataLoader[dict[str, torch.Tensor]],
+    loss_fn: Any,
+    threshold: float,
+    device: torch.device,
+) -> tuple[float, np.ndarray]:
+    network.eval()
+    num, den, losses = None, None, []
+    with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+        for batch in loader:
+            x, y = batch["image"].to(device), batch["label"].to(device)
+            logits = network(x).float()
+            losses.append(float(loss_fn(logits, y)))
+            n, d = batch_dice(torch.sigmoid(logits) > threshold, y > 0.5)
+            num = n if num is None else num + n
+            den = d if den is None else den + d
+    assert num is not None and den is not None
+    dice = torch.where(den > 0, num / den.clamp(min=1), torch.ones_like(den))
+    return float(np.mean(losses)), dice.cpu().numpy()
+
+
+def train(
+    data_dir: Path | str,
+    train_config: Path | str | TrainConfig,
+    out_dir: Path | str,
+    init: Path | str | None = None,
+    *,
+    epochs: int | None = None,
+    max_minutes: float | None = None,
+    progress: bool = True,
+    overlays: bool = True,
+) -> TrainResult:
+    """Train a model on a PNG folder and write the model package ``out_dir``.
+
+    Parameters
+    ----------
+    data_dir
+        ``images/<case>.png`` and ``masks/<structure>/<case>.png`` (see
+        :mod:`dicom_node.training.data`).
+    train_config
+        Path of the training config, or a parsed one.
+    out_dir
+        The model package folder to write (created; existing package files are replaced).
+    init
+        A model package to start from (transfer learning); tensors that fit are copied.
+    epochs, max_minutes
+        Override ``training.epochs`` and ``training.max_minutes``.
+    progress
+        Show a tqdm progress bar.
+    overlays
+        Write the best/median/worst overlays of the validation cases into the package.
+    """
+    started = time.monotonic()
+    config = train_config if isinstance(train_config, TrainConfig) else load_train_config(train_config)
+    settings = config.training
+    n_epochs = epochs or settings.epochs
+    budget_min = max_minutes if max_minutes is not None else settings.max_minutes
+    data_dir, out = Path(data_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    seed_everything(settings.seed)
+    device = select_device()
+
+    # The package is validated by the one validator before any time is spent training.
+    network = build_network_from(config.model, out)
+    package = load_package(out)
+    init_package = load_package(init) if init is not None else None
+    if init_package is not None:
+        copied, total = transfer_weights(network, init_package)
+        log.info("initialised from package", init=init_package.name, copied=copied, total=total)
+    network.to(device)
+
+    labels = [s.label for s in package.structures]
+    cases = list_cases(data_dir, labels)
+    split = make_split(
+        cases,
+        read_findings(data_dir),
+        validation_fraction=settings.validation_fraction,
+        seed=settings.split_seed,
+    )
+    split.write(out)
+    log.info("split", n_train=len(split.train), n_validation=len(split.validation))
+    augmentation = build_augmentation(config.augment, package.input_size, settings.seed)
+    train_set = CachedCases(data_dir, split.train, package, transform=augmentation)
+    val_set = CachedCases(data_dir, split.validation, package)
+    generator = torch.Generator().manual_seed(settings.seed)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=settings.batch_size, shuffle=True, drop_last=len(train_set) > settings.batch_size, generator=generator
+    )
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=settings.batch_size)
+
+    dice_loss = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    bce_loss = torch.nn.BCEWithLogitsLoss()
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return settings.dice_weight * dice_loss(logits, target) + settings.bce_weight * bce_loss(
+            logits, target
+        )
+
+    optimizer = torch.optim.AdamW(
+        network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    steps = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(settings.warmup_epochs * steps, n_epochs * steps)
+    )
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+
+    history: list[dict[str, Any]] = []
+    best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(network.state_dict())
+    bar = tqdm(range(1, n_epochs + 1), disable=not progress, unit="epoch", desc="train")
+    for epoch in bar:
+        epoch_start = time.monotonic()
+        network.train()
+        losses = []
+        for batch in train_loader:
+            x, y = batch["image"].to(device), batch["label"].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                logits = network(x)
+            loss = loss_fn(logits.float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(loss.item())
+        val_loss, val_dice = _validate(network, val_loader, loss_fn, package.threshold, device)
+        score = float(val_dice.mean())
+        if score > best_score:
+            best_score, best_epoch = score, epoch
+            best_state = copy.deepcopy(network.state_dict())
+            save_weights(network, out / WEIGHTS_FILE)
+        seconds = time.monotonic() - epoch_start
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "val_loss": val_loss,
+                "val_dice": {label: float(d) for label, d in zip(labels, val_dice, strict=True)},
+                "lr": float(optimizer.param_groups[0]["lr"]),
+                "seconds": seconds,
+            }
+        )
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_dice=f"{score:.4f}", best=best_epoch)
+        log.info(
+            "epoch",
+            epoch=epoch,
+            train_loss=round(float(np.mean(losses)), 4),
+            val_loss=round(val_loss, 4),
+            val_dice=round(score, 4),
+            seconds=round(seconds, 1),
+        )
+        elapsed_min = (time.monotonic() - started) / 60
+        if budget_min is not None and elapsed_min + seconds / 60 > budget_min:
+            log.warning("stopping at the time budget", epoch=epoch, max_minutes=budget_min)
+            break
+    bar.close()
+    train_seconds = time.monotonic() - started
+
+    network.load_state_dict(best_state)
+    save_weights(network, out / WEIGHTS_FILE)
+    card.plot_curves(history, out / card.CURVES_FILE, best_epoch)
+
+    # Postprocessing kept per structure only where it improves the validation Jaccard.
+    package = load_package(out)
+    chosen, comparison = select_postprocessing(
+        package,
+        data_dir,
+        split.validation,
+        [Postprocess(p) for p in settings.postprocess_candidates],
+        device=device,
+    )
+    model = dict(config.model)
+    model["structures"] = [
+        {**s, **({"postprocess": chosen[s["label"]]} if chosen.get(s["label"]) else {})}
+        for s in config.model["structures"]
+    ]
+    write_model_yaml(out, model)
+    package = load_package(out)
+    result_eval = evaluate(
+        package,
+        data_dir,
+        out / "validation" if overlays else None,
+        spacing_mm=settings.spacing_mm,
+        device=device,
+    )
+    metrics = {
+        "validation_cases": len(split.validation),
+        "spacing_mm": settings.spacing_mm,
+        "best_epoch": best_epoch,
+        "structures": {
+            label: {k: round(v, 4) for k, v in result_eval.summary[label].items()}
+            for label in result_eval.summary
+        },
+    }
+    model["metrics"] = metrics
+    model["training"] = {
+        "data": str(data_dir.name),
+        "split": "split.json",
+        "epochs_run": len(history),
+        "epochs_planned": n_epochs,
+        "best_epoch": best_epoch,
+        "seconds": round(train_seconds, 1),
+        "device": card.hardware(device),
+        "init": None if init_package is None else f"{init_package.name} {init_package.version}",
+    }
+    write_model_yaml(out, model)
+    package = load_package(out)
+    card.write_model_card(
+        out,
+        package=package,
+        config=config,
+        split=split,
+        history=history,
+        best_epoch=best_epoch,
+        seconds=train_seconds,
+        device=device,
+        summary=result_eval.summary,
+        postprocess_comparison=comparison,
+        init=init_package,
+    )
+    log.info("package written", model=package.name, best_epoch=best_epoch, seconds=round(train_seconds))
+    return TrainResult(
+        package=package,
+        history=history,
+        best_epoch=best_epoch,
+        seconds=train_seconds,
+        metrics=metrics,
+    )
+
+
+def build_network_from(model: dict[str, Any], out: Path) -> torch.nn.Module:
+    """Write a draft package (``model.yaml`` + initial weights) in ``out`` and build its network.
+
+    Writing first lets :func:`load_package`, the one validator of packages, check the config.
+    """
+    write_model_yaml(out, model)
+    if not (out / WEIGHTS_FILE).is_file():
+        torch.save({}, out / WEIGHTS_FILE)  # placeholder so that the draft validates
+    network = build_network(load_package(out))
+    save_weights(network, out / WEIGHTS_FILE)
+    return network

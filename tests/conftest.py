@@ -1,0 +1,219 @@
+"""Shared fixtures: free ports, real DICOM peers (DCMTK, dicom3tools, Orthanc), a node process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.factories import SHARED_DATA
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRE_PEERS = os.environ.get("DICOM_NODE_REQUIRE_PEERS") == "1"
+PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def require_tool(name: str) -> str:
+    """Path of a peer program; skip (or fail under ``make test``) when it is missing."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+    if path is None:
+        message = f"{name} is not installed (Debian packages dcmtk, dicom3tools, orthanc)"
+        if REQUIRE_PEERS:
+            pytest.fail(message + "; `make test` installs them")
+        pytest.skip(message)
+    return path
+
+
+def require_shared_data() -> Path:
+    if not (SHARED_DATA / "jsrt" / "images").is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set DICOM_NODE_SHARED_DATA)")
+    return SHARED_DATA
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def wait_port(port: int, timeout_s: float = 20) -> None:
+    def is_open() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(is_open, timeout_s, f"port {port} to listen")
+
+
+@pytest.fixture(scope="session")
+def random_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small randomly initialised chest model package (routing never depends on weights)."""
+    from dicom_node.models.random_package import make_random_package
+
+    folder = tmp_path_factory.mktemp("model") / "random-cxr"
+    make_random_package(folder)
+    return folder
+
+
+class StoreSCP:
+    """DCMTK storescp receiving into a folder: the PACS of the tests."""
+
+    def __init__(self, folder: Path, port: int, ae_title: str = "PACS") -> None:
+        self.folder = folder
+        self.port = port
+        self.ae_title = ae_title
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StoreSCP:
+        exe = require_tool("storescp")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [exe, "-aet", self.ae_title, "-od", str(self.folder), "-uf", str(self.port)],
+            env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+        return self
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.glob("*.dcm") if p.is_file())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
+    scp = StoreSCP(tmp_path / "pacs", free_port()).start()
+    yield scp
+    scp.stop()
+
+
+def storescu(port: int, files: list[Path], *extra: str, ae_title: str = "DICOMNODE",
+             calling: str = "MODALITY") -> subprocess.CompletedProcess[str]:
+    exe = require_tool("storescu")
+    return subprocess.run(
+        [exe, "-aet", calling, "-aec", ae_title, *extra, "127.0.0.1", str(port),
+         *map(str, files)],
+        env=PEER_ENV, capture_output=True, text=True, timeout=120,
+    )
+
+
+class NodeProcess:
+    """``dicom-node serve`` as a real process (so tests can kill -9 it and read its logs)."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any]) -> None:
+        self.folder = folder
+        self.settings = settings
+        self.config = folder / "node.yaml"
+        self.log = folder / "node.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(yaml.safe_dump(settings))
+
+    @property
+    def port(self) -> int:
+        return int(self.settings["port"])
+
+    @property
+    def storage(self) -> Path:
+        return Path(self.settings["storage_dir"])
+
+    def start(self) -> NodeProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config)],
+            cwd=REPO, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"node exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.1)
+        pytest.fail(f"node did not listen within 60 s:\n{self.log.read_text()}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+    def status(self) -> dict[str, Any]:
+        import json
+
+        out = subprocess.run(
+            [sys.executable, "-m", "dicom_node", "status", "--json", "--config",
+             str(self.config)],
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+        )
+        return dict(json.loads(out.stdout))
+
+
+def node_settings(tmp_path: Path, model: Path, pacs_port: int, **overrides: Any) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "ae_title": "DICOMNODE",
+        "port": free_port(),
+        "storage_dir": str(tmp_path / "var"),
+        "allowed_callers": [],
+        "stable_after_s": 30,
+        "release_grace_s": 0.5,
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
+        "routes": [{"name": "chest", "match": {"Modality": ["CR", "DX", "CT"]},
+                    "model": str(model), "send_to": ["pacs"]}],
+        "send": {"max_attempts": 50, "initial_backoff_s": 0.3, "max_backoff_s": 1.0,
+                 "timeout_s": 10},
+        "device": "cpu",
+        "log_level": "debug",
+    }
+    settings.update(overrides)
+    return settings
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    nodes: list[NodeProcess] = []
+
+    def make(model: Path, pacs_port: int, **overrides: Any) -> NodeProcess:
+        node = NodeProcess(tmp_path / f"node{len(nodes)}",
+                           node_settings(tmp_path / f"node{len(nodes)}", model, pacs_port,
+                                         **overrides))
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from dicom_node.config import Route
+from dicom_node.pipeline.delivery import backoff_s
+from dicom_node.pipeline.routing import matches, routes_for
+
+CHEST = Route("chest", {"Modality": ("CR", "DX")}, Path("m"), ("pacs",))
+AXIAL = Route("ct", {"Modality": ("CT",), "ImageType": ("AXIAL",)}, Path("m"), ("pacs",))
+
+
+def test_match_any_value_case_insensitive() -> None:
+    assert matches(CHEST, {"Modality": "DX"})
+    assert matches(CHEST, {"Modality": "cr "})
+    assert not matches(CHEST, {"Modality": "CT"})
+    assert not matches(CHEST, {})
+
+
+def test_multi_valued_attributes_match_a_component() -> None:
+    assert matches(AXIAL, {"Modality": "CT", "ImageType": "ORIGINAL\\PRIMARY\\AXIAL"})
+    assert not matches(AXIAL, {"Modality": "CT", "ImageType": "DERIVED\\SECONDARY\\LOCALIZER"})
+
+
+def test_every_matching_route_gets_a_job() -> None:
+    both = Route("all-dx", {"Modality": ("DX",)}, Path("m"), ("pacs",))
+    assert [r.name for r in routes_for((CHEST, AXIAL, both), {"Modality": "DX"})] == [
+        "chest", "all-dx"]
+
+
+def test_backoff_doubles_up_to_the_limit() -> None:
+    assert [backoff_s(n, 2.0, 10.0) for n in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]

@@ -1,0 +1,122 @@
+"""The index and queues: assembly, supersession, leases, sends and their retries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.store.database import Database, JobState, SendState, SeriesState
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Database:
+    return Database(tmp_path / "node.sqlite3")
+
+
+def add(db: Database, sop: str, series: str = "1.2.3", assoc: str = "a1", now: float = 100.0,
+        policy: str = "reprocess") -> bool:
+    return db.record_instance(
+        sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", study_uid="1.2",
+        series_uid=series, patient_id="P", attributes={"Modality": "CT"},
+        path=Path(f"/spool/{sop}.dcm"), association_id=assoc, late_policy=policy, now=now,
+    )
+
+
+def test_resend_replaces_never_duplicates(db: Database) -> None:
+    assert add(db, "1.1") is True
+    assert add(db, "1.1") is False
+    assert len(db.series_instances("1.2.3")) == 1
+
+
+def test_series_complete_after_quiet_period_or_release(db: Database) -> None:
+    add(db, "1.1", now=100.0)
+    assert db.complete_series(10, 1, now=105.0) == []
+    assert [s for s, _ in db.complete_series(10, 1, now=110.0)] == ["1.2.3"]
+    db.association_released("a1", now=101.0)
+    assert db.complete_series(10, 1, now=101.5) == []
+    assert [s for s, _ in db.complete_series(10, 1, now=102.0)] == ["1.2.3"]
+    # A new instance on another association clears the release: wait again.
+    add(db, "1.2", assoc="a2", now=102.0)
+    assert db.complete_series(10, 1, now=103.5) == []
+
+
+def test_release_only_touches_series_of_that_association(db: Database) -> None:
+    add(db, "1.1", series="9.1", assoc="a1")
+    add(db, "2.1", series="9.2", assoc="a2")
+    assert db.association_released("a1", now=100.0) == 1
+    assert [s for s, _ in db.complete_series(60, 0.5, now=101.0)] == ["9.1"]
+
+
+def test_jobs_lease_and_recover(db: Database) -> None:
+    add(db, "1.1")
+    db.queue_series("1.2.3", ["chest"], now=101.0)
+    assert db.series_info("1.2.3")["state"] == SeriesState.QUEUED
+    job = db.claim_job(lease_s=60, now=102.0)
+    assert job is not None and job.attempts == 1
+    assert db.claim_job(lease_s=60, now=103.0) is None  # leased
+    again = db.claim_job(lease_s=60, now=200.0)  # lease expired: runs again
+    assert again is not None and again.id == job.id and again.attempts == 2
+    assert db.recover_after_restart() == 1
+    assert db.jobs()[0]["state"] == JobState.PENDING
+
+
+def test_late_instance_supersedes_pending_job_and_reprocesses_done_one(db: Database) -> None:
+    add(db, "1.1")
+    db.queue_series("1.2.3", ["chest"], now=101.0)
+    add(db, "1.2", now=102.0)
+    assert [j["state"] for j in db.jobs()] == [JobState.SUPERSEDED]
+    db.queue_series("1.2.3", ["chest"], now=120.0)
+    job = db.claim_job(60, now=121.0)
+    assert job is not None
+    assert db.finish_job(job.id, [(Path("/o/seg.dcm"), "2.25.1")], ["pacs"], now=122.0)
+    add(db, "1.3", now=130.0)  # after the job ran: policy reprocess
+    assert db.series_info("1.2.3")["state"] == SeriesState.RECEIVING
+
+
+def test_late_instance_with_ignore_policy(db: Database) -> None:
+    add(db, "1.1", policy="ignore")
+    db.queue_series("1.2.3", ["chest"], now=101.0)
+    job = db.claim_job(60, now=102.0)
+    assert job is not None
+    db.finish_job(job.id, [], [], now=103.0)
+    add(db, "1.2", now=104.0, policy="ignore")
+    assert db.series_info("1.2.3")["state"] == SeriesState.IGNORED
+    assert len(db.series_instances("1.2.3")) == 2  # kept, not processed
+
+
+def test_sends_retry_and_dead_letter(db: Database) -> None:
+    add(db, "1.1")
+    db.queue_series("1.2.3", ["chest"], now=101.0)
+    job = db.claim_job(60, now=102.0)
+    assert job is not None
+    db.finish_job(job.id, [(Path("/o/seg.dcm"), "2.25.1"), (Path("/o/sr.dcm"), "2.25.2")],
+                  ["pacs"], now=103.0)
+    due = db.due_sends(now=104.0)
+    assert [s.sop_instance_uid for s in due] == ["2.25.1", "2.25.2"]
+    assert db.send_failed(due[0].id, "down", next_attempt_at=200.0, now=104.0) == SendState.PENDING
+    assert [s.sop_instance_uid for s in db.due_sends(now=150.0)] == ["2.25.2"]
+    assert db.send_failed(due[0].id, "down", next_attempt_at=None) == SendState.FAILED
+    db.send_done(due[1].id)
+    status = db.status()
+    assert status["sends"] == {"failed": 1, "done": 1}
+    assert status["destinations"]["pacs"]["last_error"] == "down"
+    assert db.retry_failed_sends() == 1
+    assert [s.sop_instance_uid for s in db.due_sends(now=150.0)] == ["2.25.1"]
+
+
+def test_finish_of_a_superseded_job_sends_nothing(db: Database) -> None:
+    add(db, "1.1")
+    db.queue_series("1.2.3", ["chest"], now=101.0)
+    job = db.claim_job(60, now=102.0)
+    assert job is not None
+    db.fail_job(job.id, "boom", retry=True)
+    assert db.finish_job(job.id, [(Path("/o/x.dcm"), "2.25.9")], ["pacs"]) is False
+    assert db.sends() == []
+
+
+def test_unrouted_series(db: Database) -> None:
+    add(db, "1.1")
+    db.queue_series("1.2.3", [], now=101.0)
+    assert db.series_info("1.2.3")["state"] == SeriesState.UNROUTED
+    assert db.jobs() == []

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.store.spool import clean_stale_temp_files, durable_write, instance_path
+
+
+def test_instance_path_only_from_valid_uids(tmp_path: Path) -> None:
+    assert instance_path(tmp_path, "1.2", "1.2.3", "1.2.3.4") == tmp_path / "1.2/1.2.3/1.2.3.4.dcm"
+    for bad in ("1.2.3/../../etc", "..", "1.2.3\x00", "/etc/passwd", "1..2", "01.2"):
+        with pytest.raises(ValueError):
+            instance_path(tmp_path, "1.2", bad, "1.2.3")
+
+
+def test_durable_write_replaces_atomically(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b.dcm"
+    durable_write(target, b"one")
+    durable_write(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in target.parent.iterdir()] == ["b.dcm"]
+
+
+def test_stale_temp_files_are_cleaned(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / ".incoming-abc.tmp").write_bytes(b"half")
+    (tmp_path / "x" / "keep.dcm").write_bytes(b"whole")
+    assert clean_stale_temp_files(tmp_path) == 1
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["keep.dcm"]

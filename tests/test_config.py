@@ -1,0 +1,106 @@
+"""Config validation: every error names the key and the bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dicom_node.config import load_settings, parse_settings
+from dicom_node.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def package(tmp_path: Path) -> Path:
+    folder = tmp_path / "pkg"
+    folder.mkdir(exist_ok=True)
+    (folder / "model.yaml").write_text("name: x\n")
+    return folder
+
+
+def base(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "ae_title": "NODE",
+        "port": 11112,
+        "storage_dir": str(tmp_path / "var"),
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}},
+        "routes": [{"name": "r", "match": {"Modality": ["DX"]}, "model": str(package(tmp_path)),
+                    "send_to": ["pacs"]}],
+    }
+
+
+def test_issue_shape_parses(tmp_path: Path) -> None:
+    s = parse_settings(base(tmp_path))
+    assert s.ae_title == "NODE" and s.port == 11112
+    assert s.destinations["pacs"].port == 4242
+    assert s.routes[0].match == {"Modality": ("DX",)}
+    assert s.routes[0].send_to == ("pacs",)
+
+
+def test_shipped_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    s = load_settings(REPO / "config" / "node.yaml")
+    assert s.routes and s.routes[0].model.name == "cxr-anatomy"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"port": 70000}, "port: 70000"),
+        ({"port": "x"}, "port: 'x'"),
+        ({"ae_title": "A" * 17}, "ae_title"),
+        ({"ae_title": "BAD\\AE"}, "ae_title"),
+        ({"stable_after_s": -1}, "stable_after_s: -1"),
+        ({"allowed_callers": "ANY"}, "allowed_callers"),
+        ({"late_instances": "sometimes"}, "late_instances: 'sometimes'"),
+        ({"colour": 1}, "unknown key(s) colour"),
+        ({"destinations": {"pacs": {"ae_title": "PACS", "host": "h"}}}, "destinations.pacs.port"),
+        ({"send": {"max_attempts": 0}}, "send.max_attempts"),
+    ],
+)
+def test_errors_name_key_and_value(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    doc = base(tmp_path)
+    doc.update(change)
+    with pytest.raises(ConfigError) as exc:
+        parse_settings(doc)
+    assert message in str(exc.value)
+
+
+def test_route_errors(tmp_path: Path) -> None:
+    doc = base(tmp_path)
+    doc["routes"][0]["send_to"] = ["nowhere"]
+    with pytest.raises(ConfigError, match=r"routes\[0\].send_to: 'nowhere' is not a destination"):
+        parse_settings(doc)
+    doc = base(tmp_path)
+    doc["routes"][0]["model"] = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match=r"routes\[0\].model: .* is not a model package"):
+        parse_settings(doc)
+    doc = base(tmp_path)
+    doc["routes"][0]["match"] = {"PatientName": ["x"]}
+    with pytest.raises(ConfigError, match=r"match.PatientName: cannot route"):
+        parse_settings(doc)
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "node.yaml"
+    bad.write_text("port: [\n")
+    with pytest.raises(ConfigError, match="node.yaml: not valid YAML"):
+        load_settings(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "absent.yaml")
+    bad.write_text(yaml.safe_dump({"port": 0}))
+    with pytest.raises(ConfigError, match=r"node.yaml: port: 0"):
+        load_settings(bad)
+
+
+def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DICOM_NODE_PORT", "10400")
+    monkeypatch.setenv("DICOM_NODE_AE_TITLE", "FROMENV")
+    s = parse_settings(base(tmp_path))
+    assert (s.port, s.ae_title) == (10400, "FROMENV")
+    monkeypatch.setenv("DICOM_NODE_PORT", "many")
+    with pytest.raises(ConfigError, match="DICOM_NODE_PORT"):
+        parse_settings(base(tmp_path))

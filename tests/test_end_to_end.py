@@ -1,0 +1,234 @@
+"""The whole node over real loopback associations: DCMTK storescu -> node -> DCMTK storescp.
+
+The node runs as its own process (``dicom-node serve``), so these tests also prove it can be
+killed with SIGKILL at awkward moments and restart without losing or duplicating anything.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
+
+from dicom_node.outputs.seg import read_seg_masks
+from dicom_node.outputs.validate import dciodvfy_errors
+from tests.conftest import NodeProcess, StoreSCP, free_port, require_shared_data, storescu, wait_for
+from tests.factories import (
+    ACCESSION_NUMBER,
+    PATIENT_BIRTH_DATE,
+    PATIENT_ID,
+    PATIENT_NAME,
+    ct_series,
+    jsrt_dx,
+)
+
+pytestmark = pytest.mark.peers
+
+CHEST = ["right_lung", "left_lung", "heart", "right_clavicle", "left_clavicle"]
+
+
+def write(datasets: list, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in datasets:
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def results(scp: StoreSCP, n: int = 2, timeout_s: float = 90) -> dict[str, Path]:
+    """Wait for ``n`` distinct output instances at the PACS; return Modality -> file."""
+
+    def ready() -> dict[str, Path] | None:
+        found = {}
+        for path in scp.files():
+            try:
+                ds = dcmread(path, stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - storescp may still be writing it
+                return None
+            found[str(ds.SOPInstanceUID)] = path
+        return found if len(found) >= n else None
+
+    by_uid = wait_for(ready, timeout_s, f"{n} results at the PACS")
+    return {str(dcmread(p, stop_before_pixels=True).Modality): p for p in by_uid.values()}
+
+
+def test_dx_study_round_trip(
+    tmp_path: Path, storescp: StoreSCP, node_factory: Callable[..., NodeProcess],
+    random_package: Path,
+) -> None:
+    require_shared_data()
+    node = node_factory(random_package, storescp.port).start()
+    source = jsrt_dx("JPCLN001")
+    files = write([source], tmp_path / "study")
+    sent_at = time.monotonic()
+    done = storescu(node.port, files)
+    assert done.returncode == 0, done.stderr
+
+    out = results(storescp)
+    latency = time.monotonic() - sent_at
+    assert set(out) == {"SEG", "SR"}
+    for path in out.values():
+        assert dciodvfy_errors(path) == [], path
+
+    seg = dcmread(out["SEG"])
+    assert seg.SegmentationType == "BINARY"
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [
+        "Right lung", "Left lung", "Heart", "Right clavicle", "Left clavicle"]
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    refs = [i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
+            for i in s.ReferencedInstanceSequence]
+    assert refs == [source.SOPInstanceUID]
+    masks = read_seg_masks(seg, [source])
+    assert masks.shape == (1, source.Rows, source.Columns, len(CHEST))
+    sr = dcmread(out["SR"])
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert latency < 60
+
+    # No patient data in the operational log of the whole round trip, but in the audit trail.
+    node.stop()
+    log = node.log.read_text()
+    assert "job.done" in log and "send.done" in log
+    for secret in (PATIENT_NAME, "Doe", PATIENT_ID, PATIENT_BIRTH_DATE, ACCESSION_NUMBER):
+        assert secret not in log, f"{secret!r} leaked into the operational log"
+    audit = [json.loads(line) for line in (node.storage / "audit.jsonl").read_text().splitlines()]
+    kinds = {(e["event_id"]["meaning"], e["action"]) for e in audit}
+    assert ("DICOM Instances Transferred", "C") in kinds  # received
+    assert ("DICOM Instances Accessed", "C") in kinds  # SEG + SR made
+    assert ("DICOM Instances Transferred", "R") in kinds  # sent
+    received = [e for e in audit if e["action"] == "C" and e["event_id"]["code"] == "110104"]
+    assert received[0]["patient_id"] == PATIENT_ID
+    assert received[0]["calling_ae"] == "MODALITY"
+    assert received[0]["details"]["instances"] == 1
+
+
+def test_same_study_twice_gives_same_uids(
+    tmp_path: Path, storescp: StoreSCP, node_factory: Callable[..., NodeProcess],
+    random_package: Path,
+) -> None:
+    """A resend of the same study replaces: the outputs keep their SOP Instance UIDs."""
+    node = node_factory(random_package, storescp.port).start()
+    files = write(ct_series(n_slices=6), tmp_path / "ct")
+    assert storescu(node.port, files).returncode == 0
+    first = {dcmread(p).SOPInstanceUID for p in results(storescp).values()}
+    for p in storescp.files():
+        p.unlink()
+    assert storescu(node.port, files).returncode == 0
+    second = {dcmread(p).SOPInstanceUID for p in results(storescp).values()}
+    assert first == second
+    seg = dcmread(next(p for p in storescp.files() if dcmread(p).Modality == "SEG"))
+    assert seg.NumberOfFrames >= 1
+    assert all(dciodvfy_errors(p) == [] for p in storescp.files())
+
+
+@pytest.mark.parametrize("syntax, flag", [(JPEGLSLossless, "-xt"), (JPEG2000Lossless, "-xv")])
+def test_compressed_input(
+    tmp_path: Path, storescp: StoreSCP, node_factory: Callable[..., NodeProcess],
+    random_package: Path, syntax: str, flag: str,
+) -> None:
+    ds = jsrt_dx("JPCLN002") if _has_jsrt() else _synthetic_dx()
+    ds.compress(syntax)
+    files = write([ds], tmp_path / "study")
+    node = node_factory(random_package, storescp.port).start()
+    done = storescu(node.port, files, flag)
+    assert done.returncode == 0, done.stderr
+    stored = list((node.storage / "spool").rglob("*.dcm"))
+    assert dcmread(stored[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+    out = results(storescp)
+    assert set(out) == {"SEG", "SR"}
+
+
+def test_monochrome1_input(
+    tmp_path: Path, storescp: StoreSCP, node_factory: Callable[..., NodeProcess],
+    random_package: Path,
+) -> None:
+    ds = jsrt_dx("JPCLN003", monochrome1=True) if _has_jsrt() else _synthetic_dx(True)
+    node = node_factory(random_package, storescp.port).start()
+    assert storescu(node.port, write([ds], tmp_path / "s")).returncode == 0
+    out = results(storescp)
+    seg = dcmread(out["SEG"])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ds.SeriesInstanceUID
+
+
+def test_kill_while_study_waits(
+    tmp_path: Path, storescp: StoreSCP, node_factory: Callable[..., NodeProcess],
+    random_package: Path,
+) -> None:
+    """Killed after Success but before the series was complete: nothing is lost."""
+    node = node_factory(random_package, storescp.port, release_grace_s=3).start()
+    files = write(ct_series(n_slices=5), tmp_path / "ct")
+    assert storescu(node.port, files).returncode == 0
+    node.kill9()
+    assert storescp.files() == []
+    node.start()
+    out = results(storescp)
+    assert set(out) == {"SEG", "SR"}
+    time.sleep(1.0)
+    assert len(storescp.files()) == 2
+
+
+def test_kill_while_job_runs(
+    tmp_path: Path, storescp: StoreSCP, node_factory: Callable[..., NodeProcess],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Killed in the middle of inference: the job runs again and sends one SEG and one SR."""
+    from dicom_node.models.random_package import make_random_package
+
+    slow = tmp_path_factory.mktemp("slow") / "slow"
+    make_random_package(slow, input_size=(512, 512), channels=(32, 64, 128, 256))
+    node = node_factory(slow, storescp.port, release_grace_s=0.2).start()
+    files = write(ct_series(n_slices=24, rows=128, cols=128), tmp_path / "ct")
+    assert storescu(node.port, files).returncode == 0
+    wait_for(lambda: node.status()["jobs"].get("running"), 60, "the job to run")
+    node.kill9()
+    assert storescp.files() == []
+    node.start()
+    out = results(storescp, timeout_s=180)
+    assert set(out) == {"SEG", "SR"}
+    jobs = node.status()["jobs"]
+    assert jobs == {"done": 1}
+    time.sleep(1.0)
+    assert len({dcmread(p).SOPInstanceUID for p in storescp.files()}) == 2
+
+
+def test_destination_down_then_up(
+    tmp_path: Path, node_factory: Callable[..., NodeProcess], random_package: Path,
+) -> None:
+    port = free_port()
+    node = node_factory(random_package, port).start()
+    files = write(ct_series(n_slices=4), tmp_path / "ct")
+    assert storescu(node.port, files).returncode == 0
+
+    def retried() -> bool:
+        dest = node.status()["destinations"].get("pacs", {})
+        return "last_error" in dest
+
+    wait_for(retried, 60, "a failed send attempt")
+    scp = StoreSCP(tmp_path / "late-pacs", port).start()
+    try:
+        out = results(scp)
+        assert set(out) == {"SEG", "SR"}
+        wait_for(lambda: node.status()["sends"] == {"done": 2}, 30, "sends marked done")
+    finally:
+        scp.stop()
+
+
+def _has_jsrt() -> bool:
+    from tests.factories import JSRT
+
+    return (JSRT / "images").is_dir()
+
+
+def _synthetic_dx(monochrome1: bool = False):  # type: ignore[no-untyped-def]
+    from tests.factories import dx_from_array
+
+    yy, xx = np.mgrid[0:300, 0:260]
+    chest = np.exp(-(((yy - 150) / 90) ** 2 + ((xx - 130) / 80) ** 2))
+    return dx_from_array(chest, monochrome1=monochrome1)
