@@ -96,7 +96,7 @@ class StoreSCP:
         return self
 
     def files(self) -> list[Path]:
-        return sorted(p for p in self.folder.glob("*.dcm") if p.is_file())
+        return sorted(p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
     def stop(self) -> None:
         if self.proc is not None:

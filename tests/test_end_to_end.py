@@ -16,7 +16,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
-from dicom_node.outputs.seg import read_seg_masks
+from dicom_node.imaging.series import load_series
+from dicom_node.models.inference import Segmenter
+from dicom_node.models.package import load_package
+from dicom_node.outputs.seg import read_seg_masks, source_frame_keys
 from dicom_node.outputs.validate import dciodvfy_errors
 from tests.conftest import NodeProcess, StoreSCP, free_port, require_shared_data, storescu, wait_for
 from tests.factories import (
@@ -86,8 +89,11 @@ def test_dx_study_round_trip(
     refs = [i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
             for i in s.ReferencedInstanceSequence]
     assert refs == [source.SOPInstanceUID]
-    masks = read_seg_masks(seg, [source])
+    masks = read_seg_masks(seg, source_frame_keys([source]))
     assert masks.shape == (1, source.Rows, source.Columns, len(CHEST))
+    # The SEG holds exactly what the same model makes of the same file in this process.
+    meant = Segmenter(load_package(random_package)).segment(load_series(files))
+    assert np.array_equal(masks, meant)
     sr = dcmread(out["SR"])
     assert sr.StudyInstanceUID == source.StudyInstanceUID
     assert latency < 60

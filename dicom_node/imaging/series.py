@@ -347,7 +347,9 @@ def load_series(paths: Sequence[Path]) -> ImageSeries:
         _check_pixel_module(ds)
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
 
-    has_geometry = ["ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for ds in datasets]
+    has_geometry = [
+        "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for ds in datasets
+    ]
     if any(has_geometry) and not all(has_geometry):
         raise InputError(
             "only some instances have ImagePositionPatient (0020,0032) and "

@@ -92,13 +92,13 @@ def _resize(channels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         return channels.astype(np.float32, copy=False)
     tensor = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))[None]
     shrinking = shape[0] < channels.shape[1] or shape[1] < channels.shape[2]
-    out = F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False, antialias=shrinking)
+    out = F.interpolate(
+        tensor, size=shape, mode="bilinear", align_corners=False, antialias=shrinking
+    )
     return out[0].numpy()
 
 
-def to_input_grid(
-    channels: np.ndarray, placement: Placement, pad_value: float = 0.0
-) -> np.ndarray:
+def to_input_grid(channels: np.ndarray, placement: Placement, pad_value: float = 0.0) -> np.ndarray:
     """Pad ``(C, rows, cols)`` to the square of ``placement`` and resize it to its input shape.
 
     Used for images (by :func:`prepare_image`) and, in training, for masks (``pad_value=0``;
@@ -139,7 +139,7 @@ def prepare_image(image: np.ndarray, package: ModelPackage) -> tuple[np.ndarray,
     if package.dims != 2 or len(package.input_size) != 2:
         raise ValueError(f"prepare_image is for 2D models; {package.name} has dims {package.dims}")
     normalized = normalize(image, package.normalization)
-    placement = Placement.for_shape(image.shape, package.input_size)  # type: ignore[arg-type]
+    placement = Placement.for_shape(image.shape, package.input_size)
     pad_value = float(normalized.min())
     return to_input_grid(normalized[None], placement, pad_value)[0], placement
 
@@ -194,6 +194,11 @@ def _on_grid(image: sitk.Image, placement: VolumePlacement, resampled: bool) -> 
     return image
 
 
+def _samples(count: int, spacing: float, new_spacing: float) -> int:
+    """Samples at ``new_spacing`` that reach the centre of the last of ``count`` source voxels."""
+    return max(1, math.ceil((count - 1) * spacing / new_spacing - 1e-6) + 1)
+
+
 def _volume_placement(series: ImageSeries, package: ModelPackage) -> VolumePlacement:
     if series.is_projection:
         raise InputError(
@@ -221,10 +226,10 @@ def _volume_placement(series: ImageSeries, package: ModelPackage) -> VolumePlace
     else:
         z, y, x = package.spacing_mm
         new_spacing = (x, y, z)
-        # enough samples to reach the centre of the last source voxel along each axis
-        new_size = tuple(  # type: ignore[assignment]
-            max(1, math.ceil((n - 1) * old / new - 1e-6) + 1)
-            for n, old, new in zip(size, spacing, new_spacing, strict=True)
+        new_size = (
+            _samples(cols, spacing[0], x),
+            _samples(rows, spacing[1], y),
+            _samples(frames, spacing[2], z),
         )
     return VolumePlacement(
         source_size=size,

@@ -142,7 +142,9 @@ def make_random_package(
         "modalities": list(modalities),
         "input": {
             "size": list(input_size),
-            "normalization": dict(normalization or {"kind": "percentile", "lower": 0.5, "upper": 99.5}),
+            "normalization": dict(
+                normalization or {"kind": "percentile", "lower": 0.5, "upper": 99.5}
+            ),
         },
         "output": {"activation": Activation(activation).value, "threshold": 0.5},
         "network": {

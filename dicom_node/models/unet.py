@@ -59,9 +59,7 @@ def _state_dict(raw: Any, package: ModelPackage) -> dict[str, torch.Tensor]:
             "with torch.save"
         )
     # fp16 (or bf16) weights are kept small on disk; the network computes in fp32.
-    return {
-        str(k): v.float() if v.is_floating_point() else v for k, v in raw.items()
-    }
+    return {str(k): v.float() if v.is_floating_point() else v for k, v in raw.items()}
 
 
 def load_network(package: ModelPackage, device: torch.device) -> torch.nn.Module:

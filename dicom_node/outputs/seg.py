@@ -32,6 +32,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 
 import dicom_node
+from dicom_node.errors import InputError
 from dicom_node.imaging.series import ImageSeries
 from dicom_node.models.package import ModelPackage, Structure
 from dicom_node.uids import derive_uid
@@ -118,9 +119,9 @@ def segment_description(
 
 
 def keeps_empty_frames(series: ImageSeries) -> bool:
-    """True when the SEG of ``series`` keeps empty frames: planar images (projection images
-    or a single slice), each measured and referenced per frame (TID 1410)."""
-    return series.is_projection or series.shape[0] == 1
+    """True when the SEG of ``series`` keeps empty frames: a single image (a radiograph or
+    one slice), whose segments are measured and referenced by frame (TID 1410)."""
+    return series.shape[0] == 1
 
 
 def _fix_dimension_organization(seg: hd.seg.Segmentation, sop_uid: str) -> None:
@@ -172,15 +173,23 @@ def build_seg(
     Returns
     -------
     highdicom.seg.Segmentation
-        Projection images and single slices keep a frame per segment and image even when it
-        is empty, so that every segment has a frame an SR can reference (TID 1410); series of
+        A projection image or a single slice keeps a frame per segment even when it is
+        empty, so that every segment has a frame an SR can reference (TID 1410); series of
         several slices omit empty frames.
 
     Raises
     ------
+    InputError
+        When ``series`` holds several projection images: highdicom 0.28 writes a SEG on a
+        single image without Frame of Reference only; each image must be processed alone.
     ValueError
         When ``masks`` is not boolean or does not match the series and package.
     """
+    if series.is_projection and series.shape[0] > 1:
+        raise InputError(
+            f"the series holds {series.shape[0]} projection images; a SEG is written for one "
+            "projection image at a time, so process each image of the series on its own"
+        )
     expected = (*series.shape, len(package.structures))
     if masks.shape != expected:
         raise ValueError(
@@ -241,16 +250,14 @@ def source_frame_keys(datasets: Sequence[pydicom.Dataset]) -> list[tuple[str, in
     Single-frame instances have frame number 1; a multi-frame instance contributes its
     Number of Frames (0028,0008) frames.
     """
-    keys = []
+    keys: list[tuple[str, int]] = []
     for ds in datasets:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         keys.extend((str(ds.SOPInstanceUID), f) for f in range(1, frames + 1))
     return keys
 
 
-def read_seg_masks(
-    seg: pydicom.Dataset, source_frames: Sequence[tuple[str, int]]
-) -> np.ndarray:
+def read_seg_masks(seg: pydicom.Dataset, source_frames: Sequence[tuple[str, int]]) -> np.ndarray:
     """Decode a BINARY SEG onto its source grid, using pydicom only.
 
     Parameters
@@ -276,9 +283,7 @@ def read_seg_masks(
         ``source_frames``.
     """
     if seg.get("SegmentationType") != "BINARY":
-        raise ValueError(
-            f"only BINARY segmentations are read, got {seg.get('SegmentationType')!r}"
-        )
+        raise ValueError(f"only BINARY segmentations are read, got {seg.get('SegmentationType')!r}")
     index = {key: i for i, key in enumerate(source_frames)}
     n_segments = len(seg.SegmentSequence)
     rows, cols = int(seg.Rows), int(seg.Columns)
@@ -288,7 +293,9 @@ def read_seg_masks(
     for f, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
         segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         sources = [
-            src for drv in item.get("DerivationImageSequence", []) for src in drv.SourceImageSequence
+            src
+            for drv in item.get("DerivationImageSequence", [])
+            for src in drv.SourceImageSequence
         ]
         if not sources:
             raise ValueError(f"frame {f + 1} names no source image (DerivationImageSequence)")

@@ -35,11 +35,11 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import structlog
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 import dicom_node
-from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from dicom_node.imaging.series import ImageSeries
 from dicom_node.models.package import ModelPackage, Structure
 from dicom_node.outputs.measurements import (
@@ -186,71 +186,57 @@ def segmentation_frame_reference(
     return reference
 
 
-def _structure_groups(
+def _segment_reference(
+    series: ImageSeries, seg: pydicom.Dataset, number: int
+) -> hd.sr.ReferencedSegment:
+    """Referenced Segment (DCM 121191) with the source images of the segment's frames, or
+    with the source series for an empty segment (whose frames were omitted)."""
+    if _frames_of_segment(seg, number):
+        return hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        segment_number=number,
+        source_series=hd.sr.SourceSeriesForSegmentation(series.series_instance_uid),
+    )
+
+
+def structure_group(
     series: ImageSeries,
     seg: pydicom.Dataset,
-    masks: np.ndarray,
-    package: ModelPackage,
-    measurements: Measurements,
+    structure: Structure,
+    number: int,
+    value: StructureMeasurement | None,
     algorithm: hd.sr.AlgorithmIdentification,
-) -> list[
+) -> (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-]:
-    groups: list[
-        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-    ] = []
-    planar = keeps_empty_frames(series)
-    for index, structure in enumerate(package.structures):
-        number = index + 1
-        segment_item = seg.SegmentSequence[index]
-        value = measurements.for_segment(number)
-        values = [] if value is None else [structure_measurement(value)]
-        common = {
-            "finding_type": structure.type,
-            "finding_category": structure.category,
-            "finding_sites": _finding_sites(structure),
-            "algorithm_id": algorithm,
-        }
-        frames = _frames_of_segment(seg, number)
-        if planar:
-            # One group per image; a series of several projection images is not measured.
-            for k, frame in enumerate(frames):
-                identifier = structure.name if len(frames) == 1 else f"{structure.name} {k + 1}"
-                groups.append(
-                    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                        tracking_identifier=hd.sr.TrackingIdentifier(
-                            uid=segment_item.TrackingUID, identifier=identifier
-                        ),
-                        referenced_segment=segmentation_frame_reference(seg, frame),
-                        measurements=values if len(frames) == 1 else None,
-                        **common,  # type: ignore[arg-type]
-                    )
-                )
-            continue
-        if frames:
-            reference = hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
-        else:  # empty segment: no frame names its source images
-            reference = hd.sr.ReferencedSegment(
-                sop_class_uid=seg.SOPClassUID,
-                sop_instance_uid=seg.SOPInstanceUID,
-                segment_number=number,
-                source_series=hd.sr.SourceSeriesForSegmentation(series.series_instance_uid),
-            )
-        groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=segment_item.TrackingUID, identifier=structure.name
-                ),
-                referenced_segment=reference,
-                measurements=values,
-                **common,  # type: ignore[arg-type]
-            )
+):
+    """TID 1410 (single image) or TID 1411 (several slices) group of segment ``number``."""
+    tracking = hd.sr.TrackingIdentifier(
+        uid=seg.SegmentSequence[number - 1].TrackingUID, identifier=structure.name
+    )
+    values = None if value is None else [structure_measurement(value)]
+    if keeps_empty_frames(series):  # one image: the SEG has exactly one frame per segment
+        (frame,) = _frames_of_segment(seg, number)
+        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_segment=segmentation_frame_reference(seg, frame),
+            finding_type=structure.type,
+            finding_category=structure.category,
+            finding_sites=_finding_sites(structure),
+            algorithm_id=algorithm,
+            measurements=values,
         )
-        if not masks[..., index].any():
-            log.info("segment empty", segment=number)
-    return groups
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_segment=_segment_reference(series, seg, number),
+        finding_type=structure.type,
+        finding_category=structure.category,
+        finding_sites=_finding_sites(structure),
+        algorithm_id=algorithm,
+        measurements=values,
+    )
 
 
 def ratio_group(
@@ -368,17 +354,22 @@ def build_sr(
     ValueError
         When ``masks`` or ``seg`` do not match ``package``.
     """
-    if masks.shape[-1] != len(package.structures) or len(seg.SegmentSequence) != masks.shape[-1]:
+    if masks.shape != (*series.shape, len(package.structures)) or len(seg.SegmentSequence) != len(
+        package.structures
+    ):
         raise ValueError(
-            f"package has {len(package.structures)} structures, masks {masks.shape[-1]} "
-            f"channels and the SEG {len(seg.SegmentSequence)} segments; they must agree"
+            f"series {series.shape}, package {len(package.structures)} structures, masks "
+            f"{masks.shape} and SEG {len(seg.SegmentSequence)} segments: they must agree"
         )
     algorithm = hd.sr.AlgorithmIdentification(name=package.name, version=package.version)
     groups: list[
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
         | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
         | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = list(_structure_groups(series, seg, masks, package, measurements, algorithm))
+    ] = [
+        structure_group(series, seg, structure, i + 1, measurements.for_segment(i + 1), algorithm)
+        for i, structure in enumerate(package.structures)
+    ]
     if measurements.cardiothoracic_ratio is not None:
         groups.append(
             ratio_group(series, seg, package, measurements.cardiothoracic_ratio, algorithm)

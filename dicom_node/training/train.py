@@ -208,14 +208,24 @@ def transfer_weights(network: torch.nn.Module, init: ModelPackage) -> tuple[int,
     return len(copied), len(target)
 
 
-def _schedule(warmup_steps: int, total_steps: int) -> Any:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return 0.01 + 0.99 * step / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+class _Schedule:
+    """Linear warm-up then cosine decay to 1% per optimiser step, over a shrinkable total.
 
-    return factor
+    With a wall-clock budget the planned number of epochs is reduced (never increased) after
+    each epoch to what fits in the remaining time, so that the learning rate still anneals
+    before training stops.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return 0.01 + 0.99 * step / max(1, self.warmup_steps)
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _validate(
@@ -323,9 +333,9 @@ def train(
         network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
     steps = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(settings.warmup_epochs * steps, n_epochs * steps)
-    )
+    schedule = _Schedule(settings.warmup_epochs * steps, n_epochs * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    planned = n_epochs
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
@@ -373,10 +383,19 @@ def train(
             val_dice=round(score, 4),
             seconds=round(seconds, 1),
         )
-        elapsed_min = (time.monotonic() - started) / 60
-        if budget_min is not None and elapsed_min + seconds / 60 > budget_min:
-            log.warning("stopping at the time budget", epoch=epoch, max_minutes=budget_min)
+        if epoch >= planned:
             break
+        if budget_min is not None:
+            left_s = budget_min * 60 - (time.monotonic() - started)
+            typical_s = float(np.median([h["seconds"] for h in history[-5:]]))
+            fits = epoch + int(left_s // typical_s)
+            if fits < planned:
+                planned = max(epoch + 1 if left_s > typical_s else epoch, fits)
+                schedule.total_steps = max(planned * steps, schedule.warmup_steps + 1)
+                log.info("epochs re-planned to fit the time budget", epochs=planned)
+            if planned <= epoch:
+                log.warning("stopping at the time budget", epoch=epoch, max_minutes=budget_min)
+                break
     bar.close()
     train_seconds = time.monotonic() - started
 
@@ -422,6 +441,7 @@ def train(
         "split": "split.json",
         "epochs_run": len(history),
         "epochs_planned": n_epochs,
+        "epochs_fitted_to_budget": planned,
         "best_epoch": best_epoch,
         "seconds": round(train_seconds, 1),
         "device": card.hardware(device),

@@ -88,9 +88,7 @@ def test_prepare_image_pads_to_square_with_minimum(package_2d: ModelPackage) -> 
 
 
 @pytest.mark.parametrize(("rows", "cols"), [(600, 400), (300, 520), (90, 90), (40, 70)])
-def test_mask_round_trip_onto_source_grid(
-    package_2d: ModelPackage, rows: int, cols: int
-) -> None:
+def test_mask_round_trip_onto_source_grid(package_2d: ModelPackage, rows: int, cols: int) -> None:
     mask = blob_mask(rows, cols)
     _, placement = prepare_image(np.random.default_rng(0).random((rows, cols)), package_2d)
     on_input = to_input_grid(mask[None].astype(np.float32), placement)
@@ -106,8 +104,12 @@ def test_jsrt_masks_round_trip_cropped_non_square(package_2d: ModelPackage) -> N
     image = np.asarray(Image.open(JSRT / "images" / f"{case}.png"), dtype=np.float32)
     for structure in ("right_lung", "heart", "left_clavicle"):
         mask = jsrt_mask(case, structure)[100:900, 40:1000]  # 800 x 960
-        _, placement = prepare_image(image[100:900, 40:1000], replace(package_2d, input_size=(256, 256)))
-        back = restore_probabilities(to_input_grid(mask[None].astype(np.float32), placement), placement)
+        _, placement = prepare_image(
+            image[100:900, 40:1000], replace(package_2d, input_size=(256, 256))
+        )
+        back = restore_probabilities(
+            to_input_grid(mask[None].astype(np.float32), placement), placement
+        )
         assert iou(back[0] > 0.5, mask) > 0.9, structure
         if structure != "left_clavicle":  # thin: loses most to 256 px
             assert iou(back[0] > 0.5, mask) > 0.97, structure
@@ -143,7 +145,7 @@ def test_volume_round_trip_onto_source_grid(tmp_path: Path, package_3d: ModelPac
     assert volume.shape == (20, 33, 27)
     assert placement.resampled_spacing == (1.2, 1.2, 1.5)
     assert placement.source_size == (40, 48, 12)
-    assert 0 <= volume.min() and volume.max() <= 1
+    assert volume.min() >= 0 and volume.max() <= 1
     back = restore_volume(np.stack([volume, 1 - volume]), placement)
     assert back.shape == (2, 12, 48, 40)
     assert iou(back[0] > 0.5, box) > 0.9
@@ -158,9 +160,7 @@ def test_volume_without_resampling_is_identity(tmp_path: Path, package_3d: Model
     np.testing.assert_array_equal(restore_volume(volume[None], placement)[0], volume)
 
 
-def test_volume_needs_cross_sectional_even_series(
-    tmp_path: Path, package_3d: ModelPackage
-) -> None:
+def test_volume_needs_cross_sectional_even_series(tmp_path: Path, package_3d: ModelPackage) -> None:
     dx = load_series(write([dx_from_array(np.zeros((8, 8)))], tmp_path / "dx"))
     with pytest.raises(InputError, match="projection"):
         prepare_volume(dx, package_3d)

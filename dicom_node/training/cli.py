@@ -1,0 +1,120 @@
+"""The ``train`` and ``evaluate`` sub-commands of ``dicom-node``.
+
+::
+
+    dicom-node train --data DIR --config TRAIN.yaml --out PACKAGE_DIR [--init PACKAGE]
+                     [--epochs N] [--max-minutes M] [--no-progress]
+    dicom-node evaluate --model PACKAGE --data DIR [--out DIR] [--json] [--all-cases]
+                        [--spacing-mm MM]
+
+The main parser calls :func:`add_train_parser` and :func:`add_evaluate_parser` with its
+sub-parsers; each sets ``func`` to a handler that returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dicom_node.log import configure_logging
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run :func:`dicom_node.training.train.train` from parsed arguments."""
+    from dicom_node.training.train import train
+
+    configure_logging("console", args.log_level)
+    result = train(
+        args.data,
+        args.config,
+        args.out,
+        init=args.init,
+        epochs=args.epochs,
+        max_minutes=args.max_minutes,
+        progress=not args.no_progress,
+    )
+    from dicom_node.training.metrics import format_table
+
+    print(format_table(result.metrics["structures"]))
+    print(f"package written to {result.package.path} (best epoch {result.best_epoch})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Run :func:`dicom_node.training.evaluate.evaluate` from parsed arguments."""
+    from dicom_node.training.evaluate import evaluate
+
+    configure_logging("console", args.log_level)
+    result = evaluate(
+        args.model,
+        args.data,
+        args.out,
+        all_cases=args.all_cases,
+        spacing_mm=args.spacing_mm,
+    )
+    if args.json:
+        json.dump(result.to_json(), sys.stdout, indent=1)
+        print()
+    else:
+        print(result.table)
+        for rank, path in result.overlays.items():
+            print(f"{rank} case overlay: {path}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-level", default="warning", help="log level of the console log (default warning)"
+    )
+
+
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``train`` to the ``dicom-node`` sub-parsers and return its parser."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "train",
+        help="train a U-Net on PNG images and masks, write a model package",
+        description="Train a 2D multi-label U-Net from images/<case>.png and "
+        "masks/<structure>/<case>.png and write a complete model package (model.yaml, fp16 "
+        "weights, MODEL_CARD.md, curves, split, validation overlays).",
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder with images/ and masks/")
+    p.add_argument("--config", type=Path, required=True, help="training config YAML")
+    p.add_argument("--out", type=Path, required=True, help="model package folder to write")
+    p.add_argument("--init", type=Path, help="model package to start from (transfer learning)")
+    p.add_argument("--epochs", type=int, help="override training.epochs")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        help="wall-clock budget of the training loop; the schedule shrinks to fit it",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(p)
+    p.set_defaults(func=cmd_train, log_level="info")
+    return p
+
+
+def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``evaluate`` to the ``dicom-node`` sub-parsers and return its parser."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "evaluate",
+        help="per-structure Dice, Jaccard, precision, recall, HD95 of a model package",
+        description="Evaluate a model package on a PNG folder: by default on the validation "
+        "cases of the package's split.json. Writes metrics.json, metrics.txt and overlays of "
+        "the best, median and worst case when --out is given.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model package folder")
+    p.add_argument("--data", type=Path, required=True, help="folder with images/ and masks/")
+    p.add_argument("--out", type=Path, help="folder for metrics.json, metrics.txt and overlays")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--all-cases",
+        action="store_true",
+        help="every case of --data, not only the package's validation cases",
+    )
+    p.add_argument("--spacing-mm", type=float, help="pixel spacing of the images, for HD95")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
+    return p

@@ -1,0 +1,359 @@
+"""TID 1500 SR: build, validate with dciodvfy, read back with highdicom, compare with the input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from dicom_node.imaging.series import ImageSeries
+from dicom_node.models.package import ModelPackage
+from dicom_node.outputs.measurements import Measurements, measure
+from dicom_node.outputs.seg import build_seg
+from dicom_node.outputs.sr import CARDIOTHORACIC_RATIO, PRIVATE_SCHEME, build_sr
+from dicom_node.outputs.validate import dciodvfy_errors, dciodvfy_path
+from dicom_node.uids import derive_uid, output_uids
+from tests.factories import SHARED_DATA, ct_series
+
+REFERENCE = SHARED_DATA / "reference"
+
+needs_dciodvfy = pytest.mark.skipif(
+    dciodvfy_path() is None, reason="dciodvfy not installed (apt-get install dicom3tools)"
+)
+needs_deterministic_uids = pytest.mark.xfail(
+    derive_uid("probe") != derive_uid("probe"),
+    reason="dicom_node.uids.derive_uid is not deterministic (generate_uid with prefix=None)",
+    strict=True,
+)
+
+
+@dataclass
+class Outputs:
+    series: ImageSeries
+    masks: np.ndarray
+    measurements: Measurements
+    seg: hd.seg.Segmentation
+    sr: hd.sr.Comprehensive3DSR
+    path: Path
+
+
+def make_outputs(
+    series: ImageSeries, masks: np.ndarray, package: ModelPackage, folder: Path
+) -> Outputs:
+    model = (series.series_instance_uid, package.name, package.version)
+    seg_uids = output_uids(*model, "seg", series.sop_instance_uids)
+    sr_uids = output_uids(*model, "sr", series.sop_instance_uids)
+    measurements = measure(series, masks, package)
+    seg = build_seg(series, masks, package, series_uid=seg_uids[0], sop_uid=seg_uids[1])
+    sr = build_sr(
+        series, seg, masks, package, measurements, series_uid=sr_uids[0], sop_uid=sr_uids[1]
+    )
+    path = folder / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    return Outputs(series, masks, measurements, seg, sr, path)
+
+
+@pytest.fixture(scope="module")
+def dx(
+    jsrt_case: tuple[ImageSeries, np.ndarray],
+    chest_package: ModelPackage,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Outputs:
+    return make_outputs(*jsrt_case, chest_package, tmp_path_factory.mktemp("sr"))
+
+
+@pytest.fixture(scope="module")
+def ct(
+    ct_case: tuple[ImageSeries, np.ndarray],
+    ct_package: ModelPackage,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Outputs:
+    return make_outputs(*ct_case, ct_package, tmp_path_factory.mktemp("sr"))
+
+
+# --- one reader for our SRs and the reference SRs ------------------------------------------
+
+
+@dataclass
+class Group:
+    """What a measurement group of a TID 1500 report says, as read back by highdicom."""
+
+    template: str
+    tracking_id: str | None
+    tracking_uid: str | None
+    finding_type: tuple[str, str] | None
+    reference: str | None  # meaning of the ROI reference, e.g. "Referenced Segment"
+    segment_numbers: list[int]
+    values: dict[str, tuple[float, str]] = field(default_factory=dict)  # name -> (value, unit)
+    comments: dict[str, list[str]] = field(default_factory=dict)  # name -> Comment texts
+
+
+def _ids(item: pydicom.Dataset) -> tuple[list[int], list[int]]:
+    ref = item.ReferencedSOPSequence[0]
+    frames = ref.get("ReferencedFrameNumber")
+    segments = ref.get("ReferencedSegmentNumber")
+
+    def as_list(v: object) -> list[int]:
+        return [int(x) for x in np.atleast_1d(np.asarray(v if v is not None else []))]
+
+    return as_list(frames), as_list(segments)
+
+
+def read_report(path: Path, seg: pydicom.Dataset | None = None) -> list[Group]:
+    """Read every measurement group; segment numbers of frame references via ``seg``."""
+    report = hd.sr.srread(path).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    groups: list[Group] = []
+    found: list[tuple[str, list]] = [
+        ("1410", report.get_planar_roi_measurement_groups()),
+        ("1411", report.get_volumetric_roi_measurement_groups()),
+        ("1501", report.get_image_measurement_groups()),
+    ]
+    for template, items in found:
+        for g in items:
+            reference = None
+            segments: list[int] = []
+            if template != "1501":
+                reference = g.reference_type.meaning
+                roi = [
+                    i
+                    for i in g[0].ContentSequence
+                    if i.ConceptNameCodeSequence[0].CodeValue in ("121214", "121191")
+                ]
+                if roi:
+                    frames, segments = _ids(roi[0])
+                    if not segments and seg is not None:
+                        segments = [
+                            int(
+                                seg.PerFrameFunctionalGroupsSequence[f - 1]
+                                .SegmentIdentificationSequence[0]
+                                .ReferencedSegmentNumber
+                            )
+                            for f in frames
+                        ]
+            finding = g.finding_type
+            group = Group(
+                template=template,
+                tracking_id=g.tracking_identifier,
+                tracking_uid=None if g.tracking_uid is None else str(g.tracking_uid),
+                finding_type=None
+                if finding is None
+                else (finding.value, finding.scheme_designator),
+                reference=reference,
+                segment_numbers=segments,
+            )
+            for m in g.get_measurements():
+                key = m.name.meaning
+                group.values.setdefault(key, (float(m.value), m.unit.value))
+                group.comments.setdefault(key, []).extend(
+                    str(i.TextValue)
+                    for i in m[0].get("ContentSequence", [])
+                    if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "121106"
+                )
+            groups.append(group)
+    return groups
+
+
+# --- DX ----------------------------------------------------------------------------------------
+
+
+def test_dx_report_has_a_planar_group_per_segment(dx: Outputs, chest_package: ModelPackage) -> None:
+    groups = read_report(dx.path, dx.seg)
+    planar = [g for g in groups if g.template == "1410"]
+    assert len(planar) == len(chest_package.structures)
+    for number, (group, structure) in enumerate(
+        zip(planar, chest_package.structures, strict=True), start=1
+    ):
+        segment = dx.seg.SegmentSequence[number - 1]
+        assert group.tracking_id == structure.name
+        assert group.tracking_uid == segment.TrackingUID
+        assert group.finding_type == (structure.type.value, structure.type.scheme_designator)
+        assert group.reference == "Referenced Segmentation Frame"
+        assert group.segment_numbers == [number]
+        expected = dx.measurements.for_segment(number)
+        assert expected is not None
+        value, unit = group.values["Area"]
+        assert value == pytest.approx(expected.value, rel=1e-9)
+        assert unit == "cm2"
+        assert any("ImagerPixelSpacing (0018,1164)" in c for c in group.comments["Area"])
+
+
+def test_dx_report_states_the_cardiothoracic_ratio(dx: Outputs) -> None:
+    ratio = dx.measurements.cardiothoracic_ratio
+    assert ratio is not None
+    groups = [g for g in read_report(dx.path, dx.seg) if g.template == "1501"]
+    assert len(groups) == 1
+    group = groups[0]
+    assert group.tracking_id == "Cardiothoracic ratio"
+    value, unit = group.values[CARDIOTHORACIC_RATIO.meaning]
+    assert value == pytest.approx(ratio.value, rel=1e-9)
+    assert unit == "{ratio}"
+    (comment,) = group.comments[CARDIOTHORACIC_RATIO.meaning]
+    assert ratio.heart.describe() in comment and ratio.thorax.describe() in comment
+    diameter, unit = group.values["Diameter"]
+    assert unit == "mm"
+    assert diameter == pytest.approx(ratio.heart_width_mm, rel=1e-9)
+    # The ratio names the segments it was inferred from: heart, right lung, left lung.
+    report = pydicom.dcmread(dx.path)
+    assert report.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
+    num = _find(report, CARDIOTHORACIC_RATIO.value)
+    (source,) = [i for i in num.ContentSequence if i.ValueType == "IMAGE"]
+    assert source.RelationshipType == "INFERRED FROM"
+    assert _ids(source)[1] == [3, 1, 2]
+
+
+def _find(ds: pydicom.Dataset, code_value: str) -> pydicom.Dataset:
+    for item in ds.get("ContentSequence", []):
+        if item.ConceptNameCodeSequence[0].CodeValue == code_value:
+            return item
+        try:
+            return _find(item, code_value)
+        except LookupError:
+            continue
+    raise LookupError(code_value)
+
+
+def test_dx_report_header_and_context(dx: Outputs) -> None:
+    report = pydicom.dcmread(dx.path)
+    source = dx.series.datasets[0]
+    assert report.StudyInstanceUID == source.StudyInstanceUID
+    assert report.PatientID == source.PatientID
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in report.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert evidence == {source.SOPInstanceUID, dx.seg.SOPInstanceUID}
+    assert (report.CompletionFlag, report.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
+    procedure = _find(report, "121058").ConceptCodeSequence[0]  # Procedure reported
+    assert (procedure.CodeValue, procedure.CodingSchemeDesignator) == (
+        codes.SCT.ChestImaging.value,
+        "SCT",
+    )
+    content = hd.sr.srread(dx.path).content
+    (device,) = content.get_observer_contexts(observer_type=codes.DCM.Device)
+    attributes = device.observer_identifying_attributes
+    assert attributes.name == "dicom-node"
+    assert attributes.model_name == "chest-xray-anatomy 1.2.0"
+
+
+@needs_deterministic_uids
+def test_same_input_same_uids(
+    jsrt_case: tuple[ImageSeries, np.ndarray],
+    chest_package: ModelPackage,
+    dx: Outputs,
+    tmp_path: Path,
+) -> None:
+    again = make_outputs(*jsrt_case, chest_package, tmp_path)
+    assert again.sr.SOPInstanceUID == dx.sr.SOPInstanceUID
+    assert again.seg.SOPInstanceUID == dx.seg.SOPInstanceUID
+    assert [g.tracking_uid for g in read_report(again.path)] == [
+        g.tracking_uid for g in read_report(dx.path)
+    ]
+
+
+@needs_dciodvfy
+@pytest.mark.peers
+def test_dx_report_valid(dx: Outputs) -> None:
+    assert dciodvfy_errors(dx.path) == []
+
+
+# --- CT ----------------------------------------------------------------------------------------
+
+
+def test_ct_report_has_a_volumetric_group_per_segment(
+    ct: Outputs, ct_package: ModelPackage
+) -> None:
+    groups = read_report(ct.path, ct.seg)
+    assert [g.template for g in groups] == ["1411", "1411"]
+    for number, group in enumerate(groups, start=1):
+        assert group.reference == "Referenced Segment"
+        assert group.segment_numbers == [number]
+        assert group.tracking_uid == ct.seg.SegmentSequence[number - 1].TrackingUID
+        expected = ct.measurements.for_segment(number)
+        assert expected is not None
+        value, unit = group.values["Volume"]
+        assert value == pytest.approx(expected.value, rel=1e-9)
+        assert unit == "ml"
+        assert any("PixelSpacing (0028,0030)" in c for c in group.comments["Volume"])
+    assert groups[1].values["Volume"][0] == 0.0  # the empty kidney segment
+    report = pydicom.dcmread(ct.path)
+    procedure = _find(report, "121058").ConceptCodeSequence[0]
+    assert procedure.CodeValue == codes.LN.CTUnspecifiedBodyRegion.value
+    assert "CodingSchemeIdentificationSequence" not in report
+
+
+@needs_dciodvfy
+@pytest.mark.peers
+def test_ct_report_valid(ct: Outputs) -> None:
+    assert dciodvfy_errors(ct.path) == []
+
+
+def test_single_ct_slice_is_planar(make_package, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.outputs.conftest import CT_STRUCTURES
+
+    package = make_package(CT_STRUCTURES, ["area"], dims=2, name="ct-slice")
+    ds = ct_series(n_slices=1)[0]
+    series = ImageSeries(
+        datasets=(ds,),
+        pixels=ds.pixel_array.astype(np.float32)[None],
+        pixel_spacing_mm=(0.8, 0.8),
+        spacing_source="PixelSpacing",
+        slice_spacing_mm=None,
+        is_projection=False,
+    )
+    masks = np.zeros((1, 64, 64, 2), dtype=bool)
+    masks[0, 10:20, 10:20, 0] = True
+    out = make_outputs(series, masks, package, tmp_path)
+    groups = read_report(out.path, out.seg)
+    assert [g.template for g in groups] == ["1410", "1410"]
+    assert groups[0].values["Area"][0] == pytest.approx(100 * 0.64 / 100.0)
+    if dciodvfy_path() is not None:
+        assert dciodvfy_errors(out.path) == []
+
+
+def test_masks_must_match_the_seg(dx: Outputs, ct_package: ModelPackage) -> None:
+    with pytest.raises(ValueError, match="agree"):
+        build_sr(
+            dx.series,
+            dx.seg,
+            dx.masks,
+            ct_package,
+            dx.measurements,
+            series_uid=hd.UID(),
+            sop_uid=hd.UID(),
+        )
+
+
+# --- reference SRs through the same reader ------------------------------------------------------
+
+
+def test_reader_on_dcmqi_report() -> None:
+    path = REFERENCE / "dcmqi/sr-example/sr.dcm"
+    if not path.is_file():
+        pytest.skip(f"reference data not found: {path}")
+    (group,) = read_report(path, pydicom.dcmread(REFERENCE / "dcmqi/sr-example/seg.dcm"))
+    assert group.template == "1411"
+    assert group.reference == "Referenced Segment"
+    assert group.segment_numbers == [1]
+    assert group.values["Volume"] == (pytest.approx(33.5824), "ml")
+
+
+def test_reader_on_highdicom_reports() -> None:
+    single = REFERENCE / "highdicom/sr_document.dcm"
+    multiple = REFERENCE / "highdicom/sr_document_with_multiple_groups.dcm"
+    if not (single.is_file() and multiple.is_file()):
+        pytest.skip("highdicom reference SRs not found")
+    (group,) = read_report(single)
+    assert group.template == "1410" and group.reference == "Image Region"
+    assert group.values["Area of defined region"] == (pytest.approx(1.7), "cm2")
+    groups = read_report(multiple)
+    assert sorted(g.template for g in groups) == ["1410", "1410", "1411", "1501"]
+    volumetric = next(g for g in groups if g.template == "1411")
+    assert volumetric.values["Volume"] == (pytest.approx(200.0), "mm3")
