@@ -172,7 +172,9 @@ def verify(path: Path) -> tuple[int, list[str]]:
             problems.append(f"line {lineno}: not a complete audit record")
             continue
         if record.get("prev") != prev:
-            problems.append(f"line {lineno}: does not follow the previous record (removed or reordered)")
+            problems.append(
+                f"line {lineno}: does not follow the previous record (removed or reordered)"
+            )
         if _digest(record.get("prev", ""), record) != stored:
             problems.append(f"line {lineno}: content does not match its hash (edited)")
         prev = stored

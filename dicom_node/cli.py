@@ -132,8 +132,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             line += f"; last error: {d['last_error']}"
         print(line)
     for job in status["failed_jobs"]:
-        print(f"failed job {job['id']} (route {job['route']}, {job['attempts']} attempts): "
-              f"{job['error']}")
+        print(
+            f"failed job {job['id']} (route {job['route']}, {job['attempts']} attempts): "
+            f"{job['error']}"
+        )
     return 0
 
 
@@ -155,8 +157,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     n, problems = verify(settings.audit_path)
     for p in problems:
         print(p)
-    print(f"{settings.audit_path}: {n} record(s), " + ("chain intact" if not problems
-                                                       else f"{len(problems)} problem(s)"))
+    print(
+        f"{settings.audit_path}: {n} record(s), "
+        + ("chain intact" if not problems else f"{len(problems)} problem(s)")
+    )
     return 1 if problems else 0
 
 
@@ -169,8 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                       help=f"node config YAML (default {DEFAULT_CONFIG})")
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=DEFAULT_CONFIG,
+            help=f"node config YAML (default {DEFAULT_CONFIG})",
+        )
         return p
 
     p = with_config(sub.add_parser("serve", help="run the node"))

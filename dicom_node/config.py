@@ -136,8 +136,12 @@ def _port(value: Any, key: str) -> int:
 
 
 def _number(value: Any, key: str, *, minimum: float = 0.0, integer: bool = False) -> Any:
-    kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (integer and not isinstance(value, int))
+        or value < minimum
+    ):
         what = "an integer" if integer else "a number"
         raise ConfigError(f"{key}: {value!r} must be {what} >= {minimum:g}")
     return value
@@ -249,7 +253,8 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {', '.join(sorted(unknown))}; known keys: {', '.join(sorted(_TOP_KEYS))}"
+            f"unknown key(s) {', '.join(sorted(unknown))}; "
+            f"known keys: {', '.join(sorted(_TOP_KEYS))}"
         )
     defaults = Settings()
     callers = doc.get("allowed_callers", [])
@@ -261,10 +266,10 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
     if unknown_send:
         raise ConfigError(f"send: unknown key(s) {', '.join(sorted(unknown_send))}")
     send = SendPolicy(
-        max_attempts=_number(send_doc.get("max_attempts", 20), "send.max_attempts", minimum=1,
-                             integer=True),
-        initial_backoff_s=_number(send_doc.get("initial_backoff_s", 2.0),
-                                  "send.initial_backoff_s"),
+        max_attempts=_number(
+            send_doc.get("max_attempts", 20), "send.max_attempts", minimum=1, integer=True
+        ),
+        initial_backoff_s=_number(send_doc.get("initial_backoff_s", 2.0), "send.initial_backoff_s"),
         max_backoff_s=_number(send_doc.get("max_backoff_s", 300.0), "send.max_backoff_s"),
         timeout_s=_number(send_doc.get("timeout_s", 30.0), "send.timeout_s", minimum=1),
     )
@@ -276,15 +281,16 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         port=_port(doc.get("port", defaults.port), "port"),
         bind_address=str(doc.get("bind_address", defaults.bind_address)),
         storage_dir=storage if storage.is_absolute() else base / storage,
-        allowed_callers=tuple(
-            _ae_title(c, f"allowed_callers[{i}]") for i, c in enumerate(callers)
+        allowed_callers=tuple(_ae_title(c, f"allowed_callers[{i}]") for i, c in enumerate(callers)),
+        stable_after_s=_number(
+            doc.get("stable_after_s", defaults.stable_after_s), "stable_after_s"
         ),
-        stable_after_s=_number(doc.get("stable_after_s", defaults.stable_after_s),
-                               "stable_after_s"),
-        release_grace_s=_number(doc.get("release_grace_s", defaults.release_grace_s),
-                                "release_grace_s"),
-        late_instances=_choice(doc.get("late_instances", defaults.late_instances),
-                               "late_instances", _LATE_POLICIES),
+        release_grace_s=_number(
+            doc.get("release_grace_s", defaults.release_grace_s), "release_grace_s"
+        ),
+        late_instances=_choice(
+            doc.get("late_instances", defaults.late_instances), "late_instances", _LATE_POLICIES
+        ),
         destinations=destinations,
         routes=_routes(doc.get("routes", []), destinations, base),
         send=send,
@@ -297,8 +303,9 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         log_format=_choice(doc.get("log_format", "console"), "log_format", _LOG_FORMATS),
         log_level=_choice(doc.get("log_level", "info"), "log_level", _LOG_LEVELS),
         job_lease_s=_number(doc.get("job_lease_s", 600.0), "job_lease_s", minimum=1),
-        max_job_attempts=_number(doc.get("max_job_attempts", 3), "max_job_attempts", minimum=1,
-                                 integer=True),
+        max_job_attempts=_number(
+            doc.get("max_job_attempts", 3), "max_job_attempts", minimum=1, integer=True
+        ),
     )
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterable
 
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 
 # PS3.5 9.1: components of digits, no leading zero (except "0" itself), dots between, <= 64 chars.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_NAMESPACE = uuid.UUID("6f1c0e2a-8d3b-5b7e-9a41-2c0d5e1f7a90")  # dicom-node output UIDs
 
 
 def is_valid_uid(value: object) -> bool:
@@ -28,7 +30,10 @@ def derive_uid(*parts: str) -> UID:
     """
     if not parts:
         raise ValueError("derive_uid needs at least one part")
-    return generate_uid(prefix=None, entropy_srcs=["dicom-node", *parts])
+    # PS3.5 B.2: a UUID as a UID under the 2.25 root; a name-based (SHA-1, version 5) UUID
+    # makes it deterministic. (pydicom's generate_uid ignores entropy with prefix=None.)
+    name = "\x1f".join(parts)
+    return UID(f"2.25.{uuid.uuid5(_NAMESPACE, name).int}")
 
 
 def output_uids(

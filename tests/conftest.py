@@ -90,13 +90,17 @@ class StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [exe, "-aet", self.ae_title, "-od", str(self.folder), "-uf", str(self.port)],
-            env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=PEER_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_port(self.port)
         return self
 
     def files(self) -> list[Path]:
-        return sorted(p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        return sorted(
+            p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")
+        )
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -112,13 +116,20 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     scp.stop()
 
 
-def storescu(port: int, files: list[Path], *extra: str, ae_title: str = "DICOMNODE",
-             calling: str = "MODALITY") -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int,
+    files: list[Path],
+    *extra: str,
+    ae_title: str = "DICOMNODE",
+    calling: str = "MODALITY",
+) -> subprocess.CompletedProcess[str]:
     exe = require_tool("storescu")
     return subprocess.run(
-        [exe, "-aet", calling, "-aec", ae_title, *extra, "127.0.0.1", str(port),
-         *map(str, files)],
-        env=PEER_ENV, capture_output=True, text=True, timeout=120,
+        [exe, "-aet", calling, "-aec", ae_title, *extra, "127.0.0.1", str(port), *map(str, files)],
+        env=PEER_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -145,7 +156,9 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config)],
-            cwd=REPO, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            cwd=REPO,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -176,9 +189,12 @@ class NodeProcess:
         import json
 
         out = subprocess.run(
-            [sys.executable, "-m", "dicom_node", "status", "--json", "--config",
-             str(self.config)],
-            cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+            [sys.executable, "-m", "dicom_node", "status", "--json", "--config", str(self.config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         )
         return dict(json.loads(out.stdout))
 
@@ -192,10 +208,20 @@ def node_settings(tmp_path: Path, model: Path, pacs_port: int, **overrides: Any)
         "stable_after_s": 30,
         "release_grace_s": 0.5,
         "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
-        "routes": [{"name": "chest", "match": {"Modality": ["CR", "DX", "CT"]},
-                    "model": str(model), "send_to": ["pacs"]}],
-        "send": {"max_attempts": 50, "initial_backoff_s": 0.3, "max_backoff_s": 1.0,
-                 "timeout_s": 10},
+        "routes": [
+            {
+                "name": "chest",
+                "match": {"Modality": ["CR", "DX", "CT"]},
+                "model": str(model),
+                "send_to": ["pacs"],
+            }
+        ],
+        "send": {
+            "max_attempts": 50,
+            "initial_backoff_s": 0.3,
+            "max_backoff_s": 1.0,
+            "timeout_s": 10,
+        },
         "device": "cpu",
         "log_level": "debug",
     }
@@ -208,9 +234,10 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     nodes: list[NodeProcess] = []
 
     def make(model: Path, pacs_port: int, **overrides: Any) -> NodeProcess:
-        node = NodeProcess(tmp_path / f"node{len(nodes)}",
-                           node_settings(tmp_path / f"node{len(nodes)}", model, pacs_port,
-                                         **overrides))
+        node = NodeProcess(
+            tmp_path / f"node{len(nodes)}",
+            node_settings(tmp_path / f"node{len(nodes)}", model, pacs_port, **overrides),
+        )
         nodes.append(node)
         return node
 

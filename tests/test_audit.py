@@ -19,10 +19,23 @@ from dicom_node.audit import (
 def fill(path: Path) -> AuditLog:
     log = AuditLog(path)
     who = Participants("MODALITY", "DICOMNODE", "127.0.0.1:5000")
-    log.record(AuditEvent.INSTANCES_TRANSFERRED, AuditAction.CREATE, AuditOutcome.SUCCESS, who,
-               patient_id="P1", study_uid="1.2.3", instances=3)
-    log.record(AuditEvent.STUDY_DELETED, AuditAction.DELETE, AuditOutcome.SUCCESS, who,
-               patient_id="P1", study_uid="1.2.3")
+    log.record(
+        AuditEvent.INSTANCES_TRANSFERRED,
+        AuditAction.CREATE,
+        AuditOutcome.SUCCESS,
+        who,
+        patient_id="P1",
+        study_uid="1.2.3",
+        instances=3,
+    )
+    log.record(
+        AuditEvent.STUDY_DELETED,
+        AuditAction.DELETE,
+        AuditOutcome.SUCCESS,
+        who,
+        patient_id="P1",
+        study_uid="1.2.3",
+    )
     return log
 
 
@@ -30,8 +43,11 @@ def test_events_carry_dicom_vocabulary(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     fill(path)
     events = read_events(path)
-    assert events[0]["event_id"] == {"code": "110104", "scheme": "DCM",
-                                     "meaning": "DICOM Instances Transferred"}
+    assert events[0]["event_id"] == {
+        "code": "110104",
+        "scheme": "DCM",
+        "meaning": "DICOM Instances Transferred",
+    }
     assert events[0]["action"] == "C" and events[0]["outcome"] == 0
     assert events[0]["patient_id"] == "P1" and events[0]["calling_ae"] == "MODALITY"
     assert events[0]["details"] == {"instances": 3}

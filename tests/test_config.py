@@ -27,8 +27,14 @@ def base(tmp_path: Path) -> dict[str, Any]:
         "port": 11112,
         "storage_dir": str(tmp_path / "var"),
         "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}},
-        "routes": [{"name": "r", "match": {"Modality": ["DX"]}, "model": str(package(tmp_path)),
-                    "send_to": ["pacs"]}],
+        "routes": [
+            {
+                "name": "r",
+                "match": {"Modality": ["DX"]},
+                "model": str(package(tmp_path)),
+                "send_to": ["pacs"],
+            }
+        ],
     }
 
 

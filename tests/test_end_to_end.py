@@ -64,7 +64,9 @@ def results(scp: StoreSCP, n: int = 2, timeout_s: float = 90) -> dict[str, Path]
 
 
 def test_dx_study_round_trip(
-    tmp_path: Path, storescp: StoreSCP, node_factory: Callable[..., NodeProcess],
+    tmp_path: Path,
+    storescp: StoreSCP,
+    node_factory: Callable[..., NodeProcess],
     random_package: Path,
 ) -> None:
     require_shared_data()
@@ -84,10 +86,18 @@ def test_dx_study_round_trip(
     seg = dcmread(out["SEG"])
     assert seg.SegmentationType == "BINARY"
     assert [s.SegmentLabel for s in seg.SegmentSequence] == [
-        "Right lung", "Left lung", "Heart", "Right clavicle", "Left clavicle"]
+        "Right lung",
+        "Left lung",
+        "Heart",
+        "Right clavicle",
+        "Left clavicle",
+    ]
     assert seg.StudyInstanceUID == source.StudyInstanceUID
-    refs = [i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
-            for i in s.ReferencedInstanceSequence]
+    refs = [
+        i.ReferencedSOPInstanceUID
+        for s in seg.ReferencedSeriesSequence
+        for i in s.ReferencedInstanceSequence
+    ]
     assert refs == [source.SOPInstanceUID]
     masks = read_seg_masks(seg, source_frame_keys([source]))
     assert masks.shape == (1, source.Rows, source.Columns, len(CHEST))
@@ -116,7 +126,9 @@ def test_dx_study_round_trip(
 
 
 def test_same_study_twice_gives_same_uids(
-    tmp_path: Path, storescp: StoreSCP, node_factory: Callable[..., NodeProcess],
+    tmp_path: Path,
+    storescp: StoreSCP,
+    node_factory: Callable[..., NodeProcess],
     random_package: Path,
 ) -> None:
     """A resend of the same study replaces: the outputs keep their SOP Instance UIDs."""
@@ -136,8 +148,12 @@ def test_same_study_twice_gives_same_uids(
 
 @pytest.mark.parametrize("syntax, flag", [(JPEGLSLossless, "-xt"), (JPEG2000Lossless, "-xv")])
 def test_compressed_input(
-    tmp_path: Path, storescp: StoreSCP, node_factory: Callable[..., NodeProcess],
-    random_package: Path, syntax: str, flag: str,
+    tmp_path: Path,
+    storescp: StoreSCP,
+    node_factory: Callable[..., NodeProcess],
+    random_package: Path,
+    syntax: str,
+    flag: str,
 ) -> None:
     ds = jsrt_dx("JPCLN002") if _has_jsrt() else _synthetic_dx()
     ds.compress(syntax)
@@ -152,7 +168,9 @@ def test_compressed_input(
 
 
 def test_monochrome1_input(
-    tmp_path: Path, storescp: StoreSCP, node_factory: Callable[..., NodeProcess],
+    tmp_path: Path,
+    storescp: StoreSCP,
+    node_factory: Callable[..., NodeProcess],
     random_package: Path,
 ) -> None:
     ds = jsrt_dx("JPCLN003", monochrome1=True) if _has_jsrt() else _synthetic_dx(True)
@@ -164,7 +182,9 @@ def test_monochrome1_input(
 
 
 def test_kill_while_study_waits(
-    tmp_path: Path, storescp: StoreSCP, node_factory: Callable[..., NodeProcess],
+    tmp_path: Path,
+    storescp: StoreSCP,
+    node_factory: Callable[..., NodeProcess],
     random_package: Path,
 ) -> None:
     """Killed after Success but before the series was complete: nothing is lost."""
@@ -181,7 +201,9 @@ def test_kill_while_study_waits(
 
 
 def test_kill_while_job_runs(
-    tmp_path: Path, storescp: StoreSCP, node_factory: Callable[..., NodeProcess],
+    tmp_path: Path,
+    storescp: StoreSCP,
+    node_factory: Callable[..., NodeProcess],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Killed in the middle of inference: the job runs again and sends one SEG and one SR."""
@@ -205,7 +227,9 @@ def test_kill_while_job_runs(
 
 
 def test_destination_down_then_up(
-    tmp_path: Path, node_factory: Callable[..., NodeProcess], random_package: Path,
+    tmp_path: Path,
+    node_factory: Callable[..., NodeProcess],
+    random_package: Path,
 ) -> None:
     port = free_port()
     node = node_factory(random_package, port).start()

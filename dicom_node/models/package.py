@@ -128,6 +128,19 @@ def _require(doc: dict[str, Any], key: str, where: str) -> Any:
     return doc[key]
 
 
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ModelPackageError(f"{key}: expected a mapping, got {value!r}")
+    return value
+
+
+def _float(doc: dict[str, Any], name: str, default: float, key: str) -> float:
+    value = doc.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ModelPackageError(f"{key}.{name}: expected a number, got {value!r}")
+    return float(value)
+
+
 def _enum(cls: type[enum.Enum], value: Any, key: str) -> Any:
     try:
         return cls(value)
@@ -153,9 +166,7 @@ def _structure(doc: Any, index: int, where: str) -> Structure:
         name=str(doc.get("name", doc["label"])),
         category=resolve_code(_require(doc, "category", key), f"{key}.category"),
         type=resolve_code(_require(doc, "type", key), f"{key}.type"),
-        type_modifier=None
-        if modifier is None
-        else resolve_code(modifier, f"{key}.type_modifier"),
+        type_modifier=None if modifier is None else resolve_code(modifier, f"{key}.type_modifier"),
         color_rgb=(color[0], color[1], color[2]),
         postprocess=tuple(
             _enum(Postprocess, p, f"{key}.postprocess") for p in doc.get("postprocess", [])
@@ -187,9 +198,9 @@ def load_package(path: Path | str) -> ModelPackage:
         raise ModelPackageError(f"{where}: expected a mapping at the top level")
 
     dims = _require(doc, "dims", where)
-    if dims not in (2, 3):
+    if isinstance(dims, bool) or dims not in (2, 3):
         raise ModelPackageError(f"{where}: dims: must be 2 or 3, got {dims!r}")
-    inp = _require(doc, "input", where)
+    inp = _mapping(_require(doc, "input", where), f"{where}: input")
     size = _require(inp, "size", f"{where}: input")
     if (
         not isinstance(size, list)
@@ -208,16 +219,17 @@ def load_package(path: Path | str) -> ModelPackage:
         raise ModelPackageError(
             f"{where}: input.spacing_mm: expected {dims} positive numbers, got {spacing!r}"
         )
-    norm_doc = inp.get("normalization", {"kind": "percentile"})
+    norm_key = f"{where}: input.normalization"
+    norm_doc = _mapping(inp.get("normalization", {"kind": "percentile"}), norm_key)
     norm = Normalization(
-        kind=_enum(NormalizationKind, norm_doc.get("kind"), "input.normalization.kind"),
-        lower=float(norm_doc.get("lower", 0.5)),
-        upper=float(norm_doc.get("upper", 99.5)),
-        center=float(norm_doc.get("center", 0.0)),
-        width=float(norm_doc.get("width", 1.0)),
+        kind=_enum(NormalizationKind, norm_doc.get("kind"), f"{norm_key}.kind"),
+        lower=_float(norm_doc, "lower", 0.5, norm_key),
+        upper=_float(norm_doc, "upper", 99.5, norm_key),
+        center=_float(norm_doc, "center", 0.0, norm_key),
+        width=_float(norm_doc, "width", 1.0, norm_key),
     )
-    out = doc.get("output", {})
-    threshold = float(out.get("threshold", 0.5))
+    out = _mapping(doc.get("output", {}), f"{where}: output")
+    threshold = _float(out, "threshold", 0.5, f"{where}: output")
     if not 0.0 < threshold < 1.0:
         raise ModelPackageError(f"{where}: output.threshold: must be in (0, 1), got {threshold}")
     structures_doc = _require(doc, "structures", where)
@@ -255,5 +267,5 @@ def load_package(path: Path | str) -> ModelPackage:
         structures=structures,
         measurements=measurements,
         description=str(doc.get("description", "")),
-        metrics=dict(doc.get("metrics", {}) or {}),
+        metrics=dict(_mapping(doc.get("metrics") or {}, f"{where}: metrics")),
     )

@@ -145,14 +145,15 @@ class Receiver:
         ae.maximum_associations = 32
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, list(ACCEPTED))
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, list(ACCEPTED))
         if self.settings.allowed_callers:
             ae.require_calling_aet = list(self.settings.allowed_callers)
         return ae
 
     def start(self) -> ThreadedAssociationServer:
         """Start listening on ``bind_address:port`` in background threads."""
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -162,6 +163,7 @@ class Receiver:
         server = self._ae().start_server(
             (self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers
         )
+        assert server is not None  # block=False always returns the server
         self.server = server
         log.info("receiver.listening", port=self.settings.port, ae_title=self.settings.ae_title)
         return server
@@ -222,8 +224,12 @@ class Receiver:
             patient_id = str(ds.get("PatientID", ""))
             attributes = routing_attributes(ds)
         except RejectedInstance as exc:
-            log.warning("store.refused", association_id=state.id, reason=exc.reason,
-                        status=f"0x{exc.status:04X}")
+            log.warning(
+                "store.refused",
+                association_id=state.id,
+                reason=exc.reason,
+                status=f"0x{exc.status:04X}",
+            )
             return int(exc.status)
         except Exception as exc:  # noqa: BLE001 - network input: any decode failure is a refusal
             log.warning("store.undecodable", association_id=state.id, error=type(exc).__name__)

@@ -57,9 +57,7 @@ def store_files(
         syntaxes = [ts for (sop, ts) in contexts if sop == sop_class]
         syntaxes += [ts for ts in UNCOMPRESSED if ts not in syntaxes]
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title
-    )
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "no association (peer down?)"
         return [StoreResult(p, False, reason) for p in paths]

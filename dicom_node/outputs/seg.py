@@ -66,10 +66,11 @@ def segment_tracking_uid(source_series_uid: str, package: ModelPackage, label: s
 
 
 def default_series_number(series: ImageSeries, offset: int) -> int:
-    """``offset`` + the source's Series Number (0020,0011) (0 when it has none)."""
+    """``offset`` + the source's Series Number (0020,0011) (0 when it has none), kept within
+    the range of an Integer String (IS)."""
     value = series.datasets[0].get("SeriesNumber")
     number = 0 if value in (None, "") else int(value)
-    return offset + max(number, 0)
+    return min(offset + max(number, 0), 2**31 - 1)
 
 
 def algorithm_identification(package: ModelPackage) -> hd.AlgorithmIdentificationSequence:

@@ -270,7 +270,6 @@ def ratio_group(
     )
     values = [ratio_value]
     if ratio.heart_width_mm is not None and ratio.thorax_width_mm is not None:
-        attribute = ratio.spacing_source or "unknown spacing"
         for width, site, extent, what in (
             (ratio.heart_width_mm, codes.SCT.Heart, ratio.heart, "heart mask"),
             (ratio.thorax_width_mm, codes.SCT.Thorax, ratio.thorax, "right and left lung masks"),
@@ -283,8 +282,8 @@ def ratio_group(
             )
             _comment(
                 diameter,
-                f"Transverse extent of the {what}: {extent.describe()} x {attribute} column "
-                f"spacing {ratio.column_spacing_mm:g} mm",
+                f"Transverse extent of the {what}: {extent.describe()} x "
+                f"{ratio.spacing_source} column spacing {ratio.column_spacing_mm:g} mm",
             )
             values.append(diameter)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -354,12 +353,11 @@ def build_sr(
     ValueError
         When ``masks`` or ``seg`` do not match ``package``.
     """
-    if masks.shape != (*series.shape, len(package.structures)) or len(seg.SegmentSequence) != len(
-        package.structures
-    ):
+    n = len(package.structures)
+    if masks.shape != (*series.shape, n) or len(seg.SegmentSequence) != n:
         raise ValueError(
-            f"series {series.shape}, package {len(package.structures)} structures, masks "
-            f"{masks.shape} and SEG {len(seg.SegmentSequence)} segments: they must agree"
+            f"series {series.shape}, package {n} structures, masks {masks.shape} and SEG "
+            f"{len(seg.SegmentSequence)} segments: they must agree"
         )
     algorithm = hd.sr.AlgorithmIdentification(name=package.name, version=package.version)
     groups: list[

@@ -31,8 +31,11 @@ class Assembler:
             routes = routes_for(self.settings.routes, attributes)
             self.db.queue_series(series_uid, [r.name for r in routes], now)
             if routes:
-                log.info("series.queued", routes=[r.name for r in routes],
-                         modality=attributes.get("Modality", ""))
+                log.info(
+                    "series.queued",
+                    routes=[r.name for r in routes],
+                    modality=attributes.get("Modality", ""),
+                )
             else:
                 log.info("series.unrouted", modality=attributes.get("Modality", ""))
         return len(ready)

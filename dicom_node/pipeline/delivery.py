@@ -42,11 +42,14 @@ class Delivery:
             dest = self.settings.destinations.get(dest_name)
             if dest is None:
                 for s in sends:
-                    self.db.send_failed(s.id, f"destination {dest_name!r} is not configured",
-                                        next_attempt_at=None)
+                    self.db.send_failed(
+                        s.id, f"destination {dest_name!r} is not configured", next_attempt_at=None
+                    )
                 continue
             results = store_files(
-                dest, [s.path for s in sends], calling_ae=self.settings.ae_title,
+                dest,
+                [s.path for s in sends],
+                calling_ae=self.settings.ae_title,
                 timeout_s=policy.timeout_s,
             )
             who = Participants(
@@ -62,26 +65,45 @@ class Delivery:
                     delivered += 1
                     bound.info("send.done", detail=result.detail)
                     self.audit.record(
-                        AuditEvent.INSTANCES_TRANSFERRED, AuditAction.READ,
-                        AuditOutcome.SUCCESS, who,
-                        patient_id=info.get("patient_id"), study_uid=info.get("study_uid"),
-                        job_id=send.job_id, destination=dest_name,
+                        AuditEvent.INSTANCES_TRANSFERRED,
+                        AuditAction.READ,
+                        AuditOutcome.SUCCESS,
+                        who,
+                        patient_id=info.get("patient_id"),
+                        study_uid=info.get("study_uid"),
+                        job_id=send.job_id,
+                        destination=dest_name,
                         sop_instance_uid=send.sop_instance_uid,
                     )
                     continue
                 attempts = send.attempts + 1
                 give_up = attempts >= policy.max_attempts
-                next_at = None if give_up else (time.time() + backoff_s(
-                    attempts, policy.initial_backoff_s, policy.max_backoff_s))
+                next_at = (
+                    None
+                    if give_up
+                    else (
+                        time.time()
+                        + backoff_s(attempts, policy.initial_backoff_s, policy.max_backoff_s)
+                    )
+                )
                 state = self.db.send_failed(send.id, result.detail, next_attempt_at=next_at)
-                bound.warning("send.failed", detail=result.detail, attempts=attempts,
-                              dead_letter=state is SendState.FAILED)
+                bound.warning(
+                    "send.failed",
+                    detail=result.detail,
+                    attempts=attempts,
+                    dead_letter=state is SendState.FAILED,
+                )
                 if state is SendState.FAILED:
                     self.audit.record(
-                        AuditEvent.INSTANCES_TRANSFERRED, AuditAction.READ,
-                        AuditOutcome.SERIOUS_FAILURE, who,
-                        patient_id=info.get("patient_id"), study_uid=info.get("study_uid"),
-                        job_id=send.job_id, destination=dest_name,
-                        sop_instance_uid=send.sop_instance_uid, error=result.detail,
+                        AuditEvent.INSTANCES_TRANSFERRED,
+                        AuditAction.READ,
+                        AuditOutcome.SERIOUS_FAILURE,
+                        who,
+                        patient_id=info.get("patient_id"),
+                        study_uid=info.get("study_uid"),
+                        job_id=send.job_id,
+                        destination=dest_name,
+                        sop_instance_uid=send.sop_instance_uid,
+                        error=result.detail,
                     )
         return delivered

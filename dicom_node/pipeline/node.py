@@ -90,15 +90,21 @@ class Node:
             self.worker.segmenter(route.model)
         self.receiver.start()
         self.audit.record(
-            AuditEvent.APPLICATION_ACTIVITY, AuditAction.EXECUTE, AuditOutcome.SUCCESS,
+            AuditEvent.APPLICATION_ACTIVITY,
+            AuditAction.EXECUTE,
+            AuditOutcome.SUCCESS,
             Participants(called_ae=self.settings.ae_title),
             event_type=AuditEventType.APPLICATION_START,
         )
         self._spawn("scheduler", self._schedule)
         for i in range(self.settings.workers):
             self._spawn(f"worker-{i}", self._work)
-        log.info("node.started", resumed_jobs=resumed, device=str(self.device),
-                 routes=[r.name for r in self.settings.routes])
+        log.info(
+            "node.started",
+            resumed_jobs=resumed,
+            device=str(self.device),
+            routes=[r.name for r in self.settings.routes],
+        )
 
     def _spawn(self, name: str, target: object) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
@@ -134,7 +140,9 @@ class Node:
         for thread in self._threads:
             thread.join(timeout=30)
         self.audit.record(
-            AuditEvent.APPLICATION_ACTIVITY, AuditAction.EXECUTE, AuditOutcome.SUCCESS,
+            AuditEvent.APPLICATION_ACTIVITY,
+            AuditAction.EXECUTE,
+            AuditOutcome.SUCCESS,
             Participants(called_ae=self.settings.ae_title),
             event_type=AuditEventType.APPLICATION_STOP,
         )

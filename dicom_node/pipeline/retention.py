@@ -34,8 +34,10 @@ class Retention:
         if self.settings.retention_days is not None:
             series.update(self.db.series_older_than(now - self.settings.retention_days * 86400))
         for series_uid in sorted(series):
-            self.purge(series_uid, reason="delivered" if self.settings.delete_after_success
-                       else "retention period")
+            self.purge(
+                series_uid,
+                reason="delivered" if self.settings.delete_after_success else "retention period",
+            )
         return len(series)
 
     def purge(self, series_uid: str, reason: str) -> None:

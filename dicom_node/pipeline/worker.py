@@ -96,7 +96,10 @@ class Worker:
         segmenter = self.segmenter(route.model)
         result = segment_series([r.path for r in records], segmenter)
         seg_path, sr_path = write_outputs(result, self.settings.outbox_dir / str(job.id))
-        return [(seg_path, str(result.seg.SOPInstanceUID)), (sr_path, str(result.sr.SOPInstanceUID))]
+        return [
+            (seg_path, str(result.seg.SOPInstanceUID)),
+            (sr_path, str(result.sr.SOPInstanceUID)),
+        ]
 
     def _failed(
         self,

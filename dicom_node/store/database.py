@@ -180,8 +180,15 @@ class Database:
             ).fetchone()
             c.execute(
                 "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (sop_instance_uid, sop_class_uid, study_uid, series_uid, str(path), now,
-                 association_id),
+                (
+                    sop_instance_uid,
+                    sop_class_uid,
+                    study_uid,
+                    series_uid,
+                    str(path),
+                    now,
+                    association_id,
+                ),
             )
             row = c.execute(
                 "SELECT state FROM series WHERE series_uid = ?", (series_uid,)
@@ -202,8 +209,15 @@ class Database:
                    ON CONFLICT(series_uid) DO UPDATE SET state = excluded.state,
                    last_received_at = excluded.last_received_at,
                    last_association = excluded.last_association, released_at = NULL""",
-                (series_uid, study_uid, patient_id, json.dumps(attributes), state, now,
-                 association_id),
+                (
+                    series_uid,
+                    study_uid,
+                    patient_id,
+                    json.dumps(attributes),
+                    state,
+                    now,
+                    association_id,
+                ),
             )
         return existed is None
 
@@ -360,8 +374,14 @@ class Database:
             (SendState.PENDING, now, limit),
         )
         return [
-            Send(r["id"], r["job_id"], r["destination"], Path(r["path"]), r["sop_instance_uid"],
-                 r["attempts"])
+            Send(
+                r["id"],
+                r["job_id"],
+                r["destination"],
+                Path(r["path"]),
+                r["sop_instance_uid"],
+                r["attempts"],
+            )
             for r in rows
         ]
 
@@ -375,7 +395,11 @@ class Database:
             )
 
     def send_failed(
-        self, send_id: int, error: str, *, next_attempt_at: float | None,
+        self,
+        send_id: int,
+        error: str,
+        *,
+        next_attempt_at: float | None,
         now: float | None = None,
     ) -> SendState:
         """Record a failed attempt; ``next_attempt_at`` None means give up (dead letter)."""
@@ -410,8 +434,7 @@ class Database:
                AND EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid AND j.state = ?)
                AND NOT EXISTS (SELECT 1 FROM sends x JOIN jobs j ON x.job_id = j.id
                                WHERE j.series_uid = s.series_uid AND x.state != ?)""",
-            (SeriesState.QUEUED, JobState.PENDING, JobState.RUNNING, JobState.DONE,
-             SendState.DONE),
+            (SeriesState.QUEUED, JobState.PENDING, JobState.RUNNING, JobState.DONE, SendState.DONE),
         )
         return [r["series_uid"] for r in rows]
 

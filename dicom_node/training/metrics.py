@@ -10,6 +10,7 @@ HD95 is NaN (undefined), and summaries skip NaN.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -67,13 +68,16 @@ def hd95_mm(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) ->
         return 0.0
     if has_p != has_t:
         return math.nan
-    value = compute_hausdorff_distance(
-        torch.from_numpy(p[None, None]),
-        torch.from_numpy(t[None, None]),
-        include_background=True,
-        percentile=95,
-        spacing=[float(s) for s in spacing_mm],
-    )
+    with warnings.catch_warnings():
+        # MONAI 1.5-1.6 passes a deprecated argument to itself (always_return_as_numpy)
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+        value = compute_hausdorff_distance(
+            torch.from_numpy(p[None, None]),
+            torch.from_numpy(t[None, None]),
+            include_background=True,
+            percentile=95,
+            spacing=[float(s) for s in spacing_mm],
+        )
     return float(value.reshape(-1)[0])
 
 

@@ -211,9 +211,9 @@ def transfer_weights(network: torch.nn.Module, init: ModelPackage) -> tuple[int,
 class _Schedule:
     """Linear warm-up then cosine decay to 1% per optimiser step, over a shrinkable total.
 
-    With a wall-clock budget the planned number of epochs is reduced (never increased) after
-    each epoch to what fits in the remaining time, so that the learning rate still anneals
-    before training stops.
+    With a wall-clock budget the planned number of epochs (at most ``training.epochs``) is set
+    after each epoch to what fits in the remaining time at the pace of the last epochs, so that
+    the learning rate still anneals before training stops.
     """
 
     def __init__(self, warmup_steps: int, total_steps: int) -> None:
@@ -385,12 +385,13 @@ def train(
         )
         if epoch >= planned:
             break
-        if budget_min is not None:
+        if budget_min is not None and epoch >= 2:
+            # re-plan from the typical recent epoch (the first one is slower: warm-up)
             left_s = budget_min * 60 - (time.monotonic() - started)
-            typical_s = float(np.median([h["seconds"] for h in history[-5:]]))
-            fits = epoch + int(left_s // typical_s)
-            if fits < planned:
-                planned = max(epoch + 1 if left_s > typical_s else epoch, fits)
+            typical_s = float(np.median([h["seconds"] for h in history[1:][-5:]]))
+            fits = min(n_epochs, max(epoch, epoch + int(left_s // typical_s)))
+            if fits != planned:
+                planned = fits
                 schedule.total_steps = max(planned * steps, schedule.warmup_steps + 1)
                 log.info("epochs re-planned to fit the time budget", epochs=planned)
             if planned <= epoch:

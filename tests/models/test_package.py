@@ -142,3 +142,34 @@ def test_code_as_mapping(tmp_path: Path) -> None:
     doc["structures"][0]["type"] = {"value": "80891009", "scheme": "SCT", "meaning": "Heart"}
     model_file.write_text(yaml.safe_dump(doc))
     assert load_package(tmp_path).structures[0].type == codes.SCT.Heart
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("input", "256", "input: expected a mapping"),
+        ("output", [1], "output: expected a mapping"),
+        ("metrics", [1], "metrics: expected a mapping"),
+        ("dims", True, "dims: must be 2 or 3"),
+    ],
+)
+def test_malformed_sections_raise_package_errors(
+    tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    folder = tmp_path / "pkg"
+    make_random_package(folder)
+    doc = yaml.safe_load((folder / "model.yaml").read_text())
+    doc[key] = value
+    (folder / "model.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ModelPackageError, match=message):
+        load_package(folder)
+
+
+def test_non_numeric_normalization_is_a_package_error(tmp_path: Path) -> None:
+    folder = tmp_path / "pkg"
+    make_random_package(folder)
+    doc = yaml.safe_load((folder / "model.yaml").read_text())
+    doc["input"]["normalization"] = {"kind": "percentile", "lower": "abc"}
+    (folder / "model.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ModelPackageError, match="normalization.lower: expected a number"):
+        load_package(folder)

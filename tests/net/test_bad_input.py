@@ -37,16 +37,19 @@ def echo(port: int, calling: str = "MODALITY") -> int:
     exe = require_tool("echoscu")
     return subprocess.run(
         [exe, "-aet", calling, "-aec", "DICOMNODE", "127.0.0.1", str(port)],
-        env=PEER_ENV, capture_output=True, timeout=30,
+        env=PEER_ENV,
+        capture_output=True,
+        timeout=30,
     ).returncode
 
 
 def test_bad_inputs_are_refused_and_node_keeps_serving(
-    tmp_path: Path, storescp: StoreSCP, node_factory: Callable[..., NodeProcess],
+    tmp_path: Path,
+    storescp: StoreSCP,
+    node_factory: Callable[..., NodeProcess],
     random_package: Path,
 ) -> None:
-    node = node_factory(random_package, storescp.port,
-                        allowed_callers=["MODALITY"]).start()
+    node = node_factory(random_package, storescp.port, allowed_callers=["MODALITY"]).start()
 
     # 1. Garbage bytes on the port, and a connection that sends half a PDU and hangs up.
     for payload in (os.urandom(4096), b"\x01\x00\x00\x00\xff\xff", b"GET / HTTP/1.1\r\n\r\n"):

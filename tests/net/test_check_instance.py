@@ -25,9 +25,13 @@ def test_valid_instance_passes() -> None:
 
 @pytest.mark.parametrize(
     "keyword, value",
-    [("SOPInstanceUID", "1.2.3/../../etc"), ("SeriesInstanceUID", "1.2.3/.."),
-     ("StudyInstanceUID", "..\\..\\x"), ("StudyInstanceUID", "1." + "1" * 70),
-     ("SeriesInstanceUID", "")],
+    [
+        ("SOPInstanceUID", "1.2.3/../../etc"),
+        ("SeriesInstanceUID", "1.2.3/.."),
+        ("StudyInstanceUID", "..\\..\\x"),
+        ("StudyInstanceUID", "1." + "1" * 70),
+        ("SeriesInstanceUID", ""),
+    ],
 )
 def test_invalid_uids_are_refused(keyword: str, value: str) -> None:
     ds = ct_series(n_slices=1)[0]

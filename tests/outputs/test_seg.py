@@ -21,7 +21,7 @@ from dicom_node.outputs.seg import (
     source_frame_keys,
 )
 from dicom_node.outputs.validate import ValidatorNotFoundError, dciodvfy_errors, dciodvfy_path
-from dicom_node.uids import derive_uid, output_uids
+from dicom_node.uids import output_uids
 from tests.factories import SHARED_DATA, dx_from_array
 from tests.outputs.conftest import projection_series
 
@@ -29,13 +29,6 @@ REFERENCE = SHARED_DATA / "reference"
 
 needs_dciodvfy = pytest.mark.skipif(
     dciodvfy_path() is None, reason="dciodvfy not installed (apt-get install dicom3tools)"
-)
-# dicom_node.uids.derive_uid calls generate_uid(prefix=None, entropy_srcs=...), and pydicom
-# ignores entropy_srcs without a prefix: the UIDs are random. Strict, so it flags the fix.
-needs_deterministic_uids = pytest.mark.xfail(
-    derive_uid("probe") != derive_uid("probe"),
-    reason="dicom_node.uids.derive_uid is not deterministic (generate_uid with prefix=None)",
-    strict=True,
 )
 
 
@@ -154,7 +147,6 @@ def test_dx_seg_agrees_with_highdicom_reader(
     assert np.array_equal(pixels.astype(bool), masks)
 
 
-@needs_deterministic_uids
 def test_same_input_same_uids(
     jsrt_case: tuple[ImageSeries, np.ndarray], chest_package: ModelPackage
 ) -> None:

@@ -25,7 +25,9 @@ def test_multi_valued_attributes_match_a_component() -> None:
 def test_every_matching_route_gets_a_job() -> None:
     both = Route("all-dx", {"Modality": ("DX",)}, Path("m"), ("pacs",))
     assert [r.name for r in routes_for((CHEST, AXIAL, both), {"Modality": "DX"})] == [
-        "chest", "all-dx"]
+        "chest",
+        "all-dx",
+    ]
 
 
 def test_backoff_doubles_up_to_the_limit() -> None:

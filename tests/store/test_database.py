@@ -14,12 +14,25 @@ def db(tmp_path: Path) -> Database:
     return Database(tmp_path / "node.sqlite3")
 
 
-def add(db: Database, sop: str, series: str = "1.2.3", assoc: str = "a1", now: float = 100.0,
-        policy: str = "reprocess") -> bool:
+def add(
+    db: Database,
+    sop: str,
+    series: str = "1.2.3",
+    assoc: str = "a1",
+    now: float = 100.0,
+    policy: str = "reprocess",
+) -> bool:
     return db.record_instance(
-        sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", study_uid="1.2",
-        series_uid=series, patient_id="P", attributes={"Modality": "CT"},
-        path=Path(f"/spool/{sop}.dcm"), association_id=assoc, late_policy=policy, now=now,
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_uid="1.2",
+        series_uid=series,
+        patient_id="P",
+        attributes={"Modality": "CT"},
+        path=Path(f"/spool/{sop}.dcm"),
+        association_id=assoc,
+        late_policy=policy,
+        now=now,
     )
 
 
@@ -90,8 +103,9 @@ def test_sends_retry_and_dead_letter(db: Database) -> None:
     db.queue_series("1.2.3", ["chest"], now=101.0)
     job = db.claim_job(60, now=102.0)
     assert job is not None
-    db.finish_job(job.id, [(Path("/o/seg.dcm"), "2.25.1"), (Path("/o/sr.dcm"), "2.25.2")],
-                  ["pacs"], now=103.0)
+    db.finish_job(
+        job.id, [(Path("/o/seg.dcm"), "2.25.1"), (Path("/o/sr.dcm"), "2.25.2")], ["pacs"], now=103.0
+    )
     due = db.due_sends(now=104.0)
     assert [s.sop_instance_uid for s in due] == ["2.25.1", "2.25.2"]
     assert db.send_failed(due[0].id, "down", next_attempt_at=200.0, now=104.0) == SendState.PENDING

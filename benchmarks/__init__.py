@@ -1,0 +1,1 @@
+"""Benchmarks of the node against DCMTK on loopback (``make bench``)."""

@@ -1,0 +1,437 @@
+"""Receive throughput and end-of-send-to-results latency, against DCMTK on loopback.
+
+Run with ``make bench`` (``.venv/bin/python -m benchmarks.receive``). Two parts:
+
+(a) Receive throughput. One synthetic CT series (300 slices of 512 x 512, 16 bit, written
+    once) is sent with DCMTK ``storescu`` to DCMTK ``storescp`` and to a ``dicom-node`` whose
+    ``routes`` are empty (it stores and indexes, nothing else competes for the CPU). Each
+    repetition uses a fresh receiver and alternates which one goes first; the time is
+    storescu's wall time, from start to exit (all C-STORE responses received, released).
+
+(b) Latency to results. A node with a route to a random model package and a ``storescp``
+    destination receives one JSRT radiograph (when ``../shared/data`` is there) and a
+    24-slice 256 x 256 CT series; the time runs from storescu's exit to both the SEG and the
+    SR of that study being in storescp's folder. The node's JSON log splits it into stages.
+
+The helpers (free ports, storescp, storescu, the node process) are those of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from tests.conftest import (
+    NodeProcess,
+    StoreSCP,
+    free_port,
+    node_settings,
+    require_tool,
+    storescu,
+    wait_for,
+)
+from tests.factories import JSRT, ct_series, jsrt_dx
+
+THROUGHPUT_SLICES = 300
+THROUGHPUT_SIZE = 512
+LATENCY_CT = (24, 256, 256)  # slices, rows, columns
+JSRT_CASE = "JPCLN001"
+# As config/node.yaml: a series is complete 1 s after its association is released.
+RELEASE_GRACE_S = 1.0
+STABLE_AFTER_S = 10.0
+RESULT_TIMEOUT_S = 180.0
+
+#: Stages of one job: (label, the node log event (JSON, debug level) that ends it). None ends
+#: a stage when the SEG and SR are both in storescp's folder.
+STAGES: tuple[tuple[str, str | None], ...] = (
+    ("series complete (release grace + tick)", "series.queued"),
+    ("job claimed, series loaded", "series loaded"),
+    ("inference", "prediction done"),
+    ("measurements + SEG built", "segmentation built"),
+    ("SR built", "measurement report built"),
+    ("outputs written (outbox)", "job.done"),
+    ("C-STORE to storescp", "send.done"),
+    ("seen in storescp's folder", None),
+)
+
+
+class BenchmarkError(Exception):
+    """A benchmark step that did not do what it must (send refused, files missing)."""
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def write(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in datasets:
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def received_files(folder: Path) -> list[Path]:
+    """Files storescp wrote (it names them by modality and SOP Instance UID, no extension)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def send(port: int, files: list[Path], ae_title: str) -> float:
+    """storescu ``files`` to ``port``; return its wall time in seconds."""
+    started = time.perf_counter()
+    done = storescu(port, files, ae_title=ae_title)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise BenchmarkError(f"storescu to {ae_title} failed ({done.returncode}): {done.stderr}")
+    return elapsed
+
+
+def first_line(cmd: list[str]) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[0] if lines else "?"
+
+
+def machine() -> list[str]:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return [
+        f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- nproc: {len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()}), CPU: {cpu}",
+        f"- memory: {mem_kb / 1024**2:.1f} GiB, kernel {platform.release()}",
+        f"- python {platform.python_version()}, torch {version('torch')}, "
+        f"pynetdicom {version('pynetdicom')}, pydicom {version('pydicom')}, "
+        f"highdicom {version('highdicom')}",
+        f"- DCMTK: {first_line([require_tool('storescu'), '--version'])}",
+        f"- load average at start: {Path('/proc/loadavg').read_text().split()[:3]}",
+    ]
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def runs(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+# -- (a) receive throughput ------------------------------------------------------------------
+
+
+def throughput(work: Path, repeat: int, n_slices: int) -> str:
+    started = time.perf_counter()
+    series = ct_series(n_slices=n_slices, rows=THROUGHPUT_SIZE, cols=THROUGHPUT_SIZE, shuffle=False)
+    files = write(series, work / "ct")
+    del series
+    nbytes = sum(p.stat().st_size for p in files)
+    print(
+        f"(a) built {len(files)} CT files, {nbytes / 1e6:.1f} MB, "
+        f"in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+
+    times: dict[str, list[float]] = {"storescp": [], "node": []}
+
+    def to_storescp(i: int) -> None:
+        scp = StoreSCP(work / f"scp-{i}", free_port()).start()
+        try:
+            times["storescp"].append(send(scp.port, files, ae_title=scp.ae_title))
+        finally:
+            scp.stop()
+        got = len(received_files(scp.folder))
+        shutil.rmtree(scp.folder)
+        if got != len(files):
+            raise BenchmarkError(f"storescp stored {got} of {len(files)} files")
+
+    def to_node(i: int) -> None:
+        folder = work / f"node-a{i}"
+        settings = node_settings(
+            folder,
+            work,
+            1,
+            destinations={},
+            routes=[],
+            stable_after_s=3600,
+            log_level="info",
+        )
+        node = NodeProcess(folder, settings).start()
+        try:
+            times["node"].append(send(node.port, files, ae_title=settings["ae_title"]))
+        finally:
+            node.stop()
+        got = len(list((node.storage / "spool").rglob("*.dcm")))
+        shutil.rmtree(folder)
+        if got != len(files):
+            raise BenchmarkError(f"the node stored {got} of {len(files)} files")
+
+    for i in range(repeat):
+        order = (to_storescp, to_node) if i % 2 == 0 else (to_node, to_storescp)
+        for step in order:
+            step(i)
+        print(
+            f"(a) repetition {i + 1}/{repeat}: storescp {times['storescp'][-1]:.2f} s, "
+            f"node {times['node'][-1]:.2f} s",
+            flush=True,
+        )
+
+    base = statistics.median(times["storescp"])
+    rows = []
+    for name, label in (("storescp", "DCMTK storescp"), ("node", "dicom-node (no routes)")):
+        med = statistics.median(times[name])
+        rows.append(
+            [
+                label,
+                f"{med:.2f}",
+                f"{len(files) / med:.0f}",
+                f"{nbytes / 1e6 / med:.1f}",
+                f"{med / base:.2f}",
+                runs(times[name]),
+            ]
+        )
+    title = (
+        f"### (a) Receive throughput: {len(files)} CT slices {THROUGHPUT_SIZE}x"
+        f"{THROUGHPUT_SIZE}, {nbytes / 1e6:.1f} MB, one association, median of {repeat}"
+    )
+    return (
+        title
+        + "\n\n"
+        + table(
+            ["receiver", "median s", "instances/s", "MB/s", "time vs storescp", "runs (s)"], rows
+        )
+    )
+
+
+# -- (b) end of send to results --------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    label: str
+    build: Callable[[], list[Dataset]]
+    latencies: list[float] = field(default_factory=list)
+    stages: list[dict[str, float]] = field(default_factory=list)
+    instances: int = 0
+
+
+def log_events(log: Path, offset: int) -> list[tuple[str, float]]:
+    """(event, epoch seconds) of the node's JSON log lines after byte ``offset``."""
+    out = []
+    with log.open("rb") as fh:
+        fh.seek(offset)
+        for raw in fh:
+            try:
+                entry = json.loads(raw)
+                stamp = dt.datetime.fromisoformat(entry["timestamp"]).timestamp()
+            except (ValueError, KeyError, TypeError):
+                continue  # the banner line, or a traceback
+            out.append((str(entry.get("event", "")), stamp))
+    return out
+
+
+def stage_times(events: list[tuple[str, float]], sent: float, seen: float) -> dict[str, float]:
+    """Seconds spent in each of :data:`STAGES`; a stage whose event is missing is left out."""
+    last: dict[str, float] = {}
+    for name, stamp in events:
+        last[name] = stamp  # the last send.done ends the send stage
+    out = {}
+    previous = sent
+    for label, event in STAGES:
+        end = seen if event is None else last.get(event)
+        if end is None:
+            continue
+        out[label] = end - previous
+        previous = end
+    return out
+
+
+def outputs_of(folder: Path, study_uid: str) -> set[str]:
+    found = set()
+    for path in received_files(folder):
+        try:
+            ds = dcmread(
+                path, stop_before_pixels=True, specific_tags=["Modality", "StudyInstanceUID"]
+            )
+        except Exception:  # noqa: BLE001 - storescp may be writing it right now
+            continue
+        if ds.get("StudyInstanceUID") == study_uid:
+            found.add(str(ds.get("Modality", "")))
+    return found
+
+
+def latency(work: Path, repeat: int) -> str:
+    from dicom_node.models.random_package import make_random_package
+
+    model = work / "model" / "random-chest"
+    make_random_package(model)
+    studies = []
+    if (JSRT / "images").is_dir():
+        studies.append(Study(f"DX 1024x1024 (JSRT {JSRT_CASE})", lambda: [jsrt_dx(JSRT_CASE)]))
+    else:
+        print(
+            f"(b) JSRT radiographs not found under {JSRT}: the DX study is skipped "
+            "(set DICOM_NODE_SHARED_DATA)",
+            flush=True,
+        )
+    n, rows, cols = LATENCY_CT
+    studies.append(
+        Study(f"CT {n} slices {rows}x{cols}", lambda: ct_series(n_slices=n, rows=rows, cols=cols))
+    )
+
+    scp = StoreSCP(work / "pacs", free_port()).start()
+    folder = work / "node-b"
+    settings = node_settings(
+        folder,
+        model,
+        scp.port,
+        release_grace_s=RELEASE_GRACE_S,
+        stable_after_s=STABLE_AFTER_S,
+        log_format="json",
+        log_level="debug",
+    )
+    node = NodeProcess(folder, settings).start()
+    try:
+        for i in range(repeat):
+            for k, study in enumerate(studies):
+                datasets = study.build()
+                study.instances = len(datasets)
+                study_uid = str(datasets[0].StudyInstanceUID)
+                files = write(datasets, work / f"study-{i}-{k}")
+                offset = node.log.stat().st_size
+                send(node.port, files, ae_title=settings["ae_title"])
+                sent = time.time()
+                wait_for(
+                    lambda uid=study_uid: {"SEG", "SR"} <= outputs_of(scp.folder, uid),
+                    RESULT_TIMEOUT_S,
+                    f"SEG and SR of {study.label}",
+                )
+                seen = time.time()
+                study.latencies.append(seen - sent)
+                study.stages.append(stage_times(log_events(node.log, offset), sent, seen))
+                for path in received_files(scp.folder):
+                    path.unlink()
+                print(
+                    f"(b) repetition {i + 1}/{repeat}: {study.label}: {study.latencies[-1]:.2f} s",
+                    flush=True,
+                )
+    finally:
+        node.stop()
+        scp.stop()
+
+    rows = [
+        [
+            s.label,
+            str(s.instances),
+            f"{statistics.median(s.latencies):.2f}",
+            f"{min(s.latencies):.2f}",
+            f"{max(s.latencies):.2f}",
+            runs(s.latencies),
+        ]
+        for s in studies
+    ]
+    out = (
+        f"### (b) From storescu's exit to SEG + SR at storescp, median of {repeat} "
+        f"(random 2D U-Net, CPU, release_grace_s {RELEASE_GRACE_S:g})\n\n"
+    )
+    out += table(["study", "instances", "median s", "min s", "max s", "runs (s)"], rows)
+    stage_rows = []
+    for label, _ in STAGES:
+        cells = []
+        for s in studies:
+            values = [st[label] for st in s.stages if label in st]
+            cells.append(f"{statistics.median(values):.2f}" if values else "-")
+        stage_rows.append([label, *cells])
+    out += (
+        "\n\n### (b) Where the time goes: median seconds per stage, from the node's log\n\n"
+        + table(["stage (ends at)", *[s.label for s in studies]], stage_rows)
+    )
+    return out
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.receive",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions (default 3)")
+    parser.add_argument(
+        "--slices",
+        type=int,
+        default=THROUGHPUT_SLICES,
+        help=f"CT slices sent in part (a) (default {THROUGHPUT_SLICES})",
+    )
+    parser.add_argument("--only", choices=("throughput", "latency"), help="run one part")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="folder for the temporary files (default: the system's temp)",
+    )
+    args = parser.parse_args(argv)
+    if args.repeat < 1 or args.slices < 1:
+        parser.error("--repeat and --slices must be at least 1")
+
+    started = time.perf_counter()
+    try:
+        print("\n".join(machine()), flush=True)
+        with tempfile.TemporaryDirectory(prefix="dicom-node-bench-", dir=args.workdir) as tmp:
+            work = Path(tmp)
+            sections = []
+            if args.only in (None, "throughput"):
+                sections.append(throughput(work, args.repeat, args.slices))
+            if args.only in (None, "latency"):
+                sections.append(latency(work, args.repeat))
+    except (BenchmarkError, pytest.fail.Exception, pytest.skip.Exception) as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    print()
+    print("\n\n".join(sections))
+    print(
+        f"\n- load average at end: {Path('/proc/loadavg').read_text().split()[:3]}; "
+        f"whole run {time.perf_counter() - started:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
