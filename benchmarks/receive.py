@@ -59,7 +59,8 @@ STABLE_AFTER_S = 10.0
 RESULT_TIMEOUT_S = 180.0
 
 #: Stages of one job: (label, the node log event (JSON, debug level) that ends it). None ends
-#: a stage when the SEG and SR are both in storescp's folder.
+#: the stage when the SEG and SR are both in storescp's folder (storescp writes a file before
+#: it answers, so that is before the node logs ``send.done``).
 STAGES: tuple[tuple[str, str | None], ...] = (
     ("series complete (release grace + tick)", "series.queued"),
     ("job claimed, series loaded", "series loaded"),
@@ -67,8 +68,7 @@ STAGES: tuple[tuple[str, str | None], ...] = (
     ("measurements + SEG built", "segmentation built"),
     ("SR built", "measurement report built"),
     ("outputs written (outbox)", "job.done"),
-    ("C-STORE to storescp", "send.done"),
-    ("seen in storescp's folder", None),
+    ("C-STORE, until both are in storescp's folder", None),
 )
 
 
@@ -309,9 +309,12 @@ def latency(work: Path, repeat: int) -> str:
             "(set DICOM_NODE_SHARED_DATA)",
             flush=True,
         )
-    n, rows, cols = LATENCY_CT
+    n_ct, rows_ct, cols_ct = LATENCY_CT
     studies.append(
-        Study(f"CT {n} slices {rows}x{cols}", lambda: ct_series(n_slices=n, rows=rows, cols=cols))
+        Study(
+            f"CT {n_ct} slices {rows_ct}x{cols_ct}",
+            lambda: ct_series(n_slices=n_ct, rows=rows_ct, cols=cols_ct),
+        )
     )
 
     scp = StoreSCP(work / "pacs", free_port()).start()
@@ -336,13 +339,19 @@ def latency(work: Path, repeat: int) -> str:
                 offset = node.log.stat().st_size
                 send(node.port, files, ae_title=settings["ae_title"])
                 sent = time.time()
-                wait_for(
-                    lambda uid=study_uid: {"SEG", "SR"} <= outputs_of(scp.folder, uid),
-                    RESULT_TIMEOUT_S,
-                    f"SEG and SR of {study.label}",
-                )
+
+                def both_there(uid: str = study_uid) -> bool:
+                    return {"SEG", "SR"} <= outputs_of(scp.folder, uid)
+
+                def sends_done(since: int = offset) -> bool:
+                    events = log_events(node.log, since)
+                    return [e for e, _ in events].count("send.done") >= 2
+
+                wait_for(both_there, RESULT_TIMEOUT_S, f"SEG and SR of {study.label}")
                 seen = time.time()
                 study.latencies.append(seen - sent)
+                # The next study starts once this one's sends are closed in the node.
+                wait_for(sends_done, 30, "send.done of the SEG and SR in the node's log")
                 study.stages.append(stage_times(log_events(node.log, offset), sent, seen))
                 for path in received_files(scp.folder):
                     path.unlink()
@@ -354,7 +363,7 @@ def latency(work: Path, repeat: int) -> str:
         node.stop()
         scp.stop()
 
-    rows = [
+    summary = [
         [
             s.label,
             str(s.instances),
@@ -369,7 +378,7 @@ def latency(work: Path, repeat: int) -> str:
         f"### (b) From storescu's exit to SEG + SR at storescp, median of {repeat} "
         f"(random 2D U-Net, CPU, release_grace_s {RELEASE_GRACE_S:g})\n\n"
     )
-    out += table(["study", "instances", "median s", "min s", "max s", "runs (s)"], rows)
+    out += table(["study", "instances", "median s", "min s", "max s", "runs (s)"], summary)
     stage_rows = []
     for label, _ in STAGES:
         cells = []

@@ -69,10 +69,13 @@ def cmd_process(args: argparse.Namespace) -> int:
         raise DicomNodeError(f"{args.input_dir}: no DICOM files found")
     out = Path(args.output_dir)
     for series_uid, paths in groups.items():
-        result = segment_series(paths, segmenter)
-        for path in write_outputs(result, out):
+        results = segment_series(paths, segmenter)
+        for path, _ in write_outputs(results, out):
             print(path)
-        print(f"series {series_uid}: {len(paths)} instance(s) -> SEG + SR", file=sys.stderr)
+        print(
+            f"series {series_uid}: {len(paths)} instance(s) -> {len(results)} SEG + SR",
+            file=sys.stderr,
+        )
     return 0
 
 

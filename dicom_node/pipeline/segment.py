@@ -41,32 +41,58 @@ class SegmentationResult:
         return buf.getvalue()
 
 
-def segment_series(paths: Sequence[Path], segmenter: Segmenter) -> SegmentationResult:
-    """Segment the series made of ``paths`` and build its SEG and SR."""
+def segment_series(paths: Sequence[Path], segmenter: Segmenter) -> list[SegmentationResult]:
+    """Segment the series made of ``paths`` and build its SEG and SR.
+
+    A cross-sectional series (or a single radiograph) gives one SEG + SR. A projection series
+    of several images (e.g. PA and lateral) gives one SEG + SR per image: DICOM SEG needs a
+    frame of reference to span several projection images, which radiographs do not have.
+    Each image's outputs get their own instance in the same SEG and SR output series.
+    """
+    headers = [dcmread(p, stop_before_pixels=True) for p in paths]
+    projection = not all("ImagePositionPatient" in h for h in headers)
+    if projection and len(paths) > 1:
+        order = sorted(range(len(paths)), key=lambda i: str(headers[i].SOPInstanceUID))
+        return [
+            _segment(load_series([paths[i]]), segmenter, instance_number=n)
+            for n, i in enumerate(order, start=1)
+        ]
+    return [_segment(load_series(paths), segmenter, instance_number=1)]
+
+
+def _segment(
+    series: ImageSeries, segmenter: Segmenter, *, instance_number: int
+) -> SegmentationResult:
     package = segmenter.package
-    series = load_series(paths)
     masks = segmenter.segment(series)
     values = measure(series, masks, package)
     sources = series.sop_instance_uids
-    seg_series, seg_sop = output_uids(
-        series.series_instance_uid, package.name, package.version, "seg", sources
+    uids = {
+        kind: output_uids(
+            series.series_instance_uid, package.name, package.version, kind, sources
+        )
+        for kind in ("seg", "sr")
+    }
+    seg = build_seg(
+        series, masks, package, series_uid=uids["seg"][0], sop_uid=uids["seg"][1],
+        instance_number=instance_number,
     )
-    sr_series, sr_sop = output_uids(
-        series.series_instance_uid, package.name, package.version, "sr", sources
+    sr = build_sr(
+        series, seg, masks, package, values, series_uid=uids["sr"][0], sop_uid=uids["sr"][1],
+        instance_number=instance_number,
     )
-    seg = build_seg(series, masks, package, series_uid=seg_series, sop_uid=seg_sop)
-    sr = build_sr(series, seg, masks, package, values, series_uid=sr_series, sop_uid=sr_sop)
     return SegmentationResult(series, seg, sr, values)
 
 
-def write_outputs(result: SegmentationResult, folder: Path) -> list[Path]:
-    """Write the SEG and SR of ``result`` into ``folder``; return their paths."""
-    paths = []
-    for kind, ds in (("seg", result.seg), ("sr", result.sr)):
-        path = folder / f"{kind}-{ds.SOPInstanceUID}.dcm"
-        durable_write(path, SegmentationResult.encode(ds))
-        paths.append(path)
-    return paths
+def write_outputs(results: Sequence[SegmentationResult], folder: Path) -> list[tuple[Path, str]]:
+    """Write every SEG and SR of ``results`` into ``folder``; return (path, SOP Instance UID)."""
+    written = []
+    for result in results:
+        for kind, ds in (("seg", result.seg), ("sr", result.sr)):
+            path = folder / f"{kind}-{ds.SOPInstanceUID}.dcm"
+            durable_write(path, SegmentationResult.encode(ds))
+            written.append((path, str(ds.SOPInstanceUID)))
+    return written
 
 
 def group_series(folder: Path) -> dict[str, list[Path]]:

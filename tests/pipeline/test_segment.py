@@ -1,0 +1,92 @@
+"""One series in, SEG + SR out, on files (the path shared by the worker and `process`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from dicom_node.cli import main
+from dicom_node.models.inference import Segmenter
+from dicom_node.models.package import load_package
+from dicom_node.pipeline.segment import group_series, segment_series, write_outputs
+from tests.factories import ct_series, dx_from_array
+
+
+def save(datasets: list, folder: Path) -> list[Path]:  # type: ignore[type-arg]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in datasets:
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def chest(rows: int = 200, cols: int = 180) -> np.ndarray:
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    return np.exp(-(((yy - rows / 2) / (rows / 3)) ** 2 + ((xx - cols / 2) / (cols / 3)) ** 2))
+
+
+def test_two_radiographs_in_one_series_give_one_seg_each(
+    tmp_path: Path, random_package: Path
+) -> None:
+    pa = dx_from_array(chest())
+    lateral = dx_from_array(chest(220, 160), study_uid=pa.StudyInstanceUID,
+                            series_uid=pa.SeriesInstanceUID)
+    paths = save([pa, lateral], tmp_path / "in")
+    results = segment_series(paths, Segmenter(load_package(random_package)))
+    assert len(results) == 2
+    segs = [r.seg for r in results]
+    assert segs[0].SeriesInstanceUID == segs[1].SeriesInstanceUID
+    assert segs[0].SOPInstanceUID != segs[1].SOPInstanceUID
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for seg in segs
+        for ref in seg.ReferencedSeriesSequence
+        for item in ref.ReferencedInstanceSequence
+    }
+    assert referenced == {pa.SOPInstanceUID, lateral.SOPInstanceUID}
+    assert {(s.Rows, s.Columns) for s in segs} == {(200, 180), (220, 160)}
+    # Deterministic: the same images give the same UIDs again.
+    again = segment_series(paths, Segmenter(load_package(random_package)))
+    assert [r.seg.SOPInstanceUID for r in again] == [s.SOPInstanceUID for s in segs]
+
+
+def test_write_outputs_and_group_series(tmp_path: Path, random_package: Path) -> None:
+    ct = ct_series(n_slices=4)
+    save(ct, tmp_path / "in" / "ct")
+    save([dx_from_array(chest())], tmp_path / "in" / "dx")
+    (tmp_path / "in" / "notes.txt").write_text("not DICOM")
+    groups = group_series(tmp_path / "in")
+    assert sorted(len(v) for v in groups.values()) == [1, 4]
+    results = segment_series(groups[ct[0].SeriesInstanceUID],
+                             Segmenter(load_package(random_package)))
+    written = write_outputs(results, tmp_path / "out")
+    assert [dcmread(p).Modality for p, _ in written] == ["SEG", "SR"]
+    assert [str(dcmread(p).SOPInstanceUID) for p, _ in written] == [u for _, u in written]
+
+
+def test_process_command(tmp_path: Path, random_package: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    save(ct_series(n_slices=3), tmp_path / "in")
+    code = main(["process", "--model", str(random_package), str(tmp_path / "in"),
+                 str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 2 and all(Path(p).is_file() for p in printed)
+
+
+def test_process_command_says_what_is_wrong(tmp_path: Path, random_package: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    code = main(["process", "--model", str(random_package), str(tmp_path / "empty"),
+                 str(tmp_path / "out")])
+    assert code == 2
+    assert "no DICOM files found" in capsys.readouterr().err
+    code = main(["process", "--model", str(tmp_path / "nope"), str(tmp_path / "empty"),
+                 str(tmp_path / "out")])
+    assert code == 2
+    assert "model.yaml" in capsys.readouterr().err

@@ -1,0 +1,71 @@
+"""The command line against real peers, and the deployment files that call it."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node.cli import build_parser, main
+from tests.conftest import StoreSCP, free_port
+from tests.factories import ct_series
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.peers
+def test_echo_and_send_to_dcmtk(tmp_path: Path, storescp: StoreSCP,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["echo", "127.0.0.1", str(storescp.port), "--ae-title", "PACS"]) == 0
+    assert "status 0x0000" in capsys.readouterr().out
+    files = []
+    for ds in ct_series(n_slices=3):
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    assert main(["send", "127.0.0.1", str(storescp.port), str(tmp_path), "--ae-title",
+                 "PACS"]) == 0
+    assert "sent 3 of 3" in capsys.readouterr().out
+    received = {dcmread(p).SOPInstanceUID for p in storescp.files()}
+    assert received == {dcmread(p).SOPInstanceUID for p in files}
+
+
+def test_echo_to_nobody_fails_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["echo", "127.0.0.1", str(free_port())]) == 1
+    assert "no association" in capsys.readouterr().err
+
+
+def test_status_before_first_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text(f"storage_dir: {tmp_path / 'var'}\n")
+    assert main(["status", "--config", str(config)]) == 0
+    assert "has not run yet" in capsys.readouterr().out
+
+
+def test_bad_config_is_refused_with_the_key(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text("port: 99999\n")
+    assert main(["serve", "--config", str(config)]) == 2
+    assert "port: 99999" in capsys.readouterr().err
+
+
+def test_systemd_unit_and_dockerfile_run_a_valid_command() -> None:
+    unit = (REPO / "systemd" / "dicom-node.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.+)$", unit, re.M)
+    assert exec_start is not None
+    argv = shlex.split(exec_start.group(1))
+    assert argv[0].endswith("/dicom-node") and "User=dicom-node" in unit
+    assert "Restart=on-failure" in unit
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "serve"
+
+    docker = (REPO / "Dockerfile").read_text()
+    cmd = re.search(r'^CMD (\[.+\])$', docker, re.M)
+    assert cmd is not None and "USER dicom-node" in docker
+    import json
+
+    assert build_parser().parse_args(json.loads(cmd.group(1))).command == "serve"
