@@ -97,7 +97,11 @@ def received_files(folder: Path) -> list[Path]:
 
 
 def send(port: int, files: list[Path], ae_title: str) -> float:
-    """storescu ``files`` to ``port``; return its wall time in seconds."""
+    """storescu ``files`` to ``port``; return its wall time in seconds.
+
+    Dirty pages of earlier steps are flushed first, so that no run pays for another's writes.
+    """
+    os.sync()
     started = time.perf_counter()
     done = storescu(port, files, ae_title=ae_title)
     elapsed = time.perf_counter() - started
@@ -359,6 +363,10 @@ def latency(work: Path, repeat: int) -> str:
                     f"(b) repetition {i + 1}/{repeat}: {study.label}: {study.latencies[-1]:.2f} s",
                     flush=True,
                 )
+    except BaseException:
+        tail = node.log.read_text(errors="replace").splitlines()[-30:]
+        print("the node's log ends with:\n" + "\n".join(tail), file=sys.stderr)
+        raise
     finally:
         node.stop()
         scp.stop()

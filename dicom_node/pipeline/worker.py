@@ -17,7 +17,7 @@ import torch
 
 from dicom_node.audit import AuditAction, AuditEvent, AuditLog, AuditOutcome, Participants
 from dicom_node.config import Route, Settings
-from dicom_node.errors import DicomNodeError, InputError, ModelPackageError
+from dicom_node.errors import InputError, ModelPackageError
 from dicom_node.models.inference import Segmenter
 from dicom_node.models.package import load_package
 from dicom_node.pipeline.segment import segment_series, write_outputs
@@ -69,7 +69,7 @@ class Worker:
         except (InputError, ModelPackageError) as exc:
             self._failed(job, bound, who, info, exc, retry=False)
             return
-        except (DicomNodeError, OSError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any other failure: retry, then fail for good
             retry = job.attempts < self.settings.max_job_attempts
             self._failed(job, bound, who, info, exc, retry=retry)
             return
@@ -94,12 +94,8 @@ class Worker:
         if not records:
             raise InputError("no instances left for this series (deleted by retention?)")
         segmenter = self.segmenter(route.model)
-        result = segment_series([r.path for r in records], segmenter)
-        seg_path, sr_path = write_outputs(result, self.settings.outbox_dir / str(job.id))
-        return [
-            (seg_path, str(result.seg.SOPInstanceUID)),
-            (sr_path, str(result.sr.SOPInstanceUID)),
-        ]
+        results = segment_series([r.path for r in records], segmenter)
+        return write_outputs(results, self.settings.outbox_dir / str(job.id))
 
     def _failed(
         self,

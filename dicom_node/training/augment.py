@@ -84,12 +84,12 @@ class AugmentConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(doc) - known)
         if unknown:
-            raise ConfigError(
-                f"augment: unknown keys {unknown}; known keys are {sorted(known)}"
-            )
+            raise ConfigError(f"augment: unknown keys {unknown}; known keys are {sorted(known)}")
         if "gamma" in doc:
             gamma = doc["gamma"]
-            if not (isinstance(gamma, list | tuple) and len(gamma) == 2 and 0 < gamma[0] <= gamma[1]):
+            if not (
+                isinstance(gamma, list | tuple) and len(gamma) == 2 and 0 < gamma[0] <= gamma[1]
+            ):
                 raise ConfigError(f"augment.gamma: expected [low, high] > 0, got {gamma!r}")
             doc["gamma"] = (float(gamma[0]), float(gamma[1]))
         for name in known - {"gamma"}:

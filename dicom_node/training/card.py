@@ -42,16 +42,6 @@ PUBLISHED_JACCARD = {
     },
 }
 
-CITATIONS = (
-    "Shiraishi J, Katsuragawa S, Ikezoe J, et al. Development of a digital image database for "
-    "chest radiographs with and without a lung nodule: receiver operating characteristic "
-    "analysis of radiologists' detection of pulmonary nodules. AJR 2000;174:71-74. "
-    "(JSRT database, Japanese Society of Radiological Technology)",
-    "van Ginneken B, Stegmann MB, Loog M. Segmentation of anatomical structures in chest "
-    "radiographs using supervised methods: a comparative study on a public database. Medical "
-    "Image Analysis 2006;10(1):19-40. (SCR masks)",
-)
-
 
 def hardware(device: torch.device) -> str:
     """A one-line description of the device training ran on (no host names)."""
@@ -101,7 +91,12 @@ def plot_curves(history: list[dict[str, Any]], path: Path, best_epoch: int) -> P
 
 
 def _goal_table(summary: dict[str, dict[str, float]]) -> str:
+    if not any(group in summary for group in GOALS_JACCARD):
+        return ""
     rows = [
+        "Against the goals and the published figures (Jaccard; the published ones are on all "
+        "247 JSRT cases):",
+        "",
         "| group | this model (Jaccard, mean ± sd) | goal | "
         + " | ".join(PUBLISHED_JACCARD)
         + " |",
@@ -143,6 +138,19 @@ def write_model_card(
         pp_rows.append(f"| {variant} | " + " | ".join(f"{per[lb]:.4f}" for lb in labels) + " |")
     chosen = {st.label: [p.value for p in st.postprocess] for st in package.structures}
     weights_mb = package.weights.stat().st_size / 1e6
+    citations = (
+        "Cite when using this model:\n\n"
+        + "\n".join(f"{i}. {c.strip()}" for i, c in enumerate(config.data.citations, 1))
+        if config.data.citations
+        else "No citation given in the training config."
+    )
+    goals = _goal_table(summary)
+    description = config.data.description.strip() or "(no description in the training config)"
+    initialisation = (
+        "random (`--init` was not used)"
+        if init is None
+        else f"from package {init.name} {init.version} (`--init`)"
+    )
     text = f"""# Model card: {package.name} {package.version}
 
 {package.description.strip()}
@@ -159,15 +167,9 @@ Measurements in the SR: {", ".join(m.value for m in package.measurements)}.
 
 ## Data
 
-{len(split.train) + len(split.validation)} posterior-anterior chest radiographs of the JSRT
-database with the SCR expert masks (`{Path(config.source).name if config.source else "?"}`
-config, data folder laid out as `images/<case>.png`, `masks/<structure>/<case>.png`),
-1024 × 1024 pixels of {s.spacing_mm} mm. Cite both when using this model:
-
-1. {CITATIONS[0]}
-2. {CITATIONS[1]}
-
-Both are provided for research and education. This model is not a medical device.
+{len(split.train) + len(split.validation)} cases: {description} Folder layout `images/<case>.png`,
+`masks/<structure>/<case>.png`; pixel spacing {s.spacing_mm} mm (from the training config).
+{citations}
 
 ## Split
 
@@ -195,7 +197,7 @@ Augmentation (no left/right flips): rotation ±{a.rotate_deg}°, scale ±{a.scal
 translation ±{a.translate:.0%}, shear ±{a.shear}, p={a.affine_prob}; elastic p={a.elastic_prob}
 (±{a.elastic_magnitude_px} px); gamma {a.gamma[0]}–{a.gamma[1]}, contrast ±{a.contrast:.0%},
 brightness ±{a.brightness}, Gaussian noise σ={a.noise_std}, p={a.intensity_prob} each.
-Initialisation: {"random" if init is None else f"from package {init.name} {init.version}"}.
+Initialisation: {initialisation}.
 
 {len(history)} epochs in {seconds / 60:.1f} min (median {sorted(epoch_s)[len(epoch_s) // 2]:.1f} s
 per epoch, validation included) on {hardware(device)}; best epoch {best_epoch} (mean
@@ -211,10 +213,7 @@ right structures per case.
 {format_table(summary)}
 ```
 
-Against the goals and the published figures (Jaccard; the published ones are on all 247 JSRT
-cases, lungs there as lung fields):
-
-{_goal_table(summary)}
+{goals}
 
 Overlays of the best, median and worst validation case: `validation/overlay_*.png`.
 

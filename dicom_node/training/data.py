@@ -113,8 +113,8 @@ def list_cases(data_dir: Path, structures: list[str]) -> list[str]:
         missing = [c for c in cases if not (folder / f"{c}.png").is_file()]
         if missing:
             raise InputError(
-                f"{folder}: {len(missing)} of {len(cases)} masks missing (first: {missing[0]}.png); "
-                "every image needs a mask of every structure of the model"
+                f"{folder}: {len(missing)} of {len(cases)} masks missing (first: "
+                f"{missing[0]}.png); every image needs a mask of every structure of the model"
             )
     return cases
 

@@ -139,6 +139,7 @@ def select_postprocessing(
         variant is the steps joined by ``+`` (``none`` for the raw masks).
     """
     device = device or select_device()
+    data_dir = Path(data_dir)
     network = load_network(package, device)
     labels = [s.label for s in package.structures]
     variants = _variants(candidates)
@@ -207,7 +208,9 @@ def evaluate(
     data_dir = Path(data_dir)
     labels = [s.label for s in package.structures]
     if cases is None:
-        cases = list_cases(data_dir, labels) if all_cases else list(read_split(package.path).validation)
+        cases = (
+            list_cases(data_dir, labels) if all_cases else list(read_split(package.path).validation)
+        )
     if spacing_mm is None:
         spacing_mm = float(package.metrics.get("spacing_mm", 1.0))
         if "spacing_mm" not in package.metrics:
@@ -264,7 +267,8 @@ def write_overlays(
         ax.imshow(image, cmap="gray")
         handles = []
         for i, s in enumerate(package.structures):
-            color = tuple(c / 255 for c in s.color_rgb)
+            r, g, b = s.color_rgb
+            color = (r / 255, g / 255, b / 255)
             ax.contour(truth[i], levels=[0.5], colors=[color], linewidths=1.0, linestyles="--")
             ax.contour(pred[i], levels=[0.5], colors=[color], linewidths=1.4)
             jac = per_case[case][s.label]["jaccard"]

@@ -141,9 +141,9 @@ def summarize(
                 mean = float(np.mean([case[m][name] for m in members]))
                 values.setdefault(group, {}).setdefault(name, []).append(mean)
     out: dict[str, dict[str, float]] = {}
-    for label, metrics in values.items():
+    for label, per_metric in values.items():
         out[label] = {}
-        for name, vals in metrics.items():
+        for name, vals in per_metric.items():
             arr = np.asarray(vals, dtype=float)
             arr = arr[~np.isnan(arr)]
             out[label][name] = float(arr.mean()) if arr.size else math.nan

@@ -1,9 +1,10 @@
 """``dicom-node train``: train a 2D multi-label U-Net and write a complete model package.
 
-The training config (see ``config/train-cxr.yaml``) has three parts: ``model`` is the
+The training config (see ``config/train-cxr.yaml``) has four parts: ``model`` is the
 ``model.yaml`` of the package to produce (less ``weights`` and ``metrics``, which training
-writes), ``training`` the optimisation settings (:class:`TrainSettings`) and ``augment`` the
-augmentation ranges (:class:`~dicom_node.training.augment.AugmentConfig`).
+writes), ``training`` the optimisation settings (:class:`TrainSettings`), ``augment`` the
+augmentation ranges (:class:`~dicom_node.training.augment.AugmentConfig`) and ``data`` what
+the model card says about the data (:class:`DataInfo`).
 
 One code path for CPU and CUDA: mixed precision (autocast + gradient scaling) is enabled on
 CUDA only. Loss: soft Dice + binary cross-entropy on the sigmoid channels (multi-label: the
@@ -17,6 +18,7 @@ structure only where they improve the mean Jaccard; the package is written and c
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
@@ -45,6 +47,7 @@ from dicom_node.training.metrics import batch_dice
 log = structlog.get_logger(__name__)
 
 WEIGHTS_FILE = "model.pt"
+HISTORY_FILE = "history.json"
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,32 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class DataInfo:
+    """The ``data:`` part of the training config: what the model card says about the data."""
+
+    description: str = ""
+    citations: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any] | None) -> DataInfo:
+        doc = dict(doc or {})
+        unknown = sorted(set(doc) - {"description", "citations"})
+        if unknown:
+            raise ConfigError(f"data: unknown keys {unknown}; known: description, citations")
+        citations = doc.get("citations") or []
+        if not isinstance(citations, list) or not all(isinstance(c, str) for c in citations):
+            raise ConfigError("data.citations: expected a list of strings")
+        return cls(str(doc.get("description", "")), tuple(citations))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A parsed training config: the package to produce, the settings, the augmentation."""
 
     model: dict[str, Any]
     training: TrainSettings
     augment: AugmentConfig
+    data: DataInfo = field(default_factory=DataInfo)
     source: str = ""
 
 
@@ -152,8 +175,10 @@ def load_train_config(path: Path | str) -> TrainConfig:
 def parse_train_config(doc: Any, source: str = "<config>") -> TrainConfig:
     """Validate a training config document (see the module docstring)."""
     if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
-        raise ConfigError(f"{source}: expected a mapping with model:, training: and augment:")
-    unknown = sorted(set(doc) - {"model", "training", "augment"})
+        raise ConfigError(
+            f"{source}: expected a mapping with model:, training:, augment: and data:"
+        )
+    unknown = sorted(set(doc) - {"model", "training", "augment", "data"})
     if unknown:
         raise ConfigError(f"{source}: unknown top-level keys {unknown}")
     model = dict(doc["model"])
@@ -164,6 +189,7 @@ def parse_train_config(doc: Any, source: str = "<config>") -> TrainConfig:
         model=model,
         training=TrainSettings.from_dict(doc.get("training")),
         augment=AugmentConfig.from_dict(doc.get("augment")),
+        data=DataInfo.from_dict(doc.get("data")),
         source=source,
     )
 
@@ -282,7 +308,9 @@ def train(
         Write the best/median/worst overlays of the validation cases into the package.
     """
     started = time.monotonic()
-    config = train_config if isinstance(train_config, TrainConfig) else load_train_config(train_config)
+    config = (
+        train_config if isinstance(train_config, TrainConfig) else load_train_config(train_config)
+    )
     settings = config.training
     n_epochs = epochs or settings.epochs
     budget_min = max_minutes if max_minutes is not None else settings.max_minutes
@@ -317,7 +345,11 @@ def train(
     val_set = CachedCases(data_dir, split.validation, package)
     generator = torch.Generator().manual_seed(settings.seed)
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=settings.batch_size, shuffle=True, drop_last=len(train_set) > settings.batch_size, generator=generator
+        train_set,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > settings.batch_size,
+        generator=generator,
     )
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=settings.batch_size)
 
@@ -403,6 +435,7 @@ def train(
     network.load_state_dict(best_state)
     save_weights(network, out / WEIGHTS_FILE)
     card.plot_curves(history, out / card.CURVES_FILE, best_epoch)
+    (out / HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
 
     # Postprocessing kept per structure only where it improves the validation Jaccard.
     package = load_package(out)
@@ -463,7 +496,9 @@ def train(
         postprocess_comparison=comparison,
         init=init_package,
     )
-    log.info("package written", model=package.name, best_epoch=best_epoch, seconds=round(train_seconds))
+    log.info(
+        "package written", model=package.name, best_epoch=best_epoch, seconds=round(train_seconds)
+    )
     return TrainResult(
         package=package,
         history=history,

@@ -105,10 +105,16 @@ def test_evaluate_runs_on_the_package(tiny_package: Path, tiny_data: Path, tmp_p
 
 
 @needs_jsrt
-def test_init_fine_tunes_from_a_package(tiny_package: Path, tiny_data: Path, tmp_path: Path) -> None:
+def test_init_fine_tunes_from_a_package(
+    tiny_package: Path, tiny_data: Path, tmp_path: Path
+) -> None:
     result = train(
-        tiny_data, parse_train_config(tiny_config(1)), tmp_path / "ft", init=tiny_package,
-        progress=False, overlays=False,
+        tiny_data,
+        parse_train_config(tiny_config(1)),
+        tmp_path / "ft",
+        init=tiny_package,
+        progress=False,
+        overlays=False,
     )
     assert "from package cxr-anatomy" in (tmp_path / "ft" / "MODEL_CARD.md").read_text()
     assert result.package.weights.is_file()
@@ -160,8 +166,9 @@ def _asymmetric_sample(size: int = 64) -> dict[str, torch.Tensor]:
 
 
 def test_augmentation_never_mirrors_left_and_right() -> None:
-    config = AugmentConfig(rotate_deg=15, scale=0.15, translate=0.08, affine_prob=1.0,
-                           elastic_prob=1.0)
+    config = AugmentConfig(
+        rotate_deg=15, scale=0.15, translate=0.08, affine_prob=1.0, elastic_prob=1.0
+    )
     pipeline = build_augmentation(config, (64, 64), seed=3)
     assert not any("flip" in type(t).__name__.lower() for t in pipeline.transforms)
     cols = torch.arange(64, dtype=torch.float32)
