@@ -15,10 +15,11 @@ import structlog
 
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
     """Route structlog and the standard library's logging to stderr in ``fmt``."""
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer()
+    # JSON needs the traceback rendered into the event; the console renderer does it itself.
+    renderers: list[structlog.types.Processor] = (
+        [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
+        else [structlog.dev.ConsoleRenderer(colors=False)]
     )
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -36,7 +37,7 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderers],
         )
     )
     root = logging.getLogger()

@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.peers
-def test_echo_and_send_to_dcmtk(tmp_path: Path, storescp: StoreSCP,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_echo_and_send_to_dcmtk(
+    tmp_path: Path, storescp: StoreSCP, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["echo", "127.0.0.1", str(storescp.port), "--ae-title", "PACS"]) == 0
     assert "status 0x0000" in capsys.readouterr().out
     files = []
@@ -26,8 +27,7 @@ def test_echo_and_send_to_dcmtk(tmp_path: Path, storescp: StoreSCP,
         path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
-    assert main(["send", "127.0.0.1", str(storescp.port), str(tmp_path), "--ae-title",
-                 "PACS"]) == 0
+    assert main(["send", "127.0.0.1", str(storescp.port), str(tmp_path), "--ae-title", "PACS"]) == 0
     assert "sent 3 of 3" in capsys.readouterr().out
     received = {dcmread(p).SOPInstanceUID for p in storescp.files()}
     assert received == {dcmread(p).SOPInstanceUID for p in files}
@@ -45,8 +45,9 @@ def test_status_before_first_run(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "has not run yet" in capsys.readouterr().out
 
 
-def test_bad_config_is_refused_with_the_key(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_config_is_refused_with_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tmp_path / "node.yaml"
     config.write_text("port: 99999\n")
     assert main(["serve", "--config", str(config)]) == 2
@@ -64,7 +65,7 @@ def test_systemd_unit_and_dockerfile_run_a_valid_command() -> None:
     assert args.command == "serve"
 
     docker = (REPO / "Dockerfile").read_text()
-    cmd = re.search(r'^CMD (\[.+\])$', docker, re.M)
+    cmd = re.search(r"^CMD (\[.+\])$", docker, re.M)
     assert cmd is not None and "USER dicom-node" in docker
     import json
 

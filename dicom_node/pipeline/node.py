@@ -56,7 +56,8 @@ class Node:
         self._lock_file = self._take_lock()
         self.db = Database(settings.database_path)
         self.audit = AuditLog(settings.audit_path)
-        self.wake = threading.Event()
+        self.wake = threading.Event()  # scheduler: an association ended or a job finished
+        self.work = threading.Event()  # workers: a job was queued
         self.stopping = threading.Event()
         self.device = _device(settings.device)
         self.receiver = Receiver(settings, self.db, self.audit, on_release=self.wake)
@@ -117,7 +118,8 @@ class Node:
             self.wake.clear()
             for stage in (self.assembler, self.delivery, self.retention):
                 try:
-                    stage.tick()
+                    if stage.tick() and stage is self.assembler:
+                        self.work.set()
                 except Exception:  # noqa: BLE001 - a stage error must not stop the node
                     log.exception("stage.error", stage=type(stage).__name__)
 
@@ -129,13 +131,15 @@ class Node:
                 log.exception("worker.error")
                 ran = False
             if not ran:
-                self.stopping.wait(TICK_S)
+                self.work.wait(TICK_S)
+                self.work.clear()
             else:
                 self.wake.set()  # results are queued: let delivery run now
 
     def stop(self) -> None:
         self.stopping.set()
         self.wake.set()
+        self.work.set()
         self.receiver.stop()
         for thread in self._threads:
             thread.join(timeout=30)

@@ -68,17 +68,25 @@ def _segment(
     values = measure(series, masks, package)
     sources = series.sop_instance_uids
     uids = {
-        kind: output_uids(
-            series.series_instance_uid, package.name, package.version, kind, sources
-        )
+        kind: output_uids(series.series_instance_uid, package.name, package.version, kind, sources)
         for kind in ("seg", "sr")
     }
     seg = build_seg(
-        series, masks, package, series_uid=uids["seg"][0], sop_uid=uids["seg"][1],
+        series,
+        masks,
+        package,
+        series_uid=uids["seg"][0],
+        sop_uid=uids["seg"][1],
         instance_number=instance_number,
     )
     sr = build_sr(
-        series, seg, masks, package, values, series_uid=uids["sr"][0], sop_uid=uids["sr"][1],
+        series,
+        seg,
+        masks,
+        package,
+        values,
+        series_uid=uids["sr"][0],
+        sop_uid=uids["sr"][1],
         instance_number=instance_number,
     )
     return SegmentationResult(series, seg, sr, values)

@@ -34,8 +34,9 @@ def test_two_radiographs_in_one_series_give_one_seg_each(
     tmp_path: Path, random_package: Path
 ) -> None:
     pa = dx_from_array(chest())
-    lateral = dx_from_array(chest(220, 160), study_uid=pa.StudyInstanceUID,
-                            series_uid=pa.SeriesInstanceUID)
+    lateral = dx_from_array(
+        chest(220, 160), study_uid=pa.StudyInstanceUID, series_uid=pa.SeriesInstanceUID
+    )
     paths = save([pa, lateral], tmp_path / "in")
     results = segment_series(paths, Segmenter(load_package(random_package)))
     assert len(results) == 2
@@ -62,31 +63,43 @@ def test_write_outputs_and_group_series(tmp_path: Path, random_package: Path) ->
     (tmp_path / "in" / "notes.txt").write_text("not DICOM")
     groups = group_series(tmp_path / "in")
     assert sorted(len(v) for v in groups.values()) == [1, 4]
-    results = segment_series(groups[ct[0].SeriesInstanceUID],
-                             Segmenter(load_package(random_package)))
+    results = segment_series(
+        groups[ct[0].SeriesInstanceUID], Segmenter(load_package(random_package))
+    )
     written = write_outputs(results, tmp_path / "out")
     assert [dcmread(p).Modality for p, _ in written] == ["SEG", "SR"]
     assert [str(dcmread(p).SOPInstanceUID) for p, _ in written] == [u for _, u in written]
 
 
-def test_process_command(tmp_path: Path, random_package: Path,
-                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_process_command(
+    tmp_path: Path, random_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     save(ct_series(n_slices=3), tmp_path / "in")
-    code = main(["process", "--model", str(random_package), str(tmp_path / "in"),
-                 str(tmp_path / "out")])
+    code = main(
+        ["process", "--model", str(random_package), str(tmp_path / "in"), str(tmp_path / "out")]
+    )
     assert code == 0
     printed = capsys.readouterr().out.split()
     assert len(printed) == 2 and all(Path(p).is_file() for p in printed)
 
 
-def test_process_command_says_what_is_wrong(tmp_path: Path, random_package: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_process_command_says_what_is_wrong(
+    tmp_path: Path, random_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "empty").mkdir()
-    code = main(["process", "--model", str(random_package), str(tmp_path / "empty"),
-                 str(tmp_path / "out")])
+    code = main(
+        ["process", "--model", str(random_package), str(tmp_path / "empty"), str(tmp_path / "out")]
+    )
     assert code == 2
     assert "no DICOM files found" in capsys.readouterr().err
-    code = main(["process", "--model", str(tmp_path / "nope"), str(tmp_path / "empty"),
-                 str(tmp_path / "out")])
+    code = main(
+        [
+            "process",
+            "--model",
+            str(tmp_path / "nope"),
+            str(tmp_path / "empty"),
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     assert "model.yaml" in capsys.readouterr().err

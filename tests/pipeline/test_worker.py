@@ -15,14 +15,24 @@ from tests.pipeline.test_segment import chest, save
 
 
 def setup(tmp_path: Path, model: Path) -> tuple[Worker, Database, Path]:
-    settings = parse_settings({
-        "storage_dir": str(tmp_path / "var"),
-        "destinations": {"a": {"ae_title": "A", "host": "127.0.0.1", "port": 1},
-                         "b": {"ae_title": "B", "host": "127.0.0.1", "port": 2}},
-        "routes": [{"name": "r", "match": {"Modality": ["CT", "DX"]}, "model": str(model),
-                    "send_to": ["a", "b"]}],
-        "max_job_attempts": 2,
-    })
+    settings = parse_settings(
+        {
+            "storage_dir": str(tmp_path / "var"),
+            "destinations": {
+                "a": {"ae_title": "A", "host": "127.0.0.1", "port": 1},
+                "b": {"ae_title": "B", "host": "127.0.0.1", "port": 2},
+            },
+            "routes": [
+                {
+                    "name": "r",
+                    "match": {"Modality": ["CT", "DX"]},
+                    "model": str(model),
+                    "send_to": ["a", "b"],
+                }
+            ],
+            "max_job_attempts": 2,
+        }
+    )
     db = Database(settings.database_path)
     audit = AuditLog(settings.audit_path)
     return Worker(settings, db, audit, torch.device("cpu")), db, settings.audit_path
@@ -31,9 +41,15 @@ def setup(tmp_path: Path, model: Path) -> tuple[Worker, Database, Path]:
 def index(db: Database, paths: list[Path], series_uid: str) -> None:
     for i, path in enumerate(paths):
         db.record_instance(
-            sop_instance_uid=f"1.2.{i}", sop_class_uid="1.2", study_uid="1.2.3",
-            series_uid=series_uid, patient_id="P", attributes={"Modality": "CT"}, path=path,
-            association_id="a", late_policy="reprocess",
+            sop_instance_uid=f"1.2.{i}",
+            sop_class_uid="1.2",
+            study_uid="1.2.3",
+            series_uid=series_uid,
+            patient_id="P",
+            attributes={"Modality": "CT"},
+            path=path,
+            association_id="a",
+            late_policy="reprocess",
         )
     db.queue_series(series_uid, ["r"])
 
@@ -47,7 +63,11 @@ def test_job_outputs_go_to_every_destination(tmp_path: Path, random_package: Pat
     assert db.status()["jobs"] == {"done": 1}
     sends = db.sends()
     assert sorted((s["destination"], Path(s["path"]).name[:3]) for s in sends) == [
-        ("a", "seg"), ("a", "sr-"), ("b", "seg"), ("b", "sr-")]
+        ("a", "seg"),
+        ("a", "sr-"),
+        ("b", "seg"),
+        ("b", "sr-"),
+    ]
     assert all(Path(s["path"]).is_file() for s in sends)
     made = [e for e in read_events(audit) if e["event_id"]["code"] == "110103"]
     assert made[0]["outcome"] == 0 and made[0]["patient_id"] == "P"
