@@ -47,7 +47,7 @@ from tests.conftest import (
     storescu,
     wait_for,
 )
-from tests.factories import JSRT, ct_series, jsrt_dx
+from tests.factories import JSRT, ct_series, jsrt_dx, write_files
 
 THROUGHPUT_SLICES = 300
 THROUGHPUT_SIZE = 512
@@ -77,16 +77,6 @@ class BenchmarkError(Exception):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def write(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ds in datasets:
-        path = folder / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 def received_files(folder: Path) -> list[Path]:
@@ -162,7 +152,7 @@ def runs(values: Sequence[float]) -> str:
 def throughput(work: Path, repeat: int, n_slices: int) -> str:
     started = time.perf_counter()
     series = ct_series(n_slices=n_slices, rows=THROUGHPUT_SIZE, cols=THROUGHPUT_SIZE, shuffle=False)
-    files = write(series, work / "ct")
+    files = write_files(series, work / "ct")
     del series
     nbytes = sum(p.stat().st_size for p in files)
     print(
@@ -339,7 +329,7 @@ def latency(work: Path, repeat: int) -> str:
                 datasets = study.build()
                 study.instances = len(datasets)
                 study_uid = str(datasets[0].StudyInstanceUID)
-                files = write(datasets, work / f"study-{i}-{k}")
+                files = write_files(datasets, work / f"study-{i}-{k}")
                 offset = node.log.stat().st_size
                 send(node.port, files, ae_title=settings["ae_title"])
                 sent = time.time()

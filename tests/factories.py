@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,14 @@ def ct_series(
         order = rng.permutation(n_slices)
         out = [out[i] for i in order]
     return out
+
+
+def write_files(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
+    """Save ``datasets`` as Part 10 files named by SOP Instance UID in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in datasets:
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

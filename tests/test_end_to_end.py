@@ -29,21 +29,12 @@ from tests.factories import (
     PATIENT_NAME,
     ct_series,
     jsrt_dx,
+    write_files,
 )
 
 pytestmark = pytest.mark.peers
 
 CHEST = ["right_lung", "left_lung", "heart", "right_clavicle", "left_clavicle"]
-
-
-def write(datasets: list, folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ds in datasets:
-        path = folder / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 def results(scp: StoreSCP, n: int = 2, timeout_s: float = 90) -> dict[str, Path]:
@@ -72,7 +63,7 @@ def test_dx_study_round_trip(
     require_shared_data()
     node = node_factory(random_package, storescp.port).start()
     source = jsrt_dx("JPCLN001")
-    files = write([source], tmp_path / "study")
+    files = write_files([source], tmp_path / "study")
     sent_at = time.monotonic()
     done = storescu(node.port, files)
     assert done.returncode == 0, done.stderr
@@ -133,7 +124,7 @@ def test_same_study_twice_gives_same_uids(
 ) -> None:
     """A resend of the same study replaces: the outputs keep their SOP Instance UIDs."""
     node = node_factory(random_package, storescp.port).start()
-    files = write(ct_series(n_slices=6), tmp_path / "ct")
+    files = write_files(ct_series(n_slices=6), tmp_path / "ct")
     assert storescu(node.port, files).returncode == 0
     first = {dcmread(p).SOPInstanceUID for p in results(storescp).values()}
     for p in storescp.files():
@@ -157,7 +148,7 @@ def test_compressed_input(
 ) -> None:
     ds = jsrt_dx("JPCLN002") if _has_jsrt() else _synthetic_dx()
     ds.compress(syntax)
-    files = write([ds], tmp_path / "study")
+    files = write_files([ds], tmp_path / "study")
     node = node_factory(random_package, storescp.port).start()
     done = storescu(node.port, files, flag)
     assert done.returncode == 0, done.stderr
@@ -175,7 +166,7 @@ def test_monochrome1_input(
 ) -> None:
     ds = jsrt_dx("JPCLN003", monochrome1=True) if _has_jsrt() else _synthetic_dx(True)
     node = node_factory(random_package, storescp.port).start()
-    assert storescu(node.port, write([ds], tmp_path / "s")).returncode == 0
+    assert storescu(node.port, write_files([ds], tmp_path / "s")).returncode == 0
     out = results(storescp)
     seg = dcmread(out["SEG"])
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ds.SeriesInstanceUID
@@ -189,7 +180,7 @@ def test_kill_while_study_waits(
 ) -> None:
     """Killed after Success but before the series was complete: nothing is lost."""
     node = node_factory(random_package, storescp.port, release_grace_s=3).start()
-    files = write(ct_series(n_slices=5), tmp_path / "ct")
+    files = write_files(ct_series(n_slices=5), tmp_path / "ct")
     assert storescu(node.port, files).returncode == 0
     node.kill9()
     assert storescp.files() == []
@@ -212,7 +203,7 @@ def test_kill_while_job_runs(
     slow = tmp_path_factory.mktemp("slow") / "slow"
     make_random_package(slow, input_size=(512, 512), channels=(32, 64, 128, 256))
     node = node_factory(slow, storescp.port, release_grace_s=0.2).start()
-    files = write(ct_series(n_slices=24, rows=128, cols=128), tmp_path / "ct")
+    files = write_files(ct_series(n_slices=24, rows=128, cols=128), tmp_path / "ct")
     assert storescu(node.port, files).returncode == 0
     wait_for(lambda: node.status()["jobs"].get("running"), 60, "the job to run")
     node.kill9()
@@ -233,7 +224,7 @@ def test_destination_down_then_up(
 ) -> None:
     port = free_port()
     node = node_factory(random_package, port).start()
-    files = write(ct_series(n_slices=4), tmp_path / "ct")
+    files = write_files(ct_series(n_slices=4), tmp_path / "ct")
     assert storescu(node.port, files).returncode == 0
 
     def retried() -> bool:

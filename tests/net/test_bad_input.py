@@ -15,8 +15,8 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicom_node.net.status import StoreStatus
 from tests.conftest import PEER_ENV, NodeProcess, StoreSCP, require_tool, storescu, wait_for
-from tests.factories import ct_series
-from tests.test_end_to_end import results, write
+from tests.factories import ct_series, write_files
+from tests.test_end_to_end import results
 
 pytestmark = pytest.mark.peers
 
@@ -81,7 +81,7 @@ def test_bad_inputs_are_refused_and_node_keeps_serving(
     # Nothing refused was indexed; C-ECHO and a valid study still work.
     assert node.status()["instances"] == 0
     assert echo(node.port) == 0
-    files = write(ct_series(n_slices=3), tmp_path / "good")
+    files = write_files(ct_series(n_slices=3), tmp_path / "good")
     assert storescu(node.port, files).returncode == 0
     wait_for(lambda: node.status()["instances"] == 3, 10, "3 indexed instances")
     assert set(results(storescp)) == {"SEG", "SR"}

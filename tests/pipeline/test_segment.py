@@ -12,17 +12,7 @@ from dicom_node.cli import main
 from dicom_node.models.inference import Segmenter
 from dicom_node.models.package import load_package
 from dicom_node.pipeline.segment import group_series, segment_series, write_outputs
-from tests.factories import ct_series, dx_from_array
-
-
-def save(datasets: list, folder: Path) -> list[Path]:  # type: ignore[type-arg]
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ds in datasets:
-        path = folder / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+from tests.factories import ct_series, dx_from_array, write_files
 
 
 def chest(rows: int = 200, cols: int = 180) -> np.ndarray:
@@ -37,7 +27,7 @@ def test_two_radiographs_in_one_series_give_one_seg_each(
     lateral = dx_from_array(
         chest(220, 160), study_uid=pa.StudyInstanceUID, series_uid=pa.SeriesInstanceUID
     )
-    paths = save([pa, lateral], tmp_path / "in")
+    paths = write_files([pa, lateral], tmp_path / "in")
     results = segment_series(paths, Segmenter(load_package(random_package)))
     assert len(results) == 2
     segs = [r.seg for r in results]
@@ -58,8 +48,8 @@ def test_two_radiographs_in_one_series_give_one_seg_each(
 
 def test_write_outputs_and_group_series(tmp_path: Path, random_package: Path) -> None:
     ct = ct_series(n_slices=4)
-    save(ct, tmp_path / "in" / "ct")
-    save([dx_from_array(chest())], tmp_path / "in" / "dx")
+    write_files(ct, tmp_path / "in" / "ct")
+    write_files([dx_from_array(chest())], tmp_path / "in" / "dx")
     (tmp_path / "in" / "notes.txt").write_text("not DICOM")
     groups = group_series(tmp_path / "in")
     assert sorted(len(v) for v in groups.values()) == [1, 4]
@@ -74,7 +64,7 @@ def test_write_outputs_and_group_series(tmp_path: Path, random_package: Path) ->
 def test_process_command(
     tmp_path: Path, random_package: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    save(ct_series(n_slices=3), tmp_path / "in")
+    write_files(ct_series(n_slices=3), tmp_path / "in")
     code = main(
         ["process", "--model", str(random_package), str(tmp_path / "in"), str(tmp_path / "out")]
     )

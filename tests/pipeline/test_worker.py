@@ -10,8 +10,8 @@ from dicom_node.audit import AuditLog, read_events
 from dicom_node.config import parse_settings
 from dicom_node.pipeline.worker import Worker
 from dicom_node.store.database import Database
-from tests.factories import ct_series, dx_from_array
-from tests.pipeline.test_segment import chest, save
+from tests.factories import ct_series, dx_from_array, write_files
+from tests.pipeline.test_segment import chest
 
 
 def setup(tmp_path: Path, model: Path) -> tuple[Worker, Database, Path]:
@@ -57,7 +57,7 @@ def index(db: Database, paths: list[Path], series_uid: str) -> None:
 def test_job_outputs_go_to_every_destination(tmp_path: Path, random_package: Path) -> None:
     worker, db, audit = setup(tmp_path, random_package)
     ct = ct_series(n_slices=3)
-    index(db, save(ct, tmp_path / "in"), ct[0].SeriesInstanceUID)
+    index(db, write_files(ct, tmp_path / "in"), ct[0].SeriesInstanceUID)
     assert worker.run_once() is True
     assert worker.run_once() is False
     assert db.status()["jobs"] == {"done": 1}
@@ -77,7 +77,7 @@ def test_input_errors_fail_for_good_and_are_audited(tmp_path: Path, random_packa
     worker, db, audit = setup(tmp_path, random_package)
     ds = dx_from_array(chest())
     del ds.PixelData
-    index(db, save([ds], tmp_path / "in"), ds.SeriesInstanceUID)
+    index(db, write_files([ds], tmp_path / "in"), ds.SeriesInstanceUID)
     assert worker.run_once() is True
     status = db.status()
     assert status["jobs"] == {"failed": 1}
@@ -90,7 +90,7 @@ def test_input_errors_fail_for_good_and_are_audited(tmp_path: Path, random_packa
 def test_unexpected_errors_are_retried_then_fail(tmp_path: Path, random_package: Path) -> None:
     worker, db, _ = setup(tmp_path, random_package)
     ct = ct_series(n_slices=2)
-    index(db, save(ct, tmp_path / "in"), ct[0].SeriesInstanceUID)
+    index(db, write_files(ct, tmp_path / "in"), ct[0].SeriesInstanceUID)
     (tmp_path / "var" / "outbox").write_text("a file where the outbox folder should be")
     assert worker.run_once() is True
     assert db.status()["jobs"] == {"pending": 1}  # attempt 1 of max_job_attempts 2
