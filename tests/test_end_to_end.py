@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def test_dx_study_round_trip(
     random_package: Path,
 ) -> None:
     require_shared_data()
-    node = node_factory(random_package, storescp.port).start()
+    metrics_port = free_port()
+    node = node_factory(random_package, storescp.port, metrics_port=metrics_port).start()
     source = jsrt_dx("JPCLN001")
     files = write_files([source], tmp_path / "study")
     sent_at = time.monotonic()
@@ -98,6 +100,21 @@ def test_dx_study_round_trip(
     sr = dcmread(out["SR"])
     assert sr.StudyInstanceUID == source.StudyInstanceUID
     assert latency < 60
+
+    # What an administrator's Prometheus sees.
+    def scraped() -> str | None:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+        return (
+            text
+            if 'dicom_node_sends_total{destination="pacs",outcome="done"} 2.0' in text
+            else None
+        )
+
+    metrics = wait_for(scraped, 10, "delivered sends in the metrics")
+    assert "dicom_node_instances_received_total 1.0" in metrics
+    assert 'dicom_node_jobs_total{outcome="done",route="chest"} 1.0' in metrics
+    assert 'dicom_node_jobs{state="done"} 1.0' in metrics
+    assert 'dicom_node_associations_total{outcome="accepted"} 1.0' in metrics
 
     # No patient data in the operational log of the whole round trip, but in the audit trail.
     node.stop()

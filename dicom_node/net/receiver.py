@@ -30,6 +30,7 @@ from dicom_node.audit import (
     Participants,
 )
 from dicom_node.config import ROUTING_KEYWORDS, Settings
+from dicom_node.metrics import NodeMetrics
 from dicom_node.net.status import StoreStatus
 from dicom_node.net.syntaxes import ACCEPTED
 from dicom_node.store.database import Database
@@ -127,8 +128,10 @@ class Receiver:
         db: Database,
         audit: AuditLog,
         on_release: threading.Event | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or NodeMetrics()
         self.db = db
         self.audit = audit
         self.on_release = on_release
@@ -191,6 +194,7 @@ class Receiver:
 
     def _on_accepted(self, event: Event) -> None:
         state = self._assoc(event)
+        self.metrics.associations.labels("accepted").inc()
         self.audit.record(
             AuditEvent.USER_AUTHENTICATION,
             AuditAction.EXECUTE,
@@ -203,6 +207,7 @@ class Receiver:
 
     def _on_rejected(self, event: Event) -> None:
         who = _participants(event, self.settings.ae_title)
+        self.metrics.associations.labels("rejected").inc()
         self.audit.record(
             AuditEvent.SECURITY_ALERT,
             AuditAction.EXECUTE,
@@ -230,10 +235,10 @@ class Receiver:
                 reason=exc.reason,
                 status=f"0x{exc.status:04X}",
             )
-            return int(exc.status)
+            return self._refuse(exc.status)
         except Exception as exc:  # noqa: BLE001 - network input: any decode failure is a refusal
             log.warning("store.undecodable", association_id=state.id, error=type(exc).__name__)
-            return int(StoreStatus.CANNOT_UNDERSTAND)
+            return self._refuse(StoreStatus.CANNOT_UNDERSTAND)
         path = instance_path(self.settings.spool_dir, study_uid, series_uid, sop_uid)
         try:
             durable_write(path, event.encoded_dataset(include_meta=True))
@@ -250,13 +255,18 @@ class Receiver:
             )
         except OSError as exc:
             log.error("store.write_failed", association_id=state.id, error=exc.strerror)
-            return int(StoreStatus.OUT_OF_RESOURCES)
+            return self._refuse(StoreStatus.OUT_OF_RESOURCES)
         except Exception as exc:  # noqa: BLE001 - e.g. database busy: refuse, keep serving
             log.error("store.index_failed", association_id=state.id, error=type(exc).__name__)
-            return int(StoreStatus.OUT_OF_RESOURCES)
+            return self._refuse(StoreStatus.OUT_OF_RESOURCES)
         with self._lock:
             state.studies[(patient_id, study_uid)] += 1
+        self.metrics.instances_received.inc()
         return int(StoreStatus.SUCCESS)
+
+    def _refuse(self, status: StoreStatus) -> int:
+        self.metrics.instances_refused.labels(f"0x{status:04X}").inc()
+        return int(status)
 
     def _on_close(self, event: Event) -> None:
         with self._lock:

@@ -15,6 +15,7 @@ import structlog
 
 from dicom_node.audit import AuditAction, AuditEvent, AuditLog, AuditOutcome, Participants
 from dicom_node.config import Settings
+from dicom_node.metrics import NodeMetrics
 from dicom_node.net.sender import store_files
 from dicom_node.store.database import Database, SendState
 
@@ -27,8 +28,15 @@ def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
 
 
 class Delivery:
-    def __init__(self, settings: Settings, db: Database, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        audit: AuditLog,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or NodeMetrics()
         self.db = db
         self.audit = audit
 
@@ -60,6 +68,7 @@ class Delivery:
             for send, result in zip(sends, results, strict=True):
                 bound = log.bind(job_id=send.job_id, destination=dest_name)
                 info = self.db.job_series_info(send.job_id)
+                self.metrics.sends.labels(dest_name, "done" if result.ok else "failed").inc()
                 if result.ok:
                     self.db.send_done(send.id)
                     delivered += 1

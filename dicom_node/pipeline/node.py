@@ -26,6 +26,7 @@ from dicom_node.audit import (
 )
 from dicom_node.config import Settings
 from dicom_node.errors import DicomNodeError
+from dicom_node.metrics import NodeMetrics
 from dicom_node.models.inference import select_device
 from dicom_node.net.receiver import Receiver
 from dicom_node.pipeline.assembler import Assembler
@@ -60,11 +61,14 @@ class Node:
         self.work = threading.Event()  # workers: a job was queued
         self.stopping = threading.Event()
         self.device = _device(settings.device)
-        self.receiver = Receiver(settings, self.db, self.audit, on_release=self.wake)
+        self.metrics = NodeMetrics(self.db)
+        self.receiver = Receiver(
+            settings, self.db, self.audit, on_release=self.wake, metrics=self.metrics
+        )
         self.assembler = Assembler(settings, self.db)
-        self.delivery = Delivery(settings, self.db, self.audit)
+        self.delivery = Delivery(settings, self.db, self.audit, self.metrics)
         self.retention = Retention(settings, self.db, self.audit)
-        self.worker = Worker(settings, self.db, self.audit, self.device)
+        self.worker = Worker(settings, self.db, self.audit, self.device, self.metrics)
         self._threads: list[threading.Thread] = []
 
     def _take_lock(self) -> IO[str]:
@@ -90,6 +94,8 @@ class Node:
         for route in self.settings.routes:  # fail at start, not at the first study
             self.worker.segmenter(route.model)
         self.receiver.start()
+        if self.settings.metrics_port is not None:
+            self.metrics.serve(self.settings.metrics_port, self.settings.bind_address)
         self.audit.record(
             AuditEvent.APPLICATION_ACTIVITY,
             AuditAction.EXECUTE,

@@ -18,6 +18,7 @@ import torch
 from dicom_node.audit import AuditAction, AuditEvent, AuditLog, AuditOutcome, Participants
 from dicom_node.config import Route, Settings
 from dicom_node.errors import InputError, ModelPackageError
+from dicom_node.metrics import NodeMetrics
 from dicom_node.models.inference import Segmenter
 from dicom_node.models.package import load_package
 from dicom_node.pipeline.segment import segment_series, write_outputs
@@ -30,9 +31,15 @@ class Worker:
     """Runs jobs from the queue; one instance per worker thread shares the model cache."""
 
     def __init__(
-        self, settings: Settings, db: Database, audit: AuditLog, device: torch.device
+        self,
+        settings: Settings,
+        db: Database,
+        audit: AuditLog,
+        device: torch.device,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or NodeMetrics()
         self.db = db
         self.audit = audit
         self.device = device
@@ -65,7 +72,8 @@ class Worker:
         try:
             if route is None:
                 raise InputError(f"route {job.route!r} is no longer in the configuration")
-            outputs = self._process(job, route)
+            with self.metrics.job_seconds.labels(job.route).time():
+                outputs = self._process(job, route)
         except (InputError, ModelPackageError) as exc:
             self._failed(job, bound, who, info, exc, retry=False)
             return
@@ -75,7 +83,9 @@ class Worker:
             return
         if not self.db.finish_job(job.id, outputs, list(route.send_to)):
             bound.info("job.superseded")
+            self.metrics.jobs.labels(job.route, "superseded").inc()
             return
+        self.metrics.jobs.labels(job.route, "done").inc()
         self.audit.record(
             AuditEvent.INSTANCES_ACCESSED,
             AuditAction.CREATE,
@@ -109,6 +119,7 @@ class Worker:
     ) -> None:
         message = f"{type(exc).__name__}: {exc}"
         state = self.db.fail_job(job.id, message, retry=retry)
+        self.metrics.jobs.labels(job.route, "retried" if retry else "failed").inc()
         bound.warning("job.failed", error=type(exc).__name__, retry=state is JobState.PENDING)
         if state is JobState.FAILED:
             self.audit.record(
