@@ -270,3 +270,32 @@ def _synthetic_dx(monochrome1: bool = False):  # type: ignore[no-untyped-def]
     yy, xx = np.mgrid[0:300, 0:260]
     chest = np.exp(-(((yy - 150) / 90) ** 2 + ((xx - 130) / 80) ** 2))
     return dx_from_array(chest, monochrome1=monochrome1)
+
+
+def test_late_instance_reprocesses_and_supersedes(
+    tmp_path: Path,
+    storescp: StoreSCP,
+    node_factory: Callable[..., NodeProcess],
+    random_package: Path,
+) -> None:
+    """Default policy: a slice that arrives after the series ran makes new outputs that sit in
+    the same SEG/SR series with new SOP Instance UIDs and reference every slice."""
+    node = node_factory(random_package, storescp.port).start()
+    ct = ct_series(n_slices=5, shuffle=False)
+    files = write_files(ct, tmp_path / "ct")
+    assert storescu(node.port, files[:4]).returncode == 0
+    first = {m: dcmread(p) for m, p in results(storescp).items()}
+    for p in storescp.files():
+        p.unlink()
+    assert storescu(node.port, files[4:]).returncode == 0
+    second = {m: dcmread(p) for m, p in results(storescp).items()}
+    for modality in ("SEG", "SR"):
+        assert second[modality].SeriesInstanceUID == first[modality].SeriesInstanceUID
+        assert second[modality].SOPInstanceUID != first[modality].SOPInstanceUID
+    refs = {
+        i.ReferencedSOPInstanceUID
+        for s in second["SEG"].ReferencedSeriesSequence
+        for i in s.ReferencedInstanceSequence
+    }
+    assert refs == {ds.SOPInstanceUID for ds in ct}
+    assert node.status()["jobs"] == {"done": 2}
