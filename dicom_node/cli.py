@@ -17,6 +17,7 @@ from dicom_node import __version__
 from dicom_node.config import Destination, Settings, load_settings
 from dicom_node.errors import DicomNodeError
 from dicom_node.log import configure_logging
+from dicom_node.training.cli import add_evaluate_parser, add_train_parser
 
 log = structlog.get_logger(__name__)
 
@@ -221,13 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(audit_sub.add_parser("verify", help="check the audit log's hash chain"))
     p.set_defaults(func=cmd_audit_verify)
 
-    try:
-        from dicom_node.training.cli import add_evaluate_parser, add_train_parser
-    except ImportError:  # training extras missing: the node itself still runs
-        pass
-    else:
-        add_train_parser(sub)
-        add_evaluate_parser(sub)
+    add_train_parser(sub)
+    add_evaluate_parser(sub)
     return parser
 
 
