@@ -123,7 +123,7 @@ def write_model_card(
     seconds: float,
     device: torch.device,
     summary: dict[str, dict[str, float]],
-    postprocess_comparison: dict[str, dict[str, float]],
+    postprocess_comparison: dict[str, dict[str, dict[str, float]]],
     init: ModelPackage | None,
 ) -> Path:
     """Write ``MODEL_CARD.md`` of the package in ``folder`` from the measured figures."""
@@ -135,8 +135,15 @@ def write_model_card(
     labels = [st.label for st in package.structures]
     pp_rows = ["| postprocessing | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for variant, per in postprocess_comparison.items():
-        pp_rows.append(f"| {variant} | " + " | ".join(f"{per[lb]:.4f}" for lb in labels) + " |")
-    chosen = {st.label: [p.value for p in st.postprocess] for st in package.structures}
+        pp_rows.append(
+            f"| {variant} | "
+            + " | ".join(f"{per[lb]['jaccard']:.5f} / {per[lb]['hd95_mm']:.2f}" for lb in labels)
+            + " |"
+        )
+    kept = "; ".join(
+        f"{st.label}: {' + '.join(p.value for p in st.postprocess) or 'nothing'}"
+        for st in package.structures
+    )
     weights_mb = package.weights.stat().st_size / 1e6
     citations = (
         "Cite when using this model:\n\n"
@@ -145,6 +152,18 @@ def write_model_card(
         else "No citation given in the training config."
     )
     goals = _goal_table(summary)
+    config_path = config.source or "TRAIN.yaml"
+    init_arg = "" if init is None else f" \\\n    --init PACKAGE_{init.name}_{init.version}"
+    retrain = (
+        "```\n"
+        f"dicom-node train --data DATA --config {config_path}{init_arg} \\\n"
+        f"    --out config/models/{package.name}\n```"
+    )
+    if init is not None:
+        retrain += (
+            f"\n\n`PACKAGE_{init.name}_{init.version}` is the package this one started from; "
+            "the comments of the training config say how it is made."
+        )
     description = config.data.description.strip() or "(no description in the training config)"
     initialisation = (
         "random (`--init` was not used)"
@@ -219,18 +238,22 @@ Overlays of the best, median and worst validation case: `validation/overlay_*.pn
 
 ## Postprocessing, measured
 
-Mean validation Jaccard per structure for each combination; a step is kept for a structure
-only when it improves on `none`. Kept: {chosen}.
+Mean validation Jaccard / HD95 (mm) per structure for each combination. A combination is kept
+for a structure only when it improves on `none`: Jaccard up by more than
+{s.postprocess_min_gain} without HD95 worse by more than {s.postprocess_min_gain_mm} mm, or HD95
+down by more than {s.postprocess_min_gain_mm} mm without a lower Jaccard. Kept: {kept}.
 
 {chr(10).join(pp_rows)}
 
 ## Retrain and evaluate
 
+{retrain}
+
 ```
-dicom-node train --data ../shared/data/jsrt --config config/train-cxr.yaml \\
-    --out config/models/{package.name}
-dicom-node evaluate --model config/models/{package.name} --data ../shared/data/jsrt --out /tmp/eval
+dicom-node evaluate --model config/models/{package.name} --data DATA --out /tmp/eval
 ```
+
+See `docs/training.md`.
 """
     path = folder / CARD_FILE
     path.write_text(text)

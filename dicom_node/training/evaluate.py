@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,14 +61,27 @@ class EvaluationResult:
         return format_table(self.summary)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "metrics": list(METRICS),
-            "groups": {k: list(v) for k, v in GROUPS.items()},
-            "spacing_mm": self.spacing_mm,
-            "cases": self.cases,
-            "summary": self.summary,
-            "per_case": self.per_case,
-        }
+        """A JSON-ready mapping; undefined values (NaN: HD95 with one empty mask) are null."""
+        return _no_nan(
+            {
+                "metrics": list(METRICS),
+                "groups": {k: list(v) for k, v in GROUPS.items()},
+                "spacing_mm": self.spacing_mm,
+                "cases": self.cases,
+                "summary": self.summary,
+                "per_case": self.per_case,
+            }
+        )
+
+
+def _no_nan(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
 
 
 def predict_probabilities(
@@ -127,16 +141,26 @@ def select_postprocessing(
     cases: Sequence[str],
     candidates: Sequence[Postprocess],
     *,
+    spacing_mm: float = 1.0,
+    min_gain: float = 0.0,
+    min_gain_mm: float = 0.0,
     device: torch.device | None = None,
-) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
-    """Measure every combination of ``candidates`` per structure; keep what improves Jaccard.
+) -> tuple[dict[str, list[str]], dict[str, dict[str, dict[str, float]]]]:
+    """Measure every combination of ``candidates`` per structure; keep what improves.
+
+    For each structure a combination improves on the raw masks when it raises the mean Jaccard
+    by more than ``min_gain`` without raising the mean HD95 by more than ``min_gain_mm``, or
+    lowers the mean HD95 by more than ``min_gain_mm`` without lowering the mean Jaccard (a
+    stray island hardly changes the Jaccard but moves the surface distances). Of the
+    combinations that improve, the one with the highest Jaccard, then the lowest HD95, then
+    the fewest steps, is chosen.
 
     Returns
     -------
     tuple
-        ``{label: [step, ...]}`` chosen per structure (empty when nothing improves the mean
-        Jaccard over the raw masks), and ``{variant: {label: mean Jaccard}}`` measured, where a
-        variant is the steps joined by ``+`` (``none`` for the raw masks).
+        ``{label: [step, ...]}`` chosen per structure (empty when nothing improves), and
+        ``{variant: {label: {"jaccard": mean, "hd95_mm": mean}}}`` measured, where a variant is
+        the steps joined by ``+`` (``none`` for the raw masks).
     """
     device = device or select_device()
     data_dir = Path(data_dir)
@@ -144,7 +168,7 @@ def select_postprocessing(
     labels = [s.label for s in package.structures]
     variants = _variants(candidates)
     packages = {v: with_postprocess(package, dict.fromkeys(labels, v)) for v in variants}
-    scores: dict[tuple[Postprocess, ...], dict[str, list[float]]] = {
+    values: dict[tuple[Postprocess, ...], dict[str, list[dict[str, float]]]] = {
         v: {label: [] for label in labels} for v in variants
     }
     for case in cases:
@@ -154,21 +178,48 @@ def select_postprocessing(
         for v in variants:
             done = postprocess(channels_last, packages[v], per_frame=True)
             pred = np.moveaxis(done[0], -1, 0)
-            spacing = (1.0, 1.0)  # overlap only; spacing is irrelevant
-            for label, m in case_metrics(pred, truth, labels, spacing, distances=False).items():
-                scores[v][label].append(m["jaccard"])
-    comparison = {
-        ("+".join(p.value for p in v) or "none"): {
-            label: float(np.mean(vals)) for label, vals in per.items()
+            for label, m in case_metrics(pred, truth, labels, (spacing_mm, spacing_mm)).items():
+                values[v][label].append(m)
+    means = {
+        v: {
+            label: {
+                name: float(np.nanmean([m[name] for m in per[label]]))
+                for name in ("jaccard", "hd95_mm")
+            }
+            for label in labels
         }
-        for v, per in scores.items()
+        for v, per in values.items()
     }
     chosen: dict[str, list[str]] = {}
     for label in labels:
-        best = max(variants, key=lambda v: (float(np.mean(scores[v][label])), -len(v)))
-        gain = float(np.mean(scores[best][label]) - np.mean(scores[()][label]))
-        chosen[label] = [p.value for p in best] if gain > 0 else []
-        log.info("postprocessing measured", structure=label, chosen=chosen[label], gain=gain)
+        base = means[()][label]
+
+        def delta(v: tuple[Postprocess, ...], lb: str = label) -> tuple[float, float]:
+            return (
+                means[v][lb]["jaccard"] - means[()][lb]["jaccard"],
+                means[v][lb]["hd95_mm"] - means[()][lb]["hd95_mm"],
+            )
+
+        improving = [
+            v
+            for v in variants
+            if v
+            and (
+                (delta(v)[0] > min_gain and delta(v)[1] <= min_gain_mm)
+                or (delta(v)[0] >= 0 and delta(v)[1] < -min_gain_mm)
+            )
+        ]
+        best = max(improving, key=lambda v: (delta(v)[0], -delta(v)[1], -len(v)), default=())
+        chosen[label] = [p.value for p in best]
+        log.info(
+            "postprocessing measured",
+            structure=label,
+            chosen=chosen[label],
+            jaccard_gain=round(delta(best)[0], 6),
+            hd95_gain_mm=round(-delta(best)[1], 3),
+            raw_jaccard=round(base["jaccard"], 4),
+        )
+    comparison = {("+".join(p.value for p in v) or "none"): per for v, per in means.items()}
     return chosen, comparison
 
 

@@ -40,7 +40,13 @@ from dicom_node.models.package import MODEL_FILE, ModelPackage, Postprocess, loa
 from dicom_node.models.unet import build_network, load_network
 from dicom_node.training import card
 from dicom_node.training.augment import AugmentConfig, build_augmentation
-from dicom_node.training.data import CachedCases, list_cases, make_split, read_findings
+from dicom_node.training.data import (
+    CachedCases,
+    Split,
+    list_cases,
+    make_split,
+    read_findings,
+)
 from dicom_node.training.evaluate import evaluate, select_postprocessing
 from dicom_node.training.metrics import batch_dice
 
@@ -72,6 +78,9 @@ class TrainSettings:
         Pixel spacing of the training images (PNG has none), for HD95 in mm.
     postprocess_candidates
         Postprocessing steps to measure on the validation cases.
+    postprocess_min_gain, postprocess_min_gain_mm
+        Smallest gain of mean validation Jaccard, or of mean HD95 in mm, for which a step is
+        kept (a few pixels' worth of change is noise, not an improvement).
     num_threads
         CPU threads of torch (None: torch's default).
     """
@@ -89,6 +98,8 @@ class TrainSettings:
     split_seed: int = 0
     spacing_mm: float = 1.0
     postprocess_candidates: tuple[str, ...] = ("largest_component", "fill_holes")
+    postprocess_min_gain: float = 0.0005
+    postprocess_min_gain_mm: float = 0.1
     num_threads: int | None = None
 
     @classmethod
@@ -216,17 +227,17 @@ def write_model_yaml(folder: Path, model: dict[str, Any]) -> Path:
     doc = dict(model)
     doc["weights"] = WEIGHTS_FILE
     path = folder / MODEL_FILE
-    path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=None)
+    path.write_text(text)
     return path
 
 
-def transfer_weights(network: torch.nn.Module, init: ModelPackage) -> tuple[int, int]:
-    """Copy the weights of package ``init`` into ``network`` where names and shapes match.
+def transfer_weights(network: torch.nn.Module, source: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Copy the tensors of ``source`` (a state dict) into ``network`` where names and shapes match.
 
     Returns the number of tensors copied and the number of tensors of ``network``; tensors that
     do not fit (e.g. the last layer when the structures differ) keep their initialisation.
     """
-    source = load_network(init, torch.device("cpu")).state_dict()
     target = network.state_dict()
     copied = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
     target.update(copied)
@@ -321,12 +332,18 @@ def train(
     seed_everything(settings.seed)
     device = select_device()
 
+    # The init weights are read before anything is written: --init may be --out itself.
+    init_package = load_package(init) if init is not None else None
+    init_state = (
+        None
+        if init_package is None
+        else load_network(init_package, torch.device("cpu")).state_dict()
+    )
     # The package is validated by the one validator before any time is spent training.
     network = build_network_from(config.model, out)
     package = load_package(out)
-    init_package = load_package(init) if init is not None else None
-    if init_package is not None:
-        copied, total = transfer_weights(network, init_package)
+    if init_package is not None and init_state is not None:
+        copied, total = transfer_weights(network, init_state)
         log.info("initialised from package", init=init_package.name, copied=copied, total=total)
     network.to(device)
 
@@ -437,13 +454,64 @@ def train(
     card.plot_curves(history, out / card.CURVES_FILE, best_epoch)
     (out / HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
 
-    # Postprocessing kept per structure only where it improves the validation Jaccard.
+    return finish_package(
+        out,
+        config,
+        data_dir,
+        RunRecord(
+            split=split,
+            history=history,
+            best_epoch=best_epoch,
+            epochs_planned=n_epochs,
+            epochs_fitted=planned,
+            seconds=train_seconds,
+            init=init_package,
+        ),
+        device=device,
+        overlays=overlays,
+    )
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the training loop leaves for :func:`finish_package`."""
+
+    split: Split
+    history: list[dict[str, Any]]
+    best_epoch: int
+    epochs_planned: int
+    epochs_fitted: int
+    seconds: float
+    init: ModelPackage | None = None
+
+
+def finish_package(
+    out: Path,
+    config: TrainConfig,
+    data_dir: Path,
+    run: RunRecord,
+    *,
+    device: torch.device,
+    overlays: bool = True,
+) -> TrainResult:
+    """Complete the package in ``out`` whose best weights are written: postprocessing, figures.
+
+    Measures the postprocessing candidates on the validation cases and keeps, per structure,
+    the combination that improves the mean Jaccard or HD95 (see
+    :func:`~dicom_node.training.evaluate.select_postprocessing`);
+    evaluates the package on the validation cases as ``evaluate`` does; writes ``model.yaml``
+    with the figures and the model card.
+    """
+    settings = config.training
     package = load_package(out)
     chosen, comparison = select_postprocessing(
         package,
         data_dir,
-        split.validation,
+        run.split.validation,
         [Postprocess(p) for p in settings.postprocess_candidates],
+        spacing_mm=settings.spacing_mm,
+        min_gain=settings.postprocess_min_gain,
+        min_gain_mm=settings.postprocess_min_gain_mm,
         device=device,
     )
     model = dict(config.model)
@@ -461,9 +529,9 @@ def train(
         device=device,
     )
     metrics = {
-        "validation_cases": len(split.validation),
+        "validation_cases": len(run.split.validation),
         "spacing_mm": settings.spacing_mm,
-        "best_epoch": best_epoch,
+        "best_epoch": run.best_epoch,
         "structures": {
             label: {k: round(v, 4) for k, v in result_eval.summary[label].items()}
             for label in result_eval.summary
@@ -471,15 +539,15 @@ def train(
     }
     model["metrics"] = metrics
     model["training"] = {
-        "data": str(data_dir.name),
+        "data": str(Path(data_dir).name),
         "split": "split.json",
-        "epochs_run": len(history),
-        "epochs_planned": n_epochs,
-        "epochs_fitted_to_budget": planned,
-        "best_epoch": best_epoch,
-        "seconds": round(train_seconds, 1),
+        "epochs_run": len(run.history),
+        "epochs_planned": run.epochs_planned,
+        "epochs_fitted_to_budget": run.epochs_fitted,
+        "best_epoch": run.best_epoch,
+        "seconds": round(run.seconds, 1),
         "device": card.hardware(device),
-        "init": None if init_package is None else f"{init_package.name} {init_package.version}",
+        "init": None if run.init is None else f"{run.init.name} {run.init.version}",
     }
     write_model_yaml(out, model)
     package = load_package(out)
@@ -487,23 +555,21 @@ def train(
         out,
         package=package,
         config=config,
-        split=split,
-        history=history,
-        best_epoch=best_epoch,
-        seconds=train_seconds,
+        split=run.split,
+        history=run.history,
+        best_epoch=run.best_epoch,
+        seconds=run.seconds,
         device=device,
         summary=result_eval.summary,
         postprocess_comparison=comparison,
-        init=init_package,
+        init=run.init,
     )
-    log.info(
-        "package written", model=package.name, best_epoch=best_epoch, seconds=round(train_seconds)
-    )
+    log.info("package written", model=package.name, best_epoch=run.best_epoch)
     return TrainResult(
         package=package,
-        history=history,
-        best_epoch=best_epoch,
-        seconds=train_seconds,
+        history=run.history,
+        best_epoch=run.best_epoch,
+        seconds=run.seconds,
         metrics=metrics,
     )
 

@@ -14,10 +14,16 @@ from PIL import Image
 
 from dicom_node.errors import ConfigError, InputError
 from dicom_node.models.package import load_package
+from dicom_node.models.unet import build_network
 from dicom_node.training.augment import AugmentConfig, build_augmentation
 from dicom_node.training.data import make_split, read_split
 from dicom_node.training.evaluate import evaluate
-from dicom_node.training.train import load_train_config, parse_train_config, train
+from dicom_node.training.train import (
+    load_train_config,
+    parse_train_config,
+    train,
+    transfer_weights,
+)
 from tests.factories import JSRT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,19 +111,30 @@ def test_evaluate_runs_on_the_package(tiny_package: Path, tiny_data: Path, tmp_p
 
 
 @needs_jsrt
-def test_init_fine_tunes_from_a_package(
+def test_init_fine_tunes_from_a_package_even_in_place(
     tiny_package: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
+    in_place = tmp_path / "ft"
+    shutil.copytree(tiny_package, in_place)
+    start = torch.load(in_place / "model.pt", weights_only=True)
+    network = build_network(load_package(in_place))
+    assert transfer_weights(network, start) == (len(start), len(start))
+    doc = tiny_config(1)
+    doc["training"]["seed"] = 1  # another random start than the package's, to tell them apart
     result = train(
         tiny_data,
-        parse_train_config(tiny_config(1)),
-        tmp_path / "ft",
-        init=tiny_package,
+        parse_train_config(doc),
+        in_place,
+        init=in_place,  # --init PACKAGE --out PACKAGE: the weights are read before writing
         progress=False,
         overlays=False,
     )
-    assert "from package cxr-anatomy" in (tmp_path / "ft" / "MODEL_CARD.md").read_text()
-    assert result.package.weights.is_file()
+    assert "from package cxr-anatomy" in (in_place / "MODEL_CARD.md").read_text()
+    tuned = torch.load(result.package.weights, weights_only=True)
+    # one epoch at a small learning rate moves the weights a little, not to a new random start
+    key = next(k for k, v in start.items() if v.is_floating_point() and v.numel() > 100)
+    drift = (tuned[key].float() - start[key].float()).abs().mean()
+    assert drift < 0.5 * start[key].float().abs().mean()
 
 
 def test_shipped_training_config_is_valid() -> None:
