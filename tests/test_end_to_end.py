@@ -30,6 +30,7 @@ from tests.factories import (
     PATIENT_NAME,
     ct_series,
     jsrt_dx,
+    jsrt_mask,
     write_files,
 )
 
@@ -299,3 +300,46 @@ def test_late_instance_reprocesses_and_supersedes(
     }
     assert refs == {ds.SOPInstanceUID for ds in ct}
     assert node.status()["jobs"] == {"done": 2}
+
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "config" / "models" / "cxr-anatomy"
+
+
+def test_default_model_on_a_real_radiograph(
+    tmp_path: Path,
+    storescp: StoreSCP,
+    node_factory: Callable[..., NodeProcess],
+) -> None:
+    """The shipped model, over the network, on a held-out JSRT case sent as MONOCHROME1 DX:
+    the SEG lands on the expert masks (no flip, no shift), and the SR carries the areas and the
+    cardiothoracic ratio."""
+    require_shared_data()
+    case = json.loads((DEFAULT_MODEL / "split.json").read_text())["validation"][0]
+    source = jsrt_dx(case, monochrome1=True)
+    node = node_factory(DEFAULT_MODEL, storescp.port).start()
+    assert storescu(node.port, write_files([source], tmp_path / "study")).returncode == 0
+    out = results(storescp)
+    seg = dcmread(out["SEG"])
+    masks = read_seg_masks(seg, source_frame_keys([source]))[0]
+    for i, structure in enumerate(CHEST):
+        expert = jsrt_mask(case, structure)
+        jaccard = (masks[..., i] & expert).sum() / (masks[..., i] | expert).sum()
+        assert jaccard > (0.75 if "clavicle" in structure else 0.85), (structure, jaccard)
+    assert dciodvfy_errors(out["SEG"]) == [] and dciodvfy_errors(out["SR"]) == []
+
+    sr = dcmread(out["SR"])
+    values = {}
+    for group in sr.ContentSequence:
+        for item in group.get("ContentSequence", []):
+            for leaf in item.get("ContentSequence", []):
+                if leaf.ValueType == "NUM":
+                    name = leaf.ConceptNameCodeSequence[0].CodeMeaning
+                    unit = leaf.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue
+                    values.setdefault((name, unit), []).append(
+                        float(leaf.MeasuredValueSequence[0].NumericValue)
+                    )
+    assert len(values[("Area", "cm2")]) == 5
+    expert_area = jsrt_mask(case, "right_lung").sum() * 0.35 * 0.35 / 100
+    assert values[("Area", "cm2")][0] == pytest.approx(expert_area, rel=0.1)
+    (ctr,) = values[("Cardiothoracic ratio", "{ratio}")]
+    assert 0.3 < ctr < 0.7
