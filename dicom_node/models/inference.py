@@ -130,6 +130,16 @@ class Segmenter:
             probs = self._activate(logits)[0].cpu().numpy()
         return np.ascontiguousarray(np.moveaxis(restore_volume(probs, placement), 0, -1))
 
+    def predict_image(self, image: np.ndarray) -> np.ndarray:
+        """Probabilities ``(rows, cols, S)`` of one 2D image given as an array (no DICOM).
+
+        The same path as :meth:`predict` for one frame; used by ``evaluate`` and training on
+        plain image files. Only for 2D models.
+        """
+        if self.package.dims != 2:
+            raise InputError(f"model {self.package.name} is 3D; give it a series, not an image")
+        return self._predict_2d(np.asarray(image, dtype=np.float32)[None])[0]
+
     def predict(self, series: ImageSeries) -> np.ndarray:
         """Return the probabilities of each structure on the source pixel grid.
 

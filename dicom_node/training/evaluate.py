@@ -1,8 +1,8 @@
 """``dicom-node evaluate``: per-structure metrics of a model package on a PNG folder.
 
-Each image goes through the node's own inference path: :func:`prepare_image`, the network,
-sigmoid, :func:`restore_probabilities` back to the full source grid, the package's threshold and
-its postprocessing; the masks are compared with the expert masks at full resolution. By default
+Each image goes through the node's own inference path,
+:meth:`~dicom_node.models.inference.Segmenter.predict_image` (the shared preprocessing, the
+network, back to the full source grid), the package's threshold and its postprocessing; the masks are compared with the expert masks at full resolution. By default
 the cases are the validation cases of the package's ``split.json``; ``all_cases`` takes every
 case of the folder (then cases the model was trained on are included, and the figures are
 optimistic).
@@ -26,11 +26,9 @@ import numpy as np
 import structlog
 import torch
 
-from dicom_node.models.inference import masks_from_probabilities, select_device
+from dicom_node.models.inference import Segmenter, masks_from_probabilities, select_device
 from dicom_node.models.package import ModelPackage, Postprocess, load_package
 from dicom_node.models.postprocess import postprocess
-from dicom_node.models.preprocess import prepare_image, restore_probabilities
-from dicom_node.models.unet import load_network
 from dicom_node.training.data import list_cases, read_image, read_masks, read_split
 from dicom_node.training.metrics import (
     GROUPS,
@@ -84,33 +82,15 @@ def _no_nan(value: Any) -> Any:
     return value
 
 
-def predict_probabilities(
-    network: torch.nn.Module, package: ModelPackage, image: np.ndarray, device: torch.device
-) -> np.ndarray:
-    """Sigmoid probabilities ``(S, rows, cols)`` of one 2D image on its own pixel grid."""
-    prepared, placement = prepare_image(image, package)
-    with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
-        logits = network(torch.from_numpy(prepared)[None, None].to(device))
-    probs = torch.sigmoid(logits.float())[0].cpu().numpy()
-    return restore_probabilities(probs, placement)
-
-
-def predict_masks(
-    network: torch.nn.Module,
-    package: ModelPackage,
-    image: np.ndarray,
-    device: torch.device,
-    *,
-    raw: bool = False,
-) -> np.ndarray:
-    """Boolean masks ``(S, rows, cols)``: thresholded and, unless ``raw``, postprocessed.
-
-    Thresholding and postprocessing are the node's own
-    (:func:`~dicom_node.models.inference.masks_from_probabilities`,
-    :func:`~dicom_node.models.postprocess.postprocess`, per frame as for projection images).
+def predict_masks(segmenter: Segmenter, image: np.ndarray, *, raw: bool = False) -> np.ndarray:
+    """Boolean masks ``(S, rows, cols)`` of one image: thresholded and, unless ``raw``,
+    postprocessed, exactly as the node does for a radiograph
+    (:meth:`~dicom_node.models.inference.Segmenter.predict_image`,
+    :func:`~dicom_node.models.inference.masks_from_probabilities`,
+    :func:`~dicom_node.models.postprocess.postprocess` per frame).
     """
-    probs = np.moveaxis(predict_probabilities(network, package, image, device), 0, -1)[None]
-    masks = masks_from_probabilities(probs, package)
+    package = segmenter.package
+    masks = masks_from_probabilities(segmenter.predict_image(image)[None], package)
     if not raw:
         masks = postprocess(masks, package, per_frame=True)
     return np.moveaxis(masks[0], -1, 0)
@@ -164,7 +144,7 @@ def select_postprocessing(
     """
     device = device or select_device()
     data_dir = Path(data_dir)
-    network = load_network(package, device)
+    segmenter = Segmenter(package, device)
     labels = [s.label for s in package.structures]
     variants = _variants(candidates)
     packages = {v: with_postprocess(package, dict.fromkeys(labels, v)) for v in variants}
@@ -173,7 +153,7 @@ def select_postprocessing(
     }
     for case in cases:
         truth = read_masks(data_dir, case, labels)
-        raw = predict_masks(network, package, read_image(data_dir, case), device, raw=True)
+        raw = predict_masks(segmenter, read_image(data_dir, case), raw=True)
         channels_last = np.moveaxis(raw, 0, -1)[None]
         for v in variants:
             done = postprocess(channels_last, packages[v], per_frame=True)
@@ -267,11 +247,11 @@ def evaluate(
         if "spacing_mm" not in package.metrics:
             log.warning("no pixel spacing known; HD95 is in pixels", model=package.name)
     device = device or select_device()
-    network = load_network(package, device)
+    segmenter = Segmenter(package, device)
     per_case: dict[str, dict[str, dict[str, float]]] = {}
     for case in cases:
         image = read_image(data_dir, case)
-        pred = predict_masks(network, package, image, device)
+        pred = predict_masks(segmenter, image)
         truth = read_masks(data_dir, case, labels)
         per_case[case] = case_metrics(pred, truth, labels, (spacing_mm, spacing_mm))
     summary = summarize(per_case.values())
@@ -282,7 +262,7 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS_FILE).write_text(json.dumps(result.to_json(), indent=1) + "\n")
         (out / TABLE_FILE).write_text(result.table + "\n")
-        result.overlays = write_overlays(network, package, data_dir, per_case, out, device)
+        result.overlays = write_overlays(segmenter, data_dir, per_case, out)
     return result
 
 
@@ -294,12 +274,10 @@ def rank_cases(per_case: dict[str, dict[str, dict[str, float]]]) -> dict[str, st
 
 
 def write_overlays(
-    network: torch.nn.Module,
-    package: ModelPackage,
+    segmenter: Segmenter,
     data_dir: Path,
     per_case: dict[str, dict[str, dict[str, float]]],
     out: Path,
-    device: torch.device,
 ) -> dict[str, Path]:
     """Write ``overlay_best.png``, ``overlay_median.png`` and ``overlay_worst.png`` in ``out``."""
     import matplotlib
@@ -308,11 +286,12 @@ def write_overlays(
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
+    package = segmenter.package
     labels = [s.label for s in package.structures]
     paths: dict[str, Path] = {}
     for rank, case in rank_cases(per_case).items():
         image = read_image(data_dir, case)
-        pred = predict_masks(network, package, image, device)
+        pred = predict_masks(segmenter, image)
         truth = read_masks(data_dir, case, labels)
         fig, ax = plt.subplots(figsize=(8, 8.6), dpi=110)
         ax.imshow(image, cmap="gray")
