@@ -129,9 +129,10 @@ def test_dx_study_round_trip(
     assert ("DICOM Instances Accessed", "C") in kinds  # SEG + SR made
     assert ("DICOM Instances Transferred", "R") in kinds  # sent
     received = [e for e in audit if e["action"] == "C" and e["event_id"]["code"] == "110104"]
-    assert received[0]["patient_id"] == PATIENT_ID
+    assert [e["details"]["phase"] for e in received] == ["receiving", "association closed"]
+    assert all(e["patient_id"] == PATIENT_ID for e in received)
     assert received[0]["calling_ae"] == "MODALITY"
-    assert received[0]["details"]["instances"] == 1
+    assert received[1]["details"]["instances"] == 1
 
 
 def test_same_study_twice_gives_same_uids(
@@ -343,3 +344,24 @@ def test_default_model_on_a_real_radiograph(
     assert values[("Area", "cm2")][0] == pytest.approx(expert_area, rel=0.1)
     (ctr,) = values[("Cardiothoracic ratio", "{ratio}")]
     assert 0.3 < ctr < 0.7
+
+
+def test_transfer_is_audited_before_the_association_ends(
+    storescp: StoreSCP, node_factory: Callable[..., NodeProcess], random_package: Path
+) -> None:
+    """Killed mid-association: the instance answered Success is already in the audit trail."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    node = node_factory(random_package, storescp.port).start()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    assert assoc.send_c_store(ct_series(n_slices=1)[0]).Status == 0
+    node.kill9()
+    assoc.abort()
+    audit = [json.loads(x) for x in (node.storage / "audit.jsonl").read_text().splitlines()]
+    received = [e for e in audit if e["event_id"]["code"] == "110104" and e["action"] == "C"]
+    assert [e["patient_id"] for e in received] == [PATIENT_ID]
+    assert received[0]["details"]["phase"] == "receiving"

@@ -260,7 +260,23 @@ class Receiver:
             log.error("store.index_failed", association_id=state.id, error=type(exc).__name__)
             return self._refuse(StoreStatus.OUT_OF_RESOURCES)
         with self._lock:
-            state.studies[(patient_id, study_uid)] += 1
+            key = (patient_id, study_uid)
+            first = key not in state.studies
+            state.studies[key] += 1
+        if first:
+            # Audited before the first Success of a study on this association, so a node
+            # killed before the association ends still has the transfer on record; the count
+            # follows when the association closes.
+            self.audit.record(
+                AuditEvent.INSTANCES_TRANSFERRED,
+                AuditAction.CREATE,
+                AuditOutcome.SUCCESS,
+                state.who,
+                patient_id=patient_id,
+                study_uid=study_uid,
+                association_id=state.id,
+                phase="receiving",
+            )
         self.metrics.instances_received.inc()
         return int(StoreStatus.SUCCESS)
 
@@ -282,6 +298,7 @@ class Receiver:
                 patient_id=patient_id,
                 study_uid=study_uid,
                 association_id=state.id,
+                phase="association closed",
                 instances=count,
             )
         if state.studies:
