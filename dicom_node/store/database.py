@@ -439,9 +439,14 @@ class Database:
         return [r["series_uid"] for r in rows]
 
     def series_older_than(self, cutoff: float) -> list[str]:
+        """Series last touched before ``cutoff`` with no job to run and no result to send."""
         rows = self._query(
-            "SELECT series_uid FROM series WHERE last_received_at < ? AND state != ?",
-            (cutoff, SeriesState.RECEIVING),
+            """SELECT s.series_uid FROM series s WHERE s.last_received_at < ? AND s.state != ?
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid
+                               AND j.state IN (?, ?))
+               AND NOT EXISTS (SELECT 1 FROM sends x JOIN jobs j ON x.job_id = j.id
+                               WHERE j.series_uid = s.series_uid AND x.state = ?)""",
+            (cutoff, SeriesState.RECEIVING, JobState.PENDING, JobState.RUNNING, SendState.PENDING),
         )
         return [r["series_uid"] for r in rows]
 
