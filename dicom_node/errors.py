@@ -18,7 +18,3 @@ class ModelPackageError(DicomNodeError):
 
 class InputError(DicomNodeError):
     """Input images cannot be processed (unsupported, inconsistent or undecodable)."""
-
-
-class SendError(DicomNodeError):
-    """A result could not be delivered to a destination."""

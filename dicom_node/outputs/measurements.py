@@ -261,7 +261,8 @@ def is_planar(series: ImageSeries) -> bool:
     return series.shape[0] == 1
 
 
-def _check_masks(series: ImageSeries, masks: np.ndarray, package: ModelPackage) -> None:
+def check_masks(series: ImageSeries, masks: np.ndarray, package: ModelPackage) -> None:
+    """Raise ValueError unless ``masks`` is boolean ``(frames, rows, cols, structures)``."""
     expected = (*series.shape, len(package.structures))
     if masks.shape != expected:
         raise ValueError(
@@ -365,7 +366,7 @@ def measure(series: ImageSeries, masks: np.ndarray, package: ModelPackage) -> Me
     ValueError
         When ``masks`` is not boolean or its shape does not match the series and package.
     """
-    _check_masks(series, masks, package)
+    check_masks(series, masks, package)
     return Measurements(
         structures=_structure_measurements(series, masks, package),
         cardiothoracic_ratio=_ratio(series, masks, package),

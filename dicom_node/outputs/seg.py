@@ -35,6 +35,7 @@ import dicom_node
 from dicom_node.errors import InputError
 from dicom_node.imaging.series import ImageSeries
 from dicom_node.models.package import ModelPackage, Structure
+from dicom_node.outputs.measurements import check_masks
 from dicom_node.uids import derive_uid
 
 log = structlog.get_logger(__name__)
@@ -191,14 +192,7 @@ def build_seg(
             f"the series holds {series.shape[0]} projection images; a SEG is written for one "
             "projection image at a time, so process each image of the series on its own"
         )
-    expected = (*series.shape, len(package.structures))
-    if masks.shape != expected:
-        raise ValueError(
-            f"masks must have shape (frames, rows, cols, structures) = {expected}, "
-            f"got {masks.shape}"
-        )
-    if masks.dtype != np.bool_:
-        raise ValueError(f"masks must be a boolean array, got dtype {masks.dtype}")
+    check_masks(series, masks, package)
     algorithm = algorithm_identification(package)
     descriptions = [
         segment_description(

@@ -17,7 +17,7 @@ from dicom_node.audit import AuditAction, AuditEvent, AuditLog, AuditOutcome, Pa
 from dicom_node.config import Settings
 from dicom_node.metrics import NodeMetrics
 from dicom_node.net.sender import store_files
-from dicom_node.store.database import Database, SendState
+from dicom_node.store.database import Database, Send, SendState
 
 log = structlog.get_logger(__name__)
 
@@ -66,53 +66,41 @@ class Delivery:
                 peer_address=f"{dest.host}:{dest.port}",
             )
             for send, result in zip(sends, results, strict=True):
-                bound = log.bind(job_id=send.job_id, destination=dest_name)
-                info = self.db.job_series_info(send.job_id)
-                self.metrics.sends.labels(dest_name, "done" if result.ok else "failed").inc()
-                if result.ok:
-                    self.db.send_done(send.id)
-                    delivered += 1
-                    bound.info("send.done", detail=result.detail)
-                    self.audit.record(
-                        AuditEvent.INSTANCES_TRANSFERRED,
-                        AuditAction.READ,
-                        AuditOutcome.SUCCESS,
-                        who,
-                        patient_id=info.get("patient_id"),
-                        study_uid=info.get("study_uid"),
-                        job_id=send.job_id,
-                        destination=dest_name,
-                        sop_instance_uid=send.sop_instance_uid,
-                    )
-                    continue
-                attempts = send.attempts + 1
-                give_up = attempts >= policy.max_attempts
-                next_at = (
-                    None
-                    if give_up
-                    else (
-                        time.time()
-                        + backoff_s(attempts, policy.initial_backoff_s, policy.max_backoff_s)
-                    )
-                )
-                state = self.db.send_failed(send.id, result.detail, next_attempt_at=next_at)
-                bound.warning(
-                    "send.failed",
-                    detail=result.detail,
-                    attempts=attempts,
-                    dead_letter=state is SendState.FAILED,
-                )
-                if state is SendState.FAILED:
-                    self.audit.record(
-                        AuditEvent.INSTANCES_TRANSFERRED,
-                        AuditAction.READ,
-                        AuditOutcome.SERIOUS_FAILURE,
-                        who,
-                        patient_id=info.get("patient_id"),
-                        study_uid=info.get("study_uid"),
-                        job_id=send.job_id,
-                        destination=dest_name,
-                        sop_instance_uid=send.sop_instance_uid,
-                        error=result.detail,
-                    )
+                delivered += self._record(send, dest_name, who, result.ok, result.detail)
         return delivered
+
+    def _record(self, send: Send, dest_name: str, who: Participants, ok: bool, detail: str) -> int:
+        """Record one attempt's outcome: done, retry later, or dead letter; return 1 if done."""
+        bound = log.bind(job_id=send.job_id, destination=dest_name)
+        self.metrics.sends.labels(dest_name, "done" if ok else "failed").inc()
+        if ok:
+            self.db.send_done(send.id)
+            bound.info("send.done", detail=detail)
+            outcome = AuditOutcome.SUCCESS
+        else:
+            policy = self.settings.send
+            attempts = send.attempts + 1
+            next_at = None
+            if attempts < policy.max_attempts:
+                wait = backoff_s(attempts, policy.initial_backoff_s, policy.max_backoff_s)
+                next_at = time.time() + wait
+            state = self.db.send_failed(send.id, detail, next_attempt_at=next_at)
+            dead = state is SendState.FAILED
+            bound.warning("send.failed", detail=detail, attempts=attempts, dead_letter=dead)
+            if not dead:
+                return 0
+            outcome = AuditOutcome.SERIOUS_FAILURE
+        info = self.db.job_series_info(send.job_id)
+        self.audit.record(
+            AuditEvent.INSTANCES_TRANSFERRED,
+            AuditAction.READ,
+            outcome,
+            who,
+            patient_id=info.get("patient_id"),
+            study_uid=info.get("study_uid"),
+            job_id=send.job_id,
+            destination=dest_name,
+            sop_instance_uid=send.sop_instance_uid,
+            error=None if ok else detail,
+        )
+        return 1 if ok else 0

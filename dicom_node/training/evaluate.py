@@ -2,10 +2,10 @@
 
 Each image goes through the node's own inference path,
 :meth:`~dicom_node.models.inference.Segmenter.predict_image` (the shared preprocessing, the
-network, back to the full source grid), the package's threshold and its postprocessing; the masks are compared with the expert masks at full resolution. By default
-the cases are the validation cases of the package's ``split.json``; ``all_cases`` takes every
-case of the folder (then cases the model was trained on are included, and the figures are
-optimistic).
+network, back to the full source grid), the package's threshold and its postprocessing; the
+masks are compared with the expert masks at full resolution. By default the cases are the
+validation cases of the package's ``split.json``; ``all_cases`` takes every case of the folder
+(then cases the model was trained on are included, and the figures are optimistic).
 
 Outputs: a table (:func:`~dicom_node.training.metrics.format_table`), ``metrics.json`` with the
 summary and every case, and PNG overlays of the best, median and worst case (by mean Jaccard):
