@@ -151,6 +151,7 @@ def test_same_study_twice_gives_same_uids(
     assert storescu(node.port, files).returncode == 0
     second = {dcmread(p).SOPInstanceUID for p in results(storescp).values()}
     assert first == second
+    assert node.status()["instances"] == 6  # the resent instances replaced, not duplicated
     seg = dcmread(next(p for p in storescp.files() if dcmread(p).Modality == "SEG"))
     assert seg.NumberOfFrames >= 1
     assert all(dciodvfy_errors(p) == [] for p in storescp.files())
