@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Real peers from Debian's packages, used by the tests and benchmarks.
-PEERS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc
+PEERS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl
 
 .PHONY: install serve test lint bench peers clean
 

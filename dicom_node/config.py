@@ -46,6 +46,15 @@ class Route:
 
 
 @dataclass(frozen=True)
+class TLSSettings:
+    """TLS on the node's DICOM port (PS3.15 B.1, the BCP 195 profile's TLS 1.2+)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None  # when set: callers must present a certificate it signed
+
+
+@dataclass(frozen=True)
 class SendPolicy:
     """Retries of C-STORE to destinations, persisted across restarts."""
 
@@ -64,6 +73,7 @@ class Settings:
     bind_address: str = "0.0.0.0"
     storage_dir: Path = Path("var")
     allowed_callers: tuple[str, ...] = ()
+    tls: TLSSettings | None = None
     stable_after_s: float = 10.0
     release_grace_s: float = 1.0
     late_instances: str = "reprocess"
@@ -226,6 +236,31 @@ def _routes(doc: Any, destinations: dict[str, Destination], base: Path) -> tuple
     return tuple(routes)
 
 
+def _tls(doc: Any, base: Path) -> TLSSettings | None:
+    if doc is None:
+        return None
+    doc = _mapping(doc, "tls")
+    unknown = set(doc) - {"cert_file", "key_file", "ca_file"}
+    if unknown:
+        raise ConfigError(f"tls: unknown key(s) {', '.join(sorted(unknown))}")
+    paths: dict[str, Path | None] = {}
+    for key in ("cert_file", "key_file", "ca_file"):
+        value = doc.get(key)
+        if value is None:
+            if key != "ca_file":
+                raise ConfigError(f"tls.{key}: missing; the PEM file of the node's {key[:-5]}")
+            paths[key] = None
+            continue
+        path = Path(str(value))
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            raise ConfigError(f"tls.{key}: {value!r} is not a readable file")
+        paths[key] = path
+    cert, key_file = paths["cert_file"], paths["key_file"]
+    assert cert is not None and key_file is not None
+    return TLSSettings(cert, key_file, paths["ca_file"])
+
+
 def parse_settings(doc: Any, base: Path | None = None) -> Settings:
     """Validate a parsed YAML document into :class:`Settings`.
 
@@ -282,6 +317,7 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         bind_address=str(doc.get("bind_address", defaults.bind_address)),
         storage_dir=storage if storage.is_absolute() else base / storage,
         allowed_callers=tuple(_ae_title(c, f"allowed_callers[{i}]") for i, c in enumerate(callers)),
+        tls=_tls(doc.get("tls"), base),
         stable_after_s=_number(
             doc.get("stable_after_s", defaults.stable_after_s), "stable_after_s"
         ),

@@ -7,6 +7,7 @@ is not decoded here. Every bad input gets a failure status and the node keeps se
 
 from __future__ import annotations
 
+import ssl
 import threading
 import uuid
 from collections import Counter
@@ -30,6 +31,7 @@ from dicom_node.audit import (
     Participants,
 )
 from dicom_node.config import ROUTING_KEYWORDS, Settings
+from dicom_node.errors import ConfigError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.net.status import StoreStatus
 from dicom_node.net.syntaxes import ACCEPTED
@@ -164,12 +166,31 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         server = self._ae().start_server(
-            (self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers
+            (self.settings.bind_address, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self._ssl_context(),
         )
         assert server is not None  # block=False always returns the server
         self.server = server
         log.info("receiver.listening", port=self.settings.port, ae_title=self.settings.ae_title)
         return server
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """TLS 1.2+ with the node's certificate; mutual TLS when ``tls.ca_file`` is set."""
+        tls = self.settings.tls
+        if tls is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+            if tls.ca_file is not None:
+                context.load_verify_locations(tls.ca_file)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"tls: cannot load the certificate, key or CA: {exc}") from exc
+        return context
 
     def stop(self) -> None:
         if self.server is not None:
