@@ -33,6 +33,7 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: TLSSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,17 @@ class Route:
 
 @dataclass(frozen=True)
 class TLSSettings:
-    """TLS on the node's DICOM port (PS3.15 B.1, the BCP 195 profile's TLS 1.2+)."""
+    """TLS 1.2+ (PS3.15 B.1) on the node's DICOM port or towards a destination.
 
-    cert_file: Path
-    key_file: Path
-    ca_file: Path | None = None  # when set: callers must present a certificate it signed
+    On the node's port ``cert_file`` and ``key_file`` are required, and with ``ca_file`` callers
+    must present a certificate that CA signed. Towards a destination ``ca_file`` is required (the
+    destination's certificate must be signed by it), and ``cert_file`` + ``key_file`` are the
+    node's client certificate for destinations that ask for one.
+    """
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -169,12 +176,12 @@ def _mapping(value: Any, key: str) -> dict[str, Any]:
     return value
 
 
-def _destinations(doc: Any) -> dict[str, Destination]:
+def _destinations(doc: Any, base: Path) -> dict[str, Destination]:
     out = {}
     for name, item in _mapping(doc, "destinations").items():
         key = f"destinations.{name}"
         item = _mapping(item, key)
-        unknown = set(item) - {"ae_title", "host", "port"}
+        unknown = set(item) - {"ae_title", "host", "port", "tls"}
         if unknown:
             raise ConfigError(f"{key}: unknown key(s) {', '.join(sorted(unknown))}")
         for required in ("ae_title", "host", "port"):
@@ -188,6 +195,7 @@ def _destinations(doc: Any) -> dict[str, Destination]:
             ae_title=_ae_title(item["ae_title"], f"{key}.ae_title"),
             host=host,
             port=_port(item["port"], f"{key}.port"),
+            tls=_tls(item.get("tls"), base, f"{key}.tls", ("ca_file",)),
         )
     return out
 
@@ -236,29 +244,29 @@ def _routes(doc: Any, destinations: dict[str, Destination], base: Path) -> tuple
     return tuple(routes)
 
 
-def _tls(doc: Any, base: Path) -> TLSSettings | None:
+def _tls(doc: Any, base: Path, where: str, required: tuple[str, ...]) -> TLSSettings | None:
     if doc is None:
         return None
-    doc = _mapping(doc, "tls")
+    doc = _mapping(doc, where)
     unknown = set(doc) - {"cert_file", "key_file", "ca_file"}
     if unknown:
-        raise ConfigError(f"tls: unknown key(s) {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    if ("cert_file" in doc) != ("key_file" in doc):
+        raise ConfigError(f"{where}: cert_file and key_file go together")
     paths: dict[str, Path | None] = {}
     for key in ("cert_file", "key_file", "ca_file"):
         value = doc.get(key)
         if value is None:
-            if key != "ca_file":
-                raise ConfigError(f"tls.{key}: missing; the PEM file of the node's {key[:-5]}")
+            if key in required:
+                raise ConfigError(f"{where}.{key}: missing; the path of a PEM file")
             paths[key] = None
             continue
         path = Path(str(value))
         path = path if path.is_absolute() else base / path
         if not path.is_file():
-            raise ConfigError(f"tls.{key}: {value!r} is not a readable file")
+            raise ConfigError(f"{where}.{key}: {value!r} is not a readable file")
         paths[key] = path
-    cert, key_file = paths["cert_file"], paths["key_file"]
-    assert cert is not None and key_file is not None
-    return TLSSettings(cert, key_file, paths["ca_file"])
+    return TLSSettings(paths["cert_file"], paths["key_file"], paths["ca_file"])
 
 
 def parse_settings(doc: Any, base: Path | None = None) -> Settings:
@@ -295,7 +303,7 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
     callers = doc.get("allowed_callers", [])
     if not isinstance(callers, list):
         raise ConfigError(f"allowed_callers: expected a list of AE titles, got {callers!r}")
-    destinations = _destinations(doc.get("destinations", {}))
+    destinations = _destinations(doc.get("destinations", {}), base)
     send_doc = _mapping(doc.get("send", {}), "send")
     unknown_send = set(send_doc) - set(SendPolicy.__dataclass_fields__)
     if unknown_send:
@@ -317,7 +325,7 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         bind_address=str(doc.get("bind_address", defaults.bind_address)),
         storage_dir=storage if storage.is_absolute() else base / storage,
         allowed_callers=tuple(_ae_title(c, f"allowed_callers[{i}]") for i, c in enumerate(callers)),
-        tls=_tls(doc.get("tls"), base),
+        tls=_tls(doc.get("tls"), base, "tls", ("cert_file", "key_file")),
         stable_after_s=_number(
             doc.get("stable_after_s", defaults.stable_after_s), "stable_after_s"
         ),

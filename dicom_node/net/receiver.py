@@ -183,6 +183,7 @@ class Receiver:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        assert tls.cert_file is not None and tls.key_file is not None  # checked by the config
         try:
             context.load_cert_chain(tls.cert_file, tls.key_file)
             if tls.ca_file is not None:

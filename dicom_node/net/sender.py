@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.config import Destination
+from dicom_node.config import Destination, TLSSettings
 from dicom_node.net.status import STORED
 from dicom_node.net.syntaxes import UNCOMPRESSED
 
@@ -57,7 +58,15 @@ def store_files(
         syntaxes = [ts for (sop, ts) in contexts if sop == sop_class]
         syntaxes += [ts for ts in UNCOMPRESSED if ts not in syntaxes]
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    try:
+        tls_args = (
+            None if destination.tls is None else (client_context(destination.tls), destination.host)
+        )
+    except (ssl.SSLError, OSError) as exc:
+        return [StoreResult(p, False, f"TLS set-up failed: {exc}") for p in paths]
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "no association (peer down?)"
         return [StoreResult(p, False, reason) for p in paths]
@@ -81,6 +90,21 @@ def store_files(
         if assoc.is_established:
             assoc.release()
     return results
+
+
+def client_context(tls: TLSSettings) -> ssl.SSLContext:
+    """TLS 1.2+ towards a destination whose certificate ``tls.ca_file`` signed.
+
+    Host names are not checked (DICOM peers are usually addressed by IP and identified by
+    their certificate's CA); the client certificate is offered when configured.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    if tls.cert_file is not None and tls.key_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
 
 
 def echo(

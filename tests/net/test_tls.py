@@ -78,6 +78,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     certificate(folder, "ca", None)
     certificate(folder, "node", "ca")
     certificate(folder, "modality", "ca")
+    certificate(folder, "pacs", "ca")
     certificate(folder, "rogue", None)
     return folder
 
@@ -134,9 +135,67 @@ def test_mutual_tls(
 
 
 def test_tls_config_errors_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="tls.key_file: missing"):
+    with pytest.raises(ConfigError, match="tls: cert_file and key_file go together"):
         parse_settings({"storage_dir": str(tmp_path), "tls": {"cert_file": __file__}})
+    with pytest.raises(ConfigError, match="tls.cert_file: missing"):
+        parse_settings({"storage_dir": str(tmp_path), "tls": {"ca_file": __file__}})
+    dest = {
+        "ae_title": "PACS",
+        "host": "h",
+        "port": 104,
+        "tls": {"cert_file": __file__, "key_file": __file__},
+    }
+    with pytest.raises(ConfigError, match="destinations.pacs.tls.ca_file: missing"):
+        parse_settings({"storage_dir": str(tmp_path), "destinations": {"pacs": dest}})
     with pytest.raises(ConfigError, match="tls.cert_file: '/nope.crt' is not a readable file"):
         parse_settings(
             {"storage_dir": str(tmp_path), "tls": {"cert_file": "/nope.crt", "key_file": __file__}}
         )
+
+
+def test_results_are_sent_over_tls(
+    tmp_path: Path, pki: Path, node_factory: Callable[..., NodeProcess], random_package: Path
+) -> None:
+    """A destination that speaks only TLS (DCMTK storescp +tls) still gets every result."""
+    from tests.conftest import free_port, wait_port
+
+    port = free_port()
+    pacs = tmp_path / "pacs"
+    pacs.mkdir()
+    scp = subprocess.Popen(
+        [
+            require_tool("storescp"),
+            "+tls",
+            str(pki / "pacs.key"),
+            str(pki / "pacs.crt"),
+            "+cf",
+            str(pki / "ca.crt"),
+            "-aet",
+            "PACS",
+            "-od",
+            str(pacs),
+            "-uf",
+            str(port),
+        ],
+        env=PEER_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        tls = {
+            "ca_file": str(pki / "ca.crt"),
+            "cert_file": str(pki / "modality.crt"),
+            "key_file": str(pki / "modality.key"),
+        }
+        node = node_factory(random_package, port)
+        node.settings["destinations"]["pacs"]["tls"] = tls
+        node.config.write_text(__import__("yaml").safe_dump(node.settings))
+        node.start()
+        files = write_files(ct_series(n_slices=2), tmp_path / "ct")
+        assert storescu(node.port, files).returncode == 0
+        receiver = StoreSCP(pacs, port)
+        assert set(results(receiver)) == {"SEG", "SR"}
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
