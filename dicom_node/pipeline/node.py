@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from typing import IO
 
 import structlog
@@ -39,6 +40,7 @@ from dicom_node.store.spool import clean_stale_temp_files
 log = structlog.get_logger(__name__)
 
 TICK_S = 0.2
+RETENTION_EVERY_S = 30.0
 
 
 def _device(preference: str) -> torch.device:
@@ -119,10 +121,15 @@ class Node:
         self._threads.append(thread)
 
     def _schedule(self) -> None:
+        next_retention = 0.0
         while not self.stopping.is_set():
             self.wake.wait(TICK_S)
             self.wake.clear()
-            for stage in (self.assembler, self.delivery, self.retention):
+            stages: list[Assembler | Delivery | Retention] = [self.assembler, self.delivery]
+            if time.monotonic() >= next_retention:  # purging need not be sub-second
+                stages.append(self.retention)
+                next_retention = time.monotonic() + RETENTION_EVERY_S
+            for stage in stages:
                 try:
                     if stage.tick() and stage is self.assembler:
                         self.work.set()

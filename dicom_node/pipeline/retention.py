@@ -2,11 +2,12 @@
 (``delete_after_success``) or after ``retention_days``; every deletion is audited.
 
 Nothing is deleted while a job for the series may still run or a result still waits to be
-sent. Delivered results stay in the outbox for now (not yet purged; see docs/operations.md).
+sent. The series' delivered results in the outbox go with it (the destinations hold them).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import structlog
@@ -28,17 +29,15 @@ class Retention:
     def tick(self, now: float | None = None) -> int:
         """Purge what the policy allows; return the number of series purged."""
         now = time.time() if now is None else now
-        series: set[str] = set()
-        if self.settings.delete_after_success:
-            series.update(self.db.finished_series())
+        due: dict[str, str] = {}
         if self.settings.retention_days is not None:
-            series.update(self.db.series_older_than(now - self.settings.retention_days * 86400))
-        for series_uid in sorted(series):
-            self.purge(
-                series_uid,
-                reason="delivered" if self.settings.delete_after_success else "retention period",
-            )
-        return len(series)
+            cutoff = now - self.settings.retention_days * 86400
+            due.update(dict.fromkeys(self.db.series_older_than(cutoff), "retention period"))
+        if self.settings.delete_after_success:
+            due.update(dict.fromkeys(self.db.finished_series(), "delivered"))
+        for series_uid, reason in sorted(due.items()):
+            self.purge(series_uid, reason)
+        return len(due)
 
     def purge(self, series_uid: str, reason: str) -> None:
         info = self.db.series_info(series_uid) or {}
@@ -48,6 +47,8 @@ class Retention:
         for record in records:
             record.path.unlink(missing_ok=True)
             remove_empty_parents(record.path, self.settings.spool_dir)
+        for job_id in self.db.series_job_ids(series_uid):
+            shutil.rmtree(self.settings.outbox_dir / str(job_id), ignore_errors=True)
         self.audit.record(
             AuditEvent.STUDY_DELETED,
             AuditAction.DELETE,

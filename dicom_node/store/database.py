@@ -450,6 +450,10 @@ class Database:
         )
         return [r["series_uid"] for r in rows]
 
+    def series_job_ids(self, series_uid: str) -> list[int]:
+        rows = self._query("SELECT id FROM jobs WHERE series_uid = ? ORDER BY id", (series_uid,))
+        return [r["id"] for r in rows]
+
     def forget_instances(self, series_uid: str) -> list[InstanceRecord]:
         """Remove a series' instances from the index and return them (files go next)."""
         with self._tx() as c:

@@ -51,9 +51,13 @@ def test_purge_after_delivery_only(tmp_path: Path) -> None:
     db.finish_job(job.id, [(tmp_path / "seg.dcm", "2.25.1")], ["pacs"])
     assert retention.tick() == 0  # result not delivered yet
     (send,) = db.due_sends()
+    outbox = tmp_path / "var" / "outbox" / str(job.id)
+    outbox.mkdir(parents=True)
+    (outbox / "seg.dcm").write_bytes(b"delivered result")
     db.send_done(send.id)
     assert retention.tick() == 1
     assert not any(p.exists() for p in paths)
+    assert not outbox.exists()
     assert not (spool / "1.2").exists()
     assert db.series_instances("1.2.3") == []
     deleted = [e for e in read_events(tmp_path / "var" / "audit.jsonl")]
