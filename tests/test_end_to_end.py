@@ -366,3 +366,46 @@ def test_transfer_is_audited_before_the_association_ends(
     received = [e for e in audit if e["event_id"]["code"] == "110104" and e["action"] == "C"]
     assert [e["patient_id"] for e in received] == [PATIENT_ID]
     assert received[0]["details"]["phase"] == "receiving"
+
+
+def test_concurrent_senders(
+    tmp_path: Path,
+    storescp: StoreSCP,
+    node_factory: Callable[..., NodeProcess],
+    random_package: Path,
+) -> None:
+    """Three modalities sending at once: every instance indexed, every series segmented."""
+    import subprocess
+
+    from tests.conftest import PEER_ENV, require_tool
+
+    node = node_factory(random_package, storescp.port).start()
+    series = [ct_series(n_slices=8, seed=i) for i in range(3)]
+    procs = [
+        subprocess.Popen(
+            [
+                require_tool("storescu"),
+                "-aet",
+                f"MODALITY{i}",
+                "-aec",
+                "DICOMNODE",
+                "127.0.0.1",
+                str(node.port),
+                *map(str, write_files(s, tmp_path / f"ct{i}")),
+            ],
+            env=PEER_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i, s in enumerate(series)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    found = results(storescp, n=6)
+    assert len(found) == 2  # by modality: SEG and SR
+    assert node.status()["instances"] == 24
+    referenced = set()
+    for path in storescp.files():
+        ds = dcmread(path)
+        if ds.Modality == "SEG":
+            referenced.add(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    assert referenced == {s[0].SeriesInstanceUID for s in series}
