@@ -289,18 +289,31 @@ class Receiver:
             # Audited before the first Success of a study on this association, so a node
             # killed before the association ends still has the transfer on record; the count
             # follows when the association closes.
-            self.audit.record(
-                AuditEvent.INSTANCES_TRANSFERRED,
-                AuditAction.CREATE,
-                AuditOutcome.SUCCESS,
-                state.who,
-                patient_id=patient_id,
-                study_uid=study_uid,
-                association_id=state.id,
-                phase="receiving",
-            )
+            self._audit_received(state, patient_id, study_uid, phase="receiving")
         self.metrics.instances_received.inc()
         return int(StoreStatus.SUCCESS)
+
+    def _audit_received(
+        self,
+        state: _Association,
+        patient_id: str,
+        study_uid: str,
+        *,
+        phase: str,
+        instances: int | None = None,
+    ) -> None:
+        """DICOM Instances Transferred (110104), action Create: instances of a study received."""
+        self.audit.record(
+            AuditEvent.INSTANCES_TRANSFERRED,
+            AuditAction.CREATE,
+            AuditOutcome.SUCCESS,
+            state.who,
+            patient_id=patient_id,
+            study_uid=study_uid,
+            association_id=state.id,
+            phase=phase,
+            instances=instances,
+        )
 
     def _refuse(self, status: StoreStatus) -> int:
         self.metrics.instances_refused.labels(f"0x{status:04X}").inc()
@@ -312,16 +325,8 @@ class Receiver:
         if state is None:
             return
         for (patient_id, study_uid), count in state.studies.items():
-            self.audit.record(
-                AuditEvent.INSTANCES_TRANSFERRED,
-                AuditAction.CREATE,
-                AuditOutcome.SUCCESS,
-                state.who,
-                patient_id=patient_id,
-                study_uid=study_uid,
-                association_id=state.id,
-                phase="association closed",
-                instances=count,
+            self._audit_received(
+                state, patient_id, study_uid, phase="association closed", instances=count
             )
         if state.studies:
             self.db.association_released(state.id)
