@@ -148,6 +148,19 @@ def projection_series(datasets: list[Any], spacing_source: str | None) -> ImageS
     )
 
 
+def ct_slice_series() -> ImageSeries:
+    """One synthetic 64 x 64 CT slice at 0.8 mm as the loader makes it: a planar image."""
+    ds = ct_series(n_slices=1)[0]
+    return ImageSeries(
+        datasets=(ds,),
+        pixels=ds.pixel_array.astype(np.float32)[None],
+        pixel_spacing_mm=(0.8, 0.8),
+        spacing_source="PixelSpacing",
+        slice_spacing_mm=None,
+        is_projection=False,
+    )
+
+
 @pytest.fixture(scope="session")
 def jsrt_case() -> tuple[ImageSeries, np.ndarray]:
     """The JSRT DX of :data:`JSRT_CASE` and its five expert masks ``(1, 1024, 1024, 5)``."""

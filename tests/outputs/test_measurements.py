@@ -18,6 +18,7 @@ from tests.outputs.conftest import (
     CHEST_STRUCTURES,
     CT_STRUCTURES,
     MakePackage,
+    ct_slice_series,
     projection_series,
 )
 
@@ -186,17 +187,8 @@ def test_no_volume_without_slice_spacing(
 
 def test_single_slice_is_measured_by_area(make_package: MakePackage) -> None:
     package = make_package(CT_STRUCTURES, ["area", "volume"], dims=2, name="ct-slice")
-    from tests.factories import ct_series
 
-    ds = ct_series(n_slices=1)[0]
-    series = ImageSeries(
-        datasets=(ds,),
-        pixels=ds.pixel_array.astype(np.float32)[None],
-        pixel_spacing_mm=(0.8, 0.8),
-        spacing_source="PixelSpacing",
-        slice_spacing_mm=None,
-        is_projection=False,
-    )
+    series = ct_slice_series()
     masks = np.zeros((1, 64, 64, 2), dtype=bool)
     masks[0, :10, :10, 0] = True
     liver = measure(series, masks, package).structures[0]

@@ -18,7 +18,7 @@ from dicom_node.outputs.seg import build_seg
 from dicom_node.outputs.sr import CARDIOTHORACIC_RATIO, PRIVATE_SCHEME, build_sr
 from dicom_node.outputs.validate import dciodvfy_errors, dciodvfy_path
 from dicom_node.uids import output_uids
-from tests.factories import SHARED_DATA, ct_series
+from tests.factories import SHARED_DATA
 
 REFERENCE = SHARED_DATA / "reference"
 
@@ -292,18 +292,10 @@ def test_ct_report_valid(ct: Outputs) -> None:
 
 
 def test_single_ct_slice_is_planar(make_package, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from tests.outputs.conftest import CT_STRUCTURES
+    from tests.outputs.conftest import CT_STRUCTURES, ct_slice_series
 
     package = make_package(CT_STRUCTURES, ["area"], dims=2, name="ct-slice")
-    ds = ct_series(n_slices=1)[0]
-    series = ImageSeries(
-        datasets=(ds,),
-        pixels=ds.pixel_array.astype(np.float32)[None],
-        pixel_spacing_mm=(0.8, 0.8),
-        spacing_source="PixelSpacing",
-        slice_spacing_mm=None,
-        is_projection=False,
-    )
+    series = ct_slice_series()
     masks = np.zeros((1, 64, 64, 2), dtype=bool)
     masks[0, 10:20, 10:20, 0] = True
     out = make_outputs(series, masks, package, tmp_path)
