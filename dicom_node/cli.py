@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from dicom_node import __version__
 from dicom_node.config import Destination, Settings, load_settings
 from dicom_node.errors import DicomNodeError
 from dicom_node.log import configure_logging
+from dicom_node.outputs.kinds import OutputKind
 from dicom_node.training.cli import add_evaluate_parser, add_train_parser
 
 log = structlog.get_logger(__name__)
@@ -69,15 +71,26 @@ def cmd_process(args: argparse.Namespace) -> int:
     if not groups:
         raise DicomNodeError(f"{args.input_dir}: no DICOM files found")
     out = Path(args.output_dir)
+    kinds = _output_kinds(args.outputs)
     for series_uid, paths in groups.items():
-        results = segment_series(paths, segmenter)
-        for path, _ in write_outputs(results, out):
-            print(path)
-        print(
-            f"series {series_uid}: {len(paths)} instance(s) -> {len(results)} SEG + SR",
-            file=sys.stderr,
-        )
+        results = segment_series(paths, segmenter, kinds)
+        written = write_outputs(results, out)
+        for item in written:
+            print(item.path)
+        made = ", ".join(f"{sum(w.kind == k for w in written)} {k.value}" for k in kinds)
+        print(f"series {series_uid}: {len(paths)} instance(s) -> {made}", file=sys.stderr)
     return 0
+
+
+def _output_kinds(text: str) -> list[OutputKind]:
+    """``--outputs seg,sr,overlay`` as output kinds, refusing unknown ones."""
+    allowed = ", ".join(k.value for k in OutputKind)
+    kinds = []
+    for item in (t.strip() for t in text.split(",")):
+        if item not in {k.value for k in OutputKind}:
+            raise DicomNodeError(f"--outputs: {item!r} is not an output kind; allowed: {allowed}")
+        kinds.append(OutputKind(item))
+    return kinds
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -128,13 +141,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(status[table].items())) or "none"
         print(f"{table}: {counts}")
     for name, addr in status["configured_destinations"].items():
-        d = status["destinations"].get(name, {})
-        line = f"destination {name} ({addr}): " + (
-            ", ".join(f"{k} {v}" for k, v in sorted(d.items()) if k != "last_error") or "idle"
-        )
-        if "last_error" in d:
-            line += f"; last error: {d['last_error']}"
-        print(line)
+        print(_destination_line(name, addr, status["destinations"].get(name, {})))
     for job in status["failed_jobs"]:
         print(
             f"failed job {job['id']} (route {job['route']}, {job['attempts']} attempts): "
@@ -143,14 +150,43 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+_SEND_COUNTS = ("pending", "done", "failed")
+
+
+def _destination_line(name: str, addr: str, d: dict[str, object]) -> str:
+    """One destination of ``status``: sends by state, when it is next tried, last error."""
+    counts = ", ".join(f"{k} {d[k]}" for k in _SEND_COUNTS if k in d) or "idle"
+    line = f"destination {name} ({addr}): {counts}"
+    next_at = d.get("next_attempt_at")
+    if isinstance(next_at, float):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(next_at))
+        in_s = max(0.0, next_at - time.time())
+        line += f"; next try {when} ({'now' if in_s < 0.5 else f'in {in_s:.0f} s'})"
+    if "last_error" in d:
+        line += f"; last error: {d['last_error']}"
+    return line
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     from dicom_node.store.database import Database
 
     settings = load_settings(args.config)
+    if args.destination is not None and args.destination not in settings.destinations:
+        known = ", ".join(sorted(settings.destinations)) or "none configured"
+        raise DicomNodeError(f"--destination {args.destination!r}: unknown; known: {known}")
+    if not settings.database_path.exists():
+        print(f"no database at {settings.database_path}: the node has not run yet")
+        return 0
     db = Database(settings.database_path)
-    n = db.retry_failed_sends(args.destination)
-    db.close()
-    print(f"{n} failed send(s) queued again; a running node sends them within seconds")
+    try:
+        n = db.retry_failed_sends(args.destination)
+        waiting = db.sends_due_now(args.destination) if args.now else 0
+    finally:
+        db.close()
+    print(f"{n} failed send(s) queued again", end="")
+    if args.now:
+        print(f", {waiting} waiting send(s) made due now", end="")
+    print("; a running node sends them within seconds")
     return 0
 
 
@@ -192,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input_dir")
     p.add_argument("output_dir")
     p.add_argument("--model", help="model package folder (default: the first route's model)")
+    p.add_argument(
+        "--outputs",
+        default="seg,sr",
+        help="comma-separated output kinds to write: seg, sr, overlay (default seg,sr)",
+    )
     p.set_defaults(func=cmd_process)
 
     p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
@@ -213,8 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = with_config(sub.add_parser("retry", help="queue dead-lettered sends again"))
-    p.add_argument("--destination")
+    p = with_config(
+        sub.add_parser(
+            "retry",
+            help="queue dead-lettered sends again; with --now also send waiting ones now",
+        )
+    )
+    p.add_argument("--destination", help="only sends to this destination (default: all)")
+    p.add_argument(
+        "--now",
+        action="store_true",
+        help="also make sends that wait for their retry backoff due at once",
+    )
     p.set_defaults(func=cmd_retry)
 
     audit = sub.add_parser("audit", help="audit trail tools")

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from dicom_node.errors import ConfigError
+from dicom_node.outputs.kinds import DEFAULT_OUTPUTS, OutputKind
 
 # PS3.5 6.2: AE titles are up to 16 characters of the default repertoire, no backslash or
 # control characters; leading and trailing spaces are not significant.
@@ -27,13 +28,19 @@ _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer that receives results (C-STORE SCP)."""
+    """A DICOM peer that receives results (C-STORE SCP).
+
+    ``outputs`` are the kinds of result it receives (``seg``, ``sr``, ``overlay``): a PACS
+    that cannot show DICOM SEG asks for ``overlay``, a Secondary Capture with the outlines
+    burned in.
+    """
 
     name: str
     ae_title: str
     host: str
     port: int
     tls: TLSSettings | None = None
+    outputs: tuple[OutputKind, ...] = DEFAULT_OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,9 @@ class SendPolicy:
     initial_backoff_s: float = 2.0
     max_backoff_s: float = 300.0
     timeout_s: float = 30.0
+    #: Seconds between C-ECHOs to a destination whose sends wait for their backoff; when it
+    #: answers, they are sent at once. 0 turns the probing off.
+    echo_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -181,7 +191,7 @@ def _destinations(doc: Any, base: Path) -> dict[str, Destination]:
     for name, item in _mapping(doc, "destinations").items():
         key = f"destinations.{name}"
         item = _mapping(item, key)
-        unknown = set(item) - {"ae_title", "host", "port", "tls"}
+        unknown = set(item) - {"ae_title", "host", "port", "tls", "outputs"}
         if unknown:
             raise ConfigError(f"{key}: unknown key(s) {', '.join(sorted(unknown))}")
         for required in ("ae_title", "host", "port"):
@@ -196,8 +206,24 @@ def _destinations(doc: Any, base: Path) -> dict[str, Destination]:
             host=host,
             port=_port(item["port"], f"{key}.port"),
             tls=_tls(item.get("tls"), base, f"{key}.tls", ("ca_file",)),
+            outputs=_outputs(item.get("outputs", list(DEFAULT_OUTPUTS)), f"{key}.outputs"),
         )
     return out
+
+
+def _outputs(value: Any, key: str) -> tuple[OutputKind, ...]:
+    """``destinations.<name>.outputs``: a non-empty list of output kinds, each at most once."""
+    allowed = ", ".join(k.value for k in OutputKind)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: {value!r} must be a non-empty list of output kinds ({allowed})")
+    kinds = []
+    for item in value:
+        if item not in {k.value for k in OutputKind}:
+            raise ConfigError(f"{key}: {item!r} is not an output kind; allowed: {allowed}")
+        if OutputKind(item) in kinds:
+            raise ConfigError(f"{key}: {item!r} is listed twice")
+        kinds.append(OutputKind(item))
+    return tuple(kinds)
 
 
 def _routes(doc: Any, destinations: dict[str, Destination], base: Path) -> tuple[Route, ...]:
@@ -315,6 +341,9 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         initial_backoff_s=_number(send_doc.get("initial_backoff_s", 2.0), "send.initial_backoff_s"),
         max_backoff_s=_number(send_doc.get("max_backoff_s", 300.0), "send.max_backoff_s"),
         timeout_s=_number(send_doc.get("timeout_s", 30.0), "send.timeout_s", minimum=1),
+        echo_interval_s=_number(
+            send_doc.get("echo_interval_s", SendPolicy.echo_interval_s), "send.echo_interval_s"
+        ),
     )
     storage = Path(str(doc.get("storage_dir", defaults.storage_dir)))
     retention = doc.get("retention_days")

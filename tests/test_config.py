@@ -110,3 +110,36 @@ def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("DICOM_NODE_PORT", "many")
     with pytest.raises(ConfigError, match="DICOM_NODE_PORT"):
         parse_settings(base(tmp_path))
+
+
+def test_destination_outputs(tmp_path: Path) -> None:
+    from dicom_node.outputs.kinds import OutputKind
+
+    doc = base(tmp_path)
+    assert parse_settings(doc).destinations["pacs"].outputs == (OutputKind.SEG, OutputKind.SR)
+    doc["destinations"]["pacs"]["outputs"] = ["overlay", "sr"]
+    outputs = parse_settings(doc).destinations["pacs"].outputs
+    assert outputs == (OutputKind.OVERLAY, OutputKind.SR)
+    for bad, message in (
+        (
+            ["seg", "png"],
+            "destinations.pacs.outputs: 'png' is not an output kind; allowed: seg, sr, overlay",
+        ),
+        ([], "destinations.pacs.outputs: [] must be a non-empty list"),
+        ("seg", "destinations.pacs.outputs: 'seg' must be a non-empty list"),
+        (["seg", "seg"], "destinations.pacs.outputs: 'seg' is listed twice"),
+    ):
+        doc["destinations"]["pacs"]["outputs"] = bad
+        with pytest.raises(ConfigError) as exc:
+            parse_settings(doc)
+        assert message in str(exc.value)
+
+
+def test_send_echo_interval(tmp_path: Path) -> None:
+    doc = base(tmp_path)
+    assert parse_settings(doc).send.echo_interval_s == 10.0
+    doc["send"] = {"echo_interval_s": 0}
+    assert parse_settings(doc).send.echo_interval_s == 0
+    doc["send"] = {"echo_interval_s": -1}
+    with pytest.raises(ConfigError, match="send.echo_interval_s: -1"):
+        parse_settings(doc)

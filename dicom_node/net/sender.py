@@ -108,15 +108,28 @@ def client_context(tls: TLSSettings) -> ssl.SSLContext:
 
 
 def echo(
-    host: str, port: int, ae_title: str, *, calling_ae: str = "DICOMNODE", timeout_s: float = 10
+    host: str,
+    port: int,
+    ae_title: str,
+    *,
+    calling_ae: str = "DICOMNODE",
+    timeout_s: float = 10,
+    tls: TLSSettings | None = None,
 ) -> int | None:
-    """C-ECHO a peer; return the status (0 is success) or None when no association."""
+    """C-ECHO a peer; return the status (0 is success) or None when no association.
+
+    With ``tls`` the association is made over TLS, as :func:`store_files` does.
+    """
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=ae_title)
+    try:
+        tls_args = None if tls is None else (client_context(tls), host)
+    except (ssl.SSLError, OSError):
+        return None
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
     if not assoc.is_established:
         return None
     try:
@@ -125,3 +138,16 @@ def echo(
         return None if status is None else int(status)
     finally:
         assoc.release()
+
+
+def echo_destination(destination: Destination, *, calling_ae: str, timeout_s: float) -> bool:
+    """True when ``destination`` answers a C-ECHO (Verification SOP Class) with Success."""
+    status = echo(
+        destination.host,
+        destination.port,
+        destination.ae_title,
+        calling_ae=calling_ae,
+        timeout_s=timeout_s,
+        tls=destination.tls,
+    )
+    return status == 0

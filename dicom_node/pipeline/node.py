@@ -1,8 +1,9 @@
 """The node: composes receive -> assemble -> queue -> infer -> write -> send in one process.
 
 Threads: the receiver's association threads (thin: write + index), one scheduler thread that
-runs the assembler, delivery and retention ticks, and ``workers`` worker threads that run
-jobs. Every stage hands over through the database, so a node killed at any instant restarts
+runs the assembler, delivery and retention ticks, ``workers`` worker threads that run jobs, and
+short-lived echo threads (at most one per destination) that probe destinations whose sends
+wait. Every stage hands over through the database, so a node killed at any instant restarts
 into a consistent state: ``start`` returns running jobs to the queue and resumes sends.
 """
 
@@ -68,7 +69,9 @@ class Node:
             settings, self.db, self.audit, on_release=self.wake, metrics=self.metrics
         )
         self.assembler = Assembler(settings, self.db)
-        self.delivery = Delivery(settings, self.db, self.audit, self.metrics)
+        self.delivery = Delivery(
+            settings, self.db, self.audit, self.metrics, on_ready=self.wake.set
+        )
         self.retention = Retention(settings, self.db, self.audit)
         self.worker = Worker(settings, self.db, self.audit, self.device, self.metrics)
         self._threads: list[threading.Thread] = []
@@ -156,6 +159,7 @@ class Node:
         self.receiver.stop()
         for thread in self._threads:
             thread.join(timeout=30)
+        self.delivery.stop()
         self.audit.record(
             AuditEvent.APPLICATION_ACTIVITY,
             AuditAction.EXECUTE,

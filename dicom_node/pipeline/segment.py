@@ -1,17 +1,20 @@
-"""One series in, SEG + SR out: the part of the pipeline shared by the worker and ``process``.
+"""One series in, SEG / SR / overlay out: the pipeline part shared by the worker and ``process``.
 
 series files -> :func:`load_series` -> :meth:`Segmenter.segment` -> :func:`measure` ->
-:func:`build_seg` + :func:`build_sr`, with output UIDs derived from (source series, model name
-+ version, output kind, source instances).
+:func:`build_seg` + :func:`build_sr` + :func:`build_overlays`, each only when an output kind
+asks for it, with output UIDs derived from (source series, model name + version, output kind,
+source instances). What comes out is :attr:`SegmentationResult.outputs`: ``(kind, dataset)``
+pairs, which :func:`write_outputs` writes and the worker queues per destination.
 """
 
 from __future__ import annotations
 
 import io
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -19,7 +22,9 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_node.imaging.series import ImageSeries, load_series
 from dicom_node.models.inference import Segmenter
+from dicom_node.outputs.kinds import DEFAULT_OUTPUTS, OutputKind
 from dicom_node.outputs.measurements import Measurements, measure
+from dicom_node.outputs.overlay import build_overlays
 from dicom_node.outputs.seg import build_seg
 from dicom_node.outputs.sr import build_sr
 from dicom_node.store.spool import durable_write
@@ -28,10 +33,42 @@ from dicom_node.uids import output_uids
 
 @dataclass(frozen=True)
 class SegmentationResult:
+    """What one segmentation made: ``outputs`` holds every object built, in writing order.
+
+    Attributes
+    ----------
+    series
+        The source images.
+    measurements
+        What the SR reports (computed whatever the outputs).
+    outputs
+        ``(kind, dataset)`` pairs: one SEG, one SR, and one overlay per source frame, as far
+        as the requested kinds ask for them.
+    """
+
     series: ImageSeries
-    seg: Dataset
-    sr: Dataset
     measurements: Measurements
+    outputs: tuple[tuple[OutputKind, Dataset], ...]
+
+    def of_kind(self, kind: OutputKind | str) -> list[Dataset]:
+        """The output objects of ``kind`` (empty when that kind was not asked for)."""
+        return [ds for k, ds in self.outputs if k == OutputKind(kind)]
+
+    @property
+    def seg(self) -> Dataset:
+        """The SEG (a :class:`ValueError` when it was not asked for)."""
+        return self._one(OutputKind.SEG)
+
+    @property
+    def sr(self) -> Dataset:
+        """The TID 1500 SR (a :class:`ValueError` when it was not asked for)."""
+        return self._one(OutputKind.SR)
+
+    def _one(self, kind: OutputKind) -> Dataset:
+        found = self.of_kind(kind)
+        if not found:
+            raise ValueError(f"no {kind.value} output: it was not among the requested kinds")
+        return found[0]
 
     @staticmethod
     def encode(ds: Dataset) -> bytes:
@@ -41,65 +78,103 @@ class SegmentationResult:
         return buf.getvalue()
 
 
-def segment_series(paths: Sequence[Path], segmenter: Segmenter) -> list[SegmentationResult]:
-    """Segment the series made of ``paths`` and build its SEG and SR.
+class WrittenOutput(NamedTuple):
+    """One output file in the outbox: its kind, path and SOP Instance UID (0008,0018)."""
 
-    A cross-sectional series (or a single radiograph) gives one SEG + SR. A projection series
-    of several images (e.g. PA and lateral) gives one SEG + SR per image: DICOM SEG needs a
+    kind: OutputKind
+    path: Path
+    sop_uid: str
+
+
+def segment_series(
+    paths: Sequence[Path],
+    segmenter: Segmenter,
+    kinds: Collection[OutputKind] = DEFAULT_OUTPUTS,
+) -> list[SegmentationResult]:
+    """Segment the series made of ``paths`` and build the outputs of ``kinds``.
+
+    A cross-sectional series (or a single radiograph) gives one result. A projection series
+    of several images (e.g. PA and lateral) gives one result per image: DICOM SEG needs a
     frame of reference to span several projection images, which radiographs do not have.
-    Each image's outputs get their own instance in the same SEG and SR output series.
+    Each image's outputs get their own instance in the same output series of each kind.
     """
     headers = [dcmread(p, stop_before_pixels=True) for p in paths]
     projection = not all("ImagePositionPatient" in h for h in headers)
     if projection and len(paths) > 1:
         order = sorted(range(len(paths)), key=lambda i: str(headers[i].SOPInstanceUID))
         return [
-            _segment(load_series([paths[i]]), segmenter, instance_number=n)
+            _segment(load_series([paths[i]]), segmenter, kinds, instance_number=n)
             for n, i in enumerate(order, start=1)
         ]
-    return [_segment(load_series(paths), segmenter, instance_number=1)]
+    return [_segment(load_series(paths), segmenter, kinds, instance_number=1)]
 
 
 def _segment(
-    series: ImageSeries, segmenter: Segmenter, *, instance_number: int
+    series: ImageSeries,
+    segmenter: Segmenter,
+    kinds: Collection[OutputKind],
+    *,
+    instance_number: int,
 ) -> SegmentationResult:
     package = segmenter.package
     masks = segmenter.segment(series)
     values = measure(series, masks, package)
     sources = series.sop_instance_uids
-    uids = {
-        kind: output_uids(series.series_instance_uid, package.name, package.version, kind, sources)
-        for kind in ("seg", "sr")
-    }
-    seg = build_seg(
-        series,
-        masks,
-        package,
-        series_uid=uids["seg"][0],
-        sop_uid=uids["seg"][1],
-        instance_number=instance_number,
-    )
-    sr = build_sr(
-        series,
-        seg,
-        masks,
-        package,
-        values,
-        series_uid=uids["sr"][0],
-        sop_uid=uids["sr"][1],
-        instance_number=instance_number,
-    )
-    return SegmentationResult(series, seg, sr, values)
+
+    def uids(kind: OutputKind) -> tuple[str, str]:
+        series_uid, sop_uid = output_uids(
+            series.series_instance_uid, package.name, package.version, kind.value, sources
+        )
+        return str(series_uid), str(sop_uid)
+
+    outputs: list[tuple[OutputKind, Dataset]] = []
+    if OutputKind.SEG in kinds or OutputKind.SR in kinds:  # the SR references the SEG
+        seg_series, seg_sop = uids(OutputKind.SEG)
+        seg = build_seg(
+            series,
+            masks,
+            package,
+            series_uid=seg_series,
+            sop_uid=seg_sop,
+            instance_number=instance_number,
+        )
+        if OutputKind.SEG in kinds:
+            outputs.append((OutputKind.SEG, seg))
+        if OutputKind.SR in kinds:
+            sr_series, sr_sop = uids(OutputKind.SR)
+            sr = build_sr(
+                series,
+                seg,
+                masks,
+                package,
+                values,
+                series_uid=sr_series,
+                sop_uid=sr_sop,
+                instance_number=instance_number,
+            )
+            outputs.append((OutputKind.SR, sr))
+    if OutputKind.OVERLAY in kinds:
+        ov_series, ov_sop = uids(OutputKind.OVERLAY)
+        for ds in build_overlays(
+            series,
+            masks,
+            package,
+            series_uid=ov_series,
+            sop_uid=ov_sop,
+            instance_number=instance_number,
+        ):
+            outputs.append((OutputKind.OVERLAY, ds))
+    return SegmentationResult(series, values, tuple(outputs))
 
 
-def write_outputs(results: Sequence[SegmentationResult], folder: Path) -> list[tuple[Path, str]]:
-    """Write every SEG and SR of ``results`` into ``folder``; return (path, SOP Instance UID)."""
+def write_outputs(results: Sequence[SegmentationResult], folder: Path) -> list[WrittenOutput]:
+    """Write every output object of ``results`` into ``folder``, one Part 10 file each."""
     written = []
     for result in results:
-        for kind, ds in (("seg", result.seg), ("sr", result.sr)):
-            path = folder / f"{kind}-{ds.SOPInstanceUID}.dcm"
+        for kind, ds in result.outputs:
+            path = folder / f"{kind.value}-{ds.SOPInstanceUID}.dcm"
             durable_write(path, SegmentationResult.encode(ds))
-            written.append((path, str(ds.SOPInstanceUID)))
+            written.append(WrittenOutput(kind, path, str(ds.SOPInstanceUID)))
     return written
 
 

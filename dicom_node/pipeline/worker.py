@@ -1,4 +1,7 @@
-"""The worker: leases a job, segments its series, writes SEG + SR to the outbox, queues sends.
+"""The worker: leases a job, segments its series, writes its outputs to the outbox, queues sends.
+
+The outputs written are those any destination of the route asked for
+(``destinations.<name>.outputs``: SEG, SR, overlay); each destination is queued only its kinds.
 
 A job that raises :class:`~dicom_node.errors.InputError` or
 :class:`~dicom_node.errors.ModelPackageError` fails for good (retrying cannot help and the
@@ -21,7 +24,8 @@ from dicom_node.errors import InputError, ModelPackageError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.models.inference import Segmenter
 from dicom_node.models.package import load_package
-from dicom_node.pipeline.segment import segment_series, write_outputs
+from dicom_node.outputs.kinds import OutputKind
+from dicom_node.pipeline.segment import WrittenOutput, segment_series, write_outputs
 from dicom_node.store.database import Database, Job, JobState
 
 log = structlog.get_logger(__name__)
@@ -81,7 +85,7 @@ class Worker:
             retry = job.attempts < self.settings.max_job_attempts
             self._failed(job, bound, who, info, exc, retry=retry)
             return
-        if not self.db.finish_job(job.id, outputs, list(route.send_to)):
+        if not self.db.finish_job(job.id, outputs, self._wanted_by(route)):
             bound.info("job.superseded")
             self.metrics.jobs.labels(job.route, "superseded").inc()
             return
@@ -95,16 +99,22 @@ class Worker:
             study_uid=info.get("study_uid"),
             job_id=job.id,
             route=job.route,
-            created=[uid for _, uid in outputs],
+            created=[o.sop_uid for o in outputs],
         )
         bound.info("job.done", outputs=len(outputs), destinations=list(route.send_to))
 
-    def _process(self, job: Job, route: Route) -> list[tuple[Path, str]]:
+    def _wanted_by(self, route: Route) -> dict[str, tuple[OutputKind, ...]]:
+        """Each destination of ``route`` -> the output kinds it asked for."""
+        return {name: self.settings.destinations[name].outputs for name in route.send_to}
+
+    def _process(self, job: Job, route: Route) -> list[WrittenOutput]:
         records = self.db.series_instances(job.series_uid)
         if not records:
             raise InputError("no instances left for this series (deleted by retention?)")
         segmenter = self.segmenter(route.model)
-        results = segment_series([r.path for r in records], segmenter)
+        wanted = {kind for kinds in self._wanted_by(route).values() for kind in kinds}
+        kinds = [kind for kind in OutputKind if kind in wanted]  # only what someone asked for
+        results = segment_series([r.path for r in records], segmenter, kinds)
         return write_outputs(results, self.settings.outbox_dir / str(job.id))
 
     def _failed(

@@ -13,7 +13,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,11 +320,15 @@ class Database:
     def finish_job(
         self,
         job_id: int,
-        outputs: list[tuple[Path, str]],
-        destinations: list[str],
+        outputs: Sequence[tuple[str, Path, str]],
+        destinations: Mapping[str, Collection[str]],
         now: float | None = None,
     ) -> bool:
-        """Mark a job done and queue each output ``(path, sop_uid)`` for each destination.
+        """Mark a job done and queue each output for the destinations that take its kind.
+
+        ``outputs`` are ``(kind, path, sop_uid)`` (kind: ``seg``, ``sr``, ``overlay``);
+        ``destinations`` maps each destination name to the output kinds it asked for
+        (``destinations.<name>.outputs``), so a destination gets only those.
 
         Returns False (and changes nothing) when the job is no longer running, e.g. because
         it was superseded by late instances while it ran; its outputs then stay unsent and the
@@ -340,8 +344,10 @@ class Database:
                 "WHERE id = ?",
                 (JobState.DONE, now, job_id),
             )
-            for path, sop_uid in outputs:
-                for dest in destinations:
+            for kind, path, sop_uid in outputs:
+                for dest, kinds in destinations.items():
+                    if kind not in kinds:
+                        continue
                     c.execute(
                         "INSERT OR IGNORE INTO sends (job_id, destination, path, "
                         "sop_instance_uid, state, next_attempt_at, updated_at) "
@@ -423,6 +429,38 @@ class Database:
                 params += (destination,)
             return c.execute(sql, params).rowcount
 
+    def waiting_destinations(self, now: float | None = None) -> dict[str, float]:
+        """Destinations with sends waiting for their backoff: name -> earliest next attempt.
+
+        Only pending sends not yet due count; these are the destinations worth a C-ECHO.
+        """
+        now = time.time() if now is None else now
+        rows = self._query(
+            "SELECT destination, MIN(next_attempt_at) AS next_at FROM sends "
+            "WHERE state = ? AND next_attempt_at > ? GROUP BY destination",
+            (SendState.PENDING, now),
+        )
+        return {r["destination"]: float(r["next_at"]) for r in rows}
+
+    def sends_due_now(self, destination: str | None = None, now: float | None = None) -> int:
+        """Make pending sends that wait for their backoff due at once; return how many.
+
+        Called when a destination answers again (a send or a C-ECHO to it succeeded) and by
+        ``dicom-node retry --now``. Dead-lettered sends are left alone (see
+        :meth:`retry_failed_sends`). ``destination`` None means every destination.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            sql = (
+                "UPDATE sends SET next_attempt_at = ?, updated_at = ? "
+                "WHERE state = ? AND next_attempt_at > ?"
+            )
+            params: tuple[Any, ...] = (now, now, SendState.PENDING, now)
+            if destination is not None:
+                sql += " AND destination = ?"
+                params += (destination,)
+            return c.execute(sql, params).rowcount
+
     # -- retention -------------------------------------------------------------------------
 
     def finished_series(self) -> list[str]:
@@ -474,8 +512,14 @@ class Database:
 
     # -- status ----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """Counts per state, failed jobs and sends, per destination: what ``status`` shows."""
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        """Counts per state, failed jobs and sends, per destination: what ``status`` shows.
+
+        Per destination: counts of its sends by state, ``next_attempt_at`` (epoch seconds)
+        and ``next_attempt_in_s`` of its earliest pending send, and ``last_error`` (with
+        ``last_error_at``) of the most recently failed send not yet delivered.
+        """
+        now = time.time() if now is None else now
 
         def counts(table: str) -> dict[str, int]:
             rows = self._query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
@@ -487,15 +531,27 @@ class Database:
             (JobState.FAILED,),
         )
         per_dest = self._query(
-            "SELECT destination, state, COUNT(*) AS n, MAX(last_error) AS last_error "
+            "SELECT destination, state, COUNT(*) AS n, MIN(next_attempt_at) AS next_at "
             "FROM sends GROUP BY destination, state"
         )
         destinations: dict[str, dict[str, Any]] = {}
         for r in per_dest:
             d = destinations.setdefault(r["destination"], {})
             d[r["state"]] = r["n"]
-            if r["state"] != SendState.DONE and r["last_error"]:
-                d["last_error"] = r["last_error"]
+            if r["state"] == SendState.PENDING:
+                d["next_attempt_at"] = float(r["next_at"])
+                d["next_attempt_in_s"] = round(max(0.0, float(r["next_at"]) - now), 1)
+        # The most recent error of sends not yet delivered (waiting or dead-lettered); SQLite
+        # takes the bare column last_error from the row that has MAX(updated_at).
+        errors = self._query(
+            "SELECT destination, last_error, MAX(updated_at) AS at FROM sends "
+            "WHERE state != ? AND last_error IS NOT NULL GROUP BY destination",
+            (SendState.DONE,),
+        )
+        for r in errors:
+            d = destinations.setdefault(r["destination"], {})
+            d["last_error"] = r["last_error"]
+            d["last_error_at"] = float(r["at"])
         return {
             "instances": self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"],
             "series": counts("series"),

@@ -57,8 +57,9 @@ def test_write_outputs_and_group_series(tmp_path: Path, random_package: Path) ->
         groups[ct[0].SeriesInstanceUID], Segmenter(load_package(random_package))
     )
     written = write_outputs(results, tmp_path / "out")
-    assert [dcmread(p).Modality for p, _ in written] == ["SEG", "SR"]
-    assert [str(dcmread(p).SOPInstanceUID) for p, _ in written] == [u for _, u in written]
+    assert [dcmread(w.path).Modality for w in written] == ["SEG", "SR"]
+    assert [w.kind.value for w in written] == ["seg", "sr"]
+    assert [str(dcmread(w.path).SOPInstanceUID) for w in written] == [w.sop_uid for w in written]
 
 
 def test_process_command(

@@ -98,3 +98,35 @@ def test_unexpected_errors_are_retried_then_fail(tmp_path: Path, random_package:
     status = db.status()
     assert status["jobs"] == {"failed": 1}
     assert status["failed_jobs"][0]["attempts"] == 2
+
+
+def test_each_destination_is_queued_only_the_outputs_it_asked_for(
+    tmp_path: Path, random_package: Path
+) -> None:
+    settings = parse_settings(
+        {
+            "storage_dir": str(tmp_path / "var"),
+            "destinations": {
+                "a": {"ae_title": "A", "host": "127.0.0.1", "port": 1, "outputs": ["overlay"]},
+                "b": {"ae_title": "B", "host": "127.0.0.1", "port": 2, "outputs": ["sr"]},
+            },
+            "routes": [
+                {
+                    "name": "r",
+                    "match": {"Modality": ["CT"]},
+                    "model": str(random_package),
+                    "send_to": ["a", "b"],
+                }
+            ],
+        }
+    )
+    db = Database(settings.database_path)
+    worker = Worker(settings, db, AuditLog(settings.audit_path), torch.device("cpu"))
+    ct = ct_series(n_slices=2)
+    index(db, write_files(ct, tmp_path / "in"), ct[0].SeriesInstanceUID)
+    assert worker.run_once() is True
+    sends = sorted((s["destination"], Path(s["path"]).name.split("-")[0]) for s in db.sends())
+    assert sends == [("a", "overlay"), ("a", "overlay"), ("b", "sr")]
+    # The SEG the SR references is built, but not written: no destination asked for it.
+    written = sorted(p.name.split("-")[0] for p in (settings.outbox_dir / "1").iterdir())
+    assert written == ["overlay", "overlay", "sr"]

@@ -82,7 +82,9 @@ def test_late_instance_supersedes_pending_job_and_reprocesses_done_one(db: Datab
     db.queue_series("1.2.3", ["chest"], now=120.0)
     job = db.claim_job(60, now=121.0)
     assert job is not None
-    assert db.finish_job(job.id, [(Path("/o/seg.dcm"), "2.25.1")], ["pacs"], now=122.0)
+    assert db.finish_job(
+        job.id, [("seg", Path("/o/seg.dcm"), "2.25.1")], {"pacs": ("seg",)}, now=122.0
+    )
     add(db, "1.3", now=130.0)  # after the job ran: policy reprocess
     assert db.series_info("1.2.3")["state"] == SeriesState.RECEIVING
 
@@ -92,7 +94,7 @@ def test_late_instance_with_ignore_policy(db: Database) -> None:
     db.queue_series("1.2.3", ["chest"], now=101.0)
     job = db.claim_job(60, now=102.0)
     assert job is not None
-    db.finish_job(job.id, [], [], now=103.0)
+    db.finish_job(job.id, [], {}, now=103.0)
     add(db, "1.2", now=104.0, policy="ignore")
     assert db.series_info("1.2.3")["state"] == SeriesState.IGNORED
     assert len(db.series_instances("1.2.3")) == 2  # kept, not processed
@@ -104,7 +106,10 @@ def test_sends_retry_and_dead_letter(db: Database) -> None:
     job = db.claim_job(60, now=102.0)
     assert job is not None
     db.finish_job(
-        job.id, [(Path("/o/seg.dcm"), "2.25.1"), (Path("/o/sr.dcm"), "2.25.2")], ["pacs"], now=103.0
+        job.id,
+        [("seg", Path("/o/seg.dcm"), "2.25.1"), ("sr", Path("/o/sr.dcm"), "2.25.2")],
+        {"pacs": ("seg", "sr")},
+        now=103.0,
     )
     due = db.due_sends(now=104.0)
     assert [s.sop_instance_uid for s in due] == ["2.25.1", "2.25.2"]
@@ -125,7 +130,7 @@ def test_finish_of_a_superseded_job_sends_nothing(db: Database) -> None:
     job = db.claim_job(60, now=102.0)
     assert job is not None
     db.fail_job(job.id, "boom", retry=True)
-    assert db.finish_job(job.id, [(Path("/o/x.dcm"), "2.25.9")], ["pacs"]) is False
+    assert db.finish_job(job.id, [("seg", Path("/o/x.dcm"), "2.25.9")], {"pacs": ("seg",)}) is False
     assert db.sends() == []
 
 
@@ -134,3 +139,33 @@ def test_unrouted_series(db: Database) -> None:
     db.queue_series("1.2.3", [], now=101.0)
     assert db.series_info("1.2.3")["state"] == SeriesState.UNROUTED
     assert db.jobs() == []
+
+
+def test_waiting_sends_become_due_when_the_destination_answers(db: Database) -> None:
+    add(db, "1.1")
+    db.queue_series("1.2.3", ["chest"], now=101.0)
+    job = db.claim_job(60, now=102.0)
+    assert job is not None
+    db.finish_job(
+        job.id,
+        [("seg", Path("/o/seg.dcm"), "2.25.1"), ("sr", Path("/o/sr.dcm"), "2.25.2")],
+        {"pacs": ("seg", "sr"), "other": ("sr",)},
+        now=103.0,
+    )
+    sends = {(s.destination, s.sop_instance_uid): s for s in db.due_sends(now=104.0)}
+    assert set(sends) == {("pacs", "2.25.1"), ("pacs", "2.25.2"), ("other", "2.25.2")}
+    db.send_failed(sends["pacs", "2.25.1"].id, "early", next_attempt_at=400.0, now=104.0)
+    db.send_failed(sends["pacs", "2.25.2"].id, "down", next_attempt_at=500.0, now=105.0)
+    db.send_failed(sends["other", "2.25.2"].id, "refused", next_attempt_at=None, now=105.0)
+    assert db.waiting_destinations(now=106.0) == {"pacs": 400.0}
+    status = db.status(now=106.0)["destinations"]
+    assert status["pacs"]["next_attempt_at"] == 400.0
+    assert status["pacs"]["next_attempt_in_s"] == 294.0
+    assert status["pacs"]["last_error"] == "down"  # the latest, not the greatest string
+    assert status["other"]["last_error"] == "refused" and "next_attempt_at" not in status["other"]
+    # Only pending sends to the destination that answered; dead letters stay dead.
+    assert db.sends_due_now("nowhere", now=107.0) == 0
+    assert db.sends_due_now("pacs", now=107.0) == 2
+    assert {s.sop_instance_uid for s in db.due_sends(now=107.0)} == {"2.25.1", "2.25.2"}
+    assert db.waiting_destinations(now=107.0) == {}
+    assert db.status()["sends"] == {"pending": 2, "failed": 1}
