@@ -13,17 +13,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from dicom_node.errors import NotApplicableError
 from dicom_node.imaging.series import ImageSeries, load_series
+from dicom_node.models.applicability import check_image
 from dicom_node.models.inference import Segmenter
 from dicom_node.outputs.measurements import Measurements, measure
 from dicom_node.outputs.seg import build_seg
 from dicom_node.outputs.sr import build_sr
 from dicom_node.store.spool import durable_write
 from dicom_node.uids import output_uids
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,15 +53,35 @@ def segment_series(paths: Sequence[Path], segmenter: Segmenter) -> list[Segmenta
     of several images (e.g. PA and lateral) gives one SEG + SR per image: DICOM SEG needs a
     frame of reference to span several projection images, which radiographs do not have.
     Each image's outputs get their own instance in the same SEG and SR output series.
+
+    In such a series, an image outside the model's ``applicability`` (e.g. the lateral beside
+    a PA, for a PA/AP model) is skipped; the series fails only when every image is.
+
+    Raises
+    ------
+    NotApplicableError
+        When the series (or every image of a projection series) is outside the model's
+        ``applicability``.
     """
     headers = [dcmread(p, stop_before_pixels=True) for p in paths]
     projection = not all("ImagePositionPatient" in h for h in headers)
     if projection and len(paths) > 1:
         order = sorted(range(len(paths)), key=lambda i: str(headers[i].SOPInstanceUID))
-        return [
-            _segment(load_series([paths[i]]), segmenter, instance_number=n)
-            for n, i in enumerate(order, start=1)
-        ]
+        results: list[SegmentationResult] = []
+        refused: list[NotApplicableError] = []
+        for i in order:
+            try:
+                check_image(headers[i], segmenter.package)
+            except NotApplicableError as exc:
+                log.info("image skipped: outside the model's applicability", image=i + 1)
+                refused.append(exc)
+                continue
+            results.append(
+                _segment(load_series([paths[i]]), segmenter, instance_number=len(results) + 1)
+            )
+        if not results:
+            raise refused[0]
+        return results
     return [_segment(load_series(paths), segmenter, instance_number=1)]
 
 
@@ -66,6 +91,7 @@ def _segment(
     package = segmenter.package
     masks = segmenter.segment(series)
     values = measure(series, masks, package)
+    notes = (*segmenter.notes(series), *values.omitted)
     sources = series.sop_instance_uids
     uids = {
         kind: output_uids(series.series_instance_uid, package.name, package.version, kind, sources)
@@ -88,6 +114,7 @@ def _segment(
         series_uid=uids["sr"][0],
         sop_uid=uids["sr"][1],
         instance_number=instance_number,
+        notes=notes,
     )
     return SegmentationResult(series, seg, sr, values)
 
