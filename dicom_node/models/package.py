@@ -329,7 +329,9 @@ def load_package(path: Path | str) -> ModelPackage:
         input_size=tuple(size),
         spacing_mm=None if spacing is None else tuple(float(s) for s in spacing),
         normalization=norm,
-        activation=_enum(Activation, out.get("activation", "sigmoid"), "output.activation"),
+        activation=_enum(
+            Activation, out.get("activation", "sigmoid"), f"{where}: output.activation"
+        ),
         threshold=threshold,
         network=dict(network),
         weights=weights,
