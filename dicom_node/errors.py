@@ -18,3 +18,7 @@ class ModelPackageError(DicomNodeError):
 
 class InputError(DicomNodeError):
     """Input images cannot be processed (unsupported, inconsistent or undecodable)."""
+
+
+class NotApplicableError(InputError):
+    """The image is outside what the model package is valid for (view, body part, species)."""

@@ -5,6 +5,10 @@ One code path for CPU and GPU: the network runs under :func:`torch.inference_mod
 
 * 2D models run on each frame (projection image or slice), batched ``batch_size`` at a time,
   prepared by :func:`~dicom_node.models.preprocess.prepare_image`.
+* Projection images are first brought to the package's ``input.orientation`` from their
+  Patient Orientation (0020,0020) (:mod:`dicom_node.models.orientation`), and the results
+  mapped back exactly onto the stored grid; images outside the package's ``applicability``
+  are refused (:mod:`dicom_node.models.applicability`).
 * 3D models run :func:`monai.inferers.sliding_window_inference` with ``roi_size`` the package's
   ``input.size`` on the volume resampled to ``input.spacing_mm``, then resample back.
 """
@@ -18,6 +22,8 @@ from monai.inferers import sliding_window_inference
 
 from dicom_node.errors import InputError
 from dicom_node.imaging.series import ImageSeries
+from dicom_node.models.applicability import check_image
+from dicom_node.models.orientation import Reorientation, frame_datasets, reorientations
 from dicom_node.models.package import Activation, ModelPackage
 from dicom_node.models.postprocess import postprocess
 from dicom_node.models.preprocess import (
@@ -53,6 +59,21 @@ def masks_from_probabilities(probs: np.ndarray, package: ModelPackage) -> np.nda
     background = 1.0 - probs.sum(axis=-1, keepdims=True)
     winner = np.argmax(np.concatenate([background, probs], axis=-1), axis=-1)
     return winner[..., None] == np.arange(1, probs.shape[-1] + 1)
+
+
+def check_applicability(series: ImageSeries, package: ModelPackage) -> tuple[str, ...]:
+    """Notes on what was assumed about ``series`` (see
+    :func:`~dicom_node.models.applicability.check_image`), each once.
+
+    Raises
+    ------
+    NotApplicableError
+        When an image is known to be outside the package's ``applicability``.
+    """
+    notes: dict[str, None] = {}
+    for ds in {id(ds): ds for ds in frame_datasets(series)}.values():
+        notes.update(dict.fromkeys(check_image(ds, package)))
+    return tuple(notes)
 
 
 class Segmenter:
@@ -100,17 +121,23 @@ class Segmenter:
             enabled=self.device.type == "cuda",
         )
 
-    def _predict_2d(self, pixels: np.ndarray) -> np.ndarray:
+    def _predict_2d(self, pixels: np.ndarray, plans: tuple[Reorientation, ...] = ()) -> np.ndarray:
+        """Probabilities ``(frames, rows, cols, S)`` on the stored grid; frame ``f`` is run in
+        the orientation ``plans[f].to_model`` gives (as stored without plans)."""
         frames, rows, cols = pixels.shape
         out = np.empty((frames, rows, cols, len(self.package.structures)), dtype=np.float32)
         for start in range(0, frames, self.batch_size):
             stop = min(start + self.batch_size, frames)
-            prepared = [prepare_image(pixels[f], self.package) for f in range(start, stop)]
+            prepared = [
+                prepare_image(plans[f].to_model(pixels[f]) if plans else pixels[f], self.package)
+                for f in range(start, stop)
+            ]
             batch = torch.from_numpy(np.stack([image for image, _ in prepared])[:, None])
             with torch.inference_mode(), self._autocast():
                 probs = self._activate(self.network(batch.to(self.device))).cpu().numpy()
             for i, (_, placement) in enumerate(prepared):
-                out[start + i] = np.moveaxis(restore_probabilities(probs[i], placement), 0, -1)
+                frame = np.moveaxis(restore_probabilities(probs[i], placement), 0, -1)
+                out[start + i] = plans[start + i].to_source(frame) if plans else frame
         return out
 
     def _predict_3d(self, series: ImageSeries) -> np.ndarray:
@@ -130,15 +157,25 @@ class Segmenter:
             probs = self._activate(logits)[0].cpu().numpy()
         return np.ascontiguousarray(np.moveaxis(restore_volume(probs, placement), 0, -1))
 
-    def predict_image(self, image: np.ndarray) -> np.ndarray:
+    def predict_image(
+        self, image: np.ndarray, orientation: Reorientation | None = None
+    ) -> np.ndarray:
         """Probabilities ``(rows, cols, S)`` of one 2D image given as an array (no DICOM).
 
         The same path as :meth:`predict` for one frame; used by ``evaluate`` and training on
-        plain image files. Only for 2D models.
+        plain image files, which are in the model's orientation (``orientation`` None), or
+        brought to it by ``orientation``. Only for 2D models.
         """
         if self.package.dims != 2:
             raise InputError(f"model {self.package.name} is 3D; give it a series, not an image")
-        return self._predict_2d(np.asarray(image, dtype=np.float32)[None])[0]
+        plans = () if orientation is None else (orientation,)
+        return self._predict_2d(np.asarray(image, dtype=np.float32)[None], plans)[0]
+
+    def notes(self, series: ImageSeries) -> tuple[str, ...]:
+        """What was assumed about ``series`` and done to it before inference, for the SR:
+        applicability assumptions, then each distinct reorientation."""
+        described = (plan.describe() for plan in reorientations(series, self.package))
+        return (*check_applicability(series, self.package), *dict.fromkeys(described))
 
     def predict(self, series: ImageSeries) -> np.ndarray:
         """Return the probabilities of each structure on the source pixel grid.
@@ -151,16 +188,20 @@ class Segmenter:
 
         Raises
         ------
+        NotApplicableError
+            When an image is outside the package's ``applicability`` (View Position
+            (0018,5101), Body Part Examined (0018,0015), species).
         InputError
             When the series' Modality (0008,0060) is not among the package's ``modalities``,
             or a 3D model gets a series it cannot resample (see
             :func:`~dicom_node.models.preprocess.prepare_volume`).
         """
         self._check(series)
+        check_applicability(series, self.package)
         if self.package.dims == 3:
             probs = self._predict_3d(series)
         else:
-            probs = self._predict_2d(series.pixels)
+            probs = self._predict_2d(series.pixels, reorientations(series, self.package))
         log.debug("prediction done", model=self.package.name, frames=probs.shape[0])
         return probs
 

@@ -18,6 +18,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node.errors import ModelPackageError
+from dicom_node.models.orientation import parse_orientation
 
 MODEL_FILE = "model.yaml"
 
@@ -75,6 +76,26 @@ class Structure:
 
 
 @dataclass(frozen=True)
+class Applicability:
+    """What a model is valid for (``applicability``); an empty tuple accepts anything.
+
+    Attributes
+    ----------
+    views
+        View Position (0018,5101) values, e.g. ``("PA", "AP")``.
+    body_parts
+        Body Part Examined (0018,0015) values, e.g. ``("CHEST",)``.
+    species
+        Patient Species Description (0010,2201) values; ``"human"`` stands for human patients
+        (images without species attributes, or Homo sapiens).
+    """
+
+    views: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    species: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelPackage:
     """A validated model package. Construct with :func:`load_package`."""
 
@@ -92,6 +113,10 @@ class ModelPackage:
     weights: Path
     structures: tuple[Structure, ...]
     measurements: tuple[Measurement, ...] = ()
+    #: 2D models: Patient Orientation (0020,0020) the model was trained in, e.g. ("L", "F");
+    #: projection images are brought to it before inference. None: images used as stored.
+    orientation: tuple[str, str] | None = None
+    applicability: Applicability = field(default_factory=Applicability)
     description: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -171,6 +196,50 @@ def _structure(doc: Any, index: int, where: str) -> Structure:
         postprocess=tuple(
             _enum(Postprocess, p, f"{key}.postprocess") for p in doc.get("postprocess", [])
         ),
+    )
+
+
+def _orientation(inp: dict[str, Any], dims: int, where: str) -> tuple[str, str] | None:
+    value = inp.get("orientation")
+    if value is None:
+        return None
+    key = f"{where}: input.orientation"
+    if dims != 2:
+        raise ModelPackageError(f"{key}: only 2D models of projection images have one; remove it")
+    letters = (
+        parse_orientation(value)
+        if isinstance(value, list) and all(isinstance(v, str) and len(v) == 1 for v in value)
+        else None
+    )
+    if letters is None:
+        raise ModelPackageError(
+            f"{key}: expected two Patient Orientation (0020,0020) letters of A, P, R, L, H, F "
+            f"on different body axes, e.g. [L, F] for a PA chest radiograph, got {value!r}"
+        )
+    return letters
+
+
+def _strings(doc: dict[str, Any], name: str, key: str) -> tuple[str, ...]:
+    value = doc.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ModelPackageError(
+            f"{key}.{name}: expected a list of non-empty strings, got {value!r}"
+        )
+    return tuple(v.strip().upper() for v in value)
+
+
+def _applicability(doc: dict[str, Any], where: str) -> Applicability:
+    key = f"{where}: applicability"
+    app = _mapping(doc.get("applicability") or {}, key)
+    unknown = set(app) - {"views", "body_parts", "species"}
+    if unknown:
+        raise ModelPackageError(
+            f"{key}: unknown key(s) {', '.join(sorted(unknown))}; known: views, body_parts, species"
+        )
+    return Applicability(
+        views=_strings(app, "views", key),
+        body_parts=_strings(app, "body_parts", key),
+        species=tuple(s.lower() for s in _strings(app, "species", key)),
     )
 
 
@@ -260,12 +329,16 @@ def load_package(path: Path | str) -> ModelPackage:
         input_size=tuple(size),
         spacing_mm=None if spacing is None else tuple(float(s) for s in spacing),
         normalization=norm,
-        activation=_enum(Activation, out.get("activation", "sigmoid"), "output.activation"),
+        activation=_enum(
+            Activation, out.get("activation", "sigmoid"), f"{where}: output.activation"
+        ),
         threshold=threshold,
         network=dict(network),
         weights=weights,
         structures=structures,
         measurements=measurements,
+        orientation=_orientation(inp, dims, where),
+        applicability=_applicability(doc, where),
         description=str(doc.get("description", "")),
         metrics=dict(_mapping(doc.get("metrics") or {}, f"{where}: metrics")),
     )

@@ -19,12 +19,15 @@ Nothing here reads patient data; the results carry counts, spacings and image in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import pydicom
 import structlog
 
 from dicom_node.imaging.series import ImageSeries
+from dicom_node.models.applicability import non_human_reason, view_position
+from dicom_node.models.orientation import format_orientation, reorientations
 from dicom_node.models.package import Measurement, ModelPackage
 
 log = structlog.get_logger(__name__)
@@ -151,6 +154,9 @@ class CardiothoracicRatio:
     view_position
         View Position (0018,5101) of the image (``"PA"``, ``"AP"``, ...), empty when absent;
         an AP view magnifies the heart, so its ratio is higher than on a PA view.
+    oriented_to
+        When the image was reoriented for the model, the Patient Orientation (0020,0020) it
+        was brought to (e.g. ``L\\F``): the extents' rows and columns are of that image.
     """
 
     value: float
@@ -159,6 +165,7 @@ class CardiothoracicRatio:
     column_spacing_mm: float | None
     spacing_source: str | None
     view_position: str
+    oriented_to: str | None = None
 
     @property
     def heart_width_mm(self) -> float | None:
@@ -177,20 +184,30 @@ class CardiothoracicRatio:
     def describe(self) -> str:
         """How the ratio was derived, in words (for the SR)."""
         view = f" on a {self.view_position} view" if self.view_position else ""
+        grid = (
+            f" of the image as oriented to {self.oriented_to} for the model"
+            if self.oriented_to
+            else ""
+        )
         return (
             f"Heart width {self.heart.width_px} px ({self.heart.describe()}) over inner "
             f"thorax width {self.thorax.width_px} px ({self.thorax.describe()}) from the "
             f"outermost columns of the right and left lung masks{view}; 0-based image "
-            "rows and columns"
+            f"rows and columns{grid}"
         )
 
 
 @dataclass(frozen=True)
 class Measurements:
-    """All measurements of one series: per-structure values and the optional ratio."""
+    """All measurements of one series: per-structure values and the optional ratio.
+
+    ``omitted`` says, in words for the SR, why a measurement the package asks for was not
+    reported (e.g. the cardiothoracic ratio of a lateral view).
+    """
 
     structures: tuple[StructureMeasurement, ...]
     cardiothoracic_ratio: CardiothoracicRatio | None
+    omitted: tuple[str, ...] = ()
 
     def for_segment(self, segment_number: int) -> StructureMeasurement | None:
         """The measurement of segment ``segment_number``, or None when it was not measured."""
@@ -312,33 +329,91 @@ def _structure_measurements(
     )
 
 
+#: View Position (0018,5101) values of lateral views (PS3.3 C.8.11.5 defined terms and the
+#: spelled-out term some modalities write).
+LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT"})
+
+_NO_RATIO = "Cardiothoracic ratio not reported"
+
+
+def ratio_not_applicable(ds: pydicom.Dataset) -> str | None:
+    """Why the cardiothoracic ratio is not reported for image ``ds``, None when it is.
+
+    The ratio is defined on a PA chest radiograph of a human (its reference value, 0.5, is for
+    that view): a lateral view has no transverse diameters, and an AP view magnifies the
+    heart (it lies further from the detector), so its ratio overstates the PA one; neither is
+    reported. Nor is the ratio of an image without View Position (0018,5101), or of an
+    animal (:func:`~dicom_node.models.applicability.non_human_reason`).
+    """
+    animal = non_human_reason(ds)
+    if animal is not None:
+        return f"{_NO_RATIO}: {animal}; the ratio and its reference values are for humans"
+    view = view_position(ds)
+    if view == "PA":
+        return None
+    if view == "AP":
+        return (
+            f"{_NO_RATIO}: View Position (0018,5101) is AP; the ratio is defined on a PA view, "
+            "and an AP view magnifies the heart, so its ratio would overstate the PA one"
+        )
+    if view in LATERAL_VIEWS:
+        return (
+            f"{_NO_RATIO}: View Position (0018,5101) is {view}, a lateral view, which shows "
+            "no transverse diameters of heart and thorax; the ratio is defined on a PA view"
+        )
+    if not view:
+        return (
+            f"{_NO_RATIO}: View Position (0018,5101) is absent; the ratio is defined on a PA "
+            "view and reported only when the image says it is one"
+        )
+    return f"{_NO_RATIO}: View Position (0018,5101) is {view}; the ratio is defined on a PA view"
+
+
 def _ratio(
     series: ImageSeries, masks: np.ndarray, package: ModelPackage
-) -> CardiothoracicRatio | None:
+) -> tuple[CardiothoracicRatio | None, str | None]:
+    """The ratio, or None and why not (None: not asked for)."""
     if Measurement.CARDIOTHORACIC_RATIO not in package.measurements:
-        return None
+        return None, None
     index = {s.label: i for i, s in enumerate(package.structures)}
     needed = (HEART_LABEL, RIGHT_LUNG_LABEL, LEFT_LUNG_LABEL)
     if not all(label in index for label in needed):
         log.warning("cardiothoracic ratio needs structures heart, right_lung and left_lung")
-        return None
+        return None, f"{_NO_RATIO}: the model has no heart, right_lung and left_lung"
     if not (series.is_projection and series.shape[0] == 1):
         log.warning("cardiothoracic ratio is taken on a single projection image only")
-        return None
+        return None, f"{_NO_RATIO}: it is taken on a single projection image only"
+    reason = ratio_not_applicable(series.datasets[0])
+    if reason is not None:
+        log.info("cardiothoracic ratio not applicable to this image")
+        return None, reason
     frame = masks[0]
+    spacing = series.pixel_spacing_mm
+    oriented_to = None
+    plans = reorientations(series, package)
+    if plans and not plans[0].is_identity:
+        # the transverse direction is along the columns of the image in the model's orientation
+        frame = plans[0].to_model(frame)
+        result = plans[0].result
+        oriented_to = None if result is None else format_orientation(result)
+        if spacing is not None and plans[0].transpose:
+            spacing = (spacing[1], spacing[0])
     heart, right, left = (frame[..., index[label]] for label in needed)
     if not (heart.any() and right.any() and left.any()):
         log.info("cardiothoracic ratio not measured: heart or a lung mask is empty")
-        return None
-    column_spacing = None if series.pixel_spacing_mm is None else series.pixel_spacing_mm[1]
-    return cardiothoracic_ratio(
+        return None, f"{_NO_RATIO}: the heart or a lung mask is empty"
+    column_spacing = None if spacing is None else spacing[1]
+    ratio = cardiothoracic_ratio(
         heart,
         right,
         left,
         column_spacing_mm=column_spacing,
         spacing_source=series.spacing_source if column_spacing is not None else None,
-        view_position=str(series.datasets[0].get("ViewPosition", "") or ""),
+        view_position=view_position(series.datasets[0]),
     )
+    if ratio is not None and oriented_to is not None:
+        ratio = replace(ratio, oriented_to=oriented_to)
+    return ratio, None
 
 
 def measure(series: ImageSeries, masks: np.ndarray, package: ModelPackage) -> Measurements:
@@ -359,7 +434,10 @@ def measure(series: ImageSeries, masks: np.ndarray, package: ModelPackage) -> Me
     -------
     Measurements
         Per-structure areas or volumes (empty when not asked for or without spacing) and the
-        cardiothoracic ratio (None when not asked for, not applicable or not measurable).
+        cardiothoracic ratio (None when not asked for, not applicable or not measurable,
+        and then :attr:`Measurements.omitted` says why). The ratio is taken along the columns
+        of the image in the package's ``input.orientation`` (see :func:`ratio_not_applicable`
+        for the views it is reported on).
 
     Raises
     ------
@@ -367,7 +445,9 @@ def measure(series: ImageSeries, masks: np.ndarray, package: ModelPackage) -> Me
         When ``masks`` is not boolean or its shape does not match the series and package.
     """
     check_masks(series, masks, package)
+    ratio, why_not = _ratio(series, masks, package)
     return Measurements(
         structures=_structure_measurements(series, masks, package),
-        cardiothoracic_ratio=_ratio(series, masks, package),
+        cardiothoracic_ratio=ratio,
+        omitted=() if why_not is None else (why_not,),
     )

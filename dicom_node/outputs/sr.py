@@ -31,6 +31,8 @@ Sequence (0008,0110).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -69,6 +71,8 @@ UNIT_MM = codes.UCUM.Millimeter
 UNIT_RATIO = codes.UCUM.Ratio  # "{ratio}", CID 7181
 
 _SOURCE_OF_MEASUREMENT = codes.DCM.SourceOfMeasurement  # DCM 121112
+#: TID 1500 row 12: the report's Qualitative Evaluations container (not in pydicom's dictionary).
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 
 def procedure_reported(series: ImageSeries) -> Code | hd.sr.CodedConcept:
@@ -303,6 +307,26 @@ def ratio_group(
     )
 
 
+def notes_container(notes: Sequence[str]) -> hd.sr.ContainerContentItem:
+    """TID 1500 Qualitative Evaluations (UMLS C0034375) with one Comment (DCM 121106) TEXT
+    item per note: what was assumed about the input, done to it, or not reported, and why."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=note[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for note in notes
+        ]
+    )
+    return container
+
+
 def build_sr(
     series: ImageSeries,
     seg: pydicom.Dataset,
@@ -315,6 +339,7 @@ def build_sr(
     series_number: int | None = None,
     instance_number: int = 1,
     series_description: str | None = None,
+    notes: Sequence[str] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Measurement Report on ``seg`` and its source ``series``.
 
@@ -341,6 +366,10 @@ def build_sr(
         Instance Number (0020,0013).
     series_description
         Series Description (0008,103E); default ``"<model name> measurements"``.
+    notes
+        Sentences for the reader (orientation, assumptions, measurements not reported and
+        why): Comments in the report's Qualitative Evaluations container
+        (:func:`notes_container`); none when empty.
 
     Returns
     -------
@@ -378,6 +407,8 @@ def build_sr(
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
     )
+    if notes:
+        report[0].ContentSequence.append(notes_container(notes))
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*series.datasets, seg],
         content=report[0],

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from dicom_node.errors import NotApplicableError
 from dicom_node.imaging.series import ImageSeries, load_series
+from dicom_node.models.applicability import check_image
 from dicom_node.models.inference import Segmenter
 from dicom_node.outputs.kinds import DEFAULT_OUTPUTS, OutputKind
 from dicom_node.outputs.measurements import Measurements, measure
@@ -29,6 +32,8 @@ from dicom_node.outputs.seg import build_seg
 from dicom_node.outputs.sr import build_sr
 from dicom_node.store.spool import durable_write
 from dicom_node.uids import output_uids
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,15 +102,37 @@ def segment_series(
     of several images (e.g. PA and lateral) gives one result per image: DICOM SEG needs a
     frame of reference to span several projection images, which radiographs do not have.
     Each image's outputs get their own instance in the same output series of each kind.
+
+    In such a series, an image outside the model's ``applicability`` (e.g. the lateral beside
+    a PA, for a PA/AP model) is skipped; the series fails only when every image is.
+
+    Raises
+    ------
+    NotApplicableError
+        When the series (or every image of a projection series) is outside the model's
+        ``applicability``.
     """
     headers = [dcmread(p, stop_before_pixels=True) for p in paths]
     projection = not all("ImagePositionPatient" in h for h in headers)
     if projection and len(paths) > 1:
         order = sorted(range(len(paths)), key=lambda i: str(headers[i].SOPInstanceUID))
-        return [
-            _segment(load_series([paths[i]]), segmenter, kinds, instance_number=n)
-            for n, i in enumerate(order, start=1)
-        ]
+        results: list[SegmentationResult] = []
+        refused: list[NotApplicableError] = []
+        for i in order:
+            try:
+                check_image(headers[i], segmenter.package)
+            except NotApplicableError as exc:
+                log.info("image skipped: outside the model's applicability", image=i + 1)
+                refused.append(exc)
+                continue
+            results.append(
+                _segment(
+                    load_series([paths[i]]), segmenter, kinds, instance_number=len(results) + 1
+                )
+            )
+        if not results:
+            raise refused[0]
+        return results
     return [_segment(load_series(paths), segmenter, kinds, instance_number=1)]
 
 
@@ -119,6 +146,7 @@ def _segment(
     package = segmenter.package
     masks = segmenter.segment(series)
     values = measure(series, masks, package)
+    notes = (*segmenter.notes(series), *values.omitted)
     sources = series.sop_instance_uids
 
     def uids(kind: OutputKind) -> tuple[str, str]:
@@ -151,6 +179,7 @@ def _segment(
                 series_uid=sr_series,
                 sop_uid=sr_sop,
                 instance_number=instance_number,
+                notes=notes,
             )
             outputs.append((OutputKind.SR, sr))
     if OutputKind.OVERLAY in kinds:

@@ -15,6 +15,7 @@ from dicom_node.errors import ModelPackageError
 from dicom_node.models.package import (
     MODEL_FILE,
     Activation,
+    Applicability,
     Measurement,
     NormalizationKind,
     Postprocess,
@@ -112,6 +113,15 @@ def _delete(key: str) -> Edit:
         (_set("modalities", "CT"), "modalities"),
         (_set("measurements", ["perimeter"]), "measurements"),
         (_set("network", [8, 16]), "network"),
+        (_set("input.orientation", ["L"]), "input.orientation"),
+        (_set("input.orientation", ["L", "R"]), "input.orientation"),
+        (_set("input.orientation", ["X", "F"]), "input.orientation"),
+        (_set("input.orientation", "L\\F"), "input.orientation"),
+        (_set("applicability", ["PA"]), "applicability: expected a mapping"),
+        (_set("applicability", {"view": ["PA"]}), "applicability: unknown key"),
+        (_set("applicability", {"views": "PA"}), "applicability.views"),
+        (_set("applicability", {"body_parts": [""]}), "applicability.body_parts"),
+        (_set("applicability", {"species": [7]}), "applicability.species"),
     ],
 )
 def test_invalid_key_is_named(tmp_path: Path, edit: Edit, message: str) -> None:
@@ -120,7 +130,31 @@ def test_invalid_key_is_named(tmp_path: Path, edit: Edit, message: str) -> None:
     doc = yaml.safe_load(model_file.read_text())
     edit(doc)
     model_file.write_text(yaml.safe_dump(doc))
-    with pytest.raises(ModelPackageError, match=message):
+    with pytest.raises(ModelPackageError, match=message) as raised:
+        load_package(tmp_path)
+    assert str(raised.value).startswith(str(model_file))
+
+
+def test_orientation_and_applicability_round_trip(tmp_path: Path) -> None:
+    make_random_package(tmp_path)
+    model_file = tmp_path / MODEL_FILE
+    doc = yaml.safe_load(model_file.read_text())
+    assert load_package(tmp_path).orientation is None  # optional: images used as stored
+    doc["input"]["orientation"] = ["L", "F"]
+    doc["applicability"] = {"views": ["pa", "AP"], "body_parts": ["CHEST"], "species": ["Human"]}
+    model_file.write_text(yaml.safe_dump(doc))
+    package = load_package(tmp_path)
+    assert package.orientation == ("L", "F")
+    assert package.applicability == Applicability(("PA", "AP"), ("CHEST",), ("human",))
+
+
+def test_orientation_is_for_2d_models_only(tmp_path: Path) -> None:
+    make_random_package(tmp_path, dims=3, structures=("heart",))
+    model_file = tmp_path / MODEL_FILE
+    doc = yaml.safe_load(model_file.read_text())
+    doc["input"]["orientation"] = ["L", "F"]
+    model_file.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ModelPackageError, match="input.orientation: only 2D models"):
         load_package(tmp_path)
 
 

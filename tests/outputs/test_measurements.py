@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -221,3 +224,55 @@ def test_jsrt_normal_chest(
     assert 80.0 < areas["left_lung"] < 400.0
     assert areas["left_lung"] < areas["right_lung"]  # the heart takes room on the left
     assert 5.0 < areas["right_clavicle"] < 40.0
+
+
+# --- which images get a ratio, and along which axis ----------------------------------------
+
+
+def test_ratio_is_taken_across_the_patient_whatever_the_stored_orientation(
+    jsrt_case: tuple[ImageSeries, np.ndarray], chest_package: ModelPackage
+) -> None:
+    series, masks = jsrt_case
+    oriented = dataclasses.replace(chest_package, orientation=("L", "F"))
+    expected = measure(series, masks, oriented).cardiothoracic_ratio
+    assert expected is not None and expected.oriented_to is None
+    ds = copy.deepcopy(series.datasets[0])
+    ds.PatientOrientation = ["F", "R"]  # stored a quarter turn counter-clockwise
+    turned = dataclasses.replace(
+        series, datasets=(ds,), pixels=np.ascontiguousarray(np.rot90(series.pixels, 1, (1, 2)))
+    )
+    turned_masks = np.ascontiguousarray(np.rot90(masks, 1, (1, 2)))
+    ratio = measure(turned, turned_masks, oriented).cardiothoracic_ratio
+    assert ratio is not None and ratio.value == expected.value
+    assert ratio.heart_width_mm == expected.heart_width_mm
+    assert "as oriented to L\\F" in ratio.describe()
+    # A package without a declared orientation measures along the stored columns.
+    unoriented = measure(turned, turned_masks, chest_package).cardiothoracic_ratio
+    assert unoriented is not None and abs(unoriented.value - expected.value) > 0.05
+
+
+@pytest.mark.parametrize(
+    ("tags", "why"),
+    [
+        ({"ViewPosition": "AP"}, "magnifies the heart"),
+        ({"ViewPosition": "LL"}, "lateral view"),
+        ({"ViewPosition": "LATERAL"}, "lateral view"),
+        ({"ViewPosition": ""}, "View Position (0018,5101) is absent"),
+        ({"PatientSpeciesDescription": "Canis lupus familiaris"}, "for humans"),
+    ],
+)
+def test_ratio_only_on_pa_views_of_humans(
+    jsrt_case: tuple[ImageSeries, np.ndarray],
+    chest_package: ModelPackage,
+    tags: dict[str, str],
+    why: str,
+) -> None:
+    series, masks = jsrt_case
+    ds = copy.deepcopy(series.datasets[0])
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    values = measure(dataclasses.replace(series, datasets=(ds,)), masks, chest_package)
+    assert values.cardiothoracic_ratio is None
+    (reason,) = values.omitted
+    assert reason.startswith("Cardiothoracic ratio not reported") and why in reason
+    assert values.structures  # areas are still reported

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_node.config import Route
+import yaml
+
+from dicom_node.config import Route, parse_settings
 from dicom_node.pipeline.delivery import backoff_s
 from dicom_node.pipeline.routing import matches, routes_for
 
@@ -32,3 +34,29 @@ def test_every_matching_route_gets_a_job() -> None:
 
 def test_backoff_doubles_up_to_the_limit() -> None:
     assert [backoff_s(n, 2.0, 10.0) for n in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def test_empty_accepted_value_matches_an_absent_attribute() -> None:
+    route = Route(
+        "chest", {"Modality": ("DX",), "ViewPosition": ("PA", "AP", "")}, Path("m"), ("pacs",)
+    )
+    assert matches(route, {"Modality": "DX", "ViewPosition": "PA"})
+    assert matches(route, {"Modality": "DX"})
+    assert matches(route, {"Modality": "DX", "ViewPosition": " "})
+    assert not matches(route, {"Modality": "DX", "ViewPosition": "LL"})
+    assert not matches(route, {"ViewPosition": "PA"})  # Modality absent, "" not accepted
+
+
+def test_default_route_takes_only_what_the_chest_model_is_valid_for() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    doc = yaml.safe_load((repo / "config" / "node.yaml").read_text())
+    (route,) = parse_settings(doc, base=repo).routes
+    assert route.model.resolve() == (repo / "config" / "models" / "cxr-anatomy").resolve()
+    chest = {"Modality": "DX", "BodyPartExamined": "CHEST", "ViewPosition": "PA"}
+    assert matches(route, chest)
+    assert matches(route, {**chest, "ViewPosition": "AP"})
+    assert matches(route, {"Modality": "CR"})  # an unlabelled film still goes to the model
+    assert not matches(route, {**chest, "ViewPosition": "LL"})
+    assert not matches(route, {**chest, "ViewPosition": "LATERAL"})
+    assert not matches(route, {**chest, "BodyPartExamined": "HAND"})
+    assert not matches(route, {**chest, "Modality": "CT"})
