@@ -35,6 +35,7 @@ import dicom_node
 from dicom_node.errors import InputError
 from dicom_node.imaging.series import ImageSeries
 from dicom_node.models.package import ModelPackage, Structure
+from dicom_node.outputs.charset import UTF8, set_output_character_set
 from dicom_node.outputs.measurements import check_masks
 from dicom_node.uids import derive_uid
 
@@ -225,7 +226,9 @@ def build_seg(
         content_label=code_string(content_label or package.name),
         series_description=(series_description or f"{package.name} segmentation")[:64],
         omit_empty_frames=omit_empty,
+        specific_character_set=UTF8,  # never the source's: highdicom refuses some (e.g. "")
     )
+    set_output_character_set(seg)
     if "FrameOfReferenceUID" not in seg and "PatientOrientation" not in seg:
         # General Image Module, Type 2C without Image Orientation (Patient).
         seg.PatientOrientation = series.datasets[0].get("PatientOrientation", "")
