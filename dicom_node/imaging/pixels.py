@@ -68,13 +68,15 @@ def number_of_frames(ds: pydicom.Dataset) -> int:
     InputError
         When the value is not a positive integer.
     """
-    value = ds.get("NumberOfFrames")
-    if value is None or value == "":
-        return 1
     try:
+        value = ds.get("NumberOfFrames")
+        if value is None or value == "":
+            return 1
         frames = int(value)
     except (TypeError, ValueError):
-        raise InputError(f"NumberOfFrames (0028,0008) {value!r} is not a number") from None
+        raise InputError(
+            "NumberOfFrames (0028,0008) is not a valid Integer String; send a whole number"
+        ) from None
     if frames < 1:
         raise InputError(f"NumberOfFrames (0028,0008) is {frames}; it must be at least 1")
     return frames

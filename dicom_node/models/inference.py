@@ -18,9 +18,10 @@ from monai.inferers import sliding_window_inference
 
 from dicom_node.errors import InputError
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.package import Activation, ModelPackage
+from dicom_node.models.package import Activation, ColorMode, ModelPackage
 from dicom_node.models.postprocess import postprocess
 from dicom_node.models.preprocess import (
+    model_images,
     prepare_image,
     prepare_volume,
     restore_probabilities,
@@ -100,13 +101,15 @@ class Segmenter:
             enabled=self.device.type == "cuda",
         )
 
-    def _predict_2d(self, pixels: np.ndarray) -> np.ndarray:
-        frames, rows, cols = pixels.shape
+    def _predict_2d(self, images: np.ndarray) -> np.ndarray:
+        """``images``: ``(frames, rows, cols)``, or ``(frames, rows, cols, 3)`` for rgb models."""
+        frames, rows, cols = images.shape[:3]
         out = np.empty((frames, rows, cols, len(self.package.structures)), dtype=np.float32)
         for start in range(0, frames, self.batch_size):
             stop = min(start + self.batch_size, frames)
-            prepared = [prepare_image(pixels[f], self.package) for f in range(start, stop)]
-            batch = torch.from_numpy(np.stack([image for image, _ in prepared])[:, None])
+            prepared = [prepare_image(images[f], self.package) for f in range(start, stop)]
+            stacked = np.stack([image for image, _ in prepared])
+            batch = torch.from_numpy(stacked if stacked.ndim == 4 else stacked[:, None])
             with torch.inference_mode(), self._autocast():
                 probs = self._activate(self.network(batch.to(self.device))).cpu().numpy()
             for i, (_, placement) in enumerate(prepared):
@@ -131,14 +134,18 @@ class Segmenter:
         return np.ascontiguousarray(np.moveaxis(restore_volume(probs, placement), 0, -1))
 
     def predict_image(self, image: np.ndarray) -> np.ndarray:
-        """Probabilities ``(rows, cols, S)`` of one 2D image given as an array (no DICOM).
+        """Probabilities ``(rows, cols, S)`` of one 2D image given as an array (no DICOM):
+        ``(rows, cols)``, or ``(rows, cols, 3)`` RGB for a package with ``input.color: rgb``.
 
         The same path as :meth:`predict` for one frame; used by ``evaluate`` and training on
         plain image files. Only for 2D models.
         """
         if self.package.dims != 2:
             raise InputError(f"model {self.package.name} is 3D; give it a series, not an image")
-        return self._predict_2d(np.asarray(image, dtype=np.float32)[None])[0]
+        data = np.asarray(image, dtype=np.float32)
+        if self.package.color is ColorMode.RGB and data.ndim == 2:
+            data = np.repeat(data[..., None], 3, axis=-1)
+        return self._predict_2d(data[None])[0]
 
     def predict(self, series: ImageSeries) -> np.ndarray:
         """Return the probabilities of each structure on the source pixel grid.
@@ -160,7 +167,7 @@ class Segmenter:
         if self.package.dims == 3:
             probs = self._predict_3d(series)
         else:
-            probs = self._predict_2d(series.pixels)
+            probs = self._predict_2d(model_images(series, self.package))
         log.debug("prediction done", model=self.package.name, frames=probs.shape[0])
         return probs
 

@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 from dicom_node.imaging.series import ImageSeries, load_series
 from dicom_node.models.inference import Segmenter
 from dicom_node.outputs.measurements import Measurements, measure
-from dicom_node.outputs.seg import build_seg
+from dicom_node.outputs.seg import build_seg, check_seg_sources
 from dicom_node.outputs.sr import build_sr
 from dicom_node.store.spool import durable_write
 from dicom_node.uids import output_uids
@@ -47,11 +47,16 @@ def segment_series(paths: Sequence[Path], segmenter: Segmenter) -> list[Segmenta
     A cross-sectional series (or a single radiograph) gives one SEG + SR. A projection series
     of several images (e.g. PA and lateral) gives one SEG + SR per image: DICOM SEG needs a
     frame of reference to span several projection images, which radiographs do not have.
-    Each image's outputs get their own instance in the same SEG and SR output series.
+    Likewise a series of several multi-frame instances (enhanced CT/MR, cine) gives one SEG +
+    SR per instance, as highdicom writes a SEG on one multi-frame source. One multi-frame
+    instance gives one SEG over all its frames (it needs a Frame of Reference UID when it
+    has several frames, see :func:`~dicom_node.outputs.seg.check_seg_sources`). Each
+    image's outputs get their own instance in the same SEG and SR output series.
     """
     headers = [dcmread(p, stop_before_pixels=True) for p in paths]
     projection = not all("ImagePositionPatient" in h for h in headers)
-    if projection and len(paths) > 1:
+    multi_frame = any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers)
+    if (projection or multi_frame) and len(paths) > 1:
         order = sorted(range(len(paths)), key=lambda i: str(headers[i].SOPInstanceUID))
         return [
             _segment(load_series([paths[i]]), segmenter, instance_number=n)
@@ -64,6 +69,7 @@ def _segment(
     series: ImageSeries, segmenter: Segmenter, *, instance_number: int
 ) -> SegmentationResult:
     package = segmenter.package
+    check_seg_sources(series)  # before inference: a refusal costs nothing
     masks = segmenter.segment(series)
     values = measure(series, masks, package)
     sources = series.sop_instance_uids
