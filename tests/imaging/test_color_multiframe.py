@@ -97,6 +97,7 @@ def enhanced_mr(tmp_path: Path, n_slices: int = 6) -> tuple[Path, list[Path]]:
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
         ds.Modality = "MR"
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 2  # per-frame Pixel Value Transformation
+        ds.ImagePositionPatient = [round(float(v), 4) for v in ds.ImagePositionPatient]  # DS <= 16
     singles = write_files(slices, tmp_path / "singles")
     mf = hd.legacy.LegacyConvertedEnhancedMRImage(
         legacy_datasets=copy.deepcopy(slices),
