@@ -246,7 +246,7 @@ def build_seg(
     if series.is_projection and len(series.datasets) > 1:
         raise InputError(
             f"the series holds {len(series.datasets)} projection images; a SEG is written for "
-            "one projection image (or one multi-frame instance) at a time, so process each "
+            "one projection image at a time (or one multi-frame instance), so process each "
             "image of the series on its own"
         )
     check_seg_sources(series)
