@@ -1,17 +1,22 @@
-"""Series to image stack with exact geometry: the one place where pixel data is decoded.
+"""Series to image stack with exact geometry.
 
-:func:`load_series` reads the instances of one series and returns an :class:`ImageSeries`:
-the decoded frames as modality values (Rescale Slope (0028,1053) and Rescale Intercept
-(0028,1052), or the Modality LUT Sequence (0028,3000), applied) in MONOCHROME2 polarity, with the
-pixel spacing and, for cross-sectional series, the slices sorted along the slice normal.
+:func:`load_series` reads the instances of one series and returns an :class:`ImageSeries`: the
+decoded frames (by :mod:`dicom_node.imaging.pixels`: modality values in MONOCHROME2 polarity,
+or RGB with its luminance for colour images) with the pixel spacing and, for cross-sectional
+series, the frames sorted along the slice normal. Each frame remembers the instance and the
+frame number it came from (:attr:`ImageSeries.frame_sources`).
+
+Instances may be single-frame or multi-frame: Enhanced and Legacy Converted Enhanced CT/MR/PET
+objects place each frame with their Functional Groups, read by :mod:`dicom_node.imaging.frames`;
+classic multi-frame objects (ultrasound cine, secondary capture) are projection frames.
 
 Two kinds of series are supported:
 
-* cross-sectional (CT, MR, PT, ...): every instance has Image Position (Patient) (0020,0032) and
-  Image Orientation (Patient) (0020,0037); the slices are sorted by their position along the
+* cross-sectional (CT, MR, PT, ...): every frame has Image Position (Patient) (0020,0032) and
+  Image Orientation (Patient) (0020,0037); the frames are sorted by their position along the
   normal of the image plane (the cross product of the row and column direction cosines);
-* projection (CR, DX, MG, XA, secondary capture, ...): instances without that geometry, of one
-  size, stacked as frames in Instance Number (0020,0013) order.
+* projection (CR, DX, MG, XA, US, secondary capture, ...): frames without that geometry, of
+  one size, stacked in Instance Number (0020,0013) order, then frame number.
 
 Compressed transfer syntaxes are decoded by pydicom's pixel data handlers with the pylibjpeg,
 openjpeg, libjpeg and pyjpegls plugins (JPEG baseline and lossless, JPEG-LS, JPEG 2000, RLE);
@@ -28,10 +33,17 @@ import numpy as np
 import pydicom
 import structlog
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
-from pydicom.pixels import pixel_array as decode_pixel_array
 
 from dicom_node.errors import InputError
+from dicom_node.imaging.frames import FrameGeometry, frame_geometries, frame_modality_luts
+from dicom_node.imaging.pixels import (
+    COLOR,
+    PALETTE,
+    check_pixel_module,
+    decode_instance,
+    image_size,
+    number_of_frames,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -50,11 +62,13 @@ class ImageSeries:
     Attributes
     ----------
     datasets
-        The source instances in frame order (full datasets, pixel data included).
+        The source instances (full datasets, pixel data included), in the order their first
+        frame appears; for single-frame instances this is frame order.
     pixels
         ``float32`` array of shape ``(frames, rows, cols)``: modality values after Rescale
         Slope/Intercept (or the Modality LUT), always in MONOCHROME2 polarity (MONOCHROME1
-        frames are inverted within the range of their stored values).
+        frames are inverted within the range of their stored values); for colour images the
+        ITU-R BT.601 luminance of :attr:`rgb`.
     pixel_spacing_mm
         ``(row spacing, column spacing)`` in mm, i.e. the distance between the centres of
         adjacent rows and of adjacent columns, or None when the instances do not say.
@@ -67,6 +81,18 @@ class ImageSeries:
         adjacent slices along the normal, from Image Position (Patient); None otherwise.
     is_projection
         True for projection images (no Image Position/Orientation (Patient)).
+    rgb
+        Colour images (RGB, YBR_*, PALETTE COLOR): ``float32 (frames, rows, cols, 3)`` RGB in
+        0..255, in frame order; None for grayscale series.
+    frame_sources
+        Per frame, ``(index into datasets, frame number)``; frame numbers start at 1 (always 1
+        for single-frame instances). Default: every frame of every dataset in order.
+    positions_mm
+        Cross-sectional: ``(frames, 3)`` Image Position (Patient) of each frame; default from
+        the datasets (single-frame). None for projection images.
+    direction_cosines
+        Cross-sectional: Image Orientation (Patient) (6 numbers) shared by all frames; default
+        from the first dataset. None for projection images.
     """
 
     datasets: tuple[pydicom.Dataset, ...]
@@ -75,6 +101,36 @@ class ImageSeries:
     spacing_source: str | None
     slice_spacing_mm: float | None
     is_projection: bool
+    rgb: np.ndarray | None = None
+    frame_sources: tuple[tuple[int, int], ...] = ()
+    positions_mm: np.ndarray | None = None
+    direction_cosines: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.frame_sources:
+            sources = tuple(
+                (i, f)
+                for i, ds in enumerate(self.datasets)
+                for f in range(1, number_of_frames(ds) + 1)
+            )
+            object.__setattr__(self, "frame_sources", sources)
+        if len(self.frame_sources) != self.pixels.shape[0]:
+            raise ValueError(
+                f"{len(self.frame_sources)} frame sources for {self.pixels.shape[0]} frames"
+            )
+        if self.rgb is not None and self.rgb.shape != (*self.pixels.shape, 3):
+            raise ValueError(f"rgb {self.rgb.shape} does not match pixels {self.pixels.shape}")
+        if self.is_projection:
+            return
+        if self.direction_cosines is None:
+            iop = np.asarray(self.datasets[0].ImageOrientationPatient, dtype=np.float64)
+            object.__setattr__(self, "direction_cosines", tuple(float(v) for v in iop))
+        if self.positions_mm is None:
+            positions = [
+                np.asarray(self.datasets[i].ImagePositionPatient, dtype=np.float64)
+                for i, _ in self.frame_sources
+            ]
+            object.__setattr__(self, "positions_mm", np.stack(positions))
 
     @property
     def modality(self) -> str:
@@ -99,8 +155,21 @@ class ImageSeries:
 
     @property
     def sop_instance_uids(self) -> tuple[str, ...]:
-        """SOP Instance UID (0008,0018) of each frame's source instance, in frame order."""
+        """SOP Instance UID (0008,0018) of each dataset, in :attr:`datasets` order (for a
+        series of single-frame instances: of each frame, in frame order)."""
         return tuple(str(ds.SOPInstanceUID) for ds in self.datasets)
+
+    @property
+    def frame_keys(self) -> tuple[tuple[str, int], ...]:
+        """``(SOP Instance UID, frame number)`` of each frame, in frame order: what a SEG's
+        Derivation Image Sequence (0008,9124) and an SR's source image references name."""
+        uids = self.sop_instance_uids
+        return tuple((uids[i], f) for i, f in self.frame_sources)
+
+    @property
+    def is_color(self) -> bool:
+        """True for colour images (:attr:`rgb` is set)."""
+        return self.rgb is not None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -113,18 +182,25 @@ class ImageSeries:
         """Cross-sectional: 3x3 array whose rows are the row direction (increasing column
         index), the column direction (increasing row index) and the slice normal, from Image
         Orientation (Patient) (0020,0037). None for projection images."""
-        if self.is_projection:
+        if self.is_projection or self.direction_cosines is None:
             return None
-        row_dir, col_dir = _orientation(self.datasets[0])
+        row_dir, col_dir = _unit_cosines(self.direction_cosines)
         return np.stack([row_dir, col_dir, np.cross(row_dir, col_dir)])
 
     @property
     def origin_mm(self) -> np.ndarray | None:
         """Cross-sectional: Image Position (Patient) (0020,0032) of the first frame's top-left
         pixel centre. None for projection images."""
-        if self.is_projection:
+        if self.is_projection or self.positions_mm is None:
             return None
-        return np.asarray(self.datasets[0].ImagePositionPatient, dtype=np.float64)
+        return np.asarray(self.positions_mm[0], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class _Frame:
+    dataset: int  # index into the list of unique datasets as read
+    number: int  # 1-based frame number within its instance
+    geometry: FrameGeometry
 
 
 def _read(path: Path) -> pydicom.Dataset:
@@ -134,61 +210,20 @@ def _read(path: Path) -> pydicom.Dataset:
         raise InputError(f"{path.name}: not a readable DICOM file ({exc})") from exc
 
 
-def _orientation(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
-    if iop.shape != (6,) or not np.all(np.isfinite(iop)):
+def _unit_cosines(iop: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    values = np.asarray(iop, dtype=np.float64)
+    if values.shape != (6,) or not np.all(np.isfinite(values)):
         raise InputError("ImageOrientationPatient (0020,0037) must hold 6 finite numbers")
-    row_dir, col_dir = iop[:3], iop[3:]
+    row_dir, col_dir = values[:3], values[3:]
     norms = np.linalg.norm(row_dir), np.linalg.norm(col_dir)
     if min(norms) < 1e-6:
         raise InputError("ImageOrientationPatient (0020,0037) has a zero direction cosine")
     return row_dir / norms[0], col_dir / norms[1]
 
 
-def _check_pixel_module(ds: pydicom.Dataset) -> None:
-    if "PixelData" not in ds:
-        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-            raise InputError("float pixel data is not supported yet; send integer Pixel Data")
-        raise InputError("an instance has no Pixel Data (7FE0,0010); send image instances only")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise InputError(
-            f"SamplesPerPixel (0028,0002) is {ds.SamplesPerPixel}; only grayscale images "
-            "(MONOCHROME1/MONOCHROME2) are supported"
-        )
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise InputError(
-            f"PhotometricInterpretation (0028,0004) {photometric!r} is not supported; "
-            "send MONOCHROME1 or MONOCHROME2 images"
-        )
-    bits = int(ds.get("BitsAllocated", 0))
-    if bits not in (8, 16):
-        raise InputError(
-            f"BitsAllocated (0028,0100) is {bits}; only 8 and 16 bit images are supported"
-        )
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames != 1:
-        raise InputError(
-            f"multi-frame instances (NumberOfFrames (0028,0008) = {frames}) are not supported "
-            "yet; send single-frame instances"
-        )
-
-
-def _stored_range(ds: pydicom.Dataset) -> tuple[int, int]:
-    bits = int(ds.get("BitsStored", ds.BitsAllocated))
-    if int(ds.get("PixelRepresentation", 0)) == 1:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
 def decode_frame(ds: pydicom.Dataset) -> np.ndarray:
-    """Decode the single frame of ``ds`` as modality values in MONOCHROME2 polarity.
-
-    The stored values are decoded by pydicom's pixel data handlers (the plugin is chosen by
-    Transfer Syntax UID (0002,0010)), mapped through the Modality LUT (Rescale Slope (0028,1053)
-    and Rescale Intercept (0028,1052), or Modality LUT Sequence (0028,3000)) and, for
-    PhotometricInterpretation (0028,0004) MONOCHROME1, inverted: ``lo + hi - value`` where
-    ``lo..hi`` is the range of modality values the stored bits can hold.
+    """Decode the single frame of ``ds`` as modality values in MONOCHROME2 polarity (the
+    luminance for colour images); see :func:`dicom_node.imaging.pixels.decode_instance`.
 
     Returns
     -------
@@ -198,29 +233,12 @@ def decode_frame(ds: pydicom.Dataset) -> np.ndarray:
     Raises
     ------
     InputError
-        When the pixel data cannot be decoded or its shape is not ``(Rows, Columns)``.
+        When the pixel data cannot be decoded, or ``ds`` has several frames.
     """
-    _check_pixel_module(ds)
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    try:
-        stored = decode_pixel_array(ds)
-    except Exception as exc:  # every decoder plugin raises its own exception types
-        name = getattr(syntax, "name", syntax)
-        raise InputError(
-            f"pixel data with transfer syntax {name!r} could not be decoded ({exc}); "
-            "send it uncompressed or in a supported compression"
-        ) from exc
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    if stored.shape != (rows, cols):
-        raise InputError(
-            f"decoded pixel data has shape {stored.shape}, expected (Rows, Columns) = "
-            f"{(rows, cols)}"
-        )
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-    if ds.PhotometricInterpretation == "MONOCHROME1":
-        ends = np.asarray(apply_modality_lut(np.array(_stored_range(ds)), ds), dtype=np.float64)
-        values = float(ends.min()) + float(ends.max()) - values
-    return values.astype(np.float32)
+    frames = number_of_frames(ds)
+    if frames != 1:
+        raise InputError(f"decode_frame decodes single frames; the instance has {frames}")
+    return decode_instance(ds, frame_modality_luts(ds)).gray[0]
 
 
 def _projection_spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float] | None, str | None]:
@@ -245,9 +263,12 @@ def _projection_spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float] | None
 
 def _spacing(ds: pydicom.Dataset, keyword: str) -> tuple[float, float] | None:
     value = ds.get(keyword)
-    if value is None or len(value) != 2:
+    try:
+        if value is None or len(value) != 2:
+            return None
+        row, col = float(value[0]), float(value[1])
+    except (TypeError, ValueError):
         return None
-    row, col = float(value[0]), float(value[1])
     if not (np.isfinite(row) and np.isfinite(col) and row > 0 and col > 0):
         return None
     return row, col
@@ -255,37 +276,36 @@ def _spacing(ds: pydicom.Dataset, keyword: str) -> tuple[float, float] | None:
 
 def _instance_number(ds: pydicom.Dataset) -> int:
     value = ds.get("InstanceNumber")
-    return 0 if value is None or value == "" else int(value)
+    try:
+        return 0 if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
-def _sort_cross_sectional(
-    datasets: list[pydicom.Dataset],
-) -> tuple[list[pydicom.Dataset], float | None]:
-    """Sort by position along the slice normal; return the sorted list and the slice spacing."""
-    row_dir, col_dir = _orientation(datasets[0])
-    for ds in datasets[1:]:
-        r, c = _orientation(ds)
+def _sort_cross_sectional(frames: list[_Frame]) -> tuple[list[_Frame], float | None]:
+    """Sort by position along the slice normal; return the sorted frames and slice spacing."""
+    first = frames[0].geometry.orientation
+    assert first is not None
+    row_dir, col_dir = _unit_cosines(first)
+    for frame in frames[1:]:
+        assert frame.geometry.orientation is not None
+        r, c = _unit_cosines(frame.geometry.orientation)
         if not (
             np.allclose(r, row_dir, atol=ORIENTATION_TOLERANCE)
             and np.allclose(c, col_dir, atol=ORIENTATION_TOLERANCE)
         ):
             raise InputError(
-                "the instances have different ImageOrientationPatient (0020,0037); a series "
+                "the frames have different ImageOrientationPatient (0020,0037); a series "
                 "must be one stack of parallel slices (split localizers and reformats apart)"
             )
     normal = np.cross(row_dir, col_dir)
-    positions = []
-    for ds in datasets:
-        ipp = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
-        if ipp.shape != (3,) or not np.all(np.isfinite(ipp)):
-            raise InputError("ImagePositionPatient (0020,0032) must hold 3 finite numbers")
-        positions.append(float(ipp @ normal))
+    positions = [float(np.asarray(f.geometry.position_mm) @ normal) for f in frames]
     order = np.argsort(positions, kind="stable")
     ordered = np.asarray(positions)[order]
     gaps = np.diff(ordered)
     if gaps.size and gaps.min() < DUPLICATE_POSITION_MM:
         raise InputError(
-            "two or more instances share one ImagePositionPatient (0020,0032) along the slice "
+            "two or more frames share one ImagePositionPatient (0020,0032) along the slice "
             "normal (several phases, echoes or acquisitions in one series); send one stack"
         )
     spacing: float | None = None
@@ -299,7 +319,36 @@ def _sort_cross_sectional(
                 min_gap_mm=round(float(gaps.min()), 3),
                 max_gap_mm=round(float(gaps.max()), 3),
             )
-    return [datasets[i] for i in order], spacing
+    return [frames[i] for i in order], spacing
+
+
+def _check_consistent(datasets: list[pydicom.Dataset], is_projection: bool) -> None:
+    sizes = {image_size(ds) for ds in datasets}
+    if len(sizes) != 1:
+        shown = ", ".join(f"{r}x{c}" for r, c in sorted(sizes))
+        if is_projection:
+            raise InputError(
+                f"the projection images of this series have different sizes ({shown} "
+                "Rows x Columns); series of images of different sizes are not supported yet"
+            )
+        raise InputError(
+            f"the slices of this series have different sizes ({shown} Rows x Columns); "
+            "a cross-sectional series must have one size"
+        )
+    kinds = {str(ds.PhotometricInterpretation).strip() in (*COLOR, PALETTE) for ds in datasets}
+    if len(kinds) != 1:
+        raise InputError(
+            "the series mixes colour and grayscale images (PhotometricInterpretation "
+            "(0028,0004)); send them as separate series"
+        )
+    if not is_projection:
+        missing = [ds for ds in datasets if not ds.get("FrameOfReferenceUID")]
+        if missing:
+            raise InputError(
+                f"{len(missing)} instance(s) with ImagePositionPatient (0020,0032) have no "
+                "FrameOfReferenceUID (0020,0052), which places them in the patient; the "
+                "sender must fill it in"
+            )
 
 
 def load_series(paths: Sequence[Path]) -> ImageSeries:
@@ -308,21 +357,22 @@ def load_series(paths: Sequence[Path]) -> ImageSeries:
     Parameters
     ----------
     paths
-        DICOM files of one series (Series Instance UID (0020,000E)), in any order. Instances
-        received twice (same SOP Instance UID (0008,0018)) are used once.
+        DICOM files of one series (Series Instance UID (0020,000E)), in any order, single- or
+        multi-frame. Instances received twice (same SOP Instance UID (0008,0018)) are used once.
 
     Returns
     -------
     ImageSeries
         Frames sorted along the slice normal (cross-sectional) or by Instance Number
-        (0020,0013) (projection).
+        (0020,0013) and frame number (projection).
 
     Raises
     ------
     InputError
-        When the files are not one series of grayscale single-frame images of one size and, for
-        cross-sectional series, one orientation without duplicate positions; or when the pixel
-        data cannot be decoded. The message says what is wrong.
+        When the files are not one series of images of one size and one kind (colour or
+        grayscale), with, for cross-sectional series, one orientation, a Frame of Reference
+        and no duplicate positions; or when the pixel data cannot be decoded (see
+        :func:`dicom_node.imaging.pixels.check_pixel_module`). The message says what is wrong.
     """
     if not paths:
         raise InputError("no instances given; a series needs at least one image")
@@ -343,36 +393,28 @@ def load_series(paths: Sequence[Path]) -> ImageSeries:
             f"the instances belong to {len(series_uids)} series (SeriesInstanceUID (0020,000E)); "
             "load one series at a time"
         )
-    for ds in datasets:
-        _check_pixel_module(ds)
-    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
-
+    frames: list[_Frame] = []
+    for index, ds in enumerate(datasets):
+        check_pixel_module(ds)
+        frames.extend(
+            _Frame(index, number, geometry)
+            for number, geometry in enumerate(frame_geometries(ds), start=1)
+        )
     has_geometry = [
-        "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for ds in datasets
+        f.geometry.position_mm is not None and f.geometry.orientation is not None for f in frames
     ]
     if any(has_geometry) and not all(has_geometry):
         raise InputError(
-            "only some instances have ImagePositionPatient (0020,0032) and "
+            "only some instances or frames have ImagePositionPatient (0020,0032) and "
             "ImageOrientationPatient (0020,0037); a series must be all cross-sectional or all "
             "projection images"
         )
     is_projection = not all(has_geometry)
-
-    if len(sizes) != 1:
-        shown = ", ".join(f"{r}x{c}" for r, c in sorted(sizes))
-        if is_projection:
-            raise InputError(
-                f"the projection images of this series have different sizes ({shown} "
-                "Rows x Columns); series of images of different sizes are not supported yet"
-            )
-        raise InputError(
-            f"the slices of this series have different sizes ({shown} Rows x Columns); "
-            "a cross-sectional series must have one size"
-        )
+    _check_consistent(datasets, is_projection)
 
     slice_spacing: float | None = None
     if is_projection:
-        datasets.sort(key=_instance_number)
+        frames.sort(key=lambda f: (_instance_number(datasets[f.dataset]), f.dataset, f.number))
         found = {_projection_spacing(ds) for ds in datasets}
         if len(found) == 1:
             pixel_spacing, source = found.pop()
@@ -380,8 +422,8 @@ def load_series(paths: Sequence[Path]) -> ImageSeries:
             log.warning("projection images with different pixel spacings; spacing not used")
             pixel_spacing, source = None, None
     else:
-        datasets, slice_spacing = _sort_cross_sectional(datasets)
-        spacings = {_spacing(ds, "PixelSpacing") for ds in datasets}
+        frames, slice_spacing = _sort_cross_sectional(frames)
+        spacings = {f.geometry.pixel_spacing_mm for f in frames}
         if len(spacings) != 1:
             raise InputError(
                 "the slices of this series have different PixelSpacing (0028,0030); "
@@ -390,20 +432,42 @@ def load_series(paths: Sequence[Path]) -> ImageSeries:
         pixel_spacing = spacings.pop()
         source = None if pixel_spacing is None else "PixelSpacing"
 
-    pixels = np.stack([decode_frame(ds) for ds in datasets])
-    log.debug(
-        "series loaded",
-        modality=str(datasets[0].get("Modality", "")),
-        frames=pixels.shape[0],
-        rows=pixels.shape[1],
-        cols=pixels.shape[2],
-        projection=is_projection,
+    # Datasets in the order of their first frame; frames point into that order.
+    order: dict[int, int] = {}
+    for frame in frames:
+        order.setdefault(frame.dataset, len(order))
+    decoded = {i: decode_instance(datasets[i], frame_modality_luts(datasets[i])) for i in order}
+    pixels = np.stack([decoded[f.dataset].gray[f.number - 1] for f in frames])
+    color = all(d.rgb is not None for d in decoded.values())
+    rgb = (
+        np.stack([decoded[f.dataset].rgb[f.number - 1] for f in frames])  # type: ignore[index]
+        if color
+        else None
     )
-    return ImageSeries(
-        datasets=tuple(datasets),
+    series = ImageSeries(
+        datasets=tuple(datasets[i] for i in order),
         pixels=pixels,
         pixel_spacing_mm=pixel_spacing,
         spacing_source=source,
         slice_spacing_mm=slice_spacing,
         is_projection=is_projection,
+        rgb=rgb,
+        frame_sources=tuple((order[f.dataset], f.number) for f in frames),
+        positions_mm=(
+            None
+            if is_projection
+            else np.array([f.geometry.position_mm for f in frames], dtype=np.float64)
+        ),
+        direction_cosines=None if is_projection else frames[0].geometry.orientation,
     )
+    log.debug(
+        "series loaded",
+        modality=series.modality,
+        instances=len(series.datasets),
+        frames=pixels.shape[0],
+        rows=pixels.shape[1],
+        cols=pixels.shape[2],
+        projection=is_projection,
+        color=color,
+    )
+    return series

@@ -24,9 +24,10 @@ from dicom_node.errors import InputError
 from dicom_node.imaging.series import ImageSeries
 from dicom_node.models.applicability import check_image
 from dicom_node.models.orientation import Reorientation, frame_datasets, reorientations
-from dicom_node.models.package import Activation, ModelPackage
+from dicom_node.models.package import Activation, ColorMode, ModelPackage
 from dicom_node.models.postprocess import postprocess
 from dicom_node.models.preprocess import (
+    model_images,
     prepare_image,
     prepare_volume,
     restore_probabilities,
@@ -121,18 +122,23 @@ class Segmenter:
             enabled=self.device.type == "cuda",
         )
 
-    def _predict_2d(self, pixels: np.ndarray, plans: tuple[Reorientation, ...] = ()) -> np.ndarray:
-        """Probabilities ``(frames, rows, cols, S)`` on the stored grid; frame ``f`` is run in
-        the orientation ``plans[f].to_model`` gives (as stored without plans)."""
-        frames, rows, cols = pixels.shape
+    def _predict_2d(self, images: np.ndarray, plans: tuple[Reorientation, ...] = ()) -> np.ndarray:
+        """Probabilities ``(frames, rows, cols, S)`` on the stored grid.
+
+        ``images``: ``(frames, rows, cols)``, or ``(frames, rows, cols, 3)`` for rgb models.
+        Frame ``f`` is run in the orientation ``plans[f].to_model`` gives (as stored without
+        plans) and its probabilities mapped back with ``plans[f].to_source``.
+        """
+        frames, rows, cols = images.shape[:3]
         out = np.empty((frames, rows, cols, len(self.package.structures)), dtype=np.float32)
         for start in range(0, frames, self.batch_size):
             stop = min(start + self.batch_size, frames)
             prepared = [
-                prepare_image(plans[f].to_model(pixels[f]) if plans else pixels[f], self.package)
+                prepare_image(plans[f].to_model(images[f]) if plans else images[f], self.package)
                 for f in range(start, stop)
             ]
-            batch = torch.from_numpy(np.stack([image for image, _ in prepared])[:, None])
+            stacked = np.stack([image for image, _ in prepared])
+            batch = torch.from_numpy(stacked if stacked.ndim == 4 else stacked[:, None])
             with torch.inference_mode(), self._autocast():
                 probs = self._activate(self.network(batch.to(self.device))).cpu().numpy()
             for i, (_, placement) in enumerate(prepared):
@@ -160,7 +166,8 @@ class Segmenter:
     def predict_image(
         self, image: np.ndarray, orientation: Reorientation | None = None
     ) -> np.ndarray:
-        """Probabilities ``(rows, cols, S)`` of one 2D image given as an array (no DICOM).
+        """Probabilities ``(rows, cols, S)`` of one 2D image given as an array (no DICOM):
+        ``(rows, cols)``, or ``(rows, cols, 3)`` RGB for a package with ``input.color: rgb``.
 
         The same path as :meth:`predict` for one frame; used by ``evaluate`` and training on
         plain image files, which are in the model's orientation (``orientation`` None), or
@@ -168,8 +175,11 @@ class Segmenter:
         """
         if self.package.dims != 2:
             raise InputError(f"model {self.package.name} is 3D; give it a series, not an image")
+        data = np.asarray(image, dtype=np.float32)
+        if self.package.color is ColorMode.RGB and data.ndim == 2:
+            data = np.repeat(data[..., None], 3, axis=-1)
         plans = () if orientation is None else (orientation,)
-        return self._predict_2d(np.asarray(image, dtype=np.float32)[None], plans)[0]
+        return self._predict_2d(data[None], plans)[0]
 
     def notes(self, series: ImageSeries) -> tuple[str, ...]:
         """What was assumed about ``series`` and done to it before inference, for the SR:
@@ -201,7 +211,9 @@ class Segmenter:
         if self.package.dims == 3:
             probs = self._predict_3d(series)
         else:
-            probs = self._predict_2d(series.pixels, reorientations(series, self.package))
+            probs = self._predict_2d(
+                model_images(series, self.package), reorientations(series, self.package)
+            )
         log.debug("prediction done", model=self.package.name, frames=probs.shape[0])
         return probs
 

@@ -241,11 +241,8 @@ def plan_orientation(ds: pydicom.Dataset, target: tuple[str, str]) -> Reorientat
 
 
 def frame_datasets(series: ImageSeries) -> tuple[pydicom.Dataset, ...]:
-    """The source dataset of each frame of ``series`` (one multi-frame instance: repeated)."""
-    frames = series.shape[0]
-    if len(series.datasets) == frames:
-        return series.datasets
-    return (series.datasets[0],) * frames
+    """The source dataset of each frame of ``series`` (a multi-frame instance: repeated)."""
+    return tuple(series.datasets[index] for index, _ in series.frame_sources)
 
 
 def reorientations(series: ImageSeries, package: ModelPackage) -> tuple[Reorientation, ...]:

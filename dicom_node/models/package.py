@@ -38,6 +38,13 @@ class NormalizationKind(enum.Enum):
     ZSCORE = "zscore"  # subtract mean, divide by standard deviation
 
 
+class ColorMode(enum.Enum):
+    """What the network sees of each pixel (``input.color``)."""
+
+    GRAY = "gray"  # one channel: modality values, or the luminance of colour images
+    RGB = "rgb"  # three channels R, G, B in 0..255 (grayscale images repeat their value)
+
+
 class Postprocess(enum.Enum):
     """Per-structure postprocessing steps (``structures[].postprocess``)."""
 
@@ -119,6 +126,12 @@ class ModelPackage:
     applicability: Applicability = field(default_factory=Applicability)
     description: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    color: ColorMode = ColorMode.GRAY  # input.color: gray (1 channel) or rgb (3 channels)
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the network: 3 for ``input.color: rgb``, else 1."""
+        return 3 if self.color is ColorMode.RGB else 1
 
     @property
     def out_channels(self) -> int:
@@ -297,6 +310,9 @@ def load_package(path: Path | str) -> ModelPackage:
         center=_float(norm_doc, "center", 0.0, norm_key),
         width=_float(norm_doc, "width", 1.0, norm_key),
     )
+    color = _enum(ColorMode, inp.get("color", "gray"), f"{where}: input.color")
+    if color is ColorMode.RGB and dims != 2:
+        raise ModelPackageError(f"{where}: input.color: rgb is supported for 2D models only")
     out = _mapping(doc.get("output", {}), f"{where}: output")
     threshold = _float(out, "threshold", 0.5, f"{where}: output")
     if not 0.0 < threshold < 1.0:
@@ -341,4 +357,5 @@ def load_package(path: Path | str) -> ModelPackage:
         applicability=_applicability(doc, where),
         description=str(doc.get("description", "")),
         metrics=dict(_mapping(doc.get("metrics") or {}, f"{where}: metrics")),
+        color=color,
     )

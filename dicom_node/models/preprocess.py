@@ -1,6 +1,7 @@
 """Input preparation shared by training and inference, and the way back to the source grid.
 
-2D models (``dims: 2``): :func:`prepare_image` normalises a plain 2D array as
+2D models (``dims: 2``): :func:`model_images` picks grayscale or RGB frames as ``input.color``
+says; :func:`prepare_image` normalises a plain 2D (or RGB) array as
 ``input.normalization`` says, pads it to a square (aspect ratio kept, padded with the minimum of
 the normalised image) and resizes it to ``input.size``; :func:`restore_probabilities` undoes the
 geometry of that for the network's output, so that masks land on the source pixel grid.
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from dicom_node.errors import InputError
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.package import ModelPackage, Normalization, NormalizationKind
+from dicom_node.models.package import ColorMode, ModelPackage, Normalization, NormalizationKind
 
 
 def normalize(image: np.ndarray, normalization: Normalization) -> np.ndarray:
@@ -117,6 +118,20 @@ def to_input_grid(channels: np.ndarray, placement: Placement, pad_value: float =
     return _resize(square, placement.input_shape)
 
 
+def model_images(series: ImageSeries, package: ModelPackage) -> np.ndarray:
+    """The frames of ``series`` as a 2D model with ``package``'s ``input.color`` takes them.
+
+    ``gray``: :attr:`ImageSeries.pixels` ``(frames, rows, cols)`` (modality values, or the
+    luminance of colour images). ``rgb``: :attr:`ImageSeries.rgb` ``(frames, rows, cols, 3)``
+    in 0..255; a grayscale series repeats its values in R, G and B.
+    """
+    if package.color is ColorMode.GRAY:
+        return series.pixels
+    if series.rgb is not None:
+        return series.rgb
+    return np.repeat(series.pixels[..., None], 3, axis=-1)
+
+
 def prepare_image(image: np.ndarray, package: ModelPackage) -> tuple[np.ndarray, Placement]:
     """Prepare one 2D image (a frame, slice or PNG) as the input of a 2D model.
 
@@ -124,24 +139,34 @@ def prepare_image(image: np.ndarray, package: ModelPackage) -> tuple[np.ndarray,
     ----------
     image
         ``(rows, cols)`` array of any numeric type in normal (MONOCHROME2) polarity; for DICOM
-        the modality values of :attr:`ImageSeries.pixels`.
+        the modality values of :attr:`ImageSeries.pixels`. For a package with ``input.color:
+        rgb``, ``(rows, cols, 3)`` RGB (e.g. :attr:`ImageSeries.rgb` or an RGB PNG); a
+        ``(rows, cols)`` image is then repeated in the three channels. The three channels are
+        normalised together (one percentile range, window or mean), which keeps their ratios.
     package
-        Its ``normalization`` and ``input_size`` are used.
+        Its ``normalization``, ``input_size`` and ``color`` are used.
 
     Returns
     -------
     tuple[numpy.ndarray, Placement]
-        The ``float32`` network input of shape ``package.input_size`` and the placement to undo
-        with :func:`restore_probabilities`.
+        The ``float32`` network input, of shape ``package.input_size`` (gray) or ``(3,
+        *package.input_size)`` (rgb), and the placement to undo with
+        :func:`restore_probabilities`.
     """
-    if image.ndim != 2:
-        raise ValueError(f"expected a 2D image (rows, cols), got shape {image.shape}")
+    rgb = package.color is ColorMode.RGB
+    if rgb and image.ndim == 2:
+        image = np.repeat(np.asarray(image)[..., None], 3, axis=-1)
+    if (image.ndim, image.shape[-1] if rgb else 0) != ((3, 3) if rgb else (2, 0)):
+        expected = "(rows, cols, 3) RGB" if rgb else "a 2D image (rows, cols)"
+        raise ValueError(f"expected {expected}, got shape {image.shape}")
     if package.dims != 2 or len(package.input_size) != 2:
         raise ValueError(f"prepare_image is for 2D models; {package.name} has dims {package.dims}")
     normalized = normalize(image, package.normalization)
-    placement = Placement.for_shape(image.shape, package.input_size)
+    channels = np.moveaxis(normalized, -1, 0) if rgb else normalized[None]
+    placement = Placement.for_shape(channels.shape[1:], package.input_size)
     pad_value = float(normalized.min())
-    return to_input_grid(normalized[None], placement, pad_value)[0], placement
+    prepared = to_input_grid(channels, placement, pad_value)
+    return (prepared if rgb else prepared[0]), placement
 
 
 def restore_probabilities(probs: np.ndarray, placement: Placement) -> np.ndarray:

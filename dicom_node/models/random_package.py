@@ -87,6 +87,7 @@ def make_random_package(
     fp16: bool = False,
     name: str = "random-chest",
     version: str = "0.0.0",
+    color: str = "gray",
 ) -> ModelPackage:
     """Write a complete model package with random weights into ``folder`` and load it.
 
@@ -115,6 +116,8 @@ def make_random_package(
         ``input.normalization`` mapping; default percentile 0.5 to 99.5.
     fp16
         Save the weights in half precision (the loader casts them to fp32).
+    color
+        ``input.color``: ``gray`` (one input channel) or ``rgb`` (three; 2D only).
 
     Raises
     ------
@@ -142,6 +145,7 @@ def make_random_package(
         "modalities": list(modalities),
         "input": {
             "size": list(input_size),
+            "color": color,
             "normalization": dict(
                 normalization or {"kind": "percentile", "lower": 0.5, "upper": 99.5}
             ),

@@ -2,7 +2,8 @@
 
 ``network`` in ``model.yaml`` holds the keyword arguments of :class:`monai.networks.nets.UNet`
 other than ``spatial_dims``, ``in_channels`` and ``out_channels``, which follow from ``dims``,
-the single grayscale input channel and the structures (see :attr:`ModelPackage.out_channels`).
+``input.color`` (1 channel for gray, 3 for rgb) and the structures (see
+:attr:`ModelPackage.in_channels` and :attr:`ModelPackage.out_channels`).
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def build_network(package: ModelPackage) -> torch.nn.Module:
     if reserved:
         raise ModelPackageError(
             f"{package.path}: network: {', '.join(reserved)} must not be set; they follow "
-            "from dims, the single input channel and the structures"
+            "from dims, input.color and the structures"
         )
     try:
         return UNet(
             spatial_dims=package.dims,
-            in_channels=1,
+            in_channels=package.in_channels,
             out_channels=package.out_channels,
             **package.network,
         )

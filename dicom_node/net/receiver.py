@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 from pydicom.dataset import Dataset
+from pydicom.pixels.utils import get_expected_length
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -41,7 +42,8 @@ from dicom_node.uids import is_valid_uid
 
 log = structlog.get_logger(__name__)
 
-_BYTES_PER_SAMPLE = {8: 1, 16: 2, 32: 4}
+#: Error Comment (0000,0902) is a Long String (LO): at most 64 characters.
+ERROR_COMMENT_MAX_CHARS = 64
 
 
 class RejectedInstance(Exception):
@@ -104,21 +106,53 @@ def check_instance(ds: Dataset, request: Any) -> None:
             "SOP Class UID differs from the C-STORE request",
         )
     if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
-        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-        bits = int(ds.get("BitsAllocated", 0))
-        if bits in _BYTES_PER_SAMPLE:
-            expected = (
-                rows
-                * cols
-                * int(ds.get("SamplesPerPixel", 1))
-                * int(ds.get("NumberOfFrames", 1) or 1)
-                * _BYTES_PER_SAMPLE[bits]
+        expected = expected_pixel_bytes(ds)
+        if expected is not None and len(ds.PixelData) < expected:
+            raise RejectedInstance(
+                StoreStatus.CANNOT_UNDERSTAND,
+                f"pixel data truncated ({len(ds.PixelData)} of {expected} bytes)",
             )
-            if len(ds.PixelData) < expected:
-                raise RejectedInstance(
-                    StoreStatus.CANNOT_UNDERSTAND,
-                    f"pixel data truncated ({len(ds.PixelData)} of {expected} bytes)",
-                )
+
+
+def expected_pixel_bytes(ds: Dataset) -> int | None:
+    """Bytes of native (uncompressed) Pixel Data (7FE0,0010) that ``ds`` describes.
+
+    From Rows (0028,0010), Columns (0028,0011), Number of Frames (0028,0008), Samples per
+    Pixel (0028,0002), Bits Allocated (0028,0100) and Photometric Interpretation (0028,0004),
+    by :func:`pydicom.pixels.utils.get_expected_length`: 1-bit data is packed (the bits of all
+    frames together, rounded up to whole bytes); YBR_FULL_422 and YBR_PARTIAL_422 hold two
+    samples per pixel (4:2:2, two thirds of RGB). The padding byte of odd lengths is not
+    counted: longer data is accepted. None when the attributes do not tell (missing, or Bits
+    Allocated not a multiple of 8 other than 1).
+    """
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if min(rows, cols, frames, samples) < 1 or (bits != 1 and bits % 8):
+        return None
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric == "YBR_PARTIAL_422" and samples == 3 and bits == 8:
+        return rows * cols * frames * 2  # retired, native 4:2:2 like YBR_FULL_422
+    header = Dataset()
+    header.Rows, header.Columns, header.NumberOfFrames = rows, cols, frames
+    header.SamplesPerPixel, header.BitsAllocated = samples, bits
+    header.PhotometricInterpretation = photometric
+    return int(get_expected_length(header, unit="bytes"))
+
+
+def refusal(status: StoreStatus, reason: str) -> Dataset:
+    """A C-STORE response status dataset: Status (0000,0900) and Error Comment (0000,0902).
+
+    The comment (LO, at most 64 characters, no patient data) tells the sender why.
+    """
+    rsp = Dataset()
+    rsp.Status = int(status)
+    rsp.ErrorComment = reason[:ERROR_COMMENT_MAX_CHARS]
+    return rsp
 
 
 class Receiver:
@@ -240,7 +274,7 @@ class Receiver:
         )
         log.warning("association.rejected", calling_ae=who.calling_ae, peer=who.peer_address)
 
-    def _on_store(self, event: Event) -> int:
+    def _on_store(self, event: Event) -> int | Dataset:
         state = self._assoc(event)
         try:
             ds = event.dataset
@@ -257,10 +291,10 @@ class Receiver:
                 reason=exc.reason,
                 status=f"0x{exc.status:04X}",
             )
-            return self._refuse(exc.status)
+            return self._refuse(exc.status, exc.reason)
         except Exception as exc:  # noqa: BLE001 - network input: any decode failure is a refusal
             log.warning("store.undecodable", association_id=state.id, error=type(exc).__name__)
-            return self._refuse(StoreStatus.CANNOT_UNDERSTAND)
+            return self._refuse(StoreStatus.CANNOT_UNDERSTAND, "dataset cannot be decoded")
         path = instance_path(self.settings.spool_dir, study_uid, series_uid, sop_uid)
         try:
             durable_write(path, event.encoded_dataset(include_meta=True))
@@ -277,10 +311,10 @@ class Receiver:
             )
         except OSError as exc:
             log.error("store.write_failed", association_id=state.id, error=exc.strerror)
-            return self._refuse(StoreStatus.OUT_OF_RESOURCES)
+            return self._refuse(StoreStatus.OUT_OF_RESOURCES, "cannot write the instance to disk")
         except Exception as exc:  # noqa: BLE001 - e.g. database busy: refuse, keep serving
             log.error("store.index_failed", association_id=state.id, error=type(exc).__name__)
-            return self._refuse(StoreStatus.OUT_OF_RESOURCES)
+            return self._refuse(StoreStatus.OUT_OF_RESOURCES, "cannot index the instance now")
         with self._lock:
             key = (patient_id, study_uid)
             first = key not in state.studies
@@ -315,9 +349,10 @@ class Receiver:
             instances=instances,
         )
 
-    def _refuse(self, status: StoreStatus) -> int:
+    def _refuse(self, status: StoreStatus, reason: str) -> Dataset:
+        """The C-STORE response: ``status`` with Error Comment (0000,0902) saying why."""
         self.metrics.instances_refused.labels(f"0x{status:04X}").inc()
-        return int(status)
+        return refusal(status, reason)
 
     def _on_close(self, event: Event) -> None:
         with self._lock:

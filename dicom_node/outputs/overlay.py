@@ -214,8 +214,9 @@ def build_overlay(
         )
     if not 0 <= frame < frames:
         raise InputError(f"frame must be in 0..{frames - 1}, got {frame}")
-    per_frame = len(series.datasets) == frames
-    source = series.datasets[frame if per_frame else 0]
+    index, frame_number = series.frame_sources[frame]
+    source = series.datasets[index]
+    multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
     gray = window_to_8bit(series.pixels[frame], source)
     rgb, _ = render(gray, masks[frame].astype(bool), package)
     orientation = _patient_orientation(source)
@@ -249,8 +250,8 @@ def build_overlay(
     ref = pydicom.Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID
     ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    if not per_frame:
-        ref.ReferencedFrameNumber = frame + 1
+    if multi_frame:
+        ref.ReferencedFrameNumber = frame_number
     sc.SourceImageSequence = [ref]
     return sc
 

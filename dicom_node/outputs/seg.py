@@ -35,6 +35,7 @@ import dicom_node
 from dicom_node.errors import InputError
 from dicom_node.imaging.series import ImageSeries
 from dicom_node.models.package import ModelPackage, Structure
+from dicom_node.outputs.charset import UTF8, set_output_character_set
 from dicom_node.outputs.measurements import check_masks
 from dicom_node.uids import derive_uid
 
@@ -135,6 +136,58 @@ def _fix_dimension_organization(seg: hd.seg.Segmentation, sop_uid: str) -> None:
             item.DimensionOrganizationUID = uid
 
 
+def check_seg_sources(series: ImageSeries) -> None:
+    """Refuse, before any inference, a series no SEG can be written on.
+
+    A multi-frame instance without Frame of Reference UID (0020,0052), e.g. an ultrasound
+    cine: highdicom 0.28 writes a SEG on one frame only when the source has no Frame of
+    Reference. (With a Frame of Reference one SEG covers all its frames.)
+
+    Raises
+    ------
+    InputError
+        Saying what was received and what is supported.
+    """
+    if series.shape[0] > 1 and series.frame_of_reference_uid is None and len(series.datasets) == 1:
+        raise InputError(
+            f"a multi-frame {series.modality or 'image'} instance of {series.shape[0]} "
+            "frames without FrameOfReferenceUID (0020,0052) (e.g. an ultrasound cine) "
+            "cannot get a SEG (highdicom 0.28 covers one frame without a Frame of "
+            "Reference); send single-frame images or add a Frame of Reference"
+        )
+
+
+def masks_in_source_order(
+    series: ImageSeries, masks: np.ndarray
+) -> tuple[list[pydicom.Dataset], np.ndarray]:
+    """The source images and ``masks`` reordered as highdicom expects them.
+
+    highdicom maps ``pixel_array`` frames to source frames in the sources' own order: each
+    single-frame source image in turn, or the frames of one multi-frame source in frame
+    number order. The series' frames may be in another order (a multi-frame object sorted
+    along the slice normal); :attr:`ImageSeries.frame_sources` says where each came from.
+
+    Raises
+    ------
+    InputError
+        When the series holds several instances of which one is multi-frame: highdicom 0.28
+        writes a SEG on one multi-frame source image, or on single-frame images only.
+    """
+    sources = list(series.datasets)
+    keys = source_frame_keys(sources)
+    if len(sources) > 1 and len(keys) != len(sources):
+        raise InputError(
+            f"the series holds {len(sources)} instances, some multi-frame; a SEG is written "
+            "on one multi-frame instance or on single-frame instances, so send each "
+            "multi-frame instance as its own series"
+        )
+    position = {key: i for i, key in enumerate(series.frame_keys)}
+    order = [position[key] for key in keys]
+    if order == list(range(len(order))):
+        return sources, masks
+    return sources, masks[order]
+
+
 def build_seg(
     series: ImageSeries,
     masks: np.ndarray,
@@ -155,7 +208,8 @@ def build_seg(
         The source series; every instance is referenced (Referenced Series Sequence
         (0008,1115) and each frame's Derivation Image Sequence (0008,9124)).
     masks
-        Boolean array ``(frames, rows, cols, S)`` on the source grid, ``S`` =
+        Boolean array ``(frames, rows, cols, S)`` on the source grid in the series' frame
+        order (reordered into the sources' own frame order here), ``S`` =
         ``len(package.structures)``; segment ``i + 1`` is ``masks[..., i]``. Overlaps are
         allowed (BINARY, not LABELMAP).
     package
@@ -183,16 +237,21 @@ def build_seg(
     ------
     InputError
         When ``series`` holds several projection images: highdicom 0.28 writes a SEG on a
-        single image without Frame of Reference only; each image must be processed alone.
+        single image (or one multi-frame instance) without Frame of Reference only; each
+        image must be processed alone. Likewise for several instances of which one is
+        multi-frame (see :func:`masks_in_source_order`).
     ValueError
         When ``masks`` is not boolean or does not match the series and package.
     """
-    if series.is_projection and series.shape[0] > 1:
+    if series.is_projection and len(series.datasets) > 1:
         raise InputError(
-            f"the series holds {series.shape[0]} projection images; a SEG is written for one "
-            "projection image at a time, so process each image of the series on its own"
+            f"the series holds {len(series.datasets)} projection images; a SEG is written for "
+            "one projection image at a time (or one multi-frame instance), so process each "
+            "image of the series on its own"
         )
+    check_seg_sources(series)
     check_masks(series, masks, package)
+    sources, source_masks = masks_in_source_order(series, masks)
     algorithm = algorithm_identification(package)
     descriptions = [
         segment_description(
@@ -204,8 +263,61 @@ def build_seg(
         for i, structure in enumerate(package.structures)
     ]
     omit_empty = not keeps_empty_frames(series) and bool(masks.any())
-    seg = hd.seg.Segmentation(
-        source_images=list(series.datasets),
+    try:
+        seg = _segmentation(
+            sources,
+            source_masks,
+            descriptions,
+            series,
+            package,
+            omit_empty,
+            series_uid=series_uid,
+            sop_uid=sop_uid,
+            series_number=series_number,
+            instance_number=instance_number,
+            content_label=content_label,
+            series_description=series_description,
+        )
+    except (AttributeError, KeyError) as exc:
+        # highdicom reads source attributes without checking (e.g. Patient ID (0010,0020),
+        # Shared Functional Groups of an RT Dose): say which one, and that it is final.
+        sop_class = getattr(sources[0].get("SOPClassUID"), "name", "unknown SOP class")
+        raise InputError(
+            f"a SEG cannot be written on this {sop_class} source: it lacks an attribute the "
+            f"SEG copies or needs ({exc}); send images with a complete Patient, Study and "
+            "Image module"
+        ) from exc
+    set_output_character_set(seg)
+    if "FrameOfReferenceUID" not in seg and "PatientOrientation" not in seg:
+        # General Image Module, Type 2C without Image Orientation (Patient).
+        seg.PatientOrientation = series.datasets[0].get("PatientOrientation", "")
+    _fix_dimension_organization(seg, sop_uid)
+    log.debug(
+        "segmentation built",
+        segments=len(descriptions),
+        frames=int(seg.NumberOfFrames),
+        omit_empty_frames=omit_empty,
+    )
+    return seg
+
+
+def _segmentation(  # noqa: PLR0913 - the arguments of build_seg, passed on
+    sources: list[pydicom.Dataset],
+    masks: np.ndarray,
+    descriptions: list[hd.seg.SegmentDescription],
+    series: ImageSeries,
+    package: ModelPackage,
+    omit_empty: bool,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int | None,
+    instance_number: int,
+    content_label: str | None,
+    series_description: str | None,
+) -> hd.seg.Segmentation:
+    return hd.seg.Segmentation(
+        source_images=sources,
         pixel_array=masks,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -225,18 +337,8 @@ def build_seg(
         content_label=code_string(content_label or package.name),
         series_description=(series_description or f"{package.name} segmentation")[:64],
         omit_empty_frames=omit_empty,
+        specific_character_set=UTF8,  # never the source's: highdicom refuses some (e.g. "")
     )
-    if "FrameOfReferenceUID" not in seg and "PatientOrientation" not in seg:
-        # General Image Module, Type 2C without Image Orientation (Patient).
-        seg.PatientOrientation = series.datasets[0].get("PatientOrientation", "")
-    _fix_dimension_organization(seg, sop_uid)
-    log.debug(
-        "segmentation built",
-        segments=len(descriptions),
-        frames=int(seg.NumberOfFrames),
-        omit_empty_frames=omit_empty,
-    )
-    return seg
 
 
 def source_frame_keys(datasets: Sequence[pydicom.Dataset]) -> list[tuple[str, int]]:
@@ -285,8 +387,13 @@ def read_seg_masks(seg: pydicom.Dataset, source_frames: Sequence[tuple[str, int]
     out = np.zeros((len(source_frames), rows, cols, n_segments), dtype=bool)
     n_frames = int(seg.get("NumberOfFrames", 1))
     pixels = np.asarray(seg.pixel_array).reshape(n_frames, rows, cols)
+    shared = seg.get("SharedFunctionalGroupsSequence", [pydicom.Dataset()])[0]
     for f, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        # In the per-frame item, or shared when every frame has the same (one frame).
+        identification = item.get("SegmentIdentificationSequence") or shared.get(
+            "SegmentIdentificationSequence"
+        )
+        segment = int(identification[0].ReferencedSegmentNumber)
         sources = [
             src
             for drv in item.get("DerivationImageSequence", [])

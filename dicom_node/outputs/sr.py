@@ -44,6 +44,7 @@ from pydicom.sr.coding import Code
 import dicom_node
 from dicom_node.imaging.series import ImageSeries
 from dicom_node.models.package import ModelPackage, Structure
+from dicom_node.outputs.charset import UTF8, set_output_character_set
 from dicom_node.outputs.measurements import (
     HEART_LABEL,
     LEFT_LUNG_LABEL,
@@ -438,6 +439,8 @@ def build_sr(
                 )
             ]
         ),
+        specific_character_set=UTF8,  # never the source's: highdicom refuses some (e.g. "")
     )
+    set_output_character_set(sr)
     log.debug("measurement report built", groups=len(groups))
     return sr

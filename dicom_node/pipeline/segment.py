@@ -28,7 +28,7 @@ from dicom_node.models.inference import Segmenter
 from dicom_node.outputs.kinds import DEFAULT_OUTPUTS, OutputKind
 from dicom_node.outputs.measurements import Measurements, measure
 from dicom_node.outputs.overlay import build_overlays
-from dicom_node.outputs.seg import build_seg
+from dicom_node.outputs.seg import build_seg, check_seg_sources
 from dicom_node.outputs.sr import build_sr
 from dicom_node.store.spool import durable_write
 from dicom_node.uids import output_uids
@@ -101,7 +101,11 @@ def segment_series(
     A cross-sectional series (or a single radiograph) gives one result. A projection series
     of several images (e.g. PA and lateral) gives one result per image: DICOM SEG needs a
     frame of reference to span several projection images, which radiographs do not have.
-    Each image's outputs get their own instance in the same output series of each kind.
+    Likewise a series of several multi-frame instances (enhanced CT/MR, cine) gives one
+    result per instance, as highdicom writes a SEG on one multi-frame source. One multi-frame
+    instance gives one SEG over all its frames (it needs a Frame of Reference UID when it
+    has several frames, see :func:`~dicom_node.outputs.seg.check_seg_sources`). Each image's
+    outputs get their own instance in the same output series of each kind.
 
     In such a series, an image outside the model's ``applicability`` (e.g. the lateral beside
     a PA, for a PA/AP model) is skipped; the series fails only when every image is.
@@ -114,7 +118,8 @@ def segment_series(
     """
     headers = [dcmread(p, stop_before_pixels=True) for p in paths]
     projection = not all("ImagePositionPatient" in h for h in headers)
-    if projection and len(paths) > 1:
+    multi_frame = any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers)
+    if (projection or multi_frame) and len(paths) > 1:
         order = sorted(range(len(paths)), key=lambda i: str(headers[i].SOPInstanceUID))
         results: list[SegmentationResult] = []
         refused: list[NotApplicableError] = []
@@ -144,6 +149,7 @@ def _segment(
     instance_number: int,
 ) -> SegmentationResult:
     package = segmenter.package
+    check_seg_sources(series)  # before inference: a refusal costs nothing
     masks = segmenter.segment(series)
     values = measure(series, masks, package)
     notes = (*segmenter.notes(series), *values.omitted)

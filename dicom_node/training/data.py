@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from dicom_node.errors import InputError
-from dicom_node.models.package import ModelPackage
+from dicom_node.models.package import ColorMode, ModelPackage
 from dicom_node.models.preprocess import Placement, prepare_image, to_input_grid
 
 log = structlog.get_logger(__name__)
@@ -174,9 +174,12 @@ def make_split(
     )
 
 
-def read_image(data_dir: Path, case: str) -> np.ndarray:
-    """The image of ``case`` as a 2D array (grayscale; colour PNGs are converted)."""
+def read_image(data_dir: Path, case: str, color: ColorMode = ColorMode.GRAY) -> np.ndarray:
+    """The image of ``case``: ``(rows, cols)`` grayscale (colour PNGs converted to luminance),
+    or ``(rows, cols, 3)`` RGB for ``color`` rgb (a package's ``input.color``)."""
     with Image.open(Path(data_dir) / IMAGES_DIR / f"{case}.png") as im:
+        if color is ColorMode.RGB:
+            return np.asarray(im.convert("RGB"))
         return np.asarray(im.convert("L") if im.mode not in ("L", "I", "I;16") else im)
 
 
@@ -226,11 +229,12 @@ class CachedCases(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         self.transform = transform
         images, masks = [], []
         for case in self.cases:
-            image = read_image(data_dir, case)
+            image = read_image(data_dir, case, package.color)
             prepared, placement = prepare_image(image, package)
             images.append(prepared.astype(np.float16))
             masks.append(masks_to_input(read_masks(data_dir, case, labels), placement))
-        self.images = np.stack(images)[:, None]  # (N, 1, H, W) float16
+        stacked = np.stack(images)  # (N, H, W) gray or (N, 3, H, W) rgb
+        self.images = stacked[:, None] if stacked.ndim == 3 else stacked  # (N, C, H, W) f16
         self.masks = np.stack(masks)  # (N, S, H, W) uint8
         log.info("cases cached", n_cases=len(self.cases), input_size=list(package.input_size))
 

@@ -153,7 +153,7 @@ def select_postprocessing(
     }
     for case in cases:
         truth = read_masks(data_dir, case, labels)
-        raw = predict_masks(segmenter, read_image(data_dir, case), raw=True)
+        raw = predict_masks(segmenter, read_image(data_dir, case, package.color), raw=True)
         channels_last = np.moveaxis(raw, 0, -1)[None]
         for v in variants:
             done = postprocess(channels_last, packages[v], per_frame=True)
@@ -250,7 +250,7 @@ def evaluate(
     segmenter = Segmenter(package, device)
     per_case: dict[str, dict[str, dict[str, float]]] = {}
     for case in cases:
-        image = read_image(data_dir, case)
+        image = read_image(data_dir, case, package.color)
         pred = predict_masks(segmenter, image)
         truth = read_masks(data_dir, case, labels)
         per_case[case] = case_metrics(pred, truth, labels, (spacing_mm, spacing_mm))
@@ -290,7 +290,7 @@ def write_overlays(
     labels = [s.label for s in package.structures]
     paths: dict[str, Path] = {}
     for rank, case in rank_cases(per_case).items():
-        image = read_image(data_dir, case)
+        image = read_image(data_dir, case, package.color)
         pred = predict_masks(segmenter, image)
         truth = read_masks(data_dir, case, labels)
         fig, ax = plt.subplots(figsize=(8, 8.6), dpi=110)

@@ -103,7 +103,7 @@ def test_uneven_slice_gaps_give_no_slice_spacing(tmp_path: Path) -> None:
         ("series", "belong to 2 series"),
         ("spacing", "different PixelSpacing"),
         ("geometry", "only some instances"),
-        ("color", "SamplesPerPixel"),
+        ("color", "mixes colour and grayscale"),
     ],
 )
 def test_inconsistent_cross_sectional_series_rejected(
