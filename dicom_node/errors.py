@@ -18,3 +18,7 @@ class ModelPackageError(DicomNodeError):
 
 class InputError(DicomNodeError):
     """Input images cannot be processed (unsupported, inconsistent or undecodable)."""
+
+
+class StartupError(DicomNodeError):
+    """The node cannot start here: a storage folder it cannot write, a port it cannot bind."""
