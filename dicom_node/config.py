@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from dicom_node import yamlfile
 from dicom_node.errors import ConfigError
 
 # PS3.5 6.2: AE titles are up to 16 characters of the default repertoire, no backslash or
@@ -204,13 +205,20 @@ def _routes(doc: Any, destinations: dict[str, Destination], base: Path) -> tuple
     if not isinstance(doc, list):
         raise ConfigError(f"routes: expected a list, got {doc!r}")
     routes = []
+    seen: dict[str, int] = {}
     for i, item in enumerate(doc):
         key = f"routes[{i}]"
         item = _mapping(item, key)
         unknown = set(item) - {"name", "match", "model", "send_to"}
         if unknown:
             raise ConfigError(f"{key}: unknown key(s) {', '.join(sorted(unknown))}")
-        name = item.get("name", f"route-{i}")
+        name = str(item.get("name", f"route-{i}"))
+        if name in seen:
+            raise ConfigError(
+                f"{key}.name: {name!r} is already the name of routes[{seen[name]}]; "
+                "give each route its own name (jobs and status are keyed by it)"
+            )
+        seen[name] = i
         match: dict[str, tuple[str, ...]] = {}
         for attr, values in _mapping(item.get("match", {}), f"{key}.match").items():
             if attr not in ROUTING_KEYWORDS:
@@ -368,7 +376,7 @@ def load_settings(path: Path | str) -> Settings:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
     try:
-        doc = yaml.safe_load(text)
+        doc = yamlfile.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     try:

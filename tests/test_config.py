@@ -110,3 +110,43 @@ def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("DICOM_NODE_PORT", "many")
     with pytest.raises(ConfigError, match="DICOM_NODE_PORT"):
         parse_settings(base(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "ae_title: A\nport: 104\nae_title: B\n",
+            "duplicate key 'ae_title' on line 3 (first on line 1)",
+        ),
+        (
+            "destinations:\n"
+            "  pacs: {ae_title: P, host: h, port: 1}\n"
+            "  pacs: {ae_title: Q, host: h, port: 2}\n",
+            "duplicate key 'pacs' on line 3 (first on line 2)",
+        ),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(config)
+    assert str(exc.value).startswith(f"{config}: not valid YAML: {message}")
+
+
+def test_yaml_merge_keys_still_override(tmp_path: Path) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        "destinations:\n  a: &pacs {ae_title: PACS, host: h, port: 1}\n  b: {<<: *pacs, port: 2}\n"
+    )
+    assert load_settings(config).destinations["b"].port == 2
+
+
+def test_two_routes_of_one_name_are_refused(tmp_path: Path) -> None:
+    doc = base(tmp_path)
+    doc["routes"].append(dict(doc["routes"][0]))
+    with pytest.raises(
+        ConfigError, match=r"routes\[1\].name: 'r' is already the name of routes\[0\]"
+    ):
+        parse_settings(doc)

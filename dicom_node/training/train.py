@@ -34,6 +34,7 @@ from monai.losses import DiceLoss
 from monai.utils import set_determinism
 from tqdm import tqdm
 
+from dicom_node import yamlfile
 from dicom_node.errors import ConfigError
 from dicom_node.models.inference import select_device
 from dicom_node.models.package import MODEL_FILE, ModelPackage, Postprocess, load_package
@@ -177,7 +178,7 @@ def load_train_config(path: Path | str) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: training config not found")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yamlfile.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     return parse_train_config(doc, source=str(path))
