@@ -1,11 +1,14 @@
 """One typed, validated settings object read from YAML, with environment overrides.
 
 Every error names the key and the bad value, and the node does not start with an invalid file.
-Relative paths (``storage_dir``, route ``model``) are taken relative to the current directory,
-as a user typing ``dicom-node serve --config config/node.yaml`` in the repository expects.
+Relative paths in the file (``storage_dir``, route ``model``, the ``tls`` files) are taken
+relative to the folder of the config file, so ``dicom-node status --config
+/etc/dicom-node/node.yaml`` means the same from any current directory.
 
 Environment overrides (for containers and systemd): ``DICOM_NODE_AE_TITLE``,
-``DICOM_NODE_PORT``, ``DICOM_NODE_STORAGE_DIR``, ``DICOM_NODE_LOG_FORMAT``.
+``DICOM_NODE_PORT``, ``DICOM_NODE_STORAGE_DIR``, ``DICOM_NODE_LOG_FORMAT``. A relative
+``DICOM_NODE_STORAGE_DIR`` is taken relative to the current directory, as any path typed in a
+shell.
 """
 
 from __future__ import annotations
@@ -285,10 +288,13 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
     doc
         The parsed YAML (a mapping).
     base
-        Folder that relative paths are resolved against (default: the current directory).
+        Folder that relative paths are resolved against (default: the current directory);
+        :func:`load_settings` passes the config file's folder. A ``storage_dir`` from
+        ``DICOM_NODE_STORAGE_DIR`` is resolved against the current directory instead.
     """
     base = base or Path.cwd()
     doc = dict(_mapping(doc or {}, "top level"))
+    storage_base = Path.cwd() if "DICOM_NODE_STORAGE_DIR" in os.environ else base
     env = os.environ
     for var, key, conv in (
         ("DICOM_NODE_AE_TITLE", "ae_title", str),
@@ -331,7 +337,7 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         ae_title=_ae_title(doc.get("ae_title", defaults.ae_title), "ae_title"),
         port=_port(doc.get("port", defaults.port), "port"),
         bind_address=str(doc.get("bind_address", defaults.bind_address)),
-        storage_dir=storage if storage.is_absolute() else base / storage,
+        storage_dir=storage if storage.is_absolute() else storage_base / storage,
         allowed_callers=tuple(_ae_title(c, f"allowed_callers[{i}]") for i, c in enumerate(callers)),
         tls=_tls(doc.get("tls"), base, "tls", ("cert_file", "key_file")),
         stable_after_s=_number(
@@ -364,6 +370,8 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
 def load_settings(path: Path | str) -> Settings:
     """Read and validate the YAML file at ``path``.
 
+    Relative paths in the file are resolved against the folder that holds it.
+
     Raises
     ------
     ConfigError
@@ -380,6 +388,6 @@ def load_settings(path: Path | str) -> Settings:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     try:
-        return parse_settings(doc)
+        return parse_settings(doc, base=path.resolve().parent)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -46,10 +46,38 @@ def test_issue_shape_parses(tmp_path: Path) -> None:
     assert s.routes[0].send_to == ("pacs",)
 
 
-def test_shipped_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(REPO)
+def test_shipped_config_is_valid_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DICOM_NODE_STORAGE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
     s = load_settings(REPO / "config" / "node.yaml")
-    assert s.routes and s.routes[0].model.name == "cxr-anatomy"
+    assert s.routes and s.routes[0].model == REPO / "config" / "models" / "cxr-anatomy"
+    assert s.storage_dir.resolve() == REPO / "var"
+
+
+def test_relative_paths_are_taken_from_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DICOM_NODE_STORAGE_DIR", raising=False)
+    folder = tmp_path / "etc"
+    (folder / "tls").mkdir(parents=True)
+    for name in ("node.crt", "node.key"):
+        (folder / "tls" / name).write_text("PEM")
+    doc = base(folder)
+    doc["storage_dir"] = "state"
+    doc["routes"][0]["model"] = "pkg"
+    doc["tls"] = {"cert_file": "tls/node.crt", "key_file": "tls/node.key"}
+    (folder / "node.yaml").write_text(yaml.safe_dump(doc))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    s = load_settings(folder / "node.yaml")
+    assert s.storage_dir == folder / "state"
+    assert s.routes[0].model == folder / "pkg"
+    assert s.tls is not None and s.tls.cert_file == folder / "tls" / "node.crt"
+    monkeypatch.setenv("DICOM_NODE_STORAGE_DIR", "from-env")
+    assert load_settings(folder / "node.yaml").storage_dir == elsewhere / "from-env"
 
 
 @pytest.mark.parametrize(
