@@ -84,6 +84,7 @@ class Settings:
     bind_address: str = "0.0.0.0"
     storage_dir: Path = Path("var")
     allowed_callers: tuple[str, ...] = ()
+    called_ae_titles: tuple[str, ...] = ()
     tls: TLSSettings | None = None
     stable_after_s: float = 10.0
     release_grace_s: float = 1.0
@@ -148,6 +149,12 @@ def _ae_title(value: Any, key: str) -> str:
             "no backslash)"
         )
     return value.strip()
+
+
+def _ae_titles(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of AE titles, got {value!r}")
+    return tuple(_ae_title(v, f"{key}[{i}]") for i, v in enumerate(value))
 
 
 def _port(value: Any, key: str) -> int:
@@ -339,6 +346,7 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         bind_address=str(doc.get("bind_address", defaults.bind_address)),
         storage_dir=storage if storage.is_absolute() else storage_base / storage,
         allowed_callers=tuple(_ae_title(c, f"allowed_callers[{i}]") for i, c in enumerate(callers)),
+        called_ae_titles=_ae_titles(doc.get("called_ae_titles", []), "called_ae_titles"),
         tls=_tls(doc.get("tls"), base, "tls", ("cert_file", "key_file")),
         stable_after_s=_number(
             doc.get("stable_after_s", defaults.stable_after_s), "stable_after_s"
