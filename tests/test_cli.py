@@ -70,6 +70,12 @@ def test_systemd_unit_and_dockerfile_run_a_valid_command() -> None:
     import json
 
     assert build_parser().parse_args(json.loads(cmd.group(1))).command == "serve"
+    # relative paths in /etc/dicom-node/node.yaml are taken from /etc/dicom-node
+    assert "ln -s /opt/dicom-node/config/models /etc/dicom-node/models" in docker
+    deployment = (REPO / "docs" / "deployment.md").read_text()
+    assert "ln -s /opt/dicom-node/config/models /etc/dicom-node/models" in deployment
+    shipped = (REPO / "config" / "node.yaml").read_text()
+    assert "model: models/cxr-anatomy" in shipped
 
 
 def test_status_with_an_absolute_config_path_from_another_folder(
