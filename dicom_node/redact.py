@@ -3,8 +3,10 @@
 Messages of exceptions raised by pydicom and highdicom on a bad dataset may quote the values
 they choke on (``Invalid value for VR DA: '19620914'``), and such a value can be a birth date,
 a patient name or an ID. :func:`safe_message` keeps what helps to fix the problem (DICOM
-keywords, tags, UIDs, Python type names, small numbers) and replaces everything else that is
-quoted, every long run of digits and every given patient value with ``<value>``.
+keywords, tags, UIDs, Code String values such as ``'RGB'``, Python type names, small numbers)
+and replaces everything else that is quoted, every long run of digits and every given patient
+value with ``<value>``. Code String look-alikes (an upper-case name) are caught by the patient
+values of the series, which the pipeline always passes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ _QUOTED = re.compile(r"'([^'\n]*)'|\"([^\"\n]*)\"")
 _DIGITS = re.compile(r"(?<![\d.])\d{6,}(?![\d.])")
 _TAG = re.compile(r"^\(?[0-9A-Fa-f]{4},\s?[0-9A-Fa-f]{4}\)?$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+){2,}$")
+# Code String (CS) values such as 'MONOCHROME1' or 'YBR_FULL_422': upper case, at least one letter
+_CODE_STRING = re.compile(r"^(?=.*[A-Z])[A-Z0-9_ ]{1,16}$")
 _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]*(Dataset|Sequence|Element|Value|Type|Error|UID)$")
 _SAFE_WORDS = frozenset(
     {"NoneType", "int", "float", "str", "bytes", "list", "tuple", "dict", "PersonName", "DSfloat"}
@@ -46,6 +50,7 @@ def _keep(token: str) -> bool:
         or token in _SAFE_WORDS
         or _TAG.match(token)
         or _UID.match(token)
+        or _CODE_STRING.match(token)
         or _TYPE_NAME.match(token)
     )
 

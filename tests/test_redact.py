@@ -12,6 +12,8 @@ def test_keywords_tags_uids_and_type_names_stay() -> None:
         "'1.2.840.10008.5.1.4.1.1.481.1'"
     )
     assert safe_message(message) == message
+    code_string = "PhotometricInterpretation (0028,0004) 'YBR_FULL_422' is not supported"
+    assert safe_message(code_string) == code_string
 
 
 def test_quoted_values_and_long_digit_runs_go() -> None:

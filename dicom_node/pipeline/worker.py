@@ -76,7 +76,10 @@ class Worker:
         route = self._routes.get(job.route)
         try:
             if route is None:
-                raise InputError(f"route {job.route!r} is no longer in the configuration")
+                raise InputError(
+                    f"route {job.route} is no longer in the configuration; add it back to "
+                    "the config and send the series again to process it"
+                )
             with self.metrics.job_seconds.labels(job.route).time():
                 outputs = self._process(job, route)
         except (InputError, ModelPackageError) as exc:
