@@ -3,7 +3,8 @@
 #   docker run -p 11112:11112 -v dicom-node-data:/var/lib/dicom-node \
 #       -v $PWD/config/node.yaml:/etc/dicom-node/node.yaml:ro dicom-node
 # For a GPU host, build with --build-arg TORCH_SPEC="torch==2.13.0 --index-url <CUDA wheel index>"
-# and run with --gpus all (docs/deployment.md).
+# and run with --gpus all (docs/deployment.md). Relative paths in node.yaml are taken from its
+# folder: /etc/dicom-node/models links to the shipped models; storage_dir comes from the env.
 FROM python:3.11-slim-bookworm
 
 ARG TORCH_SPEC="torch==2.13.0"
@@ -18,7 +19,8 @@ COPY config ./config
 RUN python -m venv .venv \
     && .venv/bin/pip install --no-cache-dir $TORCH_SPEC \
     && .venv/bin/pip install --no-cache-dir . \
-    && mkdir -p /etc/dicom-node && cp config/node.yaml /etc/dicom-node/node.yaml
+    && mkdir -p /etc/dicom-node && cp config/node.yaml /etc/dicom-node/node.yaml \
+    && ln -s /opt/dicom-node/config/models /etc/dicom-node/models
 
 USER dicom-node
 EXPOSE 11112

@@ -53,10 +53,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    """Run one route's model on a folder of DICOM files, writing SEG + SR: no network."""
+    """Run one route's model on a folder of DICOM files, writing SEG + SR: no network.
+
+    A series that fails is named (Series Instance UID and file count) with the reason, and the
+    others still run; a summary ends the run, and the exit status is 1 when any series failed.
+    """
     from dicom_node.models.inference import Segmenter
     from dicom_node.models.package import load_package
     from dicom_node.pipeline.segment import group_series, segment_series, write_outputs
+    from dicom_node.redact import describe
 
     configure_logging("console", "warning")
     if args.model is not None:
@@ -72,14 +77,28 @@ def cmd_process(args: argparse.Namespace) -> int:
         raise DicomNodeError(f"{args.input_dir}: no DICOM files found")
     out = Path(args.output_dir)
     kinds = _output_kinds(args.outputs)
+    failed = 0
     for series_uid, paths in groups.items():
-        results = segment_series(paths, segmenter, kinds)
-        written = write_outputs(results, out)
+        try:
+            results = segment_series(paths, segmenter, kinds)
+            written = write_outputs(results, out)
+        except Exception as exc:  # noqa: BLE001 - name the series, go on with the next one
+            failed += 1
+            print(
+                f"series {series_uid} ({len(paths)} file(s)) failed: {describe(exc)}",
+                file=sys.stderr,
+            )
+            continue
         for item in written:
             print(item.path)
         made = ", ".join(f"{sum(w.kind == k for w in written)} {k.value}" for k in kinds)
         print(f"series {series_uid}: {len(paths)} instance(s) -> {made}", file=sys.stderr)
-    return 0
+    print(
+        f"{len(groups) - failed} series ok, {failed} failed"
+        + (" (reasons above)" if failed else ""),
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
 
 
 def _output_kinds(text: str) -> list[OutputKind]:

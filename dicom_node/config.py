@@ -1,11 +1,14 @@
 """One typed, validated settings object read from YAML, with environment overrides.
 
 Every error names the key and the bad value, and the node does not start with an invalid file.
-Relative paths (``storage_dir``, route ``model``) are taken relative to the current directory,
-as a user typing ``dicom-node serve --config config/node.yaml`` in the repository expects.
+Relative paths in the file (``storage_dir``, route ``model``, the ``tls`` files) are taken
+relative to the folder of the config file, so ``dicom-node status --config
+/etc/dicom-node/node.yaml`` means the same from any current directory.
 
 Environment overrides (for containers and systemd): ``DICOM_NODE_AE_TITLE``,
-``DICOM_NODE_PORT``, ``DICOM_NODE_STORAGE_DIR``, ``DICOM_NODE_LOG_FORMAT``.
+``DICOM_NODE_PORT``, ``DICOM_NODE_STORAGE_DIR``, ``DICOM_NODE_LOG_FORMAT``. A relative
+``DICOM_NODE_STORAGE_DIR`` is taken relative to the current directory, as any path typed in a
+shell.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from dicom_node import yamlfile
 from dicom_node.errors import ConfigError
 from dicom_node.outputs.kinds import DEFAULT_OUTPUTS, OutputKind
 
@@ -90,6 +94,7 @@ class Settings:
     bind_address: str = "0.0.0.0"
     storage_dir: Path = Path("var")
     allowed_callers: tuple[str, ...] = ()
+    called_ae_titles: tuple[str, ...] = ()
     tls: TLSSettings | None = None
     stable_after_s: float = 10.0
     release_grace_s: float = 1.0
@@ -154,6 +159,12 @@ def _ae_title(value: Any, key: str) -> str:
             "no backslash)"
         )
     return value.strip()
+
+
+def _ae_titles(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of AE titles, got {value!r}")
+    return tuple(_ae_title(v, f"{key}[{i}]") for i, v in enumerate(value))
 
 
 def _port(value: Any, key: str) -> int:
@@ -230,13 +241,20 @@ def _routes(doc: Any, destinations: dict[str, Destination], base: Path) -> tuple
     if not isinstance(doc, list):
         raise ConfigError(f"routes: expected a list, got {doc!r}")
     routes = []
+    seen: dict[str, int] = {}
     for i, item in enumerate(doc):
         key = f"routes[{i}]"
         item = _mapping(item, key)
         unknown = set(item) - {"name", "match", "model", "send_to"}
         if unknown:
             raise ConfigError(f"{key}: unknown key(s) {', '.join(sorted(unknown))}")
-        name = item.get("name", f"route-{i}")
+        name = str(item.get("name", f"route-{i}"))
+        if name in seen:
+            raise ConfigError(
+                f"{key}.name: {name!r} is already the name of routes[{seen[name]}]; "
+                "give each route its own name (jobs and status are keyed by it)"
+            )
+        seen[name] = i
         match: dict[str, tuple[str, ...]] = {}
         for attr, values in _mapping(item.get("match", {}), f"{key}.match").items():
             if attr not in ROUTING_KEYWORDS:
@@ -303,10 +321,13 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
     doc
         The parsed YAML (a mapping).
     base
-        Folder that relative paths are resolved against (default: the current directory).
+        Folder that relative paths are resolved against (default: the current directory);
+        :func:`load_settings` passes the config file's folder. A ``storage_dir`` from
+        ``DICOM_NODE_STORAGE_DIR`` is resolved against the current directory instead.
     """
     base = base or Path.cwd()
     doc = dict(_mapping(doc or {}, "top level"))
+    storage_base = Path.cwd() if "DICOM_NODE_STORAGE_DIR" in os.environ else base
     env = os.environ
     for var, key, conv in (
         ("DICOM_NODE_AE_TITLE", "ae_title", str),
@@ -352,8 +373,9 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         ae_title=_ae_title(doc.get("ae_title", defaults.ae_title), "ae_title"),
         port=_port(doc.get("port", defaults.port), "port"),
         bind_address=str(doc.get("bind_address", defaults.bind_address)),
-        storage_dir=storage if storage.is_absolute() else base / storage,
+        storage_dir=storage if storage.is_absolute() else storage_base / storage,
         allowed_callers=tuple(_ae_title(c, f"allowed_callers[{i}]") for i, c in enumerate(callers)),
+        called_ae_titles=_ae_titles(doc.get("called_ae_titles", []), "called_ae_titles"),
         tls=_tls(doc.get("tls"), base, "tls", ("cert_file", "key_file")),
         stable_after_s=_number(
             doc.get("stable_after_s", defaults.stable_after_s), "stable_after_s"
@@ -385,6 +407,8 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
 def load_settings(path: Path | str) -> Settings:
     """Read and validate the YAML file at ``path``.
 
+    Relative paths in the file are resolved against the folder that holds it.
+
     Raises
     ------
     ConfigError
@@ -397,10 +421,10 @@ def load_settings(path: Path | str) -> Settings:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
     try:
-        doc = yaml.safe_load(text)
+        doc = yamlfile.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     try:
-        return parse_settings(doc)
+        return parse_settings(doc, base=path.resolve().parent)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

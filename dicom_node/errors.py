@@ -22,3 +22,7 @@ class InputError(DicomNodeError):
 
 class NotApplicableError(InputError):
     """The image is outside what the model package is valid for (view, body part, species)."""
+
+
+class StartupError(DicomNodeError):
+    """The node cannot start here: a storage folder it cannot write, a port it cannot bind."""

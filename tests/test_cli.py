@@ -70,3 +70,27 @@ def test_systemd_unit_and_dockerfile_run_a_valid_command() -> None:
     import json
 
     assert build_parser().parse_args(json.loads(cmd.group(1))).command == "serve"
+    # relative paths in /etc/dicom-node/node.yaml are taken from /etc/dicom-node
+    assert "ln -s /opt/dicom-node/config/models /etc/dicom-node/models" in docker
+    deployment = (REPO / "docs" / "deployment.md").read_text()
+    assert "ln -s /opt/dicom-node/config/models /etc/dicom-node/models" in deployment
+    shipped = (REPO / "config" / "node.yaml").read_text()
+    assert "model: models/cxr-anatomy" in shipped
+
+
+def test_status_with_an_absolute_config_path_from_another_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicom_node.store.database import Database
+
+    monkeypatch.delenv("DICOM_NODE_STORAGE_DIR", raising=False)
+    etc = tmp_path / "etc" / "dicom-node"
+    etc.mkdir(parents=True)
+    (etc / "node.yaml").write_text("storage_dir: ../../lib/dicom-node\n")
+    storage = tmp_path / "lib" / "dicom-node"
+    storage.mkdir(parents=True)
+    Database(storage / "node.sqlite3").close()
+    monkeypatch.chdir(tmp_path)
+    assert main(["status", "--config", str(etc / "node.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "has not run yet" not in out and "instances indexed: 0" in out

@@ -46,10 +46,38 @@ def test_issue_shape_parses(tmp_path: Path) -> None:
     assert s.routes[0].send_to == ("pacs",)
 
 
-def test_shipped_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(REPO)
+def test_shipped_config_is_valid_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DICOM_NODE_STORAGE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
     s = load_settings(REPO / "config" / "node.yaml")
-    assert s.routes and s.routes[0].model.name == "cxr-anatomy"
+    assert s.routes and s.routes[0].model == REPO / "config" / "models" / "cxr-anatomy"
+    assert s.storage_dir.resolve() == REPO / "var"
+
+
+def test_relative_paths_are_taken_from_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DICOM_NODE_STORAGE_DIR", raising=False)
+    folder = tmp_path / "etc"
+    (folder / "tls").mkdir(parents=True)
+    for name in ("node.crt", "node.key"):
+        (folder / "tls" / name).write_text("PEM")
+    doc = base(folder)
+    doc["storage_dir"] = "state"
+    doc["routes"][0]["model"] = "pkg"
+    doc["tls"] = {"cert_file": "tls/node.crt", "key_file": "tls/node.key"}
+    (folder / "node.yaml").write_text(yaml.safe_dump(doc))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    s = load_settings(folder / "node.yaml")
+    assert s.storage_dir == folder / "state"
+    assert s.routes[0].model == folder / "pkg"
+    assert s.tls is not None and s.tls.cert_file == folder / "tls" / "node.crt"
+    monkeypatch.setenv("DICOM_NODE_STORAGE_DIR", "from-env")
+    assert load_settings(folder / "node.yaml").storage_dir == elsewhere / "from-env"
 
 
 @pytest.mark.parametrize(
@@ -142,4 +170,44 @@ def test_send_echo_interval(tmp_path: Path) -> None:
     assert parse_settings(doc).send.echo_interval_s == 0
     doc["send"] = {"echo_interval_s": -1}
     with pytest.raises(ConfigError, match="send.echo_interval_s: -1"):
+        parse_settings(doc)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "ae_title: A\nport: 104\nae_title: B\n",
+            "duplicate key 'ae_title' on line 3 (first on line 1)",
+        ),
+        (
+            "destinations:\n"
+            "  pacs: {ae_title: P, host: h, port: 1}\n"
+            "  pacs: {ae_title: Q, host: h, port: 2}\n",
+            "duplicate key 'pacs' on line 3 (first on line 2)",
+        ),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(config)
+    assert str(exc.value).startswith(f"{config}: not valid YAML: {message}")
+
+
+def test_yaml_merge_keys_still_override(tmp_path: Path) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        "destinations:\n  a: &pacs {ae_title: PACS, host: h, port: 1}\n  b: {<<: *pacs, port: 2}\n"
+    )
+    assert load_settings(config).destinations["b"].port == 2
+
+
+def test_two_routes_of_one_name_are_refused(tmp_path: Path) -> None:
+    doc = base(tmp_path)
+    doc["routes"].append(dict(doc["routes"][0]))
+    with pytest.raises(
+        ConfigError, match=r"routes\[1\].name: 'r' is already the name of routes\[0\]"
+    ):
         parse_settings(doc)

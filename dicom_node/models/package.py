@@ -17,6 +17,7 @@ import yaml
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from dicom_node import yamlfile
 from dicom_node.errors import ModelPackageError
 from dicom_node.models.orientation import parse_orientation
 
@@ -273,7 +274,7 @@ def load_package(path: Path | str) -> ModelPackage:
         )
     where = str(model_file)
     try:
-        doc = yaml.safe_load(model_file.read_text())
+        doc = yamlfile.safe_load(model_file.read_text())
     except yaml.YAMLError as exc:
         raise ModelPackageError(f"{where}: not valid YAML: {exc}") from exc
     if not isinstance(doc, dict):

@@ -188,13 +188,22 @@ class Receiver:
                 ae.add_supported_context(cx.abstract_syntax, list(ACCEPTED))
         if self.settings.allowed_callers:
             ae.require_calling_aet = list(self.settings.allowed_callers)
+        # A-ASSOCIATE-RJ (rejected-permanent, service-user, "called AE title not recognized")
+        # unless the Called AE Title is ae_title; _on_requested admits called_ae_titles.
+        ae.require_called_aet = True
         return ae
+
+    @property
+    def called_ae_titles(self) -> tuple[str, ...]:
+        """The Called AE Titles the node answers to: ``ae_title`` and ``called_ae_titles``."""
+        return (self.settings.ae_title, *self.settings.called_ae_titles)
 
     def start(self) -> ThreadedAssociationServer:
         """Start listening on ``bind_address:port`` in background threads."""
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, self._on_close),
@@ -248,6 +257,30 @@ class Receiver:
     def _on_echo(self, event: Event) -> int:
         return 0x0000
 
+    def _on_requested(self, event: Event) -> None:
+        """Answer as the Called AE Title when it is one of ``called_ae_titles``.
+
+        pynetdicom then compares the request's Called AE Title with the acceptor's title
+        (``require_called_aet``) and rejects any other, before any data is exchanged.
+        """
+        called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "")).strip()
+        if called and called in self.settings.called_ae_titles:
+            event.assoc.acceptor.ae_title = called
+
+    def _rejection_reason(self, event: Event) -> str:
+        """Which check refused the association, for the audit trail and the log."""
+        primitive = event.assoc.requestor.primitive
+        calling = str(getattr(primitive, "calling_ae_title", "")).strip()
+        called = str(getattr(primitive, "called_ae_title", "")).strip()
+        if self.settings.allowed_callers and calling not in self.settings.allowed_callers:
+            return "calling AE title not in allowed_callers"
+        if called not in self.called_ae_titles:
+            return (
+                f"called AE title not recognized: {called!r} is neither ae_title nor in "
+                "called_ae_titles"
+            )
+        return "association refused (too many associations or user identity)"
+
     def _on_accepted(self, event: Event) -> None:
         state = self._assoc(event)
         self.metrics.associations.labels("accepted").inc()
@@ -262,7 +295,9 @@ class Receiver:
         log.info("association.accepted", association_id=state.id, calling_ae=state.who.calling_ae)
 
     def _on_rejected(self, event: Event) -> None:
-        who = _participants(event, self.settings.ae_title)
+        called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "")).strip()
+        who = _participants(event, called or self.settings.ae_title)
+        reason = self._rejection_reason(event)
         self.metrics.associations.labels("rejected").inc()
         self.audit.record(
             AuditEvent.SECURITY_ALERT,
@@ -270,9 +305,15 @@ class Receiver:
             AuditOutcome.MINOR_FAILURE,
             who,
             event_type=AuditEventType.NODE_AUTHENTICATION,
-            reason="calling AE title not in allowed_callers",
+            reason=reason,
         )
-        log.warning("association.rejected", calling_ae=who.calling_ae, peer=who.peer_address)
+        log.warning(
+            "association.rejected",
+            calling_ae=who.calling_ae,
+            called_ae=who.called_ae,
+            peer=who.peer_address,
+            reason=reason,
+        )
 
     def _on_store(self, event: Event) -> int | Dataset:
         state = self._assoc(event)

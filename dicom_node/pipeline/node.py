@@ -9,10 +9,13 @@ into a consistent state: ``start`` returns running jobs to the queue and resumes
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import IO
 
 import structlog
@@ -27,7 +30,7 @@ from dicom_node.audit import (
     Participants,
 )
 from dicom_node.config import Settings
-from dicom_node.errors import DicomNodeError
+from dicom_node.errors import DicomNodeError, StartupError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.models.inference import select_device
 from dicom_node.net.receiver import Receiver
@@ -53,10 +56,57 @@ def _device(preference: str) -> torch.device:
     return torch.device(preference)
 
 
+def prepare_storage(storage_dir: Path) -> None:
+    """Create ``storage_dir`` if needed and check that this process can write into it.
+
+    Raises
+    ------
+    StartupError
+        In one line: the folder, what went wrong and what to do.
+    """
+    fix = (
+        "create it and give the user running dicom-node write access "
+        f"(uid {os.getuid()}), or set storage_dir (or DICOM_NODE_STORAGE_DIR) to a writable folder"
+    )
+    try:
+        storage_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StartupError(
+            f"storage_dir: {storage_dir} exists and is not a folder; {fix}"
+        ) from None
+    except OSError as exc:
+        raise StartupError(
+            f"storage_dir: cannot create {storage_dir} ({exc.strerror}); {fix}"
+        ) from None
+    try:
+        with tempfile.TemporaryFile(dir=storage_dir):
+            pass
+    except OSError as exc:
+        raise StartupError(
+            f"storage_dir: cannot write in {storage_dir} ({exc.strerror}); {fix}"
+        ) from None
+
+
+def listen_error(what: str, address: str, port: int, exc: OSError) -> StartupError:
+    """A one-line :class:`StartupError` for a port the node cannot listen on."""
+    if exc.errno == errno.EADDRINUSE:
+        hint = (
+            f"another program (another dicom-node?) listens there; stop it or set {what} "
+            "to a free port"
+        )
+    elif exc.errno == errno.EACCES:
+        hint = f"ports below 1024 need privileges; set {what} to 1024 or above"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        hint = "bind_address is not an address of this host; use 0.0.0.0 or one of its own"
+    else:
+        hint = f"check {what} and bind_address"
+    return StartupError(f"{what}: cannot listen on {address}:{port} ({exc.strerror}); {hint}")
+
+
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        prepare_storage(settings.storage_dir)
         self._lock_file = self._take_lock()
         self.db = Database(settings.database_path)
         self.audit = AuditLog(settings.audit_path)
@@ -98,9 +148,18 @@ class Node:
         resumed = self.db.recover_after_restart()
         for route in self.settings.routes:  # fail at start, not at the first study
             self.worker.segmenter(route.model)
-        self.receiver.start()
+        address = self.settings.bind_address
         if self.settings.metrics_port is not None:
-            self.metrics.serve(self.settings.metrics_port, self.settings.bind_address)
+            try:
+                self.metrics.serve(self.settings.metrics_port, address)
+            except OSError as exc:
+                raise listen_error(
+                    "metrics_port", address, self.settings.metrics_port, exc
+                ) from None
+        try:
+            self.receiver.start()
+        except OSError as exc:
+            raise listen_error("port", address, self.settings.port, exc) from None
         self.audit.record(
             AuditEvent.APPLICATION_ACTIVITY,
             AuditAction.EXECUTE,

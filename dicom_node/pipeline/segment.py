@@ -5,13 +5,23 @@ series files -> :func:`load_series` -> :meth:`Segmenter.segment` -> :func:`measu
 asks for it, with output UIDs derived from (source series, model name + version, output kind,
 source instances). What comes out is :attr:`SegmentationResult.outputs`: ``(kind, dataset)``
 pairs, which :func:`write_outputs` writes and the worker queues per destination.
+
+Deterministic failures on a bad dataset become :class:`~dicom_node.errors.InputError`, so the
+worker fails the job at once instead of retrying it: ``AttributeError``, ``KeyError``,
+``ValueError``, ``TypeError`` and ``IndexError`` raised while reading the series or while
+building the outputs (pydicom and highdicom raise these on a missing or malformed attribute,
+e.g. a CT without Frame of Reference UID (0020,0052)) are converted with the stage they came
+from. Only these stages are converted: a bug in inference still surfaces as itself and is
+retried. Every converted message is made safe with :func:`~dicom_node.redact.safe_message`
+(no patient names, IDs or dates), and the original exception stays chained as ``__cause__``.
 """
 
 from __future__ import annotations
 
 import io
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -21,7 +31,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.errors import NotApplicableError
+from dicom_node.errors import InputError, NotApplicableError
 from dicom_node.imaging.series import ImageSeries, load_series
 from dicom_node.models.applicability import check_image
 from dicom_node.models.inference import Segmenter
@@ -30,10 +40,57 @@ from dicom_node.outputs.measurements import Measurements, measure
 from dicom_node.outputs.overlay import build_overlays
 from dicom_node.outputs.seg import build_seg, check_seg_sources
 from dicom_node.outputs.sr import build_sr
+from dicom_node.redact import describe, phi_values, safe_message
 from dicom_node.store.spool import durable_write
 from dicom_node.uids import output_uids
 
 log = structlog.get_logger(__name__)
+
+#: Exceptions that pydicom and highdicom raise on a dataset that lacks or garbles an attribute.
+DATASET_ERRORS = (
+    AttributeError,
+    KeyError,
+    ValueError,
+    TypeError,
+    IndexError,
+    InvalidDicomError,
+    EOFError,
+)
+
+
+@contextmanager
+def input_stage(stage: str, phi: set[str] | None = None, *, convert: bool = True) -> Iterator[None]:
+    """Turn deterministic dataset failures inside the block into an :class:`InputError`.
+
+    Parameters
+    ----------
+    stage
+        What the block does, e.g. ``"while reading the series"``; starts the message.
+    phi
+        Patient values of the series (:func:`~dicom_node.redact.phi_values`) to remove from
+        every message, including those of InputErrors raised inside the block.
+    convert
+        False: only make InputErrors safe, let every other exception through (for stages
+        whose other failures are bugs, such as inference).
+
+    Raises
+    ------
+    InputError
+        ``"<stage>: <ExceptionType>: <safe message>"`` for the exceptions in
+        :data:`DATASET_ERRORS`; an InputError from inside is re-raised with a safe message.
+    """
+    phi = phi if phi is not None else set()
+    try:
+        yield
+    except InputError as exc:
+        message = safe_message(str(exc), phi)
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from exc  # the same kind (e.g. NotApplicableError), made safe
+    except DATASET_ERRORS as exc:
+        if not convert:
+            raise
+        raise InputError(f"{stage}: {describe(exc, phi)}") from exc
 
 
 @dataclass(frozen=True)
@@ -115,30 +172,40 @@ def segment_series(
     NotApplicableError
         When the series (or every image of a projection series) is outside the model's
         ``applicability``.
+    InputError
+        When the series cannot be read or its outputs cannot be built from it (see the
+        module docstring); the message names the stage and carries no patient data.
     """
-    headers = [dcmread(p, stop_before_pixels=True) for p in paths]
-    projection = not all("ImagePositionPatient" in h for h in headers)
-    multi_frame = any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers)
-    if (projection or multi_frame) and len(paths) > 1:
-        order = sorted(range(len(paths)), key=lambda i: str(headers[i].SOPInstanceUID))
-        results: list[SegmentationResult] = []
-        refused: list[NotApplicableError] = []
-        for i in order:
-            try:
+    reading = "while reading the series"
+    with input_stage(reading):
+        headers = [dcmread(p, stop_before_pixels=True) for p in paths]
+    phi = phi_values(headers)
+    with input_stage(reading, phi):
+        projection = not all("ImagePositionPatient" in h for h in headers)
+        multi_frame = any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers)
+    if not ((projection or multi_frame) and len(paths) > 1):
+        with input_stage(reading, phi):
+            series = load_series(paths)
+        return [_segment(series, segmenter, kinds, instance_number=1, phi=phi)]
+    order = sorted(range(len(paths)), key=lambda i: str(headers[i].SOPInstanceUID))
+    results: list[SegmentationResult] = []
+    refused: list[NotApplicableError] = []
+    for i in order:
+        try:
+            with input_stage(reading, phi):
                 check_image(headers[i], segmenter.package)
-            except NotApplicableError as exc:
-                log.info("image skipped: outside the model's applicability", image=i + 1)
-                refused.append(exc)
-                continue
-            results.append(
-                _segment(
-                    load_series([paths[i]]), segmenter, kinds, instance_number=len(results) + 1
-                )
-            )
-        if not results:
-            raise refused[0]
-        return results
-    return [_segment(load_series(paths), segmenter, kinds, instance_number=1)]
+        except NotApplicableError as exc:
+            log.info("image skipped: outside the model's applicability", image=i + 1)
+            refused.append(exc)
+            continue
+        with input_stage(reading, phi):
+            series = load_series([paths[i]])
+        results.append(
+            _segment(series, segmenter, kinds, instance_number=len(results) + 1, phi=phi)
+        )
+    if not results:
+        raise refused[0]
+    return results
 
 
 def _segment(
@@ -147,13 +214,19 @@ def _segment(
     kinds: Collection[OutputKind],
     *,
     instance_number: int,
+    phi: set[str],
 ) -> SegmentationResult:
     package = segmenter.package
-    check_seg_sources(series)  # before inference: a refusal costs nothing
-    masks = segmenter.segment(series)
-    values = measure(series, masks, package)
-    notes = (*segmenter.notes(series), *values.omitted)
+    with input_stage("while reading the series", phi):
+        check_seg_sources(series)  # before inference: a refusal costs nothing
+    with input_stage("while running the model", phi, convert=False):
+        masks = segmenter.segment(series)
+        notes = segmenter.notes(series)
+    with input_stage("while measuring the structures", phi):
+        values = measure(series, masks, package)
+    notes = (*notes, *values.omitted)
     sources = series.sop_instance_uids
+    sop_class = getattr(series.datasets[0].get("SOPClassUID"), "name", "these")
 
     def uids(kind: OutputKind) -> tuple[str, str]:
         series_uid, sop_uid = output_uids(
@@ -164,41 +237,44 @@ def _segment(
     outputs: list[tuple[OutputKind, Dataset]] = []
     if OutputKind.SEG in kinds or OutputKind.SR in kinds:  # the SR references the SEG
         seg_series, seg_sop = uids(OutputKind.SEG)
-        seg = build_seg(
-            series,
-            masks,
-            package,
-            series_uid=seg_series,
-            sop_uid=seg_sop,
-            instance_number=instance_number,
-        )
+        with input_stage(f"while building the SEG for {sop_class} images", phi):
+            seg = build_seg(
+                series,
+                masks,
+                package,
+                series_uid=seg_series,
+                sop_uid=seg_sop,
+                instance_number=instance_number,
+            )
         if OutputKind.SEG in kinds:
             outputs.append((OutputKind.SEG, seg))
         if OutputKind.SR in kinds:
             sr_series, sr_sop = uids(OutputKind.SR)
-            sr = build_sr(
-                series,
-                seg,
-                masks,
-                package,
-                values,
-                series_uid=sr_series,
-                sop_uid=sr_sop,
-                instance_number=instance_number,
-                notes=notes,
-            )
+            with input_stage(f"while building the SR for {sop_class} images", phi):
+                sr = build_sr(
+                    series,
+                    seg,
+                    masks,
+                    package,
+                    values,
+                    series_uid=sr_series,
+                    sop_uid=sr_sop,
+                    instance_number=instance_number,
+                    notes=notes,
+                )
             outputs.append((OutputKind.SR, sr))
     if OutputKind.OVERLAY in kinds:
         ov_series, ov_sop = uids(OutputKind.OVERLAY)
-        for ds in build_overlays(
-            series,
-            masks,
-            package,
-            series_uid=ov_series,
-            sop_uid=ov_sop,
-            instance_number=instance_number,
-        ):
-            outputs.append((OutputKind.OVERLAY, ds))
+        with input_stage(f"while building the overlay for {sop_class} images", phi):
+            overlays = build_overlays(
+                series,
+                masks,
+                package,
+                series_uid=ov_series,
+                sop_uid=ov_sop,
+                instance_number=instance_number,
+            )
+        outputs.extend((OutputKind.OVERLAY, ds) for ds in overlays)
     return SegmentationResult(series, values, tuple(outputs))
 
 

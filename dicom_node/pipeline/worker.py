@@ -4,8 +4,12 @@ The outputs written are those any destination of the route asked for
 (``destinations.<name>.outputs``: SEG, SR, overlay); each destination is queued only its kinds.
 
 A job that raises :class:`~dicom_node.errors.InputError` or
-:class:`~dicom_node.errors.ModelPackageError` fails for good (retrying cannot help and the
-message says what to fix); any other failure is retried up to ``max_job_attempts``. A node
+:class:`~dicom_node.errors.ModelPackageError` fails for good at once (retrying cannot help and
+the message says what to fix); deterministic pydicom/highdicom failures on a bad dataset become
+InputErrors in :mod:`dicom_node.pipeline.segment`. Any other failure is retried up to
+``max_job_attempts``. Either way the reason, ``"ExceptionType: message"`` without patient data
+(:mod:`dicom_node.redact`), is stored for ``dicom-node status`` and logged with the job id,
+route, error type and where it was raised. A node
 killed while a job runs starts it again on restart; output UIDs are deterministic, so a
 second delivery replaces the first at the destination instead of duplicating it.
 """
@@ -26,6 +30,7 @@ from dicom_node.models.inference import Segmenter
 from dicom_node.models.package import load_package
 from dicom_node.outputs.kinds import OutputKind
 from dicom_node.pipeline.segment import WrittenOutput, segment_series, write_outputs
+from dicom_node.redact import describe
 from dicom_node.store.database import Database, Job, JobState
 
 log = structlog.get_logger(__name__)
@@ -75,7 +80,10 @@ class Worker:
         route = self._routes.get(job.route)
         try:
             if route is None:
-                raise InputError(f"route {job.route!r} is no longer in the configuration")
+                raise InputError(
+                    f"route {job.route} is no longer in the configuration; add it back to "
+                    "the config and send the series again to process it"
+                )
             with self.metrics.job_seconds.labels(job.route).time():
                 outputs = self._process(job, route)
         except (InputError, ModelPackageError) as exc:
@@ -127,10 +135,19 @@ class Worker:
         *,
         retry: bool,
     ) -> None:
-        message = f"{type(exc).__name__}: {exc}"
+        patient_id = str(info.get("patient_id") or "")
+        message = describe(exc, [patient_id] if patient_id else [])
         state = self.db.fail_job(job.id, message, retry=retry)
         self.metrics.jobs.labels(job.route, "retried" if retry else "failed").inc()
-        bound.warning("job.failed", error=type(exc).__name__, retry=state is JobState.PENDING)
+        bound.warning(
+            "job.failed",
+            error=type(exc).__name__,
+            reason=message,
+            cause=type(exc.__cause__).__name__ if exc.__cause__ is not None else None,
+            raised_at=_origin(exc.__cause__ or exc),
+            retry=state is JobState.PENDING,
+            kind="input" if isinstance(exc, InputError | ModelPackageError) else "unexpected",
+        )
         if state is JobState.FAILED:
             self.audit.record(
                 AuditEvent.INSTANCES_ACCESSED,
@@ -143,3 +160,13 @@ class Worker:
                 route=job.route,
                 error=message,
             )
+
+
+def _origin(exc: BaseException) -> str | None:
+    """``module.py:line`` where ``exc`` was raised: tells a bug from bad input, no data."""
+    tb = exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"

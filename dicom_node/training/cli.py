@@ -5,7 +5,10 @@
     dicom-node train --data DIR --config TRAIN.yaml --out PACKAGE_DIR [--init PACKAGE]
                      [--epochs N] [--max-minutes M] [--no-progress]
     dicom-node evaluate --model PACKAGE --data DIR [--out DIR] [--json] [--all-cases]
-                        [--spacing-mm MM]
+                        [--spacing-mm MM] [--no-progress]
+
+Both print progress lines on stderr (counts, elapsed time, time left) unless
+``--no-progress``; results go to stdout.
 
 The main parser calls :func:`add_train_parser` and :func:`add_evaluate_parser` with its
 sub-parsers; each sets ``func`` to a handler that returns the exit status.
@@ -54,6 +57,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.out,
         all_cases=args.all_cases,
         spacing_mm=args.spacing_mm,
+        progress=not args.no_progress,
     )
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=1)
@@ -90,7 +94,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=float,
         help="wall-clock budget of the training loop; the schedule shrinks to fit it",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     _common(p)
     p.set_defaults(func=cmd_train, log_level="info")
     return p
@@ -115,6 +119,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="every case of --data, not only the package's validation cases",
     )
     p.add_argument("--spacing-mm", type=float, help="pixel spacing of the images, for HD95")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
     return p

@@ -37,6 +37,7 @@ from dicom_node.training.metrics import (
     format_table,
     summarize,
 )
+from dicom_node.training.progress import ProgressLines
 
 log = structlog.get_logger(__name__)
 
@@ -125,6 +126,7 @@ def select_postprocessing(
     min_gain: float = 0.0,
     min_gain_mm: float = 0.0,
     device: torch.device | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, list[str]], dict[str, dict[str, dict[str, float]]]]:
     """Measure every combination of ``candidates`` per structure; keep what improves.
 
@@ -151,6 +153,9 @@ def select_postprocessing(
     values: dict[tuple[Postprocess, ...], dict[str, list[dict[str, float]]]] = {
         v: {label: [] for label in labels} for v in variants
     }
+    lines = ProgressLines(
+        f"postprocessing ({len(variants)} variants)", len(cases), "cases", enabled=progress
+    )
     for case in cases:
         truth = read_masks(data_dir, case, labels)
         raw = predict_masks(segmenter, read_image(data_dir, case, package.color), raw=True)
@@ -160,6 +165,7 @@ def select_postprocessing(
             pred = np.moveaxis(done[0], -1, 0)
             for label, m in case_metrics(pred, truth, labels, (spacing_mm, spacing_mm)).items():
                 values[v][label].append(m)
+        lines.update()
     means = {
         v: {
             label: {
@@ -212,6 +218,7 @@ def evaluate(
     cases: Sequence[str] | None = None,
     spacing_mm: float | None = None,
     device: torch.device | None = None,
+    progress: bool = False,
 ) -> EvaluationResult:
     """Evaluate ``package`` on the cases of ``data_dir``.
 
@@ -233,6 +240,8 @@ def evaluate(
         (``metrics.spacing_mm`` of ``model.yaml``), else 1 (HD95 then in pixels).
     device
         Default :func:`select_device`.
+    progress
+        Print a progress line on stderr now and then (:class:`ProgressLines`).
     """
     if not isinstance(package, ModelPackage):
         package = load_package(package)
@@ -249,11 +258,13 @@ def evaluate(
     device = device or select_device()
     segmenter = Segmenter(package, device)
     per_case: dict[str, dict[str, dict[str, float]]] = {}
+    lines = ProgressLines("evaluate", len(cases), "cases", enabled=progress)
     for case in cases:
         image = read_image(data_dir, case, package.color)
         pred = predict_masks(segmenter, image)
         truth = read_masks(data_dir, case, labels)
         per_case[case] = case_metrics(pred, truth, labels, (spacing_mm, spacing_mm))
+        lines.update()
     summary = summarize(per_case.values())
     result = EvaluationResult(list(cases), per_case, summary, spacing_mm, {})
     log.info("evaluated", model=package.name, n_cases=len(cases))
@@ -262,6 +273,7 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS_FILE).write_text(json.dumps(result.to_json(), indent=1) + "\n")
         (out / TABLE_FILE).write_text(result.table + "\n")
+        lines.print(f"evaluate: writing metrics and overlays to {out}")
         result.overlays = write_overlays(segmenter, data_dir, per_case, out)
     return result
 

@@ -32,8 +32,8 @@ import torch
 import yaml
 from monai.losses import DiceLoss
 from monai.utils import set_determinism
-from tqdm import tqdm
 
+from dicom_node import yamlfile
 from dicom_node.errors import ConfigError
 from dicom_node.models.inference import select_device
 from dicom_node.models.package import MODEL_FILE, ModelPackage, Postprocess, load_package
@@ -49,6 +49,7 @@ from dicom_node.training.data import (
 )
 from dicom_node.training.evaluate import evaluate, select_postprocessing
 from dicom_node.training.metrics import batch_dice
+from dicom_node.training.progress import ProgressLines, format_seconds
 
 log = structlog.get_logger(__name__)
 
@@ -177,7 +178,7 @@ def load_train_config(path: Path | str) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: training config not found")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yamlfile.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     return parse_train_config(doc, source=str(path))
@@ -314,7 +315,9 @@ def train(
     epochs, max_minutes
         Override ``training.epochs`` and ``training.max_minutes``.
     progress
-        Show a tqdm progress bar.
+        Print progress lines on stderr: one per epoch (counts, loss, elapsed time), one at
+        least every 30 s within an epoch, and per cases while postprocessing is chosen and the
+        package evaluated (:class:`~dicom_node.training.progress.ProgressLines`).
     overlays
         Write the best/median/worst overlays of the validation cases into the package.
     """
@@ -390,11 +393,14 @@ def train(
 
     history: list[dict[str, Any]] = []
     best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(network.state_dict())
-    bar = tqdm(range(1, n_epochs + 1), disable=not progress, unit="epoch", desc="train")
-    for epoch in bar:
+    epochs_done = ProgressLines("train", n_epochs, "epochs", every_n=1, enabled=progress)
+    for epoch in range(1, n_epochs + 1):
         epoch_start = time.monotonic()
         network.train()
         losses = []
+        batches = ProgressLines(  # within a long epoch: a line every 30 s
+            f"train: epoch {epoch}/{planned}", steps, "batches", by_count=False, enabled=progress
+        )
         for batch in train_loader:
             x, y = batch["image"].to(device), batch["label"].to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -406,6 +412,7 @@ def train(
             scaler.update()
             scheduler.step()
             losses.append(loss.item())
+            batches.update(len(losses))
         val_loss, val_dice = _validate(network, val_loader, loss_fn, package.threshold, device)
         score = float(val_dice.mean())
         if score > best_score:
@@ -423,7 +430,11 @@ def train(
                 "seconds": seconds,
             }
         )
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_dice=f"{score:.4f}", best=best_epoch)
+        epochs_done.total = planned
+        epochs_done.update(
+            epoch,
+            f"loss {np.mean(losses):.3f}, validation Dice {score:.4f}, best epoch {best_epoch}",
+        )
         log.info(
             "epoch",
             epoch=epoch,
@@ -446,8 +457,11 @@ def train(
             if planned <= epoch:
                 log.warning("stopping at the time budget", epoch=epoch, max_minutes=budget_min)
                 break
-    bar.close()
     train_seconds = time.monotonic() - started
+    epochs_done.print(
+        f"train: loop done in {format_seconds(train_seconds)}; choosing postprocessing and "
+        "evaluating the best epoch"
+    )
 
     network.load_state_dict(best_state)
     save_weights(network, out / WEIGHTS_FILE)
@@ -469,6 +483,7 @@ def train(
         ),
         device=device,
         overlays=overlays,
+        progress=progress,
     )
 
 
@@ -493,6 +508,7 @@ def finish_package(
     *,
     device: torch.device,
     overlays: bool = True,
+    progress: bool = False,
 ) -> TrainResult:
     """Complete the package in ``out`` whose best weights are written: postprocessing, figures.
 
@@ -513,6 +529,7 @@ def finish_package(
         min_gain=settings.postprocess_min_gain,
         min_gain_mm=settings.postprocess_min_gain_mm,
         device=device,
+        progress=progress,
     )
     model = dict(config.model)
     model["structures"] = [
@@ -527,6 +544,7 @@ def finish_package(
         out / "validation" if overlays else None,
         spacing_mm=settings.spacing_mm,
         device=device,
+        progress=progress,
     )
     metrics = {
         "validation_cases": len(run.split.validation),

@@ -207,3 +207,11 @@ def test_non_numeric_normalization_is_a_package_error(tmp_path: Path) -> None:
     (folder / "model.yaml").write_text(yaml.safe_dump(doc))
     with pytest.raises(ModelPackageError, match="normalization.lower: expected a number"):
         load_package(folder)
+
+
+def test_duplicate_keys_in_model_yaml_are_refused(tmp_path: Path) -> None:
+    make_random_package(tmp_path)
+    model_file = tmp_path / MODEL_FILE
+    model_file.write_text(model_file.read_text() + "dims: 3\n")
+    with pytest.raises(ModelPackageError, match=r"not valid YAML: duplicate key 'dims' on line"):
+        load_package(tmp_path)

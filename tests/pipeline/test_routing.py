@@ -2,9 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from dicom_node.config import Route, parse_settings
+from dicom_node.config import Route, load_settings
 from dicom_node.pipeline.delivery import backoff_s
 from dicom_node.pipeline.routing import matches, routes_for
 
@@ -49,8 +47,7 @@ def test_empty_accepted_value_matches_an_absent_attribute() -> None:
 
 def test_default_route_takes_only_what_the_chest_model_is_valid_for() -> None:
     repo = Path(__file__).resolve().parents[2]
-    doc = yaml.safe_load((repo / "config" / "node.yaml").read_text())
-    (route,) = parse_settings(doc, base=repo).routes
+    (route,) = load_settings(repo / "config" / "node.yaml").routes
     assert route.model.resolve() == (repo / "config" / "models" / "cxr-anatomy").resolve()
     chest = {"Modality": "DX", "BodyPartExamined": "CHEST", "ViewPosition": "PA"}
     assert matches(route, chest)

@@ -94,3 +94,26 @@ def test_process_command_says_what_is_wrong(
     )
     assert code == 2
     assert "model.yaml" in capsys.readouterr().err
+
+
+def test_process_goes_on_past_a_failing_series_and_names_it(
+    tmp_path: Path, random_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = ct_series(n_slices=2)
+    for ds in bad:
+        del ds.FrameOfReferenceUID
+    good = ct_series(n_slices=3)
+    write_files(bad, tmp_path / "in" / "a-bad")  # sorted first: the good one comes after
+    write_files(good, tmp_path / "in" / "b-good")
+    code = main(
+        ["process", "--model", str(random_package), str(tmp_path / "in"), str(tmp_path / "out")]
+    )
+    assert code == 1
+    captured = capsys.readouterr()
+    assert len(captured.out.split()) == 2  # the good series' SEG + SR
+    err = captured.err
+    assert f"series {bad[0].SeriesInstanceUID} (2 file(s)) failed: InputError: " in err
+    assert "FrameOfReferenceUID (0020,0052)" in err
+    assert f"series {good[0].SeriesInstanceUID}: 3 instance(s)" in err
+    assert "1 series ok, 1 failed" in err
+    assert str(bad[0].PatientID) not in err

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
+import structlog
 import torch
+from pydicom.dataset import Dataset
+from pydicom.uid import RTImageStorage
 
 from dicom_node.audit import AuditLog, read_events
 from dicom_node.config import parse_settings
+from dicom_node.pipeline import worker as worker_module
 from dicom_node.pipeline.worker import Worker
 from dicom_node.store.database import Database
-from tests.factories import ct_series, dx_from_array, write_files
+from tests.factories import (
+    ACCESSION_NUMBER,
+    PATIENT_BIRTH_DATE,
+    PATIENT_ID,
+    PATIENT_NAME,
+    ct_series,
+    dx_from_array,
+    write_files,
+)
 from tests.pipeline.test_segment import chest
 
 
@@ -130,3 +144,80 @@ def test_each_destination_is_queued_only_the_outputs_it_asked_for(
     # The SEG the SR references is built, but not written: no destination asked for it.
     written = sorted(p.name.split("-")[0] for p in (settings.outbox_dir / "1").iterdir())
     assert written == ["overlay", "overlay", "sr"]
+
+
+def captured_log(monkeypatch: pytest.MonkeyPatch) -> structlog.testing.CapturingLogger:
+    """The worker's log lines, captured whatever structlog's global configuration is."""
+    capture = structlog.testing.CapturingLogger()
+    logger = structlog.wrap_logger(
+        capture, processors=[], wrapper_class=structlog.stdlib.BoundLogger
+    )
+    monkeypatch.setattr(worker_module, "log", logger)
+    return capture
+
+
+def rt_image() -> list[Dataset]:
+    ds = dx_from_array(chest())
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = RTImageStorage
+    return [ds]
+
+
+def ct_without_frame_of_reference() -> list[Dataset]:
+    series = ct_series(n_slices=3)
+    for ds in series:
+        del ds.FrameOfReferenceUID
+    return series
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (rt_image, "SEG cannot be written on this RT Image Storage source"),
+        (ct_without_frame_of_reference, "have no FrameOfReferenceUID (0020,0052)"),
+    ],
+)
+def test_bad_datasets_fail_at_once_with_a_readable_reason(
+    tmp_path: Path,
+    random_package: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make: Any,
+    expected: str,
+) -> None:
+    capture = captured_log(monkeypatch)
+    worker, db, _ = setup(tmp_path, random_package)
+    datasets = make()
+    index(db, write_files(datasets, tmp_path / "in"), datasets[0].SeriesInstanceUID)
+    assert worker.run_once() is True
+    status = db.status()
+    assert status["jobs"] == {"failed": 1}  # no retry, although max_job_attempts is 2
+    job = status["failed_jobs"][0]
+    assert job["attempts"] == 1
+    assert job["error"].startswith("InputError: ") and expected in job["error"]
+    [line] = [c.kwargs for c in capture.calls if c.kwargs.get("event") == "job.failed"]
+    assert line["job_id"] == job["id"] and line["route"] == "r"
+    assert line["error"] == "InputError" and line["reason"] == job["error"]
+    assert line["kind"] == "input" and line["retry"] is False
+    assert line["cause"] in ("AttributeError", "ValueError", None) and line["raised_at"]
+    for secret in (PATIENT_NAME, PATIENT_ID, PATIENT_BIRTH_DATE, ACCESSION_NUMBER):
+        assert secret not in repr(capture.calls) and secret not in job["error"]
+
+
+def test_unexpected_failures_show_a_readable_reason_at_the_end(
+    tmp_path: Path, random_package: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    capture = captured_log(monkeypatch)
+    worker, db, _ = setup(tmp_path, random_package)
+    ct = ct_series(n_slices=2)
+    index(db, write_files(ct, tmp_path / "in"), ct[0].SeriesInstanceUID)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("model server went away; try again")
+
+    monkeypatch.setattr(worker_module, "segment_series", broken)
+    assert worker.run_once() is True and worker.run_once() is True
+    job = db.status()["failed_jobs"][0]
+    assert job["attempts"] == 2
+    assert job["error"] == "RuntimeError: model server went away; try again"
+    lines = [c.kwargs for c in capture.calls if c.kwargs.get("event") == "job.failed"]
+    assert [(x["kind"], x["retry"]) for x in lines] == [("unexpected", True), ("unexpected", False)]
+    assert lines[-1]["reason"] == job["error"]

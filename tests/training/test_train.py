@@ -111,8 +111,25 @@ def test_evaluate_runs_on_the_package(tiny_package: Path, tiny_data: Path, tmp_p
 
 
 @needs_jsrt
+def test_evaluate_command_prints_progress_on_stderr(
+    tiny_package: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicom_node.cli import main
+
+    args = ["evaluate", "--model", str(tiny_package), "--data", str(tiny_data), "--all-cases"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    n = len(CASES)
+    assert f"evaluate: 1/{n} cases, " in captured.err and "elapsed" in captured.err
+    assert f"evaluate: {n}/{n} cases, " in captured.err
+    assert "evaluate:" not in captured.out  # the table alone on stdout
+    assert main([*args, "--no-progress"]) == 0
+    assert "evaluate:" not in capsys.readouterr().err
+
+
+@needs_jsrt
 def test_init_fine_tunes_from_a_package_even_in_place(
-    tiny_package: Path, tiny_data: Path, tmp_path: Path
+    tiny_package: Path, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     in_place = tmp_path / "ft"
     shutil.copytree(tiny_package, in_place)
@@ -126,9 +143,13 @@ def test_init_fine_tunes_from_a_package_even_in_place(
         parse_train_config(doc),
         in_place,
         init=in_place,  # --init PACKAGE --out PACKAGE: the weights are read before writing
-        progress=False,
+        progress=True,
         overlays=False,
     )
+    err = capsys.readouterr().err
+    assert "train: 1/1 epochs, " in err and "validation Dice" in err
+    assert "train: loop done in " in err
+    assert "postprocessing (" in err and "evaluate: " in err and " cases, " in err
     assert "from package cxr-anatomy" in (in_place / "MODEL_CARD.md").read_text()
     tuned = torch.load(result.package.weights, weights_only=True)
     # one epoch at a small learning rate moves the weights a little, not to a new random start
