@@ -145,6 +145,21 @@ class Viewer:
             "the stack to show the image",
         )
 
+    def sr_annotations(self) -> list[tuple[str, int]]:
+        """(tool name, number of points) of the SR annotations cornerstone holds."""
+        return [
+            (str(name), int(count))
+            for name, count in self.page.evaluate(
+                "() => window.cornerstoneTools.annotation.state.getAllAnnotations()"
+                ".filter(a => a.metadata.toolName === 'DICOMSRDisplay')"
+                ".map(a => [a.metadata.toolName, a.data.handles.points.length])"
+            )
+        ]
+
+    def render(self) -> None:
+        """Ask cornerstone to render the viewport again (image and annotations)."""
+        self.page.evaluate(f"() => {_FIRST_VIEWPORT}.render()")
+
     def current_sop_instance_uid(self) -> str:
         image_id = str(self.page.evaluate(f"() => {_FIRST_VIEWPORT}.getCurrentImageId()"))
         match = re.search(r"/instances/([0-9.]+)/", image_id)
@@ -195,3 +210,23 @@ def viewer(browser_context: Any) -> Iterator[Viewer]:
 def upload(orthanc: DicomWebOrthanc, files: list[Path]) -> None:
     for file in files:
         orthanc.upload(file)
+
+
+def sr_polylines(sr: Any) -> list[tuple[str, np.ndarray]]:
+    """The SCOORD POLYLINEs of an SR dataset that OHIF 3.13 draws: the first of each content
+    item's children (OHIF draws one SCOORD per measurement group or numeric value), as (SOP
+    Instance UID it is selected from, points ``(n, 2)`` in image coordinates)."""
+    found: list[tuple[str, np.ndarray]] = []
+
+    def walk(item: Any) -> None:
+        first = True
+        for child in item.get("ContentSequence", []):
+            if child.ValueType == "SCOORD" and child.GraphicType == "POLYLINE" and first:
+                first = False
+                image = child.ContentSequence[0].ReferencedSOPSequence[0]
+                points = np.asarray(child.GraphicData, dtype=float).reshape(-1, 2)
+                found.append((str(image.ReferencedSOPInstanceUID), points))
+            walk(child)
+
+    walk(sr)
+    return found

@@ -167,3 +167,30 @@ def _nearest_colour(
         if alpha > 0 and residual < best_residual:
             best, best_alpha, best_residual = k, alpha, residual
     return best, best_alpha
+
+
+#: Summed |R-G| + |G-B| above which a canvas pixel counts as coloured (annotations on grey).
+COLOURED = 60
+
+
+def drawn_fraction(
+    screenshot: np.ndarray, transform: Affine, points: np.ndarray, window_px: int = 3
+) -> float:
+    """Fraction of ``points`` (image coordinates, ``(n, 2)`` column and row) at which the
+    ``screenshot`` has a coloured pixel within ``window_px`` canvas pixels: how much of a
+    polyline a viewer drew where it belongs on a grey image."""
+    rgb = screenshot[..., :3].astype(int)
+    coloured = (np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])) > COLOURED
+    near = ndimage.binary_dilation(coloured, np.ones((2 * window_px + 1,) * 2, dtype=bool))
+    origin = np.asarray(transform.origin)
+    canvas = (
+        origin
+        + points[:, :1] * np.asarray(transform.dcol)
+        + points[:, 1:] * np.asarray(transform.drow)
+    )
+    x = np.floor(canvas[:, 0]).astype(int)
+    y = np.floor(canvas[:, 1]).astype(int)
+    inside = (x >= 0) & (x < near.shape[1]) & (y >= 0) & (y < near.shape[0])
+    hits = np.zeros(len(points), dtype=bool)
+    hits[inside] = near[y[inside], x[inside]]
+    return float(hits.mean()) if len(points) else 0.0

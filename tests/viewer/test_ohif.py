@@ -11,10 +11,12 @@ can fail.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
@@ -32,8 +34,8 @@ from tests.outputs.conftest import (
     projection_series,
     write_package,
 )
-from tests.viewer.conftest import Viewer, upload
-from tests.viewer.judge import Verdict, judge
+from tests.viewer.conftest import STEP_TIMEOUT_S, Viewer, sr_polylines, upload
+from tests.viewer.judge import Verdict, drawn_fraction, judge
 from tests.viewer.peers import DicomWebOrthanc
 from tests.viewer.server import ViewerServer
 
@@ -52,6 +54,7 @@ class Study:
     masks: np.ndarray  # (frames, rows, cols, S), what the SEG should show
     colours: np.ndarray  # (S, 3) RGB
     study_uid: str
+    sr_path: Path
 
 
 def _write(
@@ -77,7 +80,8 @@ def _write(
     )
     upload(orthanc, write_files([*series.datasets, seg, sr], folder))
     colours = np.array([s.color_rgb for s in package.structures], dtype=float)
-    return Study(series, masks, colours, str(series.datasets[0].StudyInstanceUID))
+    study_uid = str(series.datasets[0].StudyInstanceUID)
+    return Study(series, masks, colours, study_uid, folder / f"{sr.SOPInstanceUID}.dcm")
 
 
 def dx_study(folder: Path, orthanc: DicomWebOrthanc, *, flip_seg: bool = False) -> Study:
@@ -177,3 +181,56 @@ def test_ct_seg_is_shown_in_place_in_its_colours(
     verdict = seg_verdict(viewer, viewer_server, ct_study(tmp_path, orthanc_dicomweb))
     assert verdict.failures == [], verdict
     assert not [e for e in viewer.errors if "TypeError" in e], viewer.errors
+
+
+def sr_check(viewer: Viewer, server: ViewerServer, study: Study, measurements: int) -> None:
+    """Open the study's SR as a user does: the viewport keeps its image, no TypeError, OHIF
+    makes ``measurements`` annotations (one per Tracking UID), and the SR's polylines on the
+    displayed image are drawn where they belong."""
+    viewer.open_study(server.url, study.study_uid)
+    viewer.double_click_series("SR")
+    viewer.accept_prompt(timeout_s=5)
+    polylines = sr_polylines(pydicom.dcmread(study.sr_path))
+    viewer.wait(
+        "() => window.cornerstoneTools.annotation.state.getAllAnnotations()"
+        f".filter(a => a.metadata.toolName === 'DICOMSRDisplay').length >= {measurements}",
+        "the SR's annotations",
+    )
+    # OHIF draws the annotations after it has re-rendered the image: poll, with a deadline.
+    deadline = time.monotonic() + STEP_TIMEOUT_S
+    while True:
+        assert not [e for e in viewer.errors if "TypeError" in e], viewer.errors
+        shown = viewer.canvas_screenshot()
+        uid = viewer.current_sop_instance_uid()
+        here = [points for image, points in polylines if image == uid]
+        assert here, "the SR draws nothing on the image OHIF shows"
+        transform = viewer.transform()
+        points = np.vstack(here)
+        drawn = drawn_fraction(shown, transform, points)
+        if drawn > 0.8 or time.monotonic() > deadline:
+            break
+        viewer.render()
+    assert shown.mean() > 30 and shown.std() > 10, "the viewport went black"
+    assert drawn > 0.8, f"only {drawn:.0%} of the SR's polyline points are drawn in place"
+    # The same polylines moved by 20 image pixels are not where OHIF drew them.
+    assert drawn_fraction(shown, transform, points + 20) < 0.5
+
+
+def test_dx_sr_opens_and_draws_its_outlines(
+    viewer: Viewer,
+    viewer_server: ViewerServer,
+    orthanc_dicomweb: DicomWebOrthanc,
+    tmp_path: Path,
+) -> None:
+    study = dx_study(tmp_path, orthanc_dicomweb)
+    sr_check(viewer, viewer_server, study, measurements=len(DX_STRUCTURES) + 1)  # and the CTR
+
+
+def test_ct_sr_opens_and_draws_its_outlines(
+    viewer: Viewer,
+    viewer_server: ViewerServer,
+    orthanc_dicomweb: DicomWebOrthanc,
+    tmp_path: Path,
+) -> None:
+    study = ct_study(tmp_path, orthanc_dicomweb)
+    sr_check(viewer, viewer_server, study, measurements=len(CT_STRUCTURES))
