@@ -1,6 +1,6 @@
 """TID 1500 Measurement Report (Comprehensive 3D SR) of a model's segments, with highdicom.
 
-:func:`build_sr` writes one measurement group per segment of the SEG that
+:func:`build_sr` writes one measurement group per non-empty segment of the SEG that
 :func:`dicom_node.outputs.seg.build_seg` made:
 
 * planar images (a radiograph or a single slice): TID 1410 Planar ROI Measurements, each
