@@ -85,6 +85,10 @@ class Viewer:
                 f"{self.errors}; console tail: {self.console[-15:]}"
             ) from error
 
+    def type_errors(self) -> list[str]:
+        """TypeErrors the page threw or logged (OHIF logs the ones its components catch)."""
+        return [line for line in [*self.errors, *self.console] if "TypeError" in line]
+
     def open_study(self, base_url: str, study_uid: str) -> None:
         self.page.goto(f"{base_url}/viewer?StudyInstanceUIDs={study_uid}")
         self.wait(

@@ -26,7 +26,7 @@ from dicom_node.outputs.measurements import measure
 from dicom_node.outputs.seg import build_seg
 from dicom_node.outputs.sr import build_sr
 from dicom_node.uids import output_uids
-from tests.conftest import require_shared_data
+from tests.conftest import require_shared_data, wait_for
 from tests.factories import JSRT, ct_series, dx_from_array, jsrt_mask, write_files
 from tests.outputs.conftest import (
     CHEST_STRUCTURES,
@@ -64,6 +64,8 @@ def _write(
     package: ModelPackage,
     folder: Path,
     orthanc: DicomWebOrthanc,
+    *,
+    strip_sr_geometry: bool = False,
 ) -> Study:
     model = (series.series_instance_uid, package.name, package.version)
     seg_uids = output_uids(*model, "seg", series.sop_instance_uids)
@@ -78,15 +80,44 @@ def _write(
         series_uid=sr_uids[0],
         sop_uid=sr_uids[1],
     )
+    if strip_sr_geometry:
+        _strip_geometry(sr)
     upload(orthanc, write_files([*series.datasets, seg, sr], folder))
     colours = np.array([s.color_rgb for s in package.structures], dtype=float)
     study_uid = str(series.datasets[0].StudyInstanceUID)
     return Study(series, masks, colours, study_uid, folder / f"{sr.SOPInstanceUID}.dcm")
 
 
-def dx_study(folder: Path, orthanc: DicomWebOrthanc, *, flip_seg: bool = False) -> Study:
+def _strip_geometry(sr: pydicom.Dataset) -> None:
+    """Remove every SCOORD and every group holding one: the SR as it was before outlines."""
+
+    def strip(item: pydicom.Dataset) -> None:
+        children = item.get("ContentSequence", [])
+        keep = [
+            c
+            for c in children
+            if c.ValueType != "SCOORD"
+            and not any(g.ValueType == "SCOORD" for g in c.get("ContentSequence", []))
+            or c.ValueType == "NUM"
+        ]
+        for child in keep:
+            strip(child)
+        if children:
+            item.ContentSequence = keep
+
+    strip(sr)
+
+
+def dx_study(
+    folder: Path,
+    orthanc: DicomWebOrthanc,
+    *,
+    flip_seg: bool = False,
+    strip_sr_geometry: bool = False,
+) -> Study:
     """A JSRT chest radiograph with its expert lung and heart masks (a new study each call);
-    with ``flip_seg`` its SEG is mirrored left-right: the bug the judge must catch."""
+    with ``flip_seg`` its SEG is mirrored left-right: the bug the judge must catch; with
+    ``strip_sr_geometry`` its SR has no outlines or lines, as before they were written."""
     require_shared_data()
     size = (DX_SIZE, DX_SIZE)
     png = Image.open(JSRT / "images" / f"{JSRT_CASE}.png").convert("L").resize(size)
@@ -100,8 +131,10 @@ def dx_study(folder: Path, orthanc: DicomWebOrthanc, *, flip_seg: bool = False) 
     )[None]
     package = write_package(folder / "package", DX_STRUCTURES, ["area", "cardiothoracic_ratio"])
     series = projection_series([ds], "ImagerPixelSpacing")
-    seg_masks = masks[:, :, ::-1] if flip_seg else masks
-    return _write(series, masks, np.ascontiguousarray(seg_masks), package, folder, orthanc)
+    seg_masks = np.ascontiguousarray(masks[:, :, ::-1] if flip_seg else masks)
+    return _write(
+        series, masks, seg_masks, package, folder, orthanc, strip_sr_geometry=strip_sr_geometry
+    )
 
 
 def ct_study(folder: Path, orthanc: DicomWebOrthanc) -> Study:
@@ -154,7 +187,7 @@ def test_dx_seg_is_shown_in_place_in_its_colours(
 ) -> None:
     verdict = seg_verdict(viewer, viewer_server, dx_study(tmp_path, orthanc_dicomweb))
     assert verdict.failures == [], verdict
-    assert not [e for e in viewer.errors if "TypeError" in e], viewer.errors
+    assert viewer.type_errors() == []
 
 
 def test_a_flipped_dx_seg_is_caught(
@@ -180,7 +213,7 @@ def test_ct_seg_is_shown_in_place_in_its_colours(
 ) -> None:
     verdict = seg_verdict(viewer, viewer_server, ct_study(tmp_path, orthanc_dicomweb))
     assert verdict.failures == [], verdict
-    assert not [e for e in viewer.errors if "TypeError" in e], viewer.errors
+    assert viewer.type_errors() == []
 
 
 def sr_check(viewer: Viewer, server: ViewerServer, study: Study, measurements: int) -> None:
@@ -199,7 +232,7 @@ def sr_check(viewer: Viewer, server: ViewerServer, study: Study, measurements: i
     # OHIF draws the annotations after it has re-rendered the image: poll, with a deadline.
     deadline = time.monotonic() + STEP_TIMEOUT_S
     while True:
-        assert not [e for e in viewer.errors if "TypeError" in e], viewer.errors
+        assert viewer.type_errors() == []
         shown = viewer.canvas_screenshot()
         uid = viewer.current_sop_instance_uid()
         here = [points for image, points in polylines if image == uid]
@@ -234,3 +267,23 @@ def test_ct_sr_opens_and_draws_its_outlines(
 ) -> None:
     study = ct_study(tmp_path, orthanc_dicomweb)
     sr_check(viewer, viewer_server, study, measurements=len(CT_STRUCTURES))
+
+
+def test_an_sr_without_geometry_breaks_ohif(
+    viewer: Viewer,
+    viewer_server: ViewerServer,
+    orthanc_dicomweb: DicomWebOrthanc,
+    tmp_path: Path,
+) -> None:
+    """Negative control of the SR tests: the report as it was before its outlines (segment
+    references only) makes OHIF 3.13 throw the reported TypeError, which the tests catch."""
+    study = dx_study(tmp_path, orthanc_dicomweb, strip_sr_geometry=True)
+    assert sr_polylines(pydicom.dcmread(study.sr_path)) == []
+    viewer.open_study(viewer_server.url, study.study_uid)
+    viewer.double_click_series("SR")
+    viewer.accept_prompt(timeout_s=5)
+    wait_for(
+        lambda: any("ReferencedSOPSequence" in e for e in viewer.type_errors()),
+        STEP_TIMEOUT_S,
+        "OHIF's TypeError on an SR without geometry",
+    )
