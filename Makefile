@@ -5,9 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Real peers from Debian's packages, used by the tests and benchmarks.
-PEERS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl
+PEERS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl chromium:chromium
+# Peers that are files, not commands: Orthanc's DICOMweb plugin (for the OHIF viewer tests).
+PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
+# The OHIF viewer's prebuilt dist/ (npm package @ohif/app), cached outside git.
+OHIF_VERSION := 3.13.2
+OHIF_DIR := .cache/ohif/$(OHIF_VERSION)
 
-.PHONY: install serve test lint bench peers clean
+.PHONY: install serve test test-viewer ohif lint bench peers clean
 
 install: $(STAMP)
 
@@ -25,6 +30,7 @@ peers:
 	@missing=""; for p in $(PEERS); do \
 	  command -v $${p%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p##*:}"; \
 	done; \
+	for f in $(PEER_FILES); do test -e $${f%%:*} || missing="$$missing $${f##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers from Debian's packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
@@ -33,8 +39,22 @@ peers:
 serve: install
 	$(BIN)/dicom-node serve --config config/node.yaml
 
+ohif: $(OHIF_DIR)/dist/index.html
+
+$(OHIF_DIR)/dist/index.html:
+	rm -rf $(OHIF_DIR) && mkdir -p $(OHIF_DIR)
+	cd $(OHIF_DIR) && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null \
+	  && tar xzf ohif-app-$(OHIF_VERSION).tgz package/dist && mv package/dist dist \
+	  && rm -rf package ohif-app-$(OHIF_VERSION).tgz
+	test -f $@
+
+# The suite without the browser tests (about 4 min); `make test-viewer` runs those (about 2 min).
 test: install peers
-	DICOM_NODE_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	DICOM_NODE_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not viewer"
+
+# OHIF 3.13 in headless Chromium over Orthanc's DICOMweb: our SEGs and SRs, judged from pixels.
+test-viewer: install peers ohif
+	DICOM_NODE_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m viewer tests/viewer
 
 lint: install
 	$(BIN)/ruff check .
@@ -45,4 +65,4 @@ bench: install peers
 	$(BIN)/python -m benchmarks.receive
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .cache

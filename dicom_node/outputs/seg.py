@@ -10,6 +10,13 @@ every source instance. Three things highdicom 0.28 does not do are added here:
 * Patient Orientation (0020,0020) for sources without a Frame of Reference (projection
   radiographs): Type 2C in the General Image Module when there is no Image Orientation
   (Patient); copied from the source, as dciodvfy reports its absence as an error;
+* Plane Orientation Sequence (0020,9116) in the Shared Functional Groups for sources without
+  a Frame of Reference: highdicom leaves it out there, and the SEG loader of OHIF 3
+  (cornerstone's adapters, ``checkOrientation``) reads Image Orientation (Patient)
+  (0020,0037) from it unconditionally and never shows the SEG without it. The value is the
+  image plane itself, rows along x and columns along y (``[1, 0, 0, 0, 1, 0]``), which is how
+  those viewers place a radiograph; the Multi-frame Functional Groups Module allows the macro
+  and dciodvfy accepts it;
 * deterministic Dimension Organization UIDs (0020,9164), so the same input gives the same
   object (highdicom draws random ones).
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -44,6 +52,9 @@ log = structlog.get_logger(__name__)
 MANUFACTURER = "dicom-node"
 #: Series Number (0020,0011) of a SEG series, when not given: this plus the source's number.
 SEG_SERIES_NUMBER_OFFSET = 1000
+#: Image Orientation (Patient) (0020,0037) written for a source without a Frame of Reference:
+#: the image plane, as viewers place a radiograph (see the module text).
+IMAGE_PLANE_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 _CS_INVALID = re.compile(r"[^A-Z0-9_ ]")
 _CS_MAX_CHARS = 16
@@ -125,6 +136,17 @@ def keeps_empty_frames(series: ImageSeries) -> bool:
     """True when the SEG of ``series`` keeps empty frames: a single image (a radiograph or
     one slice), whose segments are measured and referenced by frame (TID 1410)."""
     return series.shape[0] == 1
+
+
+def _add_plane_orientation(seg: hd.seg.Segmentation) -> None:
+    """Plane Orientation Sequence (0020,9116) in the Shared Functional Groups Sequence
+    (5200,9229) of a SEG whose source has no Frame of Reference (see the module text)."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "PlaneOrientationSequence" in shared:
+        return
+    item = pydicom.Dataset()
+    item.ImageOrientationPatient = list(IMAGE_PLANE_ORIENTATION)
+    shared.PlaneOrientationSequence = [item]
 
 
 def _fix_dimension_organization(seg: hd.seg.Segmentation, sop_uid: str) -> None:
@@ -291,6 +313,8 @@ def build_seg(
     if "FrameOfReferenceUID" not in seg and "PatientOrientation" not in seg:
         # General Image Module, Type 2C without Image Orientation (Patient).
         seg.PatientOrientation = series.datasets[0].get("PatientOrientation", "")
+    if "FrameOfReferenceUID" not in seg:
+        _add_plane_orientation(seg)
     _fix_dimension_organization(seg, sop_uid)
     log.debug(
         "segmentation built",
@@ -354,6 +378,27 @@ def source_frame_keys(datasets: Sequence[pydicom.Dataset]) -> list[tuple[str, in
     return keys
 
 
+def frame_group(seg: pydicom.Dataset, frame_number: int, keyword: str) -> Any:
+    """The functional group ``keyword`` of SEG frame ``frame_number`` (1-based): from the
+    frame's Per-Frame Functional Groups item, else from the Shared Functional Groups, where
+    highdicom puts a group every frame has alike (e.g. the Segment Identification Sequence
+    (0062,000A) of a SEG with one frame)."""
+    value = seg.PerFrameFunctionalGroupsSequence[frame_number - 1].get(keyword)
+    if value:
+        return value
+    shared = seg.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()]
+    value = shared[0].get(keyword)
+    if not value:
+        raise ValueError(f"SEG frame {frame_number} has no {keyword}")
+    return value
+
+
+def frame_segment_number(seg: pydicom.Dataset, frame_number: int) -> int:
+    """Referenced Segment Number (0062,000B) of SEG frame ``frame_number`` (1-based)."""
+    group = frame_group(seg, frame_number, "SegmentIdentificationSequence")
+    return int(group[0].ReferencedSegmentNumber)
+
+
 def read_seg_masks(seg: pydicom.Dataset, source_frames: Sequence[tuple[str, int]]) -> np.ndarray:
     """Decode a BINARY SEG onto its source grid, using pydicom only.
 
@@ -387,13 +432,8 @@ def read_seg_masks(seg: pydicom.Dataset, source_frames: Sequence[tuple[str, int]
     out = np.zeros((len(source_frames), rows, cols, n_segments), dtype=bool)
     n_frames = int(seg.get("NumberOfFrames", 1))
     pixels = np.asarray(seg.pixel_array).reshape(n_frames, rows, cols)
-    shared = seg.get("SharedFunctionalGroupsSequence", [pydicom.Dataset()])[0]
     for f, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        # In the per-frame item, or shared when every frame has the same (one frame).
-        identification = item.get("SegmentIdentificationSequence") or shared.get(
-            "SegmentIdentificationSequence"
-        )
-        segment = int(identification[0].ReferencedSegmentNumber)
+        segment = frame_segment_number(seg, f + 1)
         sources = [
             src
             for drv in item.get("DerivationImageSequence", [])

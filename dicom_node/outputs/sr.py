@@ -1,6 +1,6 @@
 """TID 1500 Measurement Report (Comprehensive 3D SR) of a model's segments, with highdicom.
 
-:func:`build_sr` writes one measurement group per segment of the SEG that
+:func:`build_sr` writes one measurement group per non-empty segment of the SEG that
 :func:`dicom_node.outputs.seg.build_seg` made:
 
 * planar images (a radiograph or a single slice): TID 1410 Planar ROI Measurements, each
@@ -9,6 +9,16 @@
 * series of several slices: TID 1411 Volumetric ROI Measurements, each referencing its segment
   (Referenced Segment, DCM 121191) and holding the volume (SCT 118565006 "Volume", UCUM
   ``ml``).
+
+Every group that has a segment to refer to is accompanied by a group of the same template
+and the same Tracking Unique Identifier that holds the structure's outline as an Image Region
+(DCM 111030, SCOORD POLYLINE, closed, on the source image; see
+:mod:`dicom_node.outputs.contours`): on a planar image the outline (TID 1410 allows a region or
+a segmentation frame per group, not both), on a series one outline per slice that shows the
+structure (TID 1411). The segment groups carry the measurements. Viewers that draw SR
+measurements need geometry: OHIF 3.13 merges the groups of one Tracking UID and draws their
+SCOORD, and fails on a measurement it cannot draw, so a structure the model did not find (an
+empty segment, nothing to outline) gets no measurement group; the SEG still lists its segment.
 
 Each group carries the structure's Tracking Identifier and Tracking Unique Identifier (TID
 4108, the same UID as the segment's Tracking UID (0062,0021) in the SEG), its type as Finding
@@ -19,8 +29,12 @@ Spacing (0018,1164).
 
 The cardiothoracic ratio is a TID 1501 Measurement Group of its own: the ratio (UCUM
 ``{ratio}``), the transverse diameters of heart and thorax in mm when the image has a spacing,
-a Comment with the image columns and rows of both extents, and a reference to the heart and
-lung segments it was inferred from.
+a Comment with the image columns and rows of both extents, a reference to the heart and
+lung segments it was inferred from, and each measured width as a 2-point SCOORD POLYLINE
+(INFERRED FROM, under the ratio and under its diameter) a viewer draws on the image.
+
+Values are written to the precision they have: areas to 0.1 cm2, volumes to 0.1 ml, lengths to
+0.1 mm, ratios to 0.01 (:data:`DECIMALS`).
 
 No standard code for the cardiothoracic ratio of a chest radiograph could be confirmed: LOINC
 59074-5 and 59076-0 (DICOM CID 12279) are fetal ultrasound ratios of circumference and area,
@@ -32,6 +46,7 @@ Sequence (0008,0110).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -45,15 +60,23 @@ import dicom_node
 from dicom_node.imaging.series import ImageSeries
 from dicom_node.models.package import ModelPackage, Structure
 from dicom_node.outputs.charset import UTF8, set_output_character_set
+from dicom_node.outputs.contours import horizontal_line, outline
 from dicom_node.outputs.measurements import (
     HEART_LABEL,
     LEFT_LUNG_LABEL,
     RIGHT_LUNG_LABEL,
     CardiothoracicRatio,
+    Extent,
     Measurements,
     StructureMeasurement,
 )
-from dicom_node.outputs.seg import MANUFACTURER, default_series_number, keeps_empty_frames
+from dicom_node.outputs.seg import (
+    MANUFACTURER,
+    default_series_number,
+    frame_group,
+    frame_segment_number,
+    keeps_empty_frames,
+)
 from dicom_node.uids import derive_uid
 
 log = structlog.get_logger(__name__)
@@ -74,6 +97,14 @@ UNIT_RATIO = codes.UCUM.Ratio  # "{ratio}", CID 7181
 _SOURCE_OF_MEASUREMENT = codes.DCM.SourceOfMeasurement  # DCM 121112
 #: TID 1500 row 12: the report's Qualitative Evaluations container (not in pydicom's dictionary).
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+
+#: Decimal places of each unit's values in the SR: what the measurement can mean.
+DECIMALS = {UNIT_CM2.value: 1, UNIT_ML.value: 1, UNIT_MM.value: 1, UNIT_RATIO.value: 2}
+
+
+def rounded(value: float, unit: Code) -> float:
+    """``value`` rounded to the :data:`DECIMALS` of ``unit`` (Numeric Value (0040,A30A))."""
+    return round(float(value), DECIMALS[unit.value])
 
 
 def procedure_reported(series: ImageSeries) -> Code | hd.sr.CodedConcept:
@@ -137,10 +168,11 @@ def _comment(measurement: hd.sr.Measurement, text: str) -> None:
 def structure_measurement(value: StructureMeasurement) -> hd.sr.Measurement:
     """TID 300 Measurement of an area (cm2) or volume (ml), with how it was derived."""
     area = value.unit == "cm2"
+    unit = UNIT_CM2 if area else UNIT_ML
     measurement = hd.sr.Measurement(
         name=codes.SCT.Area if area else codes.SCT.Volume,
-        value=value.value,
-        unit=UNIT_CM2 if area else UNIT_ML,
+        value=rounded(value.value, unit),
+        unit=unit,
     )
     _comment(measurement, value.describe())
     return measurement
@@ -154,9 +186,9 @@ def _finding_sites(structure: Structure) -> list[hd.sr.FindingSite] | None:
 
 def _frames_of_segment(seg: pydicom.Dataset, segment_number: int) -> list[int]:
     return [
-        i + 1
-        for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence)
-        if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == segment_number
+        n
+        for n in range(1, len(seg.PerFrameFunctionalGroupsSequence) + 1)
+        if frame_segment_number(seg, n) == segment_number
     ]
 
 
@@ -172,9 +204,9 @@ def segmentation_frame_reference(
     Macro, PS3.3 Table 10-3). Here the SEG is referenced by frame only (the frame implies its
     segment) and the source by its own frame number, only when it is multi-frame.
     """
-    item = seg.PerFrameFunctionalGroupsSequence[frame_number - 1]
-    segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-    src = item.DerivationImageSequence[0].SourceImageSequence[0]
+    segment = frame_segment_number(seg, frame_number)
+    derivation = frame_group(seg, frame_number, "DerivationImageSequence")
+    src = derivation[0].SourceImageSequence[0]
     source_frame = src.get("ReferencedFrameNumber")
     reference = hd.sr.ReferencedSegmentationFrame(
         sop_class_uid=seg.SOPClassUID,
@@ -206,42 +238,92 @@ def _segment_reference(
     )
 
 
-def structure_group(
+def _image_region(source: pydicom.Dataset, points: np.ndarray) -> hd.sr.ImageRegion:
+    """Image Region (DCM 111030): SCOORD POLYLINE ``points`` SELECTED FROM ``source``."""
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=points,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+        ),
+    )
+
+
+def structure_outlines(series: ImageSeries, mask: np.ndarray) -> list[hd.sr.ImageRegion]:
+    """Closed outlines of one structure, one per image where its ``(frames, rows, cols)``
+    ``mask`` is not empty, largest first (the one a viewer shows first)."""
+    areas = mask.reshape(len(mask), -1).sum(axis=1)
+    regions = []
+    for frame in np.argsort(-areas, kind="stable"):
+        points = outline(mask[frame]) if areas[frame] else None
+        if points is not None:
+            regions.append(_image_region(series.datasets[frame], points))
+    return regions
+
+
+def structure_groups(
     series: ImageSeries,
     seg: pydicom.Dataset,
     structure: Structure,
     number: int,
+    mask: np.ndarray,
     value: StructureMeasurement | None,
     algorithm: hd.sr.AlgorithmIdentification,
-) -> (
+) -> list[
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-):
-    """TID 1410 (single image) or TID 1411 (several slices) group of segment ``number``."""
+]:
+    """The groups of segment ``number``: its outline and its segment with the measurement.
+
+    TID 1410 (single image) or TID 1411 (several slices), both with the segment's Tracking
+    UID; none when ``mask`` (``(frames, rows, cols)``) is empty (see the module text).
+    """
+    regions = structure_outlines(series, mask)
+    if not regions:
+        log.info("structure not found; no measurement group", segment=number)
+        return []
     tracking = hd.sr.TrackingIdentifier(
         uid=seg.SegmentSequence[number - 1].TrackingUID, identifier=structure.name
     )
     values = None if value is None else [structure_measurement(value)]
+    common: dict[str, Any] = {
+        "tracking_identifier": tracking,
+        "finding_type": structure.type,
+        "finding_category": structure.category,
+        "finding_sites": _finding_sites(structure),
+        "algorithm_id": algorithm,
+    }
     if keeps_empty_frames(series):  # one image: the SEG has exactly one frame per segment
         (frame,) = _frames_of_segment(seg, number)
-        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            referenced_segment=segmentation_frame_reference(seg, frame),
-            finding_type=structure.type,
-            finding_category=structure.category,
-            finding_sites=_finding_sites(structure),
-            algorithm_id=algorithm,
+        return [
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                referenced_region=regions[0], **common
+            ),
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                referenced_segment=segmentation_frame_reference(seg, frame),
+                measurements=values,
+                **common,
+            ),
+        ]
+    return [
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_regions=regions, **common
+        ),
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_segment=_segment_reference(series, seg, number),
             measurements=values,
-        )
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        referenced_segment=_segment_reference(series, seg, number),
-        finding_type=structure.type,
-        finding_category=structure.category,
-        finding_sites=_finding_sites(structure),
-        algorithm_id=algorithm,
-        measurements=values,
-    )
+            **common,
+        ),
+    ]
+
+
+def _width_line(source: pydicom.Dataset, extent: Extent) -> hd.sr.ImageRegion:
+    """The measured width of ``extent`` as a horizontal 2-point POLYLINE, INFERRED FROM."""
+    row = (extent.first_row + extent.last_row) / 2
+    line = _image_region(source, horizontal_line(extent.first_column, extent.last_column, row))
+    line.RelationshipType = hd.sr.RelationshipTypeValues.INFERRED_FROM.value
+    return line
 
 
 def ratio_group(
@@ -256,7 +338,7 @@ def ratio_group(
     numbers = {s.label: i + 1 for i, s in enumerate(package.structures)}
     ratio_value = hd.sr.Measurement(
         name=CARDIOTHORACIC_RATIO,
-        value=ratio.value,
+        value=rounded(ratio.value, UNIT_RATIO),
         unit=UNIT_RATIO,
     )
     _comment(ratio_value, ratio.describe())
@@ -273,6 +355,9 @@ def ratio_group(
             relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
         )
     )
+    ratio_value[0].ContentSequence.extend(
+        [_width_line(source, ratio.heart), _width_line(source, ratio.thorax)]
+    )
     values = [ratio_value]
     if ratio.heart_width_mm is not None and ratio.thorax_width_mm is not None:
         for width, site, extent, what in (
@@ -281,7 +366,7 @@ def ratio_group(
         ):
             diameter = hd.sr.Measurement(
                 name=codes.SCT.Diameter,
-                value=width,
+                value=rounded(width, UNIT_MM),
                 unit=UNIT_MM,
                 finding_sites=[hd.sr.FindingSite(site)],
             )
@@ -290,6 +375,7 @@ def ratio_group(
                 f"Transverse extent of the {what}: {extent.describe()} x "
                 f"{ratio.spacing_source} column spacing {ratio.column_spacing_mm:g} mm",
             )
+            diameter[0].ContentSequence.append(_width_line(source, extent))
             values.append(diameter)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -395,8 +481,17 @@ def build_sr(
         | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
         | hd.sr.MeasurementsAndQualitativeEvaluations
     ] = [
-        structure_group(series, seg, structure, i + 1, measurements.for_segment(i + 1), algorithm)
+        group
         for i, structure in enumerate(package.structures)
+        for group in structure_groups(
+            series,
+            seg,
+            structure,
+            i + 1,
+            masks[..., i],
+            measurements.for_segment(i + 1),
+            algorithm,
+        )
     ]
     if measurements.cardiothoracic_ratio is not None:
         groups.append(

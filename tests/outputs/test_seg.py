@@ -170,12 +170,25 @@ def test_dx_seg_valid(dx_seg: Path) -> None:
     assert dciodvfy_errors(dx_seg) == []
 
 
+def test_dx_seg_has_a_plane_orientation(dx_seg: Path) -> None:
+    """OHIF's SEG loader reads Image Orientation (Patient) from the Plane Orientation
+    functional group, which highdicom leaves out without a Frame of Reference."""
+    seg = pydicom.dcmread(dx_seg)
+    assert "FrameOfReferenceUID" not in seg
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    orientation = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    assert [float(v) for v in orientation] == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+
 @needs_dciodvfy
 @pytest.mark.peers
 def test_dciodvfy_reports_missing_patient_orientation(dx_seg: Path, tmp_path: Path) -> None:
-    """The validator finds what highdicom alone leaves out on a DX SEG."""
+    """The validator finds what highdicom alone leaves out on a DX SEG: Patient Orientation,
+    Type 2C when no Image Orientation (Patient) is given (neither at the top level nor in the
+    Plane Orientation functional group)."""
     ds = pydicom.dcmread(dx_seg)
     del ds.PatientOrientation
+    del ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
     errors = dciodvfy_errors(save(ds, tmp_path / "broken.dcm"))
     assert any("PatientOrientation" in e for e in errors), errors
 

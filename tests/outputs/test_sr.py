@@ -14,7 +14,7 @@ from pydicom.sr.codedict import codes
 from dicom_node.imaging.series import ImageSeries
 from dicom_node.models.package import ModelPackage
 from dicom_node.outputs.measurements import Measurements, measure
-from dicom_node.outputs.seg import build_seg
+from dicom_node.outputs.seg import build_seg, frame_segment_number
 from dicom_node.outputs.sr import CARDIOTHORACIC_RATIO, PRIVATE_SCHEME, build_sr
 from dicom_node.outputs.validate import dciodvfy_errors, dciodvfy_path
 from dicom_node.uids import output_uids
@@ -123,14 +123,7 @@ def read_report(path: Path, seg: pydicom.Dataset | None = None) -> list[Group]:
                 if roi:
                     frames, segments = _ids(roi[0])
                     if not segments and seg is not None:
-                        segments = [
-                            int(
-                                seg.PerFrameFunctionalGroupsSequence[f - 1]
-                                .SegmentIdentificationSequence[0]
-                                .ReferencedSegmentNumber
-                            )
-                            for f in frames
-                        ]
+                        segments = [frame_segment_number(seg, f) for f in frames]
             finding = g.finding_type
             group = Group(
                 template=template,
@@ -157,9 +150,17 @@ def read_report(path: Path, seg: pydicom.Dataset | None = None) -> list[Group]:
 # --- DX ----------------------------------------------------------------------------------------
 
 
+def segment_groups(groups: list[Group]) -> list[Group]:
+    return [g for g in groups if g.reference != "Image Region"]
+
+
+def region_groups(groups: list[Group]) -> list[Group]:
+    return [g for g in groups if g.reference == "Image Region"]
+
+
 def test_dx_report_has_a_planar_group_per_segment(dx: Outputs, chest_package: ModelPackage) -> None:
     groups = read_report(dx.path, dx.seg)
-    planar = [g for g in groups if g.template == "1410"]
+    planar = segment_groups([g for g in groups if g.template == "1410"])
     assert len(planar) == len(chest_package.structures)
     for number, (group, structure) in enumerate(
         zip(planar, chest_package.structures, strict=True), start=1
@@ -173,9 +174,68 @@ def test_dx_report_has_a_planar_group_per_segment(dx: Outputs, chest_package: Mo
         expected = dx.measurements.for_segment(number)
         assert expected is not None
         value, unit = group.values["Area"]
-        assert value == pytest.approx(expected.value, rel=1e-9)
+        assert value == round(expected.value, 1)  # 0.1 cm2
         assert unit == "cm2"
         assert any("ImagerPixelSpacing (0018,1164)" in c for c in group.comments["Area"])
+
+
+def _polygon_mask(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels whose centre (c + 0.5, r + 0.5) lies inside the closed POLYLINE ``points``."""
+    from matplotlib.path import Path as PolygonPath
+
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    centres = np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], axis=-1)
+    return PolygonPath(points).contains_points(centres).reshape(shape)
+
+
+def test_dx_report_outlines_each_structure_on_the_image(
+    dx: Outputs, chest_package: ModelPackage
+) -> None:
+    """One Image Region per structure, with the segment's Tracking UID: a closed POLYLINE of at
+    most 200 points, in SCOORD image coordinates, that encloses the mask's pixels."""
+    regions = region_groups(read_report(dx.path, dx.seg))
+    assert [g.tracking_uid for g in regions] == [s.TrackingUID for s in dx.seg.SegmentSequence]
+    content = hd.sr.srread(dx.path).content
+    source = dx.series.datasets[0]
+    groups = [
+        g
+        for g in content.get_planar_roi_measurement_groups()
+        if g.reference_type.meaning == "Image Region"
+    ]
+    for index, group in enumerate(groups):
+        region = group.roi
+        assert region is not None
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+            source.SOPInstanceUID
+        )
+        points = region.value
+        assert 4 <= len(points) <= 200
+        assert np.array_equal(points[0], points[-1])  # closed
+        mask = dx.masks[0, ..., index]
+        drawn = _polygon_mask(points, mask.shape)
+        iou = (drawn & mask).sum() / (drawn | mask).sum()
+        assert iou > 0.95, (chest_package.structures[index].label, iou)
+        # Mirrored or transposed coordinates would not overlap the mask like this.
+        assert (_polygon_mask(points[:, ::-1], mask.shape) & mask).sum() < 0.9 * mask.sum()
+
+
+def test_dx_report_values_are_rounded(dx: Outputs) -> None:
+    report = pydicom.dcmread(dx.path)
+    decimals = {"cm2": 1, "mm": 1, "{ratio}": 2, "ml": 1}
+
+    def walk(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
+        items = list(ds.get("ContentSequence", []))
+        return items + [i for item in items for i in walk(item)]
+
+    nums = [i for i in walk(report) if i.ValueType == "NUM"]
+    assert nums
+    for num in nums:
+        measured = num.MeasuredValueSequence[0]
+        unit = measured.MeasurementUnitsCodeSequence[0].CodeValue
+        text = str(measured.get_item("NumericValue").value.decode()).strip()
+        fraction = text.split(".")[1] if "." in text else ""
+        assert len(fraction) <= decimals[unit], (unit, text)
 
 
 def test_dx_report_states_the_cardiothoracic_ratio(dx: Outputs) -> None:
@@ -186,13 +246,14 @@ def test_dx_report_states_the_cardiothoracic_ratio(dx: Outputs) -> None:
     group = groups[0]
     assert group.tracking_id == "Cardiothoracic ratio"
     value, unit = group.values[CARDIOTHORACIC_RATIO.meaning]
-    assert value == pytest.approx(ratio.value, rel=1e-9)
+    assert value == round(ratio.value, 2)
     assert unit == "{ratio}"
     (comment,) = group.comments[CARDIOTHORACIC_RATIO.meaning]
     assert ratio.heart.describe() in comment and ratio.thorax.describe() in comment
     diameter, unit = group.values["Diameter"]
     assert unit == "mm"
-    assert diameter == pytest.approx(ratio.heart_width_mm, rel=1e-9)
+    assert ratio.heart_width_mm is not None
+    assert diameter == round(ratio.heart_width_mm, 1)
     # The ratio names the segments it was inferred from: heart, right lung, left lung.
     report = pydicom.dcmread(dx.path)
     assert report.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
@@ -200,6 +261,16 @@ def test_dx_report_states_the_cardiothoracic_ratio(dx: Outputs) -> None:
     (source,) = [i for i in num.ContentSequence if i.ValueType == "IMAGE"]
     assert source.RelationshipType == "INFERRED FROM"
     assert _ids(source)[1] == [3, 1, 2]
+    # The two widths as 2-point lines on the image, across the outer pixel edges.
+    lines = [i for i in num.ContentSequence if i.ValueType == "SCOORD"]
+    assert [i.RelationshipType for i in lines] == ["INFERRED FROM"] * 2
+    for line, extent in zip(lines, (ratio.heart, ratio.thorax), strict=True):
+        assert line.GraphicType == "POLYLINE"
+        (x0, y0, x1, y1) = [float(v) for v in line.GraphicData]
+        assert (x0, x1) == (extent.first_column, extent.last_column + 1)
+        assert y0 == y1
+        image = line.ContentSequence[0].ReferencedSOPSequence[0]
+        assert image.ReferencedSOPInstanceUID == dx.series.datasets[0].SOPInstanceUID
 
 
 def _find(ds: pydicom.Dataset, code_value: str) -> pydicom.Dataset:
@@ -266,8 +337,13 @@ def test_dx_report_valid(dx: Outputs) -> None:
 def test_ct_report_has_a_volumetric_group_per_segment(
     ct: Outputs, ct_package: ModelPackage
 ) -> None:
-    groups = read_report(ct.path, ct.seg)
-    assert [g.template for g in groups] == ["1411", "1411"]
+    all_groups = read_report(ct.path, ct.seg)
+    # The liver: its outlines and its segment; the empty kidney segment has no group.
+    assert [g.template for g in all_groups] == ["1411", "1411"]
+    (outlines,) = region_groups(all_groups)
+    groups = segment_groups(all_groups)
+    assert outlines.tracking_uid == groups[0].tracking_uid
+    assert len(groups) == 1
     for number, group in enumerate(groups, start=1):
         assert group.reference == "Referenced Segment"
         assert group.segment_numbers == [number]
@@ -275,10 +351,27 @@ def test_ct_report_has_a_volumetric_group_per_segment(
         expected = ct.measurements.for_segment(number)
         assert expected is not None
         value, unit = group.values["Volume"]
-        assert value == pytest.approx(expected.value, rel=1e-9)
+        assert value == round(expected.value, 1)  # 0.1 ml
         assert unit == "ml"
         assert any("PixelSpacing (0028,0030)" in c for c in group.comments["Volume"])
-    assert groups[1].values["Volume"][0] == 0.0  # the empty kidney segment
+    # One outline per slice that shows the liver, largest first, each on its own slice.
+    content = hd.sr.srread(ct.path).content
+    (region_group,) = [
+        g
+        for g in content.get_volumetric_roi_measurement_groups()
+        if g.reference_type.meaning == "Image Region"
+    ]
+    regions = region_group.roi
+    assert regions is not None
+    slices = [
+        r.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID for r in regions
+    ]
+    liver_slices = ct.masks[..., 0].any(axis=(1, 2))
+    assert sorted(slices) == sorted(
+        str(ds.SOPInstanceUID)
+        for ds, shown in zip(ct.series.datasets, liver_slices, strict=True)
+        if shown
+    )
     report = pydicom.dcmread(ct.path)
     procedure = _find(report, "121058").ConceptCodeSequence[0]
     assert procedure.CodeValue == codes.LN.CTUnspecifiedBodyRegion.value
@@ -300,8 +393,26 @@ def test_single_ct_slice_is_planar(make_package, tmp_path: Path) -> None:  # typ
     masks[0, 10:20, 10:20, 0] = True
     out = make_outputs(series, masks, package, tmp_path)
     groups = read_report(out.path, out.seg)
+    assert [g.template for g in groups] == ["1410", "1410"]  # outline and segment of the first
+    assert segment_groups(groups)[0].values["Area"][0] == round(100 * 0.64 / 100.0, 1)
+    if dciodvfy_path() is not None:
+        assert dciodvfy_errors(out.path) == []
+
+
+def test_one_structure_on_one_image(make_package, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A SEG of one segment on one image has one frame, whose Segment Identification highdicom
+    puts in the Shared Functional Groups: the SR must find it there."""
+    from tests.outputs.conftest import CT_STRUCTURES, ct_slice_series
+
+    package = make_package(CT_STRUCTURES[:1], ["area"], dims=2, name="ct-slice-one")
+    series = ct_slice_series()
+    masks = np.zeros((1, 64, 64, 1), dtype=bool)
+    masks[0, 10:20, 10:30, 0] = True
+    out = make_outputs(series, masks, package, tmp_path)
+    assert "SegmentIdentificationSequence" not in out.seg.PerFrameFunctionalGroupsSequence[0]
+    groups = read_report(out.path, out.seg)
     assert [g.template for g in groups] == ["1410", "1410"]
-    assert groups[0].values["Area"][0] == pytest.approx(100 * 0.64 / 100.0)
+    assert segment_groups(groups)[0].values["Area"][0] == round(200 * 0.64 / 100.0, 1)
     if dciodvfy_path() is not None:
         assert dciodvfy_errors(out.path) == []
 

@@ -1,0 +1,77 @@
+"""Outlines of masks as SR spatial coordinates (SCOORD POLYLINE), for viewers to draw.
+
+A mask's outline is the outer boundary of its largest connected part (holes filled), traced
+with scikit-image's marching squares at level 0.5 of the 0/1 mask, so it runs along the pixel
+edges between inside and outside, then simplified (Douglas-Peucker) to at most
+:data:`MAX_POINTS` points and closed by repeating its first point (a closed POLYLINE,
+PS3.3 C.18.6.1.2).
+
+Coordinates are SCOORD image coordinates (PS3.3 C.18.6.1.1 and C.10.5.1.2): column then row,
+(0, 0) the top-left corner of the top-left pixel, so the centre of pixel (row r, column c) is
+(c + 0.5, r + 0.5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.measure import approximate_polygon, find_contours
+
+#: Most points of one outline, the closing point included.
+MAX_POINTS = 200
+#: Douglas-Peucker tolerance in pixels to start with; doubled until the outline is short enough.
+_TOLERANCE_PX = 0.5
+
+
+def largest_part(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected part of a 2D boolean ``mask``, holes filled (empty stays empty)."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return np.zeros_like(mask, dtype=bool)
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, count + 1))
+    part = labels == int(np.argmax(sizes)) + 1
+    return np.asarray(ndimage.binary_fill_holes(part), dtype=bool)
+
+
+def outline(mask: np.ndarray, max_points: int = MAX_POINTS) -> np.ndarray | None:
+    """Closed outline of the largest part of a 2D ``mask`` in SCOORD image coordinates.
+
+    Parameters
+    ----------
+    mask
+        Boolean ``(rows, cols)``.
+    max_points
+        Most points of the result (at least 4: a triangle and its closing point).
+
+    Returns
+    -------
+    numpy.ndarray | None
+        ``(n, 2)`` float32 ``(column, row)`` points, ``n <= max_points``, the last equal to the
+        first; None for an empty mask.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2D (rows, cols), got shape {mask.shape}")
+    if max_points < 4:
+        raise ValueError(f"max_points must be at least 4, got {max_points}")
+    part = largest_part(mask)
+    if not part.any():
+        return None
+    padded = np.pad(part, 1).astype(np.float32)  # closed contours at the image border too
+    traced = max(find_contours(padded, 0.5), key=len)  # (row, col) in padded indices
+    tolerance = _TOLERANCE_PX
+    points = approximate_polygon(traced, tolerance)
+    while len(points) > max_points:
+        tolerance *= 2
+        points = approximate_polygon(traced, tolerance)
+    # Padded index -> pixel index: -1; pixel index (centre) -> SCOORD: +0.5.
+    scoord = points[:, ::-1] - 0.5
+    if not np.array_equal(scoord[0], scoord[-1]):
+        scoord = np.vstack([scoord, scoord[:1]])
+    return np.asarray(scoord, dtype=np.float32)
+
+
+def horizontal_line(first_column: int, last_column: int, row: float) -> np.ndarray:
+    """A 2-point POLYLINE across columns ``first_column..last_column`` (both included), along
+    their outer pixel edges, at the centre of pixel row ``row``: ``(2, 2)`` float32."""
+    y = row + 0.5
+    return np.array([[first_column, y], [last_column + 1, y]], dtype=np.float32)
