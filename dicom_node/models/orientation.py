@@ -145,6 +145,21 @@ class Reorientation:
             out = np.swapaxes(out, 0, 1)
         return np.ascontiguousarray(out)
 
+    def points_to_source(self, points: np.ndarray, source_shape: tuple[int, int]) -> np.ndarray:
+        """Image coordinates ``(N, 2)`` as ``(column, row)`` with (0, 0) the top-left corner of
+        the top-left pixel (SCOORD, PS3.3 C.18.6.1.1) on the image as :meth:`to_model` gave it,
+        mapped onto the stored image of ``source_shape`` (rows, cols)."""
+        rows, cols = (source_shape[1], source_shape[0]) if self.transpose else source_shape
+        x = np.asarray(points, dtype=np.float64)[:, 0]
+        y = np.asarray(points, dtype=np.float64)[:, 1]
+        if self.flip_columns:
+            x = cols - x
+        if self.flip_rows:
+            y = rows - y
+        if self.transpose:
+            x, y = y, x
+        return np.stack([x, y], axis=1).astype(np.float32)
+
     def describe(self) -> str:
         """What was done, in one sentence for the SR."""
         target = format_orientation(self.target)

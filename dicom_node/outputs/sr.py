@@ -58,6 +58,7 @@ from pydicom.sr.coding import Code
 
 import dicom_node
 from dicom_node.imaging.series import ImageSeries
+from dicom_node.models.orientation import Reorientation, reorientations
 from dicom_node.models.package import ModelPackage, Structure
 from dicom_node.outputs.charset import UTF8, set_output_character_set
 from dicom_node.outputs.contours import horizontal_line, outline
@@ -238,14 +239,19 @@ def _segment_reference(
     )
 
 
-def _image_region(source: pydicom.Dataset, points: np.ndarray) -> hd.sr.ImageRegion:
-    """Image Region (DCM 111030): SCOORD POLYLINE ``points`` SELECTED FROM ``source``."""
+def _image_region(
+    source: pydicom.Dataset, points: np.ndarray, frame_number: int = 1
+) -> hd.sr.ImageRegion:
+    """Image Region (DCM 111030): SCOORD POLYLINE ``points`` SELECTED FROM ``source`` (and its
+    frame ``frame_number`` when it is a multi-frame image: Referenced Frame Number (0008,1160))."""
+    multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
     return hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=points,
         source_image=hd.sr.SourceImageForRegion(
             referenced_sop_class_uid=source.SOPClassUID,
             referenced_sop_instance_uid=source.SOPInstanceUID,
+            referenced_frame_numbers=[frame_number] if multi_frame else None,
         ),
     )
 
@@ -258,7 +264,8 @@ def structure_outlines(series: ImageSeries, mask: np.ndarray) -> list[hd.sr.Imag
     for frame in np.argsort(-areas, kind="stable"):
         points = outline(mask[frame]) if areas[frame] else None
         if points is not None:
-            regions.append(_image_region(series.datasets[frame], points))
+            index, frame_number = series.frame_sources[frame]
+            regions.append(_image_region(series.datasets[index], points, frame_number))
     return regions
 
 
@@ -318,10 +325,17 @@ def structure_groups(
     ]
 
 
-def _width_line(source: pydicom.Dataset, extent: Extent) -> hd.sr.ImageRegion:
-    """The measured width of ``extent`` as a horizontal 2-point POLYLINE, INFERRED FROM."""
+def _width_line(
+    series: ImageSeries, extent: Extent, plan: Reorientation | None
+) -> hd.sr.ImageRegion:
+    """The measured width of ``extent`` as a 2-point POLYLINE, INFERRED FROM, on the stored
+    image: horizontal on the image as the model saw it, mapped back through ``plan`` when
+    the image was reoriented (a mirrored film's line is mirrored with it)."""
     row = (extent.first_row + extent.last_row) / 2
-    line = _image_region(source, horizontal_line(extent.first_column, extent.last_column, row))
+    points = horizontal_line(extent.first_column, extent.last_column, row)
+    if plan is not None:
+        points = plan.points_to_source(points, series.shape[1:])
+    line = _image_region(series.datasets[0], points)
     line.RelationshipType = hd.sr.RelationshipTypeValues.INFERRED_FROM.value
     return line
 
@@ -335,6 +349,8 @@ def ratio_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group of the cardiothoracic ratio, the two diameters and their derivation."""
     source = series.datasets[0]
+    plans = reorientations(series, package)
+    plan = plans[0] if plans and not plans[0].is_identity else None
     numbers = {s.label: i + 1 for i, s in enumerate(package.structures)}
     ratio_value = hd.sr.Measurement(
         name=CARDIOTHORACIC_RATIO,
@@ -356,7 +372,7 @@ def ratio_group(
         )
     )
     ratio_value[0].ContentSequence.extend(
-        [_width_line(source, ratio.heart), _width_line(source, ratio.thorax)]
+        [_width_line(series, ratio.heart, plan), _width_line(series, ratio.thorax, plan)]
     )
     values = [ratio_value]
     if ratio.heart_width_mm is not None and ratio.thorax_width_mm is not None:
@@ -375,7 +391,7 @@ def ratio_group(
                 f"Transverse extent of the {what}: {extent.describe()} x "
                 f"{ratio.spacing_source} column spacing {ratio.column_spacing_mm:g} mm",
             )
-            diameter[0].ContentSequence.append(_width_line(source, extent))
+            diameter[0].ContentSequence.append(_width_line(series, extent, plan))
             values.append(diameter)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -390,6 +406,39 @@ def ratio_group(
         measurements=values,
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)
+        ],
+    )
+
+
+def nothing_found_group(
+    series: ImageSeries, package: ModelPackage, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group for a result with no structure found: the region analysed (the border
+    of the middle image, a closed SCOORD POLYLINE) with each structure's type evaluated as
+    Absent (SCT 272519000).
+
+    A viewer then has something to show, and OHIF 3 needs it: its SR viewport breaks on a
+    report whose Imaging Measurements hold no group with geometry.
+    """
+    frame = series.shape[0] // 2
+    index, frame_number = series.frame_sources[frame]
+    rows, cols = series.shape[1:]
+    border = np.array([[0, 0], [cols, 0], [cols, rows], [0, rows], [0, 0]], dtype=np.float32)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_uid(
+                series.series_instance_uid, f"{package.name}@{package.version}", "nothing-found"
+            ),
+            identifier=f"Nothing found by {package.name}"[:64],
+        ),
+        referenced_region=_image_region(series.datasets[index], border, frame_number),
+        finding_type=codes.DCM.ImageRegion,
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(kind, codes.SCT.Absent)
+            for kind in {
+                (s.type.value, s.type.scheme_designator): s.type for s in package.structures
+            }.values()
         ],
     )
 
@@ -456,7 +505,9 @@ def build_sr(
     notes
         Sentences for the reader (orientation, assumptions, measurements not reported and
         why): Comments in the report's Qualitative Evaluations container
-        (:func:`notes_container`); none when empty.
+        (:func:`notes_container`). A structure the model did not find gets no measurement
+        group (there is nothing to draw, and a group without geometry breaks OHIF 3); a
+        note after these says it was not found.
 
     Returns
     -------
@@ -497,14 +548,21 @@ def build_sr(
         groups.append(
             ratio_group(series, seg, package, measurements.cardiothoracic_ratio, algorithm)
         )
+    if not groups:
+        groups.append(nothing_found_group(series, package, algorithm))
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(package),
         procedure_reported=procedure_reported(series),
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
     )
-    if notes:
-        report[0].ContentSequence.append(notes_container(notes))
+    not_found = [
+        f"{structure.name}: not found by the model (segment {i + 1} of the SEG is empty)"
+        for i, structure in enumerate(package.structures)
+        if not masks[..., i].any()
+    ]
+    if notes or not_found:
+        report[0].ContentSequence.append(notes_container([*notes, *not_found]))
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*series.datasets, seg],
         content=report[0],

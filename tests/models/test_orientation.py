@@ -51,6 +51,23 @@ def test_every_stored_orientation_comes_back_exactly(
     assert reorientation.is_identity == (po == "L\\F")
 
 
+@pytest.mark.parametrize(("name", "store", "po"), STORED, ids=[s[0] for s in STORED])
+def test_points_follow_the_pixels_back_to_the_stored_image(
+    name: str, store: Callable[[np.ndarray], np.ndarray], po: str
+) -> None:
+    """SCOORD points drawn on the model's image (the CTR's width lines) land on the stored
+    image where the pixels they were drawn on went: each pixel's centre, and its corners."""
+    canonical = np.zeros((5, 7), dtype=bool)
+    canonical[1, 5] = True  # one pixel near the top right of the model's image
+    stored = np.ascontiguousarray(store(canonical))
+    reorientation = plan_orientation(image(po), CANONICAL)
+    centre = reorientation.points_to_source(np.array([[5.5, 1.5]]), stored.shape)
+    (r,), (c,) = np.nonzero(stored)
+    assert np.allclose(centre, [[c + 0.5, r + 0.5]])
+    corners = reorientation.points_to_source(np.array([[5, 1], [6, 2]]), stored.shape)
+    assert sorted(corners[:, 0]) == [c, c + 1] and sorted(corners[:, 1]) == [r, r + 1]
+
+
 def test_description_says_what_was_done() -> None:
     text = plan_orientation(image("R\\F"), CANONICAL).describe()
     assert "flipped left-right" in text and "L\\F" in text and "R\\F" in text

@@ -18,7 +18,7 @@ from dicom_node.outputs.seg import build_seg, frame_segment_number
 from dicom_node.outputs.sr import CARDIOTHORACIC_RATIO, PRIVATE_SCHEME, build_sr
 from dicom_node.outputs.validate import dciodvfy_errors, dciodvfy_path
 from dicom_node.uids import output_uids
-from tests.factories import SHARED_DATA
+from tests.factories import SHARED_DATA, ct_series
 
 REFERENCE = SHARED_DATA / "reference"
 
@@ -338,8 +338,16 @@ def test_ct_report_has_a_volumetric_group_per_segment(
     ct: Outputs, ct_package: ModelPackage
 ) -> None:
     all_groups = read_report(ct.path, ct.seg)
-    # The liver: its outlines and its segment; the empty kidney segment has no group.
+    # The liver: its outlines and its segment; the empty kidney segment has no group, and
+    # the report says it was not found.
     assert [g.template for g in all_groups] == ["1411", "1411"]
+    notes = [
+        str(text.TextValue)
+        for item in pydicom.dcmread(ct.path).ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"  # Qualitative Evaluations
+        for text in item.ContentSequence
+    ]
+    assert notes == ["Left kidney: not found by the model (segment 2 of the SEG is empty)"]
     (outlines,) = region_groups(all_groups)
     groups = segment_groups(all_groups)
     assert outlines.tracking_uid == groups[0].tracking_uid
@@ -413,6 +421,53 @@ def test_one_structure_on_one_image(make_package, tmp_path: Path) -> None:  # ty
     groups = read_report(out.path, out.seg)
     assert [g.template for g in groups] == ["1410", "1410"]
     assert segment_groups(groups)[0].values["Area"][0] == round(200 * 0.64 / 100.0, 1)
+    if dciodvfy_path() is not None:
+        assert dciodvfy_errors(out.path) == []
+
+
+@pytest.mark.parametrize("slices", [1, 8], ids=["one slice", "a series"])
+def test_nothing_found_gives_a_report_that_says_so(  # type: ignore[no-untyped-def]
+    make_package, tmp_path: Path, slices: int
+) -> None:
+    """No structure found: one TID 1410 group, the region analysed (the image border) with
+    each structure's type Absent, and notes that name what was not found; valid."""
+    from tests.outputs.conftest import CT_STRUCTURES, ct_slice_series
+
+    package = make_package(
+        CT_STRUCTURES, ["area" if slices == 1 else "volume"], dims=2, name="ct-slice"
+    )
+    if slices == 1:
+        series = ct_slice_series()
+    else:
+        datasets = sorted(ct_series(), key=lambda ds: float(ds.ImagePositionPatient[2]))
+        series = ImageSeries(
+            datasets=tuple(datasets),
+            pixels=np.stack([ds.pixel_array.astype(np.float32) for ds in datasets]),
+            pixel_spacing_mm=(0.8, 0.8),
+            spacing_source="PixelSpacing",
+            slice_spacing_mm=2.5,
+            is_projection=False,
+        )
+    masks = np.zeros((*series.shape, 2), dtype=bool)
+    out = make_outputs(series, masks, package, tmp_path)
+    content = pydicom.dcmread(out.path).ContentSequence
+    (group,) = read_report(out.path, out.seg)
+    assert group.template == "1410" and group.tracking_id == "Nothing found by ct-slice"
+    report = hd.sr.srread(out.path).content
+    (region_group,) = report.get_planar_roi_measurement_groups()
+    rows, cols = series.shape[1:]
+    region = region_group.roi
+    assert region is not None
+    assert np.array_equal(region.value, [[0, 0], [cols, 0], [cols, rows], [0, rows], [0, 0]])
+    evaluations = {
+        (e.name.meaning, e.value.meaning) for e in region_group.get_qualitative_evaluations()
+    }
+    assert evaluations == {("Liver", "Absent"), ("Kidney", "Absent")}
+    (notes,) = [item for item in content if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert [str(t.TextValue) for t in notes.ContentSequence] == [
+        "Liver: not found by the model (segment 1 of the SEG is empty)",
+        "Left kidney: not found by the model (segment 2 of the SEG is empty)",
+    ]
     if dciodvfy_path() is not None:
         assert dciodvfy_errors(out.path) == []
 

@@ -11,7 +11,7 @@ the way the image was.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +92,27 @@ def sr_notes(sr: pydicom.Dataset) -> list[str]:
     ]
 
 
+def ratio_lines(sr: pydicom.Dataset) -> list[np.ndarray]:
+    """The SCOORD lines under the SR's cardiothoracic ratio value: heart, then thorax,
+    as ``(2, 2)`` (column, row) points."""
+
+    def walk(items: Sequence[pydicom.Dataset]) -> Iterator[pydicom.Dataset]:
+        for item in items:
+            yield item
+            yield from walk(item.get("ContentSequence", []))
+
+    (ratio,) = [
+        i
+        for i in walk(sr.ContentSequence)
+        if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "CTR"
+    ]
+    return [
+        np.asarray(i.GraphicData, dtype=float).reshape(-1, 2)
+        for i in ratio.ContentSequence
+        if i.ValueType == "SCOORD"
+    ]
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
 
@@ -140,6 +161,15 @@ def test_stored_orientation_gives_the_same_anatomy_on_the_stored_pixels(
         assert np.nonzero(segments["Right lung"])[1].mean() > columns / 2
         assert np.nonzero(segments["Left lung"])[1].mean() < columns / 2
     assert ctr(result) == pytest.approx(ctr(as_displayed), abs=CTR_TOLERANCE)
+    # The heart's width line in the SR lies on the stored image, across the heart's outermost
+    # pixels: horizontal on the patient, so along the columns of the mirrored image and along
+    # the rows of the rotated one.
+    heart_line = ratio_lines(result.sr)[0]
+    rows, cols = np.nonzero(segments["Heart"])
+    if orientation == "R\\F":
+        assert sorted(heart_line[:, 0]) == [cols.min(), cols.max() + 1]
+    else:
+        assert sorted(heart_line[:, 1]) == [rows.min(), rows.max() + 1]
     (note,) = [n for n in sr_notes(result.sr) if "Patient Orientation" in n]
     assert done in note and orientation in note and "L\\F" in note and "mapped back" in note
     if dciodvfy_path() is not None:

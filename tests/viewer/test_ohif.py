@@ -66,6 +66,7 @@ def _write(
     orthanc: DicomWebOrthanc,
     *,
     strip_sr_geometry: bool = False,
+    notes: tuple[str, ...] = (),
 ) -> Study:
     model = (series.series_instance_uid, package.name, package.version)
     seg_uids = output_uids(*model, "seg", series.sop_instance_uids)
@@ -79,6 +80,7 @@ def _write(
         measure(series, seg_masks, package),
         series_uid=sr_uids[0],
         sop_uid=sr_uids[1],
+        notes=notes,
     )
     if strip_sr_geometry:
         _strip_geometry(sr)
@@ -132,13 +134,23 @@ def dx_study(
     package = write_package(folder / "package", DX_STRUCTURES, ["area", "cardiothoracic_ratio"])
     series = projection_series([ds], "ImagerPixelSpacing")
     seg_masks = np.ascontiguousarray(masks[:, :, ::-1] if flip_seg else masks)
+    # The SR carries notes, as the node's do (Qualitative Evaluations, outside the groups).
+    notes = ("Patient Orientation (0020,0020) L\\F is the model's: image used as stored.",)
     return _write(
-        series, masks, seg_masks, package, folder, orthanc, strip_sr_geometry=strip_sr_geometry
+        series,
+        masks,
+        seg_masks,
+        package,
+        folder,
+        orthanc,
+        strip_sr_geometry=strip_sr_geometry,
+        notes=notes,
     )
 
 
-def ct_study(folder: Path, orthanc: DicomWebOrthanc) -> Study:
-    """A synthetic 8-slice CT; two segments that no flip or shift maps onto themselves."""
+def ct_study(folder: Path, orthanc: DicomWebOrthanc, *, nothing_found: bool = False) -> Study:
+    """A synthetic 8-slice CT; two segments that no flip or shift maps onto themselves (or,
+    with ``nothing_found``, two empty segments: an SR of notes only)."""
     datasets = sorted(ct_series(), key=lambda ds: float(ds.ImagePositionPatient[2]))
     hu = np.stack([ds.pixel_array.astype(np.float32) - 1024.0 for ds in datasets])
     series = ImageSeries(
@@ -156,6 +168,8 @@ def ct_study(folder: Path, orthanc: DicomWebOrthanc) -> Study:
     second = np.zeros_like(body)
     second[2:6] = ((rr - 44) ** 2 + (cc - 46) ** 2 <= 36)[None]  # a disc at lower right
     masks = np.stack([first, second], axis=-1)
+    if nothing_found:
+        masks = np.zeros_like(masks)
     package = write_package(
         folder / "package", CT_STRUCTURES, ["volume"], dims=3, name="abdomen-ct", version="0.3.1"
     )
@@ -287,3 +301,19 @@ def test_an_sr_without_geometry_breaks_ohif(
         STEP_TIMEOUT_S,
         "OHIF's TypeError on an SR without geometry",
     )
+
+
+def test_an_sr_of_nothing_found_opens_and_draws_the_region_analysed(
+    viewer: Viewer,
+    viewer_server: ViewerServer,
+    orthanc_dicomweb: DicomWebOrthanc,
+    tmp_path: Path,
+) -> None:
+    """No structure found: the SR's one group is the region analysed (the image border) with
+    every structure Absent. OHIF's SR viewport breaks on a report with no drawable group
+    ("Cannot destructure property 'displaySetInstanceUID' of 'measurement'"); this opens
+    and draws the border in place."""
+    study = ct_study(tmp_path, orthanc_dicomweb, nothing_found=True)
+    (polyline,) = sr_polylines(pydicom.dcmread(study.sr_path))
+    assert len(polyline[1]) == 5  # the closed border of the image
+    sr_check(viewer, viewer_server, study, measurements=1)
