@@ -13,13 +13,8 @@ it knows.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -27,8 +22,9 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
 from dicom_node.models.random_package import CHEST_STRUCTURES, KNOWN_STRUCTURES
-from tests.conftest import NodeProcess, free_port, require_tool, wait_for, wait_port
+from tests.conftest import NodeProcess, free_port, wait_for
 from tests.factories import JSRT, ct_series, jsrt_dx
+from tests.orthanc import OrthancProcess
 
 pytestmark = pytest.mark.peers
 
@@ -36,88 +32,29 @@ ORTHANC_AET = "ORTHANC"
 NODE_AET = "DICOMNODE"
 
 
-class Orthanc:
-    """An Orthanc process with a config of its own; talks to it over its REST API."""
+class Orthanc(OrthancProcess):
+    """Orthanc as the PACS: no plugins, stores only from the node, which it knows as a modality."""
 
     def __init__(self, folder: Path, node_port: int) -> None:
-        self.folder = folder
-        self.node_port = node_port
-        self.http_port = free_port()
-        self.dicom_port = free_port()
-        self.stderr = folder / "orthanc.stderr"
-        self.config = folder / "orthanc.json"
-        self.proc: subprocess.Popen[bytes] | None = None
-        folder.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(
-            json.dumps(
-                {
-                    "Name": "dicom-node-tests",
-                    "StorageDirectory": str(folder / "storage"),
-                    "IndexDirectory": str(folder / "index"),
-                    "Plugins": [],
-                    "HttpPort": self.http_port,
-                    "RemoteAccessAllowed": False,
-                    "AuthenticationEnabled": False,
-                    "DicomPort": self.dicom_port,
-                    "DicomAet": ORTHANC_AET,
-                    "DicomCheckCalledAet": True,
-                    "DicomAlwaysAllowStore": False,  # only the modalities below may C-STORE
-                    "DicomModalities": {"node": [NODE_AET, "127.0.0.1", node_port]},
-                    "ConcurrentJobs": 1,
-                },
-                indent=2,
-            )
+        super().__init__(
+            folder,
+            {
+                "Name": "dicom-node-tests",
+                "Plugins": [],
+                "DicomAet": ORTHANC_AET,
+                "DicomCheckCalledAet": True,
+                "DicomAlwaysAllowStore": False,  # only the modalities below may C-STORE
+                "DicomModalities": {"node": [NODE_AET, "127.0.0.1", node_port]},
+                "ConcurrentJobs": 1,
+            },
         )
+        self.node_port = node_port
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self) -> Orthanc:
-        exe = require_tool("Orthanc")
-        with self.stderr.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [exe, str(self.config)], cwd=self.folder, stdout=err, stderr=subprocess.STDOUT
-            )
-
-        def api_up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                pytest.fail(f"Orthanc exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                return self.get("/system")["DicomAet"] == ORTHANC_AET
-            except (urllib.error.URLError, ConnectionError):
-                return False
-
-        wait_for(api_up, 30, "Orthanc's REST API")
-        wait_port(self.dicom_port)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-            self.proc = None
-
-    def log(self) -> str:
-        return self.stderr.read_text(errors="replace")[-4000:]
-
-    def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        request = urllib.request.Request(self.url + path, data=body, method=method)
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return bytes(response.read())
-
-    def get(self, path: str) -> Any:
-        return json.loads(self._request("GET", path))
-
-    def post(self, path: str, body: bytes) -> Any:
-        return json.loads(self._request("POST", path, body))
+    def ready(self) -> bool:
+        return bool(self.get("/system")["DicomAet"] == ORTHANC_AET)
 
     def file(self, instance_id: str) -> Dataset:
-        return dcmread(DicomBytesIO(self._request("GET", f"/instances/{instance_id}/file")))
+        return dcmread(DicomBytesIO(self.request("GET", f"/instances/{instance_id}/file")))
 
 
 @pytest.fixture(scope="module")

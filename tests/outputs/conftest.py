@@ -174,19 +174,24 @@ def jsrt_case() -> tuple[ImageSeries, np.ndarray]:
     return series, masks
 
 
-@pytest.fixture(scope="session")
-def ct_case() -> tuple[ImageSeries, np.ndarray]:
-    """A synthetic CT (8 x 64 x 64) sorted along z; liver = the bright ellipsoid, kidney empty."""
+def ct_volume_series() -> ImageSeries:
+    """The synthetic CT of :func:`tests.factories.ct_series` (8 x 64 x 64, 0.8 x 0.8 x 2.5 mm)
+    as the loader makes it: sorted along z, in HU."""
     datasets = sorted(ct_series(), key=lambda ds: float(ds.ImagePositionPatient[2]))
-    hu = np.stack([ds.pixel_array.astype(np.float32) - 1024.0 for ds in datasets])
-    series = ImageSeries(
+    return ImageSeries(
         datasets=tuple(datasets),
-        pixels=hu,
+        pixels=np.stack([ds.pixel_array.astype(np.float32) - 1024.0 for ds in datasets]),
         pixel_spacing_mm=(0.8, 0.8),
         spacing_source="PixelSpacing",
         slice_spacing_mm=2.5,
         is_projection=False,
     )
-    liver = hu > -500.0
+
+
+@pytest.fixture(scope="session")
+def ct_case() -> tuple[ImageSeries, np.ndarray]:
+    """A synthetic CT (8 x 64 x 64) sorted along z; liver = the bright ellipsoid, kidney empty."""
+    series = ct_volume_series()
+    liver = series.pixels > -500.0
     masks = np.stack([liver, np.zeros_like(liver)], axis=-1)
     return series, masks

@@ -18,7 +18,7 @@ from dicom_node.outputs.seg import build_seg, frame_segment_number
 from dicom_node.outputs.sr import CARDIOTHORACIC_RATIO, PRIVATE_SCHEME, build_sr
 from dicom_node.outputs.validate import dciodvfy_errors, dciodvfy_path
 from dicom_node.uids import output_uids
-from tests.factories import SHARED_DATA, ct_series
+from tests.factories import SHARED_DATA
 
 REFERENCE = SHARED_DATA / "reference"
 
@@ -431,23 +431,12 @@ def test_nothing_found_gives_a_report_that_says_so(  # type: ignore[no-untyped-d
 ) -> None:
     """No structure found: one TID 1410 group, the region analysed (the image border) with
     each structure's type Absent, and notes that name what was not found; valid."""
-    from tests.outputs.conftest import CT_STRUCTURES, ct_slice_series
+    from tests.outputs.conftest import CT_STRUCTURES, ct_slice_series, ct_volume_series
 
     package = make_package(
         CT_STRUCTURES, ["area" if slices == 1 else "volume"], dims=2, name="ct-slice"
     )
-    if slices == 1:
-        series = ct_slice_series()
-    else:
-        datasets = sorted(ct_series(), key=lambda ds: float(ds.ImagePositionPatient[2]))
-        series = ImageSeries(
-            datasets=tuple(datasets),
-            pixels=np.stack([ds.pixel_array.astype(np.float32) for ds in datasets]),
-            pixel_spacing_mm=(0.8, 0.8),
-            spacing_source="PixelSpacing",
-            slice_spacing_mm=2.5,
-            is_projection=False,
-        )
+    series = ct_slice_series() if slices == 1 else ct_volume_series()
     masks = np.zeros((*series.shape, 2), dtype=bool)
     out = make_outputs(series, masks, package, tmp_path)
     content = pydicom.dcmread(out.path).ContentSequence

@@ -14,18 +14,14 @@ Each ``require_*`` skips the test when its peer is missing, or fails it under ``
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, REQUIRE_PEERS, free_port, require_tool, wait_for, wait_port
+from tests.conftest import REPO, REQUIRE_PEERS, require_tool
+from tests.orthanc import OrthancProcess
 
 #: The OHIF release the tests run (``npm pack @ohif/app@OHIF_VERSION``); the Makefile agrees.
 OHIF_VERSION = "3.13.2"
@@ -77,82 +73,27 @@ def require_chromium() -> str:
     return require_tool(CHROMIUM)
 
 
-class DicomWebOrthanc:
+class DicomWebOrthanc(OrthancProcess):
     """Orthanc with only the DICOMweb plugin, on loopback; instances are uploaded over REST."""
 
+    WHAT = "Orthanc with its DICOMweb plugin"
+
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.http_port = free_port()
-        self.dicom_port = free_port()
-        self.log_file = folder / "orthanc.log"
-        self.config = folder / "orthanc.json"
-        self.proc: subprocess.Popen[bytes] | None = None
-        folder.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(
-            json.dumps(
-                {
-                    "Name": "dicom-node-viewer-tests",
-                    "StorageDirectory": str(folder / "storage"),
-                    "IndexDirectory": str(folder / "index"),
-                    "Plugins": [str(require_dicomweb_plugin())],
-                    "HttpPort": self.http_port,
-                    "RemoteAccessAllowed": False,
-                    "AuthenticationEnabled": False,
-                    "DicomPort": self.dicom_port,
-                    "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-                },
-                indent=2,
-            )
+        super().__init__(
+            folder,
+            {
+                "Name": "dicom-node-viewer-tests",
+                "Plugins": [str(require_dicomweb_plugin())],
+                "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            },
         )
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self) -> DicomWebOrthanc:
-        exe = require_tool("Orthanc")
-        with self.log_file.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [exe, str(self.config)], cwd=self.folder, stdout=log, stderr=subprocess.STDOUT
-            )
-
-        def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                pytest.fail(f"Orthanc exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                return "dicom-web" in self.get("/plugins")
-            except (urllib.error.URLError, ConnectionError):
-                return False
-
-        wait_for(up, 30, "Orthanc with its DICOMweb plugin")
-        wait_port(self.dicom_port)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-            self.proc = None
-
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace")[-4000:]
-
-    def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        request = urllib.request.Request(self.url + path, data=body, method=method)
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return bytes(response.read())
-
-    def get(self, path: str) -> Any:
-        return json.loads(self._request("GET", path))
+    def ready(self) -> bool:
+        return "dicom-web" in self.get("/plugins")
 
     def upload(self, file: Path) -> str:
         """POST a Part 10 file to ``/instances``; returns Orthanc's instance id."""
-        answer = json.loads(self._request("POST", "/instances", file.read_bytes()))
-        return str(answer["ID"])
+        return str(self.post("/instances", file.read_bytes())["ID"])
 
 
 def new_user_data_dir() -> str:

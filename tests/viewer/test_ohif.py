@@ -27,10 +27,11 @@ from dicom_node.outputs.seg import build_seg
 from dicom_node.outputs.sr import build_sr
 from dicom_node.uids import output_uids
 from tests.conftest import require_shared_data, wait_for
-from tests.factories import JSRT, ct_series, dx_from_array, jsrt_mask, write_files
+from tests.factories import JSRT, dx_from_array, jsrt_mask, write_files
 from tests.outputs.conftest import (
     CHEST_STRUCTURES,
     CT_STRUCTURES,
+    ct_volume_series,
     projection_series,
     write_package,
 )
@@ -151,16 +152,8 @@ def dx_study(
 def ct_study(folder: Path, orthanc: DicomWebOrthanc, *, nothing_found: bool = False) -> Study:
     """A synthetic 8-slice CT; two segments that no flip or shift maps onto themselves (or,
     with ``nothing_found``, two empty segments: an SR of notes only)."""
-    datasets = sorted(ct_series(), key=lambda ds: float(ds.ImagePositionPatient[2]))
-    hu = np.stack([ds.pixel_array.astype(np.float32) - 1024.0 for ds in datasets])
-    series = ImageSeries(
-        datasets=tuple(datasets),
-        pixels=hu,
-        pixel_spacing_mm=(0.8, 0.8),
-        spacing_source="PixelSpacing",
-        slice_spacing_mm=2.5,
-        is_projection=False,
-    )
+    series = ct_volume_series()
+    hu = series.pixels
     _, rows, cols = hu.shape
     rr, cc = np.mgrid[0:rows, 0:cols]
     body = hu > -500.0
