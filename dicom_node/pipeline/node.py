@@ -109,7 +109,7 @@ class Node:
         prepare_storage(settings.storage_dir)
         self._lock_file = self._take_lock()
         self.db = Database(settings.database_path)
-        self.audit = AuditLog(settings.audit_path)
+        self.audit = AuditLog(settings.audit_path, settings.audit_key_file, head=self.db)
         self.wake = threading.Event()  # scheduler: an association ended or a job finished
         self.work = threading.Event()  # workers: a job was queued
         self.stopping = threading.Event()
