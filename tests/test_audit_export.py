@@ -216,3 +216,39 @@ def test_udp_delivery(tmp_path: Path, parts: tuple[AuditLog, Database]) -> None:
     finally:
         exporter.stop()
         repository.stop()
+
+
+@pytest.mark.peers
+def test_a_node_exports_its_trail_and_keeps_the_head(tmp_path: Path) -> None:
+    from dicom_node.audit import HEAD, load_key, verify
+    from dicom_node.pipeline.node import Node
+
+    port = free_port()
+    repository = RSyslog(tmp_path, "tcp", port)
+    repository.start()
+    settings = parse_settings(
+        {
+            "port": free_port(),
+            "bind_address": "127.0.0.1",
+            "storage_dir": str(tmp_path / "var"),
+            "device": "cpu",
+            "audit": {
+                "key_file": str(tmp_path / "keys" / "audit.key"),
+                "syslog": {"host": "127.0.0.1", "port": port, "transport": "tcp"},
+            },
+        }
+    )
+    node = Node(settings)
+    try:
+        node.start()
+        node.stop()
+        wait_for(lambda: repository.sequence_numbers() == [1, 2], 20, "start and stop exported")
+    finally:
+        repository.stop()
+    db = Database(settings.database_path)
+    head = db.audit_mark(HEAD)
+    db.close()
+    assert head is not None and head[0] == 2
+    key = load_key(tmp_path / "keys" / "audit.key", create=False)
+    assert not (settings.storage_dir / "audit.key").exists()
+    assert verify(settings.audit_path, key, head, check_head=True).ok
