@@ -316,11 +316,11 @@ class AuditLog:
             line = json.dumps({**body, "hash": digest, "hmac": _mac(self._key, digest)})
             self._append((line + "\n").encode())
             self._seq, self._prev = body["seq"], digest
-        if self._head is not None:
-            try:
-                self._head.set_audit_mark(HEAD, body["seq"], digest)
-            except Exception as exc:  # noqa: BLE001 - the record is written; the head lags
-                log.warning("audit.head_not_saved", error=type(exc).__name__)
+            if self._head is not None:  # under the lock: the head never goes backwards
+                try:
+                    self._head.set_audit_mark(HEAD, body["seq"], digest)
+                except Exception as exc:  # noqa: BLE001 - the record is written; the head lags
+                    log.warning("audit.head_not_saved", error=type(exc).__name__)
         self.appended.set()
 
     def _append(self, data: bytes) -> None:

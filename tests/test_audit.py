@@ -231,3 +231,17 @@ def test_cli_verify_names_the_lines_and_fails(
     out = capsys.readouterr().out
     assert "line 4: torn: incomplete last record" in out
     assert "log (seq 8): head: the log ends at seq 3" in out
+
+
+def test_records_from_many_threads_keep_one_chain_and_head(tmp_path: Path, db: Database) -> None:
+    import threading
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, head=db)
+    threads = [threading.Thread(target=fill, args=(log, 25)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert db.audit_mark(HEAD) == (200, read_events(path)[-1]["hash"])
+    assert checks(path, db) == []
