@@ -5,9 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Real peers from Debian's packages, used by the tests and benchmarks.
-PEERS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl chromium:chromium
+PEERS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl chromium:chromium rsyslogd:rsyslog
 # Peers that are files, not commands: Orthanc's DICOMweb plugin (for the OHIF viewer tests).
-PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
+# rsyslog's TLS driver (the audit repository of the audit export tests).
+PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb \
+  /usr/lib/*/rsyslog/lmnsd_gtls.so:rsyslog-gnutls
 # The OHIF viewer's prebuilt dist/ (npm package @ohif/app), cached outside git.
 OHIF_VERSION := 3.13.2
 OHIF_DIR := .cache/ohif/$(OHIF_VERSION)

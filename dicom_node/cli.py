@@ -210,17 +210,32 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from dicom_node.audit import verify
+    """Check every record; print each failed check with its line, sequence and reason."""
+    from dicom_node.audit import HEAD, load_key, verify
+    from dicom_node.store.database import Database
 
     settings = load_settings(args.config)
-    n, problems = verify(settings.audit_path)
-    for p in problems:
-        print(p)
+    key = load_key(settings.audit_key_file, create=False)
+    head = None
+    if settings.database_path.exists():
+        db = Database(settings.database_path)
+        try:
+            head = db.audit_mark(HEAD)
+        finally:
+            db.close()
+    report = verify(settings.audit_path, key, head, check_head=settings.database_path.exists())
+    for problem in report.problems:
+        print(problem)
+    for note in report.notes:
+        print(f"note: {note}")
+    if key is None:
+        print(f"note: no key file at {settings.audit_key_file}: HMACs not checked")
     print(
-        f"{settings.audit_path}: {n} record(s), "
-        + ("chain intact" if not problems else f"{len(problems)} problem(s)")
+        f"{settings.audit_path}: {report.records} record(s), {report.keyed} keyed, "
+        + ("chain intact" if report.ok else f"{len(report.problems)} problem(s)")
+        + (f", head at seq {head[0]}" if head else "")
     )
-    return 1 if problems else 0
+    return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

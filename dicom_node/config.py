@@ -86,6 +86,32 @@ class SendPolicy:
 
 
 @dataclass(frozen=True)
+class SyslogSettings:
+    """An audit repository (IHE ATNA) that receives every audit record as RFC 5424 syslog.
+
+    ``transport``: ``tls`` (RFC 5425, ``ca_file`` required; ``cert_file`` + ``key_file`` for
+    mutual TLS), ``tcp`` (RFC 6587 octet counting, no encryption: a trusted network only) or
+    ``udp`` (RFC 5426: no delivery guarantee).
+    """
+
+    host: str
+    port: int
+    transport: str = "tls"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """``audit:``: the HMAC key of the audit trail and the optional syslog export."""
+
+    #: Default ``<storage_dir>/audit.key``; a site should keep it on another volume.
+    key_file: Path | None = None
+    syslog: SyslogSettings | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole node configuration. Build it with :func:`load_settings`."""
 
@@ -112,6 +138,7 @@ class Settings:
     log_level: str = "info"
     job_lease_s: float = 600.0
     max_job_attempts: int = 3
+    audit: AuditSettings = AuditSettings()
 
     @property
     def spool_dir(self) -> Path:
@@ -128,6 +155,10 @@ class Settings:
     @property
     def audit_path(self) -> Path:
         return self.storage_dir / "audit.jsonl"
+
+    @property
+    def audit_key_file(self) -> Path:
+        return self.audit.key_file or self.storage_dir / "audit.key"
 
 
 #: Series-level attributes the index keeps for routing; ``routes[].match`` may use these.
@@ -313,6 +344,52 @@ def _tls(doc: Any, base: Path, where: str, required: tuple[str, ...]) -> TLSSett
     return TLSSettings(paths["cert_file"], paths["key_file"], paths["ca_file"])
 
 
+_SYSLOG_TRANSPORTS = ("tls", "tcp", "udp")
+
+
+def _audit(doc: Any, base: Path) -> AuditSettings:
+    """``audit: {key_file, syslog: {host, port, transport, ca_file, cert_file, key_file}}``."""
+    doc = _mapping(doc or {}, "audit")
+    unknown = set(doc) - {"key_file", "syslog"}
+    if unknown:
+        raise ConfigError(f"audit: unknown key(s) {', '.join(sorted(unknown))}")
+    key_file = None
+    if doc.get("key_file") is not None:
+        key_file = Path(str(doc["key_file"]))
+        key_file = key_file if key_file.is_absolute() else base / key_file
+    syslog = None
+    if doc.get("syslog") is not None:
+        item = _mapping(doc["syslog"], "audit.syslog")
+        known = {"host", "port", "transport", "ca_file", "cert_file", "key_file"}
+        if set(item) - known:
+            raise ConfigError(
+                f"audit.syslog: unknown key(s) {', '.join(sorted(set(item) - known))}"
+            )
+        for required in ("host", "port"):
+            if required not in item:
+                raise ConfigError(f"audit.syslog.{required}: missing")
+        transport = _choice(
+            item.get("transport", "tls"), "audit.syslog.transport", _SYSLOG_TRANSPORTS
+        )
+        tls = _tls(
+            {k: item[k] for k in ("ca_file", "cert_file", "key_file") if k in item} or None,
+            base,
+            "audit.syslog",
+            ("ca_file",) if transport == "tls" else (),
+        )
+        if transport == "tls" and tls is None:
+            raise ConfigError("audit.syslog.ca_file: missing; the CA of the audit repository")
+        syslog = SyslogSettings(
+            host=str(item["host"]),
+            port=_port(item["port"], "audit.syslog.port"),
+            transport=transport,
+            ca_file=tls.ca_file if tls else None,
+            cert_file=tls.cert_file if tls else None,
+            key_file=tls.key_file if tls else None,
+        )
+    return AuditSettings(key_file=key_file, syslog=syslog)
+
+
 def parse_settings(doc: Any, base: Path | None = None) -> Settings:
     """Validate a parsed YAML document into :class:`Settings`.
 
@@ -401,6 +478,7 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         max_job_attempts=_number(
             doc.get("max_job_attempts", 3), "max_job_attempts", minimum=1, integer=True
         ),
+        audit=_audit(doc.get("audit"), base),
     )
 
 

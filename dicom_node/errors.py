@@ -26,3 +26,11 @@ class NotApplicableError(InputError):
 
 class StartupError(DicomNodeError):
     """The node cannot start here: a storage folder it cannot write, a port it cannot bind."""
+
+
+class AuditWriteError(DicomNodeError):
+    """An audit record could not be written whole (full disk, I/O error).
+
+    The access it would have recorded must not happen: the receiver aborts the association or
+    refuses the C-STORE with Out of Resources (0xA700). Free space on ``storage_dir``.
+    """

@@ -32,7 +32,7 @@ from dicom_node.audit import (
     Participants,
 )
 from dicom_node.config import ROUTING_KEYWORDS, Settings
-from dicom_node.errors import ConfigError
+from dicom_node.errors import AuditWriteError, ConfigError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.net.status import StoreStatus
 from dicom_node.net.syntaxes import ACCEPTED
@@ -284,14 +284,20 @@ class Receiver:
     def _on_accepted(self, event: Event) -> None:
         state = self._assoc(event)
         self.metrics.associations.labels("accepted").inc()
-        self.audit.record(
-            AuditEvent.USER_AUTHENTICATION,
-            AuditAction.EXECUTE,
-            AuditOutcome.SUCCESS,
-            state.who,
-            event_type=AuditEventType.LOGIN,
-            association_id=state.id,
-        )
+        try:
+            self.audit.record(
+                AuditEvent.USER_AUTHENTICATION,
+                AuditAction.EXECUTE,
+                AuditOutcome.SUCCESS,
+                state.who,
+                event_type=AuditEventType.LOGIN,
+                association_id=state.id,
+            )
+        except AuditWriteError:
+            # No access without its audit record (docs/security.md): A-ABORT before any DIMSE.
+            log.error("association.aborted_unaudited", association_id=state.id)
+            event.assoc.abort()
+            return
         log.info("association.accepted", association_id=state.id, calling_ae=state.who.calling_ae)
 
     def _on_rejected(self, event: Event) -> None:
@@ -336,6 +342,15 @@ class Receiver:
         except Exception as exc:  # noqa: BLE001 - network input: any decode failure is a refusal
             log.warning("store.undecodable", association_id=state.id, error=type(exc).__name__)
             return self._refuse(StoreStatus.CANNOT_UNDERSTAND, "dataset cannot be decoded")
+        with self._lock:
+            first = (patient_id, study_uid) not in state.studies
+        if first:
+            # Audited before the instance is kept and before the first Success of a study on
+            # this association; no record, no access: refused. The count follows at close.
+            try:
+                self._audit_received(state, patient_id, study_uid, phase="receiving")
+            except AuditWriteError:
+                return self._refuse(StoreStatus.OUT_OF_RESOURCES, "cannot write the audit trail")
         path = instance_path(self.settings.spool_dir, study_uid, series_uid, sop_uid)
         try:
             durable_write(path, event.encoded_dataset(include_meta=True))
@@ -357,14 +372,7 @@ class Receiver:
             log.error("store.index_failed", association_id=state.id, error=type(exc).__name__)
             return self._refuse(StoreStatus.OUT_OF_RESOURCES, "cannot index the instance now")
         with self._lock:
-            key = (patient_id, study_uid)
-            first = key not in state.studies
-            state.studies[key] += 1
-        if first:
-            # Audited before the first Success of a study on this association, so a node
-            # killed before the association ends still has the transfer on record; the count
-            # follows when the association closes.
-            self._audit_received(state, patient_id, study_uid, phase="receiving")
+            state.studies[(patient_id, study_uid)] += 1
         self.metrics.instances_received.inc()
         return int(StoreStatus.SUCCESS)
 
@@ -401,9 +409,12 @@ class Receiver:
         if state is None:
             return
         for (patient_id, study_uid), count in state.studies.items():
-            self._audit_received(
-                state, patient_id, study_uid, phase="association closed", instances=count
-            )
+            try:
+                self._audit_received(
+                    state, patient_id, study_uid, phase="association closed", instances=count
+                )
+            except AuditWriteError:  # the transfer is on record ("receiving"); go on
+                log.error("association.close_unaudited", association_id=state.id)
         if state.studies:
             self.db.association_released(state.id)
             if self.on_release is not None:

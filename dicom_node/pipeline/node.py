@@ -29,6 +29,7 @@ from dicom_node.audit import (
     AuditOutcome,
     Participants,
 )
+from dicom_node.audit_export import SyslogExporter
 from dicom_node.config import Settings
 from dicom_node.errors import DicomNodeError, StartupError
 from dicom_node.metrics import NodeMetrics
@@ -109,7 +110,7 @@ class Node:
         prepare_storage(settings.storage_dir)
         self._lock_file = self._take_lock()
         self.db = Database(settings.database_path)
-        self.audit = AuditLog(settings.audit_path)
+        self.audit = AuditLog(settings.audit_path, settings.audit_key_file, head=self.db)
         self.wake = threading.Event()  # scheduler: an association ended or a job finished
         self.work = threading.Event()  # workers: a job was queued
         self.stopping = threading.Event()
@@ -124,6 +125,11 @@ class Node:
         )
         self.retention = Retention(settings, self.db, self.audit)
         self.worker = Worker(settings, self.db, self.audit, self.device, self.metrics)
+        self.audit_export = (
+            SyslogExporter(settings.audit.syslog, self.audit, self.db, settings.ae_title)
+            if settings.audit.syslog is not None
+            else None
+        )
         self._threads: list[threading.Thread] = []
 
     def _take_lock(self) -> IO[str]:
@@ -167,6 +173,8 @@ class Node:
             Participants(called_ae=self.settings.ae_title),
             event_type=AuditEventType.APPLICATION_START,
         )
+        if self.audit_export is not None:
+            self.audit_export.start()
         self._spawn("scheduler", self._schedule)
         for i in range(self.settings.workers):
             self._spawn(f"worker-{i}", self._work)
@@ -226,6 +234,8 @@ class Node:
             Participants(called_ae=self.settings.ae_title),
             event_type=AuditEventType.APPLICATION_STOP,
         )
+        if self.audit_export is not None:
+            self.audit_export.stop()
         self.db.close()
         self._lock_file.close()
         log.info("node.stopped")

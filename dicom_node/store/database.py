@@ -66,6 +66,11 @@ CREATE TABLE IF NOT EXISTS sends (
     UNIQUE (job_id, destination, sop_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS sends_state ON sends(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS audit_head (
+    name TEXT PRIMARY KEY,  -- 'head': last record written; 'export:<host>:<port>': last sent
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
 """
 
 
@@ -148,6 +153,22 @@ class Database:
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return list(self._conn.execute(sql, params))
+
+    # -- audit anchors (dicom_node.audit) ---------------------------------------------------
+
+    def audit_mark(self, name: str) -> tuple[int, str] | None:
+        """``(seq, hash)`` stored under ``name`` in ``audit_head``, or None."""
+        rows = self._query("SELECT seq, hash FROM audit_head WHERE name = ?", (name,))
+        return (int(rows[0]["seq"]), str(rows[0]["hash"])) if rows else None
+
+    def set_audit_mark(self, name: str, seq: int, digest: str) -> None:
+        """Store ``(seq, digest)`` under ``name`` (the chain head or an export position)."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO audit_head (name, seq, hash) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                (name, seq, digest),
+            )
 
     # -- receive ---------------------------------------------------------------------------
 

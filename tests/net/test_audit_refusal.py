@@ -1,0 +1,94 @@
+"""No access without its audit record: a full disk under the audit log refuses, never Success.
+
+Real associations on loopback; the audit log's write is made to fail as on a full disk
+(ENOSPC), after half the record reached the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE, StoragePresentationContexts
+
+import dicom_node.audit as audit_module
+from dicom_node.audit import AuditLog, read_events, verify
+from dicom_node.config import parse_settings
+from dicom_node.net.receiver import Receiver
+from dicom_node.net.status import StoreStatus
+from dicom_node.store.database import Database
+from tests.conftest import free_port
+from tests.factories import ct_series
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    settings = parse_settings(
+        {"ae_title": "DICOMNODE", "port": free_port(), "storage_dir": str(tmp_path / "node")},
+        base=tmp_path,
+    )
+    settings.storage_dir.mkdir(parents=True)
+    db = Database(settings.database_path)
+    node = Receiver(settings, db, AuditLog(settings.audit_path, head=db))
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+        db.close()
+
+
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    def half_then_enospc(fd: int, data: bytes) -> int:
+        audit_module.os.write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audit_module, "_write", half_then_enospc)
+
+
+def associate(port: int) -> object:
+    ae = AE(ae_title="MODALITY")
+    ae.requested_contexts = StoragePresentationContexts
+    return ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+
+
+def test_an_unaudited_association_is_aborted(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full_disk(monkeypatch)
+    assoc = associate(receiver.settings.port)
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.02)
+    assert assoc.is_aborted  # type: ignore[attr-defined]
+    assert list(receiver.settings.spool_dir.rglob("*.dcm")) == []
+    assert read_events(receiver.settings.audit_path) == []
+    assert receiver.settings.audit_path.read_bytes() == b""  # nothing torn left behind
+
+
+def test_an_unaudited_c_store_is_refused_with_out_of_resources(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    series = ct_series(3, 16, 16)
+    assoc = associate(receiver.settings.port)
+    assert assoc.is_established  # type: ignore[attr-defined]
+    full_disk(monkeypatch)  # the disk fills after the association was audited
+    try:
+        statuses = [assoc.send_c_store(ds).Status for ds in series]  # type: ignore[attr-defined]
+    finally:
+        assoc.release()  # type: ignore[attr-defined]
+    assert statuses == [StoreStatus.OUT_OF_RESOURCES] * 3
+    assert list(receiver.settings.spool_dir.rglob("*.dcm")) == []
+    monkeypatch.undo()
+    events = read_events(receiver.settings.audit_path)
+    assert [e["event_id"]["meaning"] for e in events] == ["User Authentication"]
+    assert verify(receiver.settings.audit_path).ok
+
+    # Space is back: the next association is audited and stored.
+    assoc = associate(receiver.settings.port)
+    assert assoc.send_c_store(series[0]).Status == StoreStatus.SUCCESS  # type: ignore[attr-defined]
+    assoc.release()  # type: ignore[attr-defined]
+    assert verify(receiver.settings.audit_path).ok
