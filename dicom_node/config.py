@@ -112,6 +112,32 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Bounds on what a peer can hold: connections, time, memory and disk (``limits:``).
+
+    See docs/security.md, "Connections and memory", for what each bound protects.
+    """
+
+    #: Seconds a connection may stay silent: before its A-ASSOCIATE-RQ, between PDUs, and
+    #: between two reads inside a PDU.
+    idle_timeout_s: float = 30.0
+    #: Inside a PDU, after the first ``idle_timeout_s``, the peer must keep up this rate.
+    min_bytes_per_s: int = 1024
+    #: Associations admitted at once (A-ASSOCIATE-RJ, transient, local limit exceeded, beyond).
+    max_associations: int = 32
+    #: Of ``max_associations``, kept for C-ECHO-only associations and ``allowed_callers``.
+    reserved_associations: int = 4
+    #: Concurrent connections from one host, and associations of one calling AE title.
+    max_associations_per_peer: int = 8
+    #: Open TCP connections at once, associated or not; further ones are closed at accept.
+    max_connections: int = 128
+    #: Largest data set of one C-STORE; a larger one is cut (A-ABORT) or refused (0xA700).
+    max_instance_bytes: int = 2 * 1024**3
+    #: Below this free space on ``storage_dir`` (or the temp folder) C-STOREs are refused.
+    min_free_disk_bytes: int = 1024**3
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole node configuration. Build it with :func:`load_settings`."""
 
@@ -139,6 +165,7 @@ class Settings:
     job_lease_s: float = 600.0
     max_job_attempts: int = 3
     audit: AuditSettings = AuditSettings()
+    limits: Limits = Limits()
 
     @property
     def spool_dir(self) -> Path:
@@ -390,6 +417,45 @@ def _audit(doc: Any, base: Path) -> AuditSettings:
     return AuditSettings(key_file=key_file, syslog=syslog)
 
 
+def _limits(doc: Any) -> Limits:
+    """``limits:``: every key optional, each a number within its range."""
+    doc = _mapping(doc if doc is not None else {}, "limits")
+    unknown = set(doc) - set(Limits.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"limits: unknown key(s) {', '.join(sorted(unknown))}")
+    d = Limits()
+
+    def integer(key: str, minimum: int) -> int:
+        value: int = _number(
+            doc.get(key, getattr(d, key)), f"limits.{key}", minimum=minimum, integer=True
+        )
+        return value
+
+    limits = Limits(
+        idle_timeout_s=_number(
+            doc.get("idle_timeout_s", d.idle_timeout_s), "limits.idle_timeout_s", minimum=0.1
+        ),
+        min_bytes_per_s=integer("min_bytes_per_s", 1),
+        max_associations=integer("max_associations", 1),
+        reserved_associations=integer("reserved_associations", 0),
+        max_associations_per_peer=integer("max_associations_per_peer", 1),
+        max_connections=integer("max_connections", 1),
+        max_instance_bytes=integer("max_instance_bytes", 1024),
+        min_free_disk_bytes=integer("min_free_disk_bytes", 0),
+    )
+    if limits.reserved_associations >= limits.max_associations:
+        raise ConfigError(
+            f"limits.reserved_associations: {limits.reserved_associations} must be less than "
+            f"limits.max_associations ({limits.max_associations})"
+        )
+    if limits.max_connections < limits.max_associations:
+        raise ConfigError(
+            f"limits.max_connections: {limits.max_connections} must be at least "
+            f"limits.max_associations ({limits.max_associations})"
+        )
+    return limits
+
+
 def parse_settings(doc: Any, base: Path | None = None) -> Settings:
     """Validate a parsed YAML document into :class:`Settings`.
 
@@ -479,6 +545,7 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
             doc.get("max_job_attempts", 3), "max_job_attempts", minimum=1, integer=True
         ),
         audit=_audit(doc.get("audit"), base),
+        limits=_limits(doc.get("limits")),
     )
 
 

@@ -211,3 +211,21 @@ def test_two_routes_of_one_name_are_refused(tmp_path: Path) -> None:
         ConfigError, match=r"routes\[1\].name: 'r' is already the name of routes\[0\]"
     ):
         parse_settings(doc)
+
+
+def test_limits_have_documented_defaults_and_are_validated() -> None:
+    limits = parse_settings({}).limits
+    assert (limits.idle_timeout_s, limits.min_bytes_per_s) == (30.0, 1024)
+    assert (limits.max_associations, limits.reserved_associations) == (32, 4)
+    assert (limits.max_associations_per_peer, limits.max_connections) == (8, 128)
+    assert parse_settings({"limits": {"idle_timeout_s": 2}}).limits.idle_timeout_s == 2
+    for doc, message in [
+        ({"idle_timeout_s": 0}, r"limits.idle_timeout_s: 0 must be a number >= 0.1"),
+        ({"max_associations": 2.5}, r"limits.max_associations: 2.5 must be an integer"),
+        ({"reserved_associations": 32}, r"limits.reserved_associations: 32 must be less than"),
+        ({"max_connections": 8}, r"limits.max_connections: 8 must be at least"),
+        ({"max_instance_bytes": "big"}, r"limits.max_instance_bytes: 'big'"),
+        ({"slots": 1}, r"limits: unknown key\(s\) slots"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_settings({"limits": doc})

@@ -12,16 +12,19 @@ import threading
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from dicom_node.audit import (
     AuditAction,
@@ -34,16 +37,26 @@ from dicom_node.audit import (
 from dicom_node.config import ROUTING_KEYWORDS, Settings
 from dicom_node.errors import AuditWriteError, ConfigError
 from dicom_node.metrics import NodeMetrics
+from dicom_node.net import limits as net_limits
+from dicom_node.net.limits import (
+    REJECT_LOCAL_LIMIT,
+    Admission,
+    LimitedRequestHandler,
+    LimitedServer,
+)
 from dicom_node.net.status import StoreStatus
 from dicom_node.net.syntaxes import ACCEPTED
 from dicom_node.store.database import Database
-from dicom_node.store.spool import durable_write, instance_path
+from dicom_node.store.spool import durable_copy, instance_path
 from dicom_node.uids import is_valid_uid
 
 log = structlog.get_logger(__name__)
 
 #: Error Comment (0000,0902) is a Long String (LO): at most 64 characters.
 ERROR_COMMENT_MAX_CHARS = 64
+
+#: Values longer than this are not read into memory when a received instance is checked.
+DEFER_BYTES = 64 * 1024
 
 
 class RejectedInstance(Exception):
@@ -107,11 +120,20 @@ def check_instance(ds: Dataset, request: Any) -> None:
         )
     if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
         expected = expected_pixel_bytes(ds)
-        if expected is not None and len(ds.PixelData) < expected:
+        length = pixel_data_bytes(ds)
+        if expected is not None and length < expected:
             raise RejectedInstance(
                 StoreStatus.CANNOT_UNDERSTAND,
-                f"pixel data truncated ({len(ds.PixelData)} of {expected} bytes)",
+                f"pixel data truncated ({length} of {expected} bytes)",
             )
+
+
+def pixel_data_bytes(ds: Dataset) -> int:
+    """Length of Pixel Data (7FE0,0010) without reading it when its read was deferred."""
+    elem = ds.get_item(0x7FE00010, keep_deferred=True)
+    if isinstance(elem, RawDataElement) and elem.value is None:
+        return int(elem.length)
+    return len(ds.PixelData)
 
 
 def expected_pixel_bytes(ds: Dataset) -> int | None:
@@ -173,15 +195,21 @@ class Receiver:
         self.on_release = on_release
         self._assocs: dict[int, _Association] = {}
         self._lock = threading.Lock()
-        self.server: ThreadedAssociationServer | None = None
+        self.server: LimitedServer | None = None
+        self.admission = Admission(settings.limits, settings.allowed_callers)
 
     def _ae(self) -> AE:
+        limits = self.settings.limits
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = 1024 * 1024
-        ae.network_timeout = 60
-        ae.acse_timeout = 30
+        # Idle before the A-ASSOCIATE-RQ (ACSE) and between PDUs (network); reads inside a PDU
+        # are bounded by limits.BoundedSocket.
+        ae.network_timeout = limits.idle_timeout_s
+        ae.acse_timeout = limits.idle_timeout_s
         ae.dimse_timeout = 60
-        ae.maximum_associations = 32
+        # Connections are bounded by LimitedServer and associations by Admission; pynetdicom's
+        # own count (every open connection) must never be the tighter one.
+        ae.maximum_associations = limits.max_connections + 1
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
@@ -198,8 +226,13 @@ class Receiver:
         """The Called AE Titles the node answers to: ``ae_title`` and ``called_ae_titles``."""
         return (self.settings.ae_title, *self.settings.called_ae_titles)
 
-    def start(self) -> ThreadedAssociationServer:
-        """Start listening on ``bind_address:port`` in background threads."""
+    def start(self) -> LimitedServer:
+        """Start listening on ``bind_address:port`` in background threads.
+
+        Incoming data sets are written to a temp file as they arrive
+        (``pynetdicom._config.STORE_RECV_CHUNKED_DATASET``), never held in memory.
+        """
+        _config.STORE_RECV_CHUNKED_DATASET = True
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -208,13 +241,21 @@ class Receiver:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
-        server = self._ae().start_server(
+        ae = self._ae()
+        server = ae.make_server(
             (self.settings.bind_address, self.settings.port),
-            block=False,
             evt_handlers=handlers,
             ssl_context=self._ssl_context(),
+            server_class=LimitedServer,
+            request_handler=LimitedRequestHandler,
         )
-        assert server is not None  # block=False always returns the server
+        assert isinstance(server, LimitedServer)
+        server.configure(self.settings.limits, self.admission, self.settings.storage_dir)
+        thread = threading.Thread(
+            target=make_target(server.serve_forever), name="AcceptorServer", daemon=True
+        )
+        thread.start()
+        ae._servers.append(server)
         self.server = server
         log.info("receiver.listening", port=self.settings.port, ae_title=self.settings.ae_title)
         return server
@@ -263,9 +304,22 @@ class Receiver:
         pynetdicom then compares the request's Called AE Title with the acceptor's title
         (``require_called_aet``) and rejects any other, before any data is exchanged.
         """
-        called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "")).strip()
+        primitive = event.assoc.requestor.primitive
+        called = str(getattr(primitive, "called_ae_title", "")).strip()
         if called and called in self.settings.called_ae_titles:
             event.assoc.acceptor.ae_title = called
+        contexts = getattr(primitive, "presentation_context_definition_list", None) or []
+        echo_only = bool(contexts) and all(cx.abstract_syntax == Verification for cx in contexts)
+        calling = str(getattr(primitive, "calling_ae_title", "")).strip()
+        reason = self.admission.admit(
+            event.assoc, str(event.assoc.requestor.address), calling, echo_only
+        )
+        if reason is not None:
+            # A-ASSOCIATE-RJ rejected-transient, service-provider, local-limit-exceeded; kill()
+            # waits (at most acse_timeout) for the RJ to go out and the peer to close.
+            event.assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
+            self._record_rejection(event, f"local limit exceeded: {reason}")
+            event.assoc.kill()
 
     def _rejection_reason(self, event: Event) -> str:
         """Which check refused the association, for the audit trail and the log."""
@@ -301,9 +355,12 @@ class Receiver:
         log.info("association.accepted", association_id=state.id, calling_ae=state.who.calling_ae)
 
     def _on_rejected(self, event: Event) -> None:
+        self._record_rejection(event, self._rejection_reason(event))
+
+    def _record_rejection(self, event: Event, reason: str) -> None:
+        """Audit (Security Alert) and log a refused association; ``reason`` has no PHI."""
         called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "")).strip()
         who = _participants(event, called or self.settings.ae_title)
-        reason = self._rejection_reason(event)
         self.metrics.associations.labels("rejected").inc()
         self.audit.record(
             AuditEvent.SECURITY_ALERT,
@@ -323,9 +380,21 @@ class Receiver:
 
     def _on_store(self, event: Event) -> int | Dataset:
         state = self._assoc(event)
+        limits = self.settings.limits
+        src = Path(event.dataset_path)
+        if net_limits.free_disk_bytes(self.settings.storage_dir) < limits.min_free_disk_bytes:
+            log.warning("store.disk_low", association_id=state.id)
+            return self._refuse(
+                StoreStatus.OUT_OF_RESOURCES, "node storage below its free-space mark"
+            )
+        if src.stat().st_size > limits.max_instance_bytes:
+            log.warning("store.too_large", association_id=state.id, bytes=src.stat().st_size)
+            return self._refuse(
+                StoreStatus.OUT_OF_RESOURCES, "instance larger than max_instance_bytes"
+            )
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            # Header and short values only: long values (pixel data) stay on disk.
+            ds = dcmread(src, defer_size=DEFER_BYTES)
             check_instance(ds, event.request)
             study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
             sop_uid = str(ds.SOPInstanceUID)
@@ -353,7 +422,7 @@ class Receiver:
                 return self._refuse(StoreStatus.OUT_OF_RESOURCES, "cannot write the audit trail")
         path = instance_path(self.settings.spool_dir, study_uid, series_uid, sop_uid)
         try:
-            durable_write(path, event.encoded_dataset(include_meta=True))
+            durable_copy(src, path)
             self.db.record_instance(
                 sop_instance_uid=sop_uid,
                 sop_class_uid=str(ds.SOPClassUID),

@@ -7,6 +7,7 @@ its final name is complete, whatever instant the process was killed at.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,26 @@ def durable_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def durable_copy(src: Path, path: Path) -> None:
+    """Copy the file ``src`` to ``path`` atomically and durably, streaming (bounded memory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh, src.open("rb") as source:
+            shutil.copyfileobj(source, fh, 1024 * 1024)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
