@@ -13,6 +13,7 @@ shell.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class Settings:
     storage_dir: Path = Path("var")
     allowed_callers: tuple[str, ...] = ()
     called_ae_titles: tuple[str, ...] = ()
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     tls: TLSSettings | None = None
     stable_after_s: float = 10.0
     release_grace_s: float = 1.0
@@ -165,6 +167,20 @@ def _ae_titles(value: Any, key: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list of AE titles, got {value!r}")
     return tuple(_ae_title(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+def _networks(value: Any, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of addresses or networks, got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        try:
+            out.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError as exc:
+            raise ConfigError(
+                f"{key}[{i}]: {item!r} is not an IP address or network (e.g. 10.0.0.0/8)"
+            ) from exc
+    return tuple(out)
 
 
 def _port(value: Any, key: str) -> int:
@@ -376,6 +392,7 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         storage_dir=storage if storage.is_absolute() else storage_base / storage,
         allowed_callers=tuple(_ae_title(c, f"allowed_callers[{i}]") for i, c in enumerate(callers)),
         called_ae_titles=_ae_titles(doc.get("called_ae_titles", []), "called_ae_titles"),
+        allowed_networks=_networks(doc.get("allowed_networks", []), "allowed_networks"),
         tls=_tls(doc.get("tls"), base, "tls", ("cert_file", "key_file")),
         stable_after_s=_number(
             doc.get("stable_after_s", defaults.stable_after_s), "stable_after_s"

@@ -34,6 +34,7 @@ from dicom_node.audit import (
 from dicom_node.config import ROUTING_KEYWORDS, Settings
 from dicom_node.errors import ConfigError
 from dicom_node.metrics import NodeMetrics
+from dicom_node.net.access import AccessControl
 from dicom_node.net.status import StoreStatus
 from dicom_node.net.syntaxes import ACCEPTED
 from dicom_node.store.database import Database
@@ -174,6 +175,7 @@ class Receiver:
         self._assocs: dict[int, _Association] = {}
         self._lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
+        self.access = AccessControl(settings, audit)
 
     def _ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
@@ -207,6 +209,7 @@ class Receiver:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, self._on_close),
+            *self.access.handlers(),
         ]
         server = self._ae().start_server(
             (self.settings.bind_address, self.settings.port),
@@ -258,11 +261,16 @@ class Receiver:
         return 0x0000
 
     def _on_requested(self, event: Event) -> None:
-        """Answer as the Called AE Title when it is one of ``called_ae_titles``.
+        """Screen the request, then answer as the Called AE Title if in ``called_ae_titles``.
 
-        pynetdicom then compares the request's Called AE Title with the acceptor's title
-        (``require_called_aet``) and rejects any other, before any data is exchanged.
+        :class:`AccessControl` refuses invalid AE titles (PS3.8 rules, from the raw PDU) and
+        peers outside ``allowed_networks``. pynetdicom then compares the request's Called AE
+        Title with the acceptor's title (``require_called_aet``) and rejects any other,
+        before any data is exchanged.
         """
+        if self.access.screen(event):
+            self.metrics.associations.labels("rejected").inc()
+            return
         called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "")).strip()
         if called and called in self.settings.called_ae_titles:
             event.assoc.acceptor.ae_title = called
@@ -298,6 +306,7 @@ class Receiver:
         called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "")).strip()
         who = _participants(event, called or self.settings.ae_title)
         reason = self._rejection_reason(event)
+        self.access.forget(event)  # audited here, not again as an abort
         self.metrics.associations.labels("rejected").inc()
         self.audit.record(
             AuditEvent.SECURITY_ALERT,
