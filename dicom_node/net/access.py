@@ -23,7 +23,10 @@ from typing import Any
 
 import structlog
 from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.audit import (
     AuditAction,
@@ -117,6 +120,7 @@ class AccessControl:
         self.settings = settings
         self.audit = audit
         self._lock = threading.Lock()
+        self._hooks: tuple[Any, Any] | None = None
 
     def handlers(self) -> list[tuple[Any, Any]]:
         """The pynetdicom notification handlers this object needs (bound at server start)."""
@@ -127,12 +131,15 @@ class AccessControl:
         ]
 
     def _conn(self, event: Event) -> _Connection:
+        return self._state(event.assoc)
+
+    def _state(self, assoc: Association) -> _Connection:
         """This connection's state, kept on its Association (it goes when the association does)."""
         with self._lock:
-            conn = getattr(event.assoc, _STATE_ATTR, None)
+            conn = getattr(assoc, _STATE_ATTR, None)
             if conn is None:
                 conn = _Connection()
-                setattr(event.assoc, _STATE_ATTR, conn)
+                setattr(assoc, _STATE_ATTR, conn)
             return conn
 
     # -- the request -----------------------------------------------------------------------
@@ -187,20 +194,23 @@ class AccessControl:
 
     # -- refusals and aborts ---------------------------------------------------------------
 
-    def alert(self, event: Event, reason: str, *, called: str | None = None) -> None:
+    def alert(self, event: Event, reason: str) -> None:
         """Record one Security Alert (DCM 110113) for this connection, with the peer's address.
 
         Later calls for the same connection do nothing: one refusal or abort, one alert.
         """
-        conn = self._conn(event)
+        self._alert(event.assoc, reason)
+
+    def _alert(self, assoc: Association, reason: str) -> None:
+        conn = self._state(assoc)
         with self._lock:
             if conn.alerted:
                 return
             conn.alerted = True
-        requestor = event.assoc.requestor
+        requestor = assoc.requestor
         who = Participants(
             calling_ae=printable(conn.calling),
-            called_ae=called if called is not None else printable(conn.called),
+            called_ae=printable(conn.called),
             peer_address=f"{requestor.address}:{requestor.port}",
         )
         self.audit.record(
@@ -240,6 +250,33 @@ class AccessControl:
         conn = self._conn(event)
         if conn.problem is not None:
             self.alert(event, conn.problem)
+
+    def watch_crashes(self, server: ThreadedAssociationServer) -> None:
+        """Alert when a DUL thread of ``server`` dies of an exception (a malformed P-DATA).
+
+        pynetdicom then drops the association without A-ABORT and without any event
+        (``EVT_ABORTED``, ``EVT_CONN_CLOSE``): the only trace is the uncaught exception, which
+        this hook sees before handing it on to the previous hook (the structured logger).
+        """
+        previous = threading.excepthook
+
+        def hook(args: threading.ExceptHookArgs) -> None:
+            thread = args.thread
+            assoc = getattr(thread, "assoc", None)
+            ours = isinstance(assoc, Association) and getattr(assoc, "_server", None) is server
+            if isinstance(thread, DULServiceProvider) and isinstance(assoc, Association) and ours:
+                kind = args.exc_type.__name__
+                self._alert(assoc, f"malformed PDU ({kind}); association dropped")
+            previous(args)
+
+        self._hooks = (previous, hook)
+        threading.excepthook = hook
+
+    def unwatch_crashes(self) -> None:
+        """Undo :meth:`watch_crashes` (when no later hook was installed over it)."""
+        if self._hooks is not None and threading.excepthook is self._hooks[1]:
+            threading.excepthook = self._hooks[0]
+        self._hooks = None
 
     def forget(self, event: Event) -> None:
         """Mark this connection's refusal as recorded elsewhere (pynetdicom's own rejections)."""

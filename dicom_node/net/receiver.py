@@ -219,6 +219,7 @@ class Receiver:
         )
         assert server is not None  # block=False always returns the server
         self.server = server
+        self.access.watch_crashes(server)
         log.info("receiver.listening", port=self.settings.port, ae_title=self.settings.ae_title)
         return server
 
@@ -243,6 +244,7 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+            self.access.unwatch_crashes()
 
     # -- handlers ------------------------------------------------------------------------------
 

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import socket
-import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pynetdicom import AE
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
-)
-from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.audit import AuditLog, read_events
@@ -26,8 +18,7 @@ from dicom_node.net.access import ae_title_problem
 from dicom_node.net.receiver import Receiver
 from dicom_node.store.database import Database
 from tests.conftest import free_port, wait_for
-
-A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ABORT = 0x02, 0x03, 0x07
+from tests.net.raw import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, associate_rq, exchange
 
 
 @pytest.fixture
@@ -60,51 +51,6 @@ def make_receiver(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
 @pytest.fixture
 def receiver(make_receiver: Callable[..., Receiver]) -> Receiver:
     return make_receiver()
-
-
-def associate_rq(calling: bytes = b"MODALITY", called: bytes = b"DICOMNODE") -> bytes:
-    """An A-ASSOCIATE-RQ PDU for Verification whose AE title fields hold the given raw bytes."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "CALLING"
-    primitive.called_ae_title = "CALLED"
-    context = build_context(Verification)
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16382
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.7433.1"
-    primitive.user_information = [max_length, implementation]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    data = bytearray(pdu.encode())
-    data[10:26] = called.ljust(16, b" ")[:16]
-    data[26:42] = calling.ljust(16, b" ")[:16]
-    return bytes(data)
-
-
-def exchange(port: int, data: bytes) -> bytes:
-    """Send ``data`` on a fresh connection; return the first PDU answered (b'' if closed)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(data)
-        header = b""
-        while len(header) < 6:
-            try:
-                chunk = sock.recv(6 - len(header))
-            except TimeoutError:
-                return header
-            if not chunk:
-                return header
-            header += chunk
-        (length,) = struct.unpack(">L", header[2:6])
-        body = b""
-        while len(body) < length:
-            chunk = sock.recv(length - len(body))
-            if not chunk:
-                break
-            body += chunk
-        return header + body
 
 
 def alerts(receiver: Receiver, count: int = 1) -> list[dict[str, Any]]:
