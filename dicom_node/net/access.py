@@ -223,6 +223,18 @@ class AccessControl:
         )
         log.warning("association.refused", peer=who.peer_address, reason=reason)
 
+    def refuse_connection(self, peer_address: str, reason: str) -> None:
+        """Record a Security Alert for a connection refused before any association (TLS)."""
+        self.audit.record(
+            AuditEvent.SECURITY_ALERT,
+            AuditAction.EXECUTE,
+            AuditOutcome.MINOR_FAILURE,
+            Participants(called_ae=self.settings.ae_title, peer_address=peer_address),
+            event_type=AuditEventType.NODE_AUTHENTICATION,
+            reason=reason,
+        )
+        log.warning("connection.refused", peer=peer_address, reason=reason)
+
     def _on_transition(self, event: Event) -> None:
         """Alert on aborts: an invalid PDU, an A-ABORT either way, a connection lost."""
         fsm_event, action, state = event.fsm_event, event.action, event.current_state

@@ -12,7 +12,7 @@ import threading
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pydicom.dataset import Dataset
@@ -37,6 +37,7 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.net.access import AccessControl
 from dicom_node.net.status import StoreStatus
 from dicom_node.net.syntaxes import ACCEPTED
+from dicom_node.net.tls import TLSAssociationServer
 from dicom_node.store.database import Database
 from dicom_node.store.spool import durable_write, instance_path
 from dicom_node.uids import is_valid_uid
@@ -211,16 +212,41 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self._on_close),
             *self.access.handlers(),
         ]
-        server = self._ae().start_server(
-            (self.settings.bind_address, self.settings.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=self._ssl_context(),
-        )
-        assert server is not None  # block=False always returns the server
+        ssl_context = self._ssl_context()
+        ae = self._ae()
+        if ssl_context is None:
+            server = ae.start_server(
+                (self.settings.bind_address, self.settings.port),
+                block=False,
+                evt_handlers=handlers,
+            )
+            assert server is not None  # block=False always returns the server
+        else:
+            server = self._start_tls_server(ae, ssl_context, handlers)
         self.server = server
         self.access.watch_crashes(server)
         log.info("receiver.listening", port=self.settings.port, ae_title=self.settings.ae_title)
+        return server
+
+    def _start_tls_server(
+        self, ae: AE, ssl_context: ssl.SSLContext, handlers: list[Any]
+    ) -> ThreadedAssociationServer:
+        """As ``AE.start_server(block=False)``, with the handshake off the accept loop."""
+        server = cast(
+            TLSAssociationServer,
+            ae.make_server(
+                (self.settings.bind_address, self.settings.port),
+                ssl_context=ssl_context,
+                evt_handlers=handlers,
+                server_class=TLSAssociationServer,
+            ),
+        )
+        server.on_refused = self.access.refuse_connection
+        thread = threading.Thread(
+            target=server.serve_forever, name="AcceptorServer@tls", daemon=True
+        )
+        thread.start()
+        ae._servers.append(server)  # as start_server does: server.shutdown() removes it
         return server
 
     def _ssl_context(self) -> ssl.SSLContext | None:
