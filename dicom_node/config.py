@@ -71,6 +71,8 @@ class TLSSettings:
     cert_file: Path | None = None
     key_file: Path | None = None
     ca_file: Path | None = None
+    #: On the node's port: seconds a caller has to complete the TLS handshake.
+    handshake_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -308,7 +310,7 @@ def _tls(doc: Any, base: Path, where: str, required: tuple[str, ...]) -> TLSSett
     if doc is None:
         return None
     doc = _mapping(doc, where)
-    unknown = set(doc) - {"cert_file", "key_file", "ca_file"}
+    unknown = set(doc) - {"cert_file", "key_file", "ca_file", "handshake_timeout_s"}
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     if ("cert_file" in doc) != ("key_file" in doc):
@@ -326,7 +328,10 @@ def _tls(doc: Any, base: Path, where: str, required: tuple[str, ...]) -> TLSSett
         if not path.is_file():
             raise ConfigError(f"{where}.{key}: {value!r} is not a readable file")
         paths[key] = path
-    return TLSSettings(paths["cert_file"], paths["key_file"], paths["ca_file"])
+    timeout = _number(doc.get("handshake_timeout_s", 10.0), f"{where}.handshake_timeout_s")
+    if not timeout > 0:
+        raise ConfigError(f"{where}.handshake_timeout_s: must be more than 0 seconds")
+    return TLSSettings(paths["cert_file"], paths["key_file"], paths["ca_file"], float(timeout))
 
 
 def parse_settings(doc: Any, base: Path | None = None) -> Settings:

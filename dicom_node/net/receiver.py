@@ -242,6 +242,8 @@ class Receiver:
             ),
         )
         server.on_refused = self.access.refuse_connection
+        assert self.settings.tls is not None
+        server.handshake_timeout_s = self.settings.tls.handshake_timeout_s
         thread = threading.Thread(
             target=server.serve_forever, name="AcceptorServer@tls", daemon=True
         )

@@ -61,14 +61,14 @@ def receiver(tmp_path: Path, pki: Path) -> Iterator[Receiver]:
                 "cert_file": str(pki / "node.crt"),
                 "key_file": str(pki / "node.key"),
                 "ca_file": str(pki / "ca.crt"),
+                "handshake_timeout_s": 1.0,
             },
         }
     )
     settings.storage_dir.mkdir(parents=True)
     db = Database(settings.database_path)
     receiver = Receiver(settings, db, AuditLog(settings.audit_path))
-    server = receiver.start()
-    server.handshake_timeout_s = 1.0  # type: ignore[attr-defined]
+    receiver.start()
     yield receiver
     receiver.stop()
     db.close()
