@@ -41,12 +41,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     node.start()
-    print(
-        f"dicom-node {__version__} listening as {settings.ae_title} on port {settings.port}; "
-        f"storage in {settings.storage_dir}",
-        file=sys.stderr,
-        flush=True,
-    )
+    if settings.log_format == "json":  # one JSON object per line on stderr, this one too
+        log.info(
+            "node.started",
+            version=__version__,
+            ae_title=settings.ae_title,
+            port=settings.port,
+            storage_dir=str(settings.storage_dir),
+        )
+    else:
+        print(
+            f"dicom-node {__version__} listening as {settings.ae_title} on port "
+            f"{settings.port}; storage in {settings.storage_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
     stop.wait()
     node.stop()
     return 0

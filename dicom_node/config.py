@@ -13,6 +13,7 @@ shell.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class TLSSettings:
     cert_file: Path | None = None
     key_file: Path | None = None
     ca_file: Path | None = None
+    #: On the node's port: seconds a caller has to complete the TLS handshake.
+    handshake_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class Settings:
     storage_dir: Path = Path("var")
     allowed_callers: tuple[str, ...] = ()
     called_ae_titles: tuple[str, ...] = ()
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     tls: TLSSettings | None = None
     stable_after_s: float = 10.0
     release_grace_s: float = 1.0
@@ -223,6 +227,20 @@ def _ae_titles(value: Any, key: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list of AE titles, got {value!r}")
     return tuple(_ae_title(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+def _networks(value: Any, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of addresses or networks, got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        try:
+            out.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError as exc:
+            raise ConfigError(
+                f"{key}[{i}]: {item!r} is not an IP address or network (e.g. 10.0.0.0/8)"
+            ) from exc
+    return tuple(out)
 
 
 def _port(value: Any, key: str) -> int:
@@ -350,7 +368,7 @@ def _tls(doc: Any, base: Path, where: str, required: tuple[str, ...]) -> TLSSett
     if doc is None:
         return None
     doc = _mapping(doc, where)
-    unknown = set(doc) - {"cert_file", "key_file", "ca_file"}
+    unknown = set(doc) - {"cert_file", "key_file", "ca_file", "handshake_timeout_s"}
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     if ("cert_file" in doc) != ("key_file" in doc):
@@ -368,7 +386,10 @@ def _tls(doc: Any, base: Path, where: str, required: tuple[str, ...]) -> TLSSett
         if not path.is_file():
             raise ConfigError(f"{where}.{key}: {value!r} is not a readable file")
         paths[key] = path
-    return TLSSettings(paths["cert_file"], paths["key_file"], paths["ca_file"])
+    timeout = _number(doc.get("handshake_timeout_s", 10.0), f"{where}.handshake_timeout_s")
+    if not timeout > 0:
+        raise ConfigError(f"{where}.handshake_timeout_s: must be more than 0 seconds")
+    return TLSSettings(paths["cert_file"], paths["key_file"], paths["ca_file"], float(timeout))
 
 
 _SYSLOG_TRANSPORTS = ("tls", "tcp", "udp")
@@ -519,6 +540,7 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         storage_dir=storage if storage.is_absolute() else storage_base / storage,
         allowed_callers=tuple(_ae_title(c, f"allowed_callers[{i}]") for i, c in enumerate(callers)),
         called_ae_titles=_ae_titles(doc.get("called_ae_titles", []), "called_ae_titles"),
+        allowed_networks=_networks(doc.get("allowed_networks", []), "allowed_networks"),
         tls=_tls(doc.get("tls"), base, "tls", ("cert_file", "key_file")),
         stable_after_s=_number(
             doc.get("stable_after_s", defaults.stable_after_s), "stable_after_s"

@@ -36,6 +36,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_node.errors import InputError
 from dicom_node.imaging.frames import FrameGeometry, frame_geometries, frame_modality_luts
+from dicom_node.imaging.header import drop_implausible_spacings
 from dicom_node.imaging.pixels import (
     COLOR,
     PALETTE,
@@ -379,6 +380,7 @@ def load_series(paths: Sequence[Path]) -> ImageSeries:
     unique: dict[str, pydicom.Dataset] = {}
     for path in paths:
         ds = _read(Path(path))
+        drop_implausible_spacings(ds)
         uid = str(ds.get("SOPInstanceUID", ""))
         if not uid:
             raise InputError(f"{Path(path).name}: no SOPInstanceUID (0008,0018)")

@@ -32,6 +32,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.config import Limits
+from dicom_node.net.tls import HANDSHAKE_TIMEOUT_S, handshake_failure
 
 log = structlog.get_logger(__name__)
 
@@ -304,6 +306,10 @@ class LimitedServer(ThreadedAssociationServer):
     limits: Limits
     admission: Admission
     storage_dir: Path
+    #: Seconds a peer has to complete the TLS handshake (``tls.handshake_timeout_s``).
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
+    #: Called with the peer's ``"address:port"`` and the reason when a handshake fails.
+    on_refused: Callable[[str, str], None] | None = None
 
     def configure(self, limits: Limits, admission: Admission, storage_dir: Path) -> None:
         """Set the limits this server enforces."""
@@ -331,19 +337,14 @@ class LimitedServer(ThreadedAssociationServer):
         return False
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept a connection; a TLS handshake happens later, on the connection's own thread.
+        """Accept a connection; its TLS handshake happens on the connection's own thread.
 
         pynetdicom wraps the socket and shakes hands here, on the one thread that accepts, with
-        no timeout: a peer that connects and never says hello would stop every accept. The
-        handshake is left to the first bounded read instead.
+        no timeout: a peer that connects and never says hello would stop every accept.
         """
         assert self.socket is not None
         client, address = self.socket.accept()
         client.settimeout(self.limits.idle_timeout_s)
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(
-                client, server_side=True, do_handshake_on_connect=False
-            )
         return client, address
 
     def _free(self, host: str) -> None:
@@ -361,12 +362,29 @@ class LimitedServer(ThreadedAssociationServer):
             return sum(self._per_host.values())
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """Serve one connection on its own thread; its slot is freed when it ends."""
+        """Serve one connection on its own thread; its slot is freed when it ends.
+
+        With TLS the handshake comes first, bounded by ``handshake_timeout_s``; a handshake
+        that fails or stalls (plain TCP, another CA, an expired certificate, TLS below 1.2) is
+        reported to ``on_refused`` (the receiver audits it) and the connection closed.
+        """
+        connection = request
         try:
-            super().process_request_thread(request, client_address)
+            if self.ssl_context is not None:
+                try:
+                    request.settimeout(self.handshake_timeout_s)
+                    connection = self.ssl_context.wrap_socket(request, server_side=True)
+                    connection.settimeout(self.limits.idle_timeout_s)
+                except (OSError, ValueError) as exc:
+                    if self.on_refused is not None:
+                        peer = f"{client_address[0]}:{client_address[1]}"
+                        self.on_refused(peer, handshake_failure(exc))
+                    return
+            super().process_request_thread(connection, client_address)
         finally:
-            with contextlib.suppress(OSError):
-                request.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                request.close()
+            for sock in {id(request): request, id(connection): connection}.values():
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    sock.close()
             self._free(str(client_address[0]))

@@ -38,6 +38,7 @@ from dicom_node.config import ROUTING_KEYWORDS, Settings
 from dicom_node.errors import AuditWriteError, ConfigError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.net import limits as net_limits
+from dicom_node.net.access import AccessControl
 from dicom_node.net.limits import (
     REJECT_LOCAL_LIMIT,
     Admission,
@@ -197,6 +198,7 @@ class Receiver:
         self._lock = threading.Lock()
         self.server: LimitedServer | None = None
         self.admission = Admission(settings.limits, settings.allowed_callers)
+        self.access = AccessControl(settings, audit)
 
     def _ae(self) -> AE:
         limits = self.settings.limits
@@ -240,6 +242,7 @@ class Receiver:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, self._on_close),
+            *self.access.handlers(),
         ]
         ae = self._ae()
         server = ae.make_server(
@@ -251,12 +254,16 @@ class Receiver:
         )
         assert isinstance(server, LimitedServer)
         server.configure(self.settings.limits, self.admission, self.settings.storage_dir)
+        if self.settings.tls is not None:
+            server.on_refused = self.access.refuse_connection
+            server.handshake_timeout_s = self.settings.tls.handshake_timeout_s
         thread = threading.Thread(
             target=make_target(server.serve_forever), name="AcceptorServer", daemon=True
         )
         thread.start()
         ae._servers.append(server)
         self.server = server
+        self.access.watch_crashes(server)
         log.info("receiver.listening", port=self.settings.port, ae_title=self.settings.ae_title)
         return server
 
@@ -281,6 +288,7 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+            self.access.unwatch_crashes()
 
     # -- handlers ------------------------------------------------------------------------------
 
@@ -299,11 +307,16 @@ class Receiver:
         return 0x0000
 
     def _on_requested(self, event: Event) -> None:
-        """Answer as the Called AE Title when it is one of ``called_ae_titles``.
+        """Screen the request, then answer as the Called AE Title if in ``called_ae_titles``.
 
-        pynetdicom then compares the request's Called AE Title with the acceptor's title
-        (``require_called_aet``) and rejects any other, before any data is exchanged.
+        :class:`AccessControl` refuses invalid AE titles (PS3.8 rules, from the raw PDU) and
+        peers outside ``allowed_networks``. pynetdicom then compares the request's Called AE
+        Title with the acceptor's title (``require_called_aet``) and rejects any other,
+        before any data is exchanged.
         """
+        if self.access.screen(event):
+            self.metrics.associations.labels("rejected").inc()
+            return
         primitive = event.assoc.requestor.primitive
         called = str(getattr(primitive, "called_ae_title", "")).strip()
         if called and called in self.settings.called_ae_titles:
@@ -361,6 +374,7 @@ class Receiver:
         """Audit (Security Alert) and log a refused association; ``reason`` has no PHI."""
         called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "")).strip()
         who = _participants(event, called or self.settings.ae_title)
+        self.access.forget(event)  # audited here, not again as an abort
         self.metrics.associations.labels("rejected").inc()
         self.audit.record(
             AuditEvent.SECURITY_ALERT,
