@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -263,12 +264,18 @@ class AccessControl:
         if conn.problem is not None:
             self.alert(event, conn.problem)
 
-    def watch_crashes(self, server: ThreadedAssociationServer) -> None:
+    def watch_crashes(
+        self,
+        server: ThreadedAssociationServer,
+        on_dropped: Callable[[Association], None] | None = None,
+    ) -> None:
         """Alert when a DUL thread of ``server`` dies of an exception (a malformed P-DATA).
 
         pynetdicom then drops the association without A-ABORT and without any event
         (``EVT_ABORTED``, ``EVT_CONN_CLOSE``): the only trace is the uncaught exception, which
         this hook sees before handing it on to the previous hook (the structured logger).
+        ``on_dropped`` is then called with the association, so that whoever keeps state for
+        it can let it go.
         """
         previous = threading.excepthook
 
@@ -279,6 +286,8 @@ class AccessControl:
             if isinstance(thread, DULServiceProvider) and isinstance(assoc, Association) and ours:
                 kind = args.exc_type.__name__
                 self._alert(assoc, f"malformed PDU ({kind}); association dropped")
+                if on_dropped is not None:
+                    on_dropped(assoc)
             previous(args)
 
         self._hooks = (previous, hook)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ssl
 import threading
 import uuid
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +195,10 @@ class Receiver:
         self.db = db
         self.audit = audit
         self.on_release = on_release
-        self._assocs: dict[int, _Association] = {}
+        # Keyed by the Association itself, weakly: an association whose DUL thread died of a
+        # malformed PDU never fires EVT_CONN_CLOSE, and its entry must go with it (an id()
+        # key would also be reused by a later association and hand it a stale state).
+        self._assocs: weakref.WeakKeyDictionary[Any, _Association] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.server: LimitedServer | None = None
         self.admission = Admission(settings.limits, settings.allowed_callers)
@@ -263,7 +267,7 @@ class Receiver:
         thread.start()
         ae._servers.append(server)
         self.server = server
-        self.access.watch_crashes(server)
+        self.access.watch_crashes(server, on_dropped=self._dropped)
         log.info("receiver.listening", port=self.settings.port, ae_title=self.settings.ae_title)
         return server
 
@@ -293,7 +297,7 @@ class Receiver:
     # -- handlers ------------------------------------------------------------------------------
 
     def _assoc(self, event: Event) -> _Association:
-        key = id(event.assoc)
+        key = event.assoc
         with self._lock:
             state = self._assocs.get(key)
             if state is None:
@@ -302,6 +306,11 @@ class Receiver:
                 )
                 self._assocs[key] = state
             return state
+
+    def _dropped(self, assoc: Any) -> None:
+        """Forget the state of an association pynetdicom dropped without any event."""
+        with self._lock:
+            self._assocs.pop(assoc, None)
 
     def _on_echo(self, event: Event) -> int:
         return 0x0000
@@ -488,7 +497,7 @@ class Receiver:
 
     def _on_close(self, event: Event) -> None:
         with self._lock:
-            state = self._assocs.pop(id(event.assoc), None)
+            state = self._assocs.pop(event.assoc, None)
         if state is None:
             return
         for (patient_id, study_uid), count in state.studies.items():
