@@ -69,7 +69,7 @@ bench: install peers
 # The long fuzz run (10,000 inputs, about 6 min): crashes, hangs, refused C-ECHOs, RSS.
 fuzz: install
 	DICOM_NODE_FUZZ_PDUS=6000 DICOM_NODE_FUZZ_DATA_SETS=4000 \
-	  $(BIN)/python -m pytest -q -s -p no:cacheprovider --timeout 1800 tests/net/test_fuzz.py
+	  $(BIN)/python -m pytest -q -s -p no:cacheprovider -p no:logging --timeout 1800 tests/net/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .cache
