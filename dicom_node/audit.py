@@ -268,6 +268,18 @@ class AuditLog:
             "torn_bytes": len(scan.torn),
         }
 
+    def security_alert(self, who: Participants, reason: str) -> None:
+        """Security Alert (110113), Node Authentication, minor failure: a peer refused or an
+        association aborted; ``reason`` says which check, without patient data."""
+        self.record(
+            AuditEvent.SECURITY_ALERT,
+            AuditAction.EXECUTE,
+            AuditOutcome.MINOR_FAILURE,
+            who,
+            event_type=AuditEventType.NODE_AUTHENTICATION,
+            reason=reason,
+        )
+
     def record(
         self,
         event: AuditEvent,

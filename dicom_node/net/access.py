@@ -30,11 +30,7 @@ from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.audit import (
-    AuditAction,
-    AuditEvent,
-    AuditEventType,
     AuditLog,
-    AuditOutcome,
     Participants,
 )
 from dicom_node.config import Settings
@@ -214,25 +210,13 @@ class AccessControl:
             called_ae=printable(conn.called),
             peer_address=f"{requestor.address}:{requestor.port}",
         )
-        self.audit.record(
-            AuditEvent.SECURITY_ALERT,
-            AuditAction.EXECUTE,
-            AuditOutcome.MINOR_FAILURE,
-            who,
-            event_type=AuditEventType.NODE_AUTHENTICATION,
-            reason=reason,
-        )
+        self.audit.security_alert(who, reason)
         log.warning("association.refused", peer=who.peer_address, reason=reason)
 
     def refuse_connection(self, peer_address: str, reason: str) -> None:
         """Record a Security Alert for a connection refused before any association (TLS)."""
-        self.audit.record(
-            AuditEvent.SECURITY_ALERT,
-            AuditAction.EXECUTE,
-            AuditOutcome.MINOR_FAILURE,
-            Participants(called_ae=self.settings.ae_title, peer_address=peer_address),
-            event_type=AuditEventType.NODE_AUTHENTICATION,
-            reason=reason,
+        self.audit.security_alert(
+            Participants(called_ae=self.settings.ae_title, peer_address=peer_address), reason
         )
         log.warning("connection.refused", peer=peer_address, reason=reason)
 

@@ -385,14 +385,7 @@ class Receiver:
         who = _participants(event, called or self.settings.ae_title)
         self.access.forget(event)  # audited here, not again as an abort
         self.metrics.associations.labels("rejected").inc()
-        self.audit.record(
-            AuditEvent.SECURITY_ALERT,
-            AuditAction.EXECUTE,
-            AuditOutcome.MINOR_FAILURE,
-            who,
-            event_type=AuditEventType.NODE_AUTHENTICATION,
-            reason=reason,
-        )
+        self.audit.security_alert(who, reason)
         log.warning(
             "association.rejected",
             calling_ae=who.calling_ae,

@@ -9,38 +9,36 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from dicom_node.uids import is_valid_uid
 
 
 def durable_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync dir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _durable(path, lambda fh: fh.write(data))
 
 
 def durable_copy(src: Path, path: Path) -> None:
     """Copy the file ``src`` to ``path`` atomically and durably, streaming (bounded memory)."""
+
+    def fill(fh: BinaryIO) -> None:
+        with src.open("rb") as source:
+            shutil.copyfileobj(source, fh, 1024 * 1024)
+
+    _durable(path, fill)
+
+
+def _durable(path: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """Have ``fill`` write a temp file beside ``path``, fsync it, rename it over ``path``, and
+    fsync the folder: a reader sees the old file or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh, src.open("rb") as source:
-            shutil.copyfileobj(source, fh, 1024 * 1024)
+        with os.fdopen(fd, "wb") as fh:
+            fill(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

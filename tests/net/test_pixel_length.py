@@ -16,8 +16,6 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts
 
-from dicom_node.audit import AuditLog
-from dicom_node.config import parse_settings
 from dicom_node.net.receiver import (
     ERROR_COMMENT_MAX_CHARS,
     Receiver,
@@ -26,8 +24,7 @@ from dicom_node.net.receiver import (
     expected_pixel_bytes,
 )
 from dicom_node.net.status import StoreStatus
-from dicom_node.store.database import Database
-from tests.conftest import free_port
+from tests.net.peers import running_receiver
 
 
 def pydicom_file(name: str) -> Dataset:
@@ -87,18 +84,8 @@ def test_ybr_partial_422_and_odd_one_bit_frames() -> None:
 
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    settings = parse_settings(
-        {"ae_title": "DICOMNODE", "port": free_port(), "storage_dir": str(tmp_path / "node")},
-        base=tmp_path,
-    )
-    settings.storage_dir.mkdir(parents=True)
-    db = Database(settings.database_path)
-    node = Receiver(settings, db, AuditLog(settings.audit_path))
-    node.start()
-    try:
+    with running_receiver(tmp_path) as node:
         yield node
-    finally:
-        node.stop()
 
 
 def send(port: int, datasets: list[Dataset]) -> list[Dataset]:
