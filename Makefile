@@ -61,7 +61,7 @@ test-viewer: install peers ohif
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
+	$(BIN)/mypy --cache-dir=/dev/null
 
 bench: install peers
 	$(BIN)/python -m benchmarks.receive

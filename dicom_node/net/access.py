@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,7 +241,10 @@ class AccessControl:
         if state == "Sta2" and fsm_event in ("Evt17", "Evt19"):
             # No A-ASSOCIATE-RQ will reach the association thread, which waits for one up to
             # acse_timeout holding a slot: wake it now (None reads as "nothing came").
-            event.assoc.dul.to_user_queue.put(None)
+            # pynetdicom's queue is typed for PDU primitives only; its reader treats None as
+            # "nothing came" (the same as a timeout), which is what this needs.
+            to_user: queue.Queue[Any] = event.assoc.dul.to_user_queue
+            to_user.put(None)
 
     def _on_close(self, event: Event) -> None:
         """A connection that ends with a known problem and no alert yet gets its alert now."""
