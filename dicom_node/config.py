@@ -205,6 +205,7 @@ ROUTING_KEYWORDS = (
     "Manufacturer",
     "ManufacturerModelName",
     "StationName",
+    "MRAcquisitionType",
 )
 
 _TOP_KEYS = set(Settings.__dataclass_fields__)

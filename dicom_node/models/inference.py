@@ -27,9 +27,11 @@ from dicom_node.models.orientation import Reorientation, frame_datasets, reorien
 from dicom_node.models.package import Activation, ColorMode, ModelPackage
 from dicom_node.models.postprocess import postprocess
 from dicom_node.models.preprocess import (
+    VolumePlacement,
     model_images,
     prepare_image,
     prepare_volume,
+    prepare_volume_array,
     restore_probabilities,
     restore_volume,
 )
@@ -148,6 +150,20 @@ class Segmenter:
 
     def _predict_3d(self, series: ImageSeries) -> np.ndarray:
         volume, placement = prepare_volume(series, self.package)
+        return self._predict_prepared(volume, placement)
+
+    def predict_volume(self, pixels: np.ndarray, placement: VolumePlacement) -> np.ndarray:
+        """Probabilities ``(z, y, x, S)`` of one volume given as an array (no DICOM) on the
+        source grid of ``placement`` (:func:`~dicom_node.models.preprocess.volume_placement`):
+        the path of :meth:`predict` for a 3D series, used by ``evaluate`` and training on
+        NIfTI volumes. Only for 3D models."""
+        if self.package.dims != 3:
+            raise InputError(f"model {self.package.name} is 2D; give it images, not a volume")
+        return self._predict_prepared(
+            prepare_volume_array(pixels, placement, self.package), placement
+        )
+
+    def _predict_prepared(self, volume: np.ndarray, placement: VolumePlacement) -> np.ndarray:
         tensor = torch.from_numpy(volume)[None, None].to(self.device)
         with torch.inference_mode(), self._autocast():
             logits = sliding_window_inference(

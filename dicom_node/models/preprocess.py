@@ -245,24 +245,43 @@ def _volume_placement(series: ImageSeries, package: ModelPackage) -> VolumePlace
     orientation, origin = series.orientation, series.origin_mm
     assert orientation is not None and origin is not None  # cross-sectional
     spacing = (series.pixel_spacing_mm[1], series.pixel_spacing_mm[0], series.slice_spacing_mm)
-    size = (cols, rows, frames)
+    return volume_placement(
+        (cols, rows, frames),
+        spacing,
+        (float(origin[0]), float(origin[1]), float(origin[2])),
+        tuple(float(v) for v in orientation.T.ravel()),
+        package,
+    )
+
+
+def volume_placement(
+    size: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    origin: tuple[float, float, float],
+    direction: tuple[float, ...],
+    package: ModelPackage,
+) -> VolumePlacement:
+    """The placement of a volume of ``size`` and ``spacing`` (x, y, z, SimpleITK order) with
+    ``origin`` and ``direction`` (3x3 row-major, columns: row, column and normal directions)
+    on the grid of ``package.spacing_mm`` (z, y, x); the same grid whether the volume came
+    from DICOM (:func:`prepare_volume`) or from a NIfTI file in training."""
     if package.spacing_mm is None:
         new_spacing, new_size = spacing, size
     else:
         z, y, x = package.spacing_mm
         new_spacing = (x, y, z)
         new_size = (
-            _samples(cols, spacing[0], x),
-            _samples(rows, spacing[1], y),
-            _samples(frames, spacing[2], z),
+            _samples(size[0], spacing[0], x),
+            _samples(size[1], spacing[1], y),
+            _samples(size[2], spacing[2], z),
         )
     return VolumePlacement(
-        source_size=size,
-        source_spacing=spacing,
-        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
-        direction=tuple(float(v) for v in orientation.T.ravel()),
+        source_size=(int(size[0]), int(size[1]), int(size[2])),
+        source_spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        origin=origin,
+        direction=tuple(float(v) for v in direction),
         resampled_size=new_size,
-        resampled_spacing=new_spacing,
+        resampled_spacing=(float(new_spacing[0]), float(new_spacing[1]), float(new_spacing[2])),
     )
 
 
@@ -299,14 +318,33 @@ def prepare_volume(
         For projection images, single slices, uneven slice gaps or missing pixel spacing.
     """
     placement = _volume_placement(series, package)
-    normalized = normalize(series.pixels, package.normalization)
+    return prepare_volume_array(series.pixels, placement, package), placement
+
+
+def prepare_volume_array(
+    pixels: np.ndarray, placement: VolumePlacement, package: ModelPackage
+) -> np.ndarray:
+    """Normalise ``pixels`` ``(z, y, x)`` on the source grid of ``placement`` as
+    ``input.normalization`` says and resample them (linear) onto its resampled grid: the one
+    preparation of 3D inputs, for DICOM series and for training volumes."""
+    normalized = normalize(pixels, package.normalization)
     if placement.is_identity:
-        return normalized, placement
-    source = _on_grid(sitk.GetImageFromArray(normalized), placement, resampled=False)
+        return normalized
+    return resample_to_model(normalized, placement, float(normalized.min()))
+
+
+def resample_to_model(data: np.ndarray, placement: VolumePlacement, default: float) -> np.ndarray:
+    """Resample ``data`` ``(z, y, x)`` from the source grid of ``placement`` onto its
+    resampled grid (linear; ``default`` outside the source)."""
+    source = _on_grid(
+        sitk.GetImageFromArray(np.ascontiguousarray(data, dtype=np.float32)),
+        placement,
+        resampled=False,
+    )
     reference = _on_grid(
         sitk.Image(placement.resampled_size, sitk.sitkFloat32), placement, resampled=True
     )
-    return _resample(source, reference, float(normalized.min()), False), placement
+    return _resample(source, reference, default, False)
 
 
 def restore_volume(probs: np.ndarray, placement: VolumePlacement) -> np.ndarray:

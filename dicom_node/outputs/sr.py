@@ -228,9 +228,38 @@ def _segment_reference(
     series: ImageSeries, seg: pydicom.Dataset, number: int
 ) -> hd.sr.ReferencedSegment:
     """Referenced Segment (DCM 121191) with the source images of the segment's frames, or
-    with the source series for an empty segment (whose frames were omitted)."""
-    if _frames_of_segment(seg, number):
-        return hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
+    with the source series for an empty segment (whose frames were omitted).
+
+    Built here rather than with ``ReferencedSegment.from_segmentation``, which in highdicom
+    0.28 reads the Segment Identification Sequence (0062,000A) from each Per-Frame
+    Functional Groups item only, and fails on a SEG of one segment, where highdicom puts it
+    in the Shared Functional Groups (a volume of one structure). A multi-frame source is
+    referenced once with all the frames of the segment."""
+    frames = _frames_of_segment(seg, number)
+    if frames:
+        found: dict[tuple[str, str], list[int]] = {}
+        for n in frames:
+            for src in frame_group(seg, n, "DerivationImageSequence")[0].SourceImageSequence:
+                key = (str(src.ReferencedSOPClassUID), str(src.ReferencedSOPInstanceUID))
+                numbers = found.setdefault(key, [])
+                if "ReferencedFrameNumber" in src:
+                    value = src.ReferencedFrameNumber
+                    numbers.extend(
+                        int(v) for v in ([value] if isinstance(value, int | str) else value)
+                    )
+        return hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=number,
+            source_images=[
+                hd.sr.SourceImageForSegmentation(
+                    referenced_sop_class_uid=cls,
+                    referenced_sop_instance_uid=uid,
+                    referenced_frame_numbers=sorted(set(numbers)) or None,
+                )
+                for (cls, uid), numbers in found.items()
+            ],
+        )
     return hd.sr.ReferencedSegment(
         sop_class_uid=seg.SOPClassUID,
         sop_instance_uid=seg.SOPInstanceUID,

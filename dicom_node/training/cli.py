@@ -58,6 +58,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         all_cases=args.all_cases,
         spacing_mm=args.spacing_mm,
         progress=not args.no_progress,
+        split=args.split,
     )
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=1)
@@ -119,6 +120,12 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="every case of --data, not only the package's validation cases",
     )
     p.add_argument("--spacing-mm", type=float, help="pixel spacing of the images, for HD95")
+    p.add_argument(
+        "--split",
+        choices=("validation", "test"),
+        default="validation",
+        help="3D packages: the part of split.json to evaluate (test: the held-out cases)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     _common(p)
     p.set_defaults(func=cmd_evaluate)

@@ -51,15 +51,24 @@ class Split:
     seed: int
     validation_fraction: float
     stratified_by: str | None
+    #: Cases held out of training and of every choice (3D data sets; empty for 2D folders).
+    test: tuple[str, ...] = ()
+    test_seed: int | None = None
+    test_fraction: float = 0.0
 
     def to_json(self) -> dict[str, object]:
-        return {
+        doc: dict[str, object] = {
             "seed": self.seed,
             "validation_fraction": self.validation_fraction,
             "stratified_by": self.stratified_by,
             "train": list(self.train),
             "validation": list(self.validation),
         }
+        if self.test:
+            doc.update(
+                test_seed=self.test_seed, test_fraction=self.test_fraction, test=list(self.test)
+            )
+        return doc
 
     def write(self, folder: Path) -> Path:
         """Write the split as ``split.json`` in ``folder`` (a model package)."""
@@ -88,6 +97,9 @@ def read_split(folder: Path) -> Split:
         seed=int(doc["seed"]),
         validation_fraction=float(doc["validation_fraction"]),
         stratified_by=doc.get("stratified_by"),
+        test=tuple(doc.get("test", ())),
+        test_seed=doc.get("test_seed"),
+        test_fraction=float(doc.get("test_fraction", 0.0)),
     )
 
 

@@ -219,8 +219,13 @@ def evaluate(
     spacing_mm: float | None = None,
     device: torch.device | None = None,
     progress: bool = False,
+    split: str = "validation",
 ) -> EvaluationResult:
     """Evaluate ``package`` on the cases of ``data_dir``.
+
+    3D packages are evaluated on NIfTI volumes by
+    :func:`~dicom_node.training.train3d.evaluate_volumes`, on the ``split`` part of their
+    ``split.json`` (``test`` or ``validation``) unless ``all_cases``.
 
     Parameters
     ----------
@@ -245,6 +250,19 @@ def evaluate(
     """
     if not isinstance(package, ModelPackage):
         package = load_package(package)
+    if package.dims == 3:
+        from dicom_node.training.train3d import evaluate_volumes
+        from dicom_node.training.volumes import list_volume_cases
+
+        return evaluate_volumes(
+            package,
+            data_dir,
+            out_dir,
+            cases=list_volume_cases(data_dir) if all_cases else cases,
+            split=split,
+            device=device,
+            progress=progress,
+        )
     data_dir = Path(data_dir)
     labels = [s.label for s in package.structures]
     if cases is None:

@@ -1,10 +1,12 @@
-"""Segmentation metrics per structure: Dice, Jaccard, precision, recall and HD95 in mm.
+"""Segmentation metrics per structure: Dice, Jaccard, precision, recall, HD95 and ASD in mm.
 
 Overlap metrics are counted on boolean masks; the 95th-percentile symmetric Hausdorff distance
-is MONAI's (:func:`monai.metrics.compute_hausdorff_distance`) with the pixel spacing, so that
-it is in millimetres. Conventions for empty masks: two empty masks agree perfectly (Dice,
-Jaccard, precision and recall 1, HD95 0); when only one is empty the overlap metrics are 0 and
-HD95 is NaN (undefined), and summaries skip NaN.
+and the average symmetric surface distance are MONAI's
+(:func:`monai.metrics.compute_hausdorff_distance`,
+:func:`monai.metrics.compute_average_surface_distance`) with the pixel (voxel) spacing, so that
+they are in millimetres, in 2D and 3D. Conventions for empty masks: two empty masks agree
+perfectly (Dice, Jaccard, precision and recall 1, HD95 and ASD 0); when only one is empty the
+overlap metrics are 0 and HD95 and ASD are NaN (undefined), and summaries skip NaN.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance
+from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
 #: Metric names, in table order.
-METRICS = ("dice", "jaccard", "precision", "recall", "hd95_mm")
+METRICS = ("dice", "jaccard", "precision", "recall", "hd95_mm", "asd_mm")
 
 #: Structures reported together against published figures: group -> member labels.
 GROUPS = {
@@ -81,12 +83,37 @@ def hd95_mm(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) ->
     return float(value.reshape(-1)[0])
 
 
+def asd_mm(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) -> float:
+    """Average symmetric surface distance between mask surfaces, in mm (conventions of
+    :func:`hd95_mm` for empty masks)."""
+    p = np.asarray(pred, dtype=bool)
+    t = np.asarray(truth, dtype=bool)
+    if len(spacing_mm) != p.ndim:
+        raise ValueError(f"spacing_mm has {len(spacing_mm)} values for {p.ndim}D masks")
+    has_p, has_t = bool(p.any()), bool(t.any())
+    if not has_p and not has_t:
+        return 0.0
+    if has_p != has_t:
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+        value = compute_average_surface_distance(
+            torch.from_numpy(p[None, None]),
+            torch.from_numpy(t[None, None]),
+            include_background=True,
+            symmetric=True,
+            spacing=[float(s) for s in spacing_mm],
+        )
+    return float(value.reshape(-1)[0])
+
+
 def structure_metrics(
     pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]
 ) -> dict[str, float]:
     """All of :data:`METRICS` for one structure of one case."""
     out = overlap(pred, truth)
     out["hd95_mm"] = hd95_mm(pred, truth, spacing_mm)
+    out["asd_mm"] = asd_mm(pred, truth, spacing_mm)
     return out
 
 
@@ -162,7 +189,7 @@ def format_table(summary: Mapping[str, Mapping[str, float]]) -> str:
                 cells.append(f"{'-':>18}")
                 continue
             mean, std = metrics[name], metrics.get(name + "_std", math.nan)
-            digits = 2 if name == "hd95_mm" else 3
+            digits = 2 if name.endswith("_mm") else 3
             cells.append(f"{mean:>11.{digits}f} ±{std:>5.{digits}f}")
         lines.append(f"{label:<16}" + "".join(cells))
     return "\n".join(lines)

@@ -50,6 +50,7 @@ from dicom_node.training.data import (
 from dicom_node.training.evaluate import evaluate, select_postprocessing
 from dicom_node.training.metrics import batch_dice
 from dicom_node.training.progress import ProgressLines, format_seconds
+from dicom_node.training.volumes import VolumeAugment
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +85,13 @@ class TrainSettings:
         kept (a few pixels' worth of change is noise, not an improvement).
     num_threads
         CPU threads of torch (None: torch's default).
+    test_fraction, test_seed
+        3D: the fraction of all cases held out as test cases (drawn first, with their own
+        seed); they are evaluated once at the end and choose nothing.
+    patch_samples, positive_fraction
+        3D: patches drawn per case per step, and the share centred on a structure voxel.
+    validate_every
+        3D: validate every this many epochs (and at the last).
     """
 
     seed: int = 0
@@ -102,6 +110,12 @@ class TrainSettings:
     postprocess_min_gain: float = 0.0005
     postprocess_min_gain_mm: float = 0.1
     num_threads: int | None = None
+    # 3D models (dims: 3) only: the held-out test part, patches, validation interval
+    test_fraction: float = 0.0
+    test_seed: int = 0
+    patch_samples: int = 2
+    positive_fraction: float = 0.67
+    validate_every: int = 1
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any] | None) -> TrainSettings:
@@ -150,7 +164,7 @@ class TrainConfig:
 
     model: dict[str, Any]
     training: TrainSettings
-    augment: AugmentConfig
+    augment: AugmentConfig | VolumeAugment
     data: DataInfo = field(default_factory=DataInfo)
     source: str = ""
 
@@ -200,7 +214,11 @@ def parse_train_config(doc: Any, source: str = "<config>") -> TrainConfig:
     return TrainConfig(
         model=model,
         training=TrainSettings.from_dict(doc.get("training")),
-        augment=AugmentConfig.from_dict(doc.get("augment")),
+        augment=(
+            VolumeAugment.from_dict(doc.get("augment"))
+            if model.get("dims") == 3
+            else AugmentConfig.from_dict(doc.get("augment"))
+        ),
         data=DataInfo.from_dict(doc.get("data")),
         source=source,
     )
@@ -299,7 +317,8 @@ def train(
     progress: bool = True,
     overlays: bool = True,
 ) -> TrainResult:
-    """Train a model on a PNG folder and write the model package ``out_dir``.
+    """Train a model on a PNG folder (2D) or a NIfTI folder (3D models, see
+    :mod:`dicom_node.training.train3d`) and write the model package ``out_dir``.
 
     Parameters
     ----------
@@ -325,6 +344,19 @@ def train(
     config = (
         train_config if isinstance(train_config, TrainConfig) else load_train_config(train_config)
     )
+    if config.model.get("dims") == 3:
+        from dicom_node.training.train3d import train_volumes
+
+        return train_volumes(
+            Path(data_dir),
+            config,
+            Path(out_dir),
+            init=init,
+            epochs=epochs,
+            max_minutes=max_minutes,
+            progress=progress,
+        )
+    assert isinstance(config.augment, AugmentConfig)
     settings = config.training
     n_epochs = epochs or settings.epochs
     budget_min = max_minutes if max_minutes is not None else settings.max_minutes

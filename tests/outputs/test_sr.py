@@ -425,6 +425,37 @@ def test_one_structure_on_one_image(make_package, tmp_path: Path) -> None:  # ty
         assert dciodvfy_errors(out.path) == []
 
 
+def test_one_structure_in_a_volume(make_package, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A SEG of one segment over a series (la-lge: the left atrium) has its Segment
+    Identification in the Shared Functional Groups: the volume's Referenced Segment must
+    still name the segment and the source images of its frames."""
+    from tests.outputs.conftest import CT_STRUCTURES, ct_volume_series
+
+    package = make_package(CT_STRUCTURES[:1], ["volume"], dims=3, name="ct-one")
+    series = ct_volume_series()
+    masks = (series.pixels > -500.0)[..., None]
+    out = make_outputs(series, masks, package, tmp_path)
+    assert "SegmentIdentificationSequence" not in out.seg.PerFrameFunctionalGroupsSequence[0]
+    groups = segment_groups(read_report(out.path, out.seg))
+    assert [g.segment_numbers for g in groups] == [[1]]
+    expected = out.measurements.for_segment(1)
+    assert expected is not None and expected.pixel_count == int(masks.sum())
+    assert groups[0].values["Volume"] == (round(expected.value, 1), "ml")
+    sources = {
+        str(ref.ReferencedSOPInstanceUID)
+        for g in hd.sr.srread(out.path).content.get_volumetric_roi_measurement_groups()
+        if g.reference_type.meaning == "Referenced Segment"
+        for item in g.referenced_segment[1:]  # [0]: the SEG; then each source image
+        for ref in item.ReferencedSOPSequence
+    }
+    shown = masks[..., 0].any(axis=(1, 2))
+    assert sources == {
+        str(ds.SOPInstanceUID) for ds, s in zip(series.datasets, shown, strict=True) if s
+    }
+    if dciodvfy_path() is not None:
+        assert dciodvfy_errors(out.path) == []
+
+
 @pytest.mark.parametrize("slices", [1, 8], ids=["one slice", "a series"])
 def test_nothing_found_gives_a_report_that_says_so(  # type: ignore[no-untyped-def]
     make_package, tmp_path: Path, slices: int

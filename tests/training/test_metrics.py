@@ -72,7 +72,14 @@ def test_hd95_is_in_millimetres() -> None:
 def test_identical_masks_are_perfect() -> None:
     pred, _ = _boxes()
     m = structure_metrics(pred, pred.copy(), (0.35, 0.35))
-    assert m == {"dice": 1.0, "jaccard": 1.0, "precision": 1.0, "recall": 1.0, "hd95_mm": 0.0}
+    assert m == {
+        "dice": 1.0,
+        "jaccard": 1.0,
+        "precision": 1.0,
+        "recall": 1.0,
+        "hd95_mm": 0.0,
+        "asd_mm": 0.0,
+    }
 
 
 def test_shape_mismatch_is_an_error() -> None:
