@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dicom_node.models.package import ModelPackage
+from dicom_node.training.augment import AugmentConfig
 from dicom_node.training.metrics import format_table
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ def write_model_card(
     """Write ``MODEL_CARD.md`` of the package in ``folder`` from the measured figures."""
     s = config.training
     a = config.augment
+    assert isinstance(a, AugmentConfig)  # 2D cards; 3D cards: training/train3d.py
     norm = package.normalization
     epoch_s = [h["seconds"] for h in history]
     structures = ", ".join(f"{st.name} (`{st.label}`)" for st in package.structures)
