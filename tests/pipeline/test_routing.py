@@ -47,7 +47,9 @@ def test_empty_accepted_value_matches_an_absent_attribute() -> None:
 
 def test_default_route_takes_only_what_the_chest_model_is_valid_for() -> None:
     repo = Path(__file__).resolve().parents[2]
-    (route,) = load_settings(repo / "config" / "node.yaml").routes
+    (route,) = [
+        r for r in load_settings(repo / "config" / "node.yaml").routes if r.name == "chest-xray"
+    ]
     assert route.model.resolve() == (repo / "config" / "models" / "cxr-anatomy").resolve()
     chest = {"Modality": "DX", "BodyPartExamined": "CHEST", "ViewPosition": "PA"}
     assert matches(route, chest)
