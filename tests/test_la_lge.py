@@ -3,8 +3,8 @@
 DCMTK storescu -> ``dicom-node serve`` (the default config's la-lge route, the shipped
 package) -> DCMTK storescp. The case is one of the package's **test** cases (``split.json``:
 never trained on, chose nothing), sent (a) as an oblique single-frame MR series in reverse
-slice order and (b) as one Legacy Converted Enhanced MR object. The returned SEG is decoded
-onto the source frames and compared
+slice order, JPEG-LS lossless, and (b) as one Legacy Converted Enhanced MR object,
+uncompressed. The returned SEG is decoded onto the source frames and compared
 
 * with the same network run in this process on the NIfTI volume, without DICOM
   (:meth:`Segmenter.predict_volume`): the geometry must be exact, so that a mask one slice
@@ -26,6 +26,7 @@ import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.uid import JPEGLSLossless
 
 from dicom_node.config import load_settings
 from dicom_node.imaging.series import load_series
@@ -185,7 +186,7 @@ def test_default_route_sends_only_3d_heart_mr(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.peers
-def test_oblique_reversed_single_frame_series(
+def test_oblique_reversed_compressed_single_frame_series(
     tmp_path: Path,
     storescp: StoreSCP,
     node_factory: Callable[..., NodeProcess],
@@ -200,8 +201,10 @@ def test_oblique_reversed_single_frame_series(
     along = [float(np.dot(ds.ImagePositionPatient, normal)) for ds in slices]
     assert slices[0].InstanceNumber == 1 and along == sorted(along, reverse=True)
     assert [round(float(v), 3) for v in slices[0].ImageOrientationPatient[:3]] != [1, 0, 0]
+    for ds in slices:  # as many scanners send them: JPEG-LS lossless
+        ds.compress(JPEGLSLossless)
     files = write_files(slices, tmp_path / "mr")
-    done = storescu(node.port, files)
+    done = storescu(node.port, files, "-xt")
     assert done.returncode == 0, done.stderr
     out = results(storescp, timeout_s=180)
     check_results(out, files, truth, direct, spacing)
