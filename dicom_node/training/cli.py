@@ -80,12 +80,15 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``train`` to the ``dicom-node`` sub-parsers and return its parser."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "train",
-        help="train a U-Net on PNG images and masks, write a model package",
+        help="train a U-Net on PNG images or NIfTI volumes with masks, write a model package",
         description="Train a 2D multi-label U-Net from images/<case>.png and "
-        "masks/<structure>/<case>.png and write a complete model package (model.yaml, fp16 "
-        "weights, MODEL_CARD.md, curves, split, validation overlays).",
+        "masks/<structure>/<case>.png, or a 3D one (model.dims: 3) from "
+        "<case>/image.nii.gz and <case>/label.nii.gz, and write a complete model package "
+        "(model.yaml, fp16 weights, MODEL_CARD.md, curves, split, figures).",
     )
-    p.add_argument("--data", type=Path, required=True, help="folder with images/ and masks/")
+    p.add_argument(
+        "--data", type=Path, required=True, help="folder with images/ and masks/, or <case>/"
+    )
     p.add_argument("--config", type=Path, required=True, help="training config YAML")
     p.add_argument("--out", type=Path, required=True, help="model package folder to write")
     p.add_argument("--init", type=Path, help="model package to start from (transfer learning)")

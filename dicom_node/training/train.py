@@ -1,4 +1,7 @@
-"""``dicom-node train``: train a 2D multi-label U-Net and write a complete model package.
+"""``dicom-node train``: train a multi-label U-Net and write a complete model package.
+
+2D models train here on PNG folders; 3D models (``model.dims: 3``) on NIfTI volumes in
+:mod:`dicom_node.training.train3d`, from the same config format and command.
 
 The training config (see ``config/train-cxr.yaml``) has four parts: ``model`` is the
 ``model.yaml`` of the package to produce (less ``weights`` and ``metrics``, which training
