@@ -58,6 +58,9 @@ class Measurement(enum.Enum):
 
     AREA = "area"  # per structure, 2D images, cm2
     VOLUME = "volume"  # per structure, 3D series, ml
+    #: per structure, 2D images, mm: the longest diameter and the longest diameter
+    #: perpendicular to it (breast lesions, as radiologists measure them)
+    DIAMETERS = "diameters"
     CARDIOTHORACIC_RATIO = "cardiothoracic_ratio"  # needs heart and both lungs
 
 
@@ -81,6 +84,8 @@ class Structure:
     type_modifier: Code | None  # Segmented Property Type Modifier Code Sequence (0062,0011)
     color_rgb: tuple[int, int, int]
     postprocess: tuple[Postprocess, ...] = ()
+    #: Anatomic Region Sequence (0008,2218) of the segment, e.g. SCT Breast for a breast lesion
+    anatomic_region: Code | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,7 @@ def _structure(doc: Any, index: int, where: str) -> Structure:
     ):
         raise ModelPackageError(f"{key}.color: expected [r, g, b] in 0..255, got {color!r}")
     modifier = doc.get("type_modifier")
+    region = doc.get("anatomic_region")
     return Structure(
         label=str(_require(doc, "label", key)),
         name=str(doc.get("name", doc["label"])),
@@ -209,6 +215,9 @@ def _structure(doc: Any, index: int, where: str) -> Structure:
         color_rgb=(color[0], color[1], color[2]),
         postprocess=tuple(
             _enum(Postprocess, p, f"{key}.postprocess") for p in doc.get("postprocess", [])
+        ),
+        anatomic_region=(
+            None if region is None else resolve_code(region, f"{key}.anatomic_region")
         ),
     )
 

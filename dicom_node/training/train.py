@@ -75,6 +75,12 @@ class TrainSettings:
         Weights of the soft Dice and binary cross-entropy terms of the loss.
     validation_fraction, split_seed
         The held-out fraction of cases and the seed of the split.
+    test_fraction, test_seed
+        Fraction of cases kept apart first as a test part, out of training and every choice
+        (0: none), and its own seed (None: ``split_seed``).
+    finding_pattern
+        Without ``cases.csv``: a regular expression whose first group, searched in the case
+        id, is the finding that stratifies the split (e.g. ``^([a-z]+)_``).
     spacing_mm
         Pixel spacing of the training images (PNG has none), for HD95 in mm.
     postprocess_candidates
@@ -97,6 +103,9 @@ class TrainSettings:
     bce_weight: float = 1.0
     validation_fraction: float = 0.2
     split_seed: int = 0
+    test_fraction: float = 0.0
+    test_seed: int | None = None
+    finding_pattern: str | None = None
     spacing_mm: float = 1.0
     postprocess_candidates: tuple[str, ...] = ("largest_component", "fill_holes")
     postprocess_min_gain: float = 0.0005
@@ -354,12 +363,19 @@ def train(
     cases = list_cases(data_dir, labels)
     split = make_split(
         cases,
-        read_findings(data_dir),
+        read_findings(data_dir, settings.finding_pattern, cases),
         validation_fraction=settings.validation_fraction,
         seed=settings.split_seed,
+        test_fraction=settings.test_fraction,
+        test_seed=settings.test_seed,
     )
     split.write(out)
-    log.info("split", n_train=len(split.train), n_validation=len(split.validation))
+    log.info(
+        "split",
+        n_train=len(split.train),
+        n_validation=len(split.validation),
+        n_test=len(split.test),
+    )
     augmentation = build_augmentation(config.augment, package.input_size, settings.seed)
     train_set = CachedCases(data_dir, split.train, package, transform=augmentation)
     val_set = CachedCases(data_dir, split.validation, package)
