@@ -161,9 +161,7 @@ def read_regions(ds: pydicom.Dataset) -> tuple[UltrasoundRegion, ...]:
     return tuple(regions)
 
 
-def calibration_for(
-    ds: pydicom.Dataset, mask: np.ndarray
-) -> tuple[Calibration | None, str | None]:
+def calibration_for(ds: pydicom.Dataset, mask: np.ndarray) -> tuple[Calibration | None, str | None]:
     """The calibration that applies to all of ``mask`` on image ``ds``, or None and why not.
 
     Parameters

@@ -35,14 +35,14 @@ lung segments it was inferred from, and each measured width as a 2-point SCOORD 
 
 A structure measured by its diameters (``measurements: [diameters]``, e.g. a breast lesion on
 ultrasound) has a TID 1501 group of its own (highdicom allows no coordinates under the
-measurements of a TID 1410 group) with its finding type and site, the longest diameter as Long Axis (SCT 103339001) and
-the longest diameter perpendicular to it as Perpendicular Axis (SCT 131189007), both in mm
-(CID 7470), each with a Comment saying how it was measured and on which calibration, its
-2-point line (INFERRED FROM) a viewer draws and a reference to its segment (Source of
-Measurement, INFERRED FROM). A structure with an anatomic region (e.g. Breast)
-has it as Finding Site. Ultrasound images are calibrated only by their Sequence of Ultrasound
-Regions; a structure without a calibration (none, or it lies outside the calibrated region) gets
-no area or diameters, and a note in the Qualitative Evaluations container says why.
+measurements of a TID 1410 group) with its finding type and site, the longest diameter as Long
+Axis (SCT 103339001) and the longest diameter perpendicular to it as Perpendicular Axis (SCT
+131189007), both in mm (CID 7470), each with a Comment saying how it was measured and on which
+calibration, its 2-point line (INFERRED FROM) a viewer draws and a reference to its segment
+(Source of Measurement, INFERRED FROM). A structure with an anatomic region (e.g. Breast) has
+it as Finding Site. Ultrasound images are calibrated only by their Sequence of Ultrasound
+Regions; a structure without a calibration (none, or it lies outside the calibrated region)
+gets no area or diameters, and a note in the Qualitative Evaluations container says why.
 
 Values are written to the precision they have: areas to 0.1 cm2, volumes to 0.1 ml, lengths to
 0.1 mm, ratios to 0.01 (:data:`DECIMALS`).

@@ -3,9 +3,10 @@
 Chest radiographs are never mirrored: the heart is on the patient's left, and the model has
 separate channels for the right and left lung and clavicle, so a left/right flip would teach it
 the wrong side; ``flip_prob`` (default 0) allows a left/right flip for images without a side,
-such as a breast ultrasound frame, whose lesion looks alike mirrored. What varies between real radiographs is kept: patient position (small rotation,
-translation, scale, shear), body shape (mild elastic deformation), exposure and processing
-(contrast, gamma, brightness) and detector noise.
+such as a breast ultrasound frame, whose lesion looks alike mirrored. What varies between real
+radiographs is kept: patient position (small rotation, translation, scale, shear), body shape
+(mild elastic deformation), exposure and processing (contrast, gamma, brightness) and detector
+noise.
 
 The transforms work on ``{"image": (1, H, W), "label": (S, H, W)}`` float tensors on the
 network's input grid; the image is in [0, 1] after normalisation. Masks are resampled with

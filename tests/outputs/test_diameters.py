@@ -16,8 +16,13 @@ from dicom_node.outputs.diameters import measure_diameters
 ROW_MM, COL_MM = 0.3, 0.1
 
 
-def ellipse(shape: tuple[int, int], centre: tuple[float, float], radii_mm: tuple[float, float],
-            angle_deg: float = 0.0, spacing: tuple[float, float] = (ROW_MM, COL_MM)) -> np.ndarray:
+def ellipse(
+    shape: tuple[int, int],
+    centre: tuple[float, float],
+    radii_mm: tuple[float, float],
+    angle_deg: float = 0.0,
+    spacing: tuple[float, float] = (ROW_MM, COL_MM),
+) -> np.ndarray:
     """Pixels whose centres lie in the ellipse with semi-axes ``radii_mm`` (along x rotated by
     ``angle_deg``, and perpendicular), in mm on a grid of ``spacing``."""
     rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]

@@ -63,7 +63,13 @@ def outputs(
     values = measure(series, masks, package)
     seg = build_seg(series, masks, package, series_uid="1.2.3.1", sop_uid="1.2.3.1.1")
     sr = build_sr(
-        series, seg, masks, package, values, series_uid="1.2.3.2", sop_uid="1.2.3.2.1",
+        series,
+        seg,
+        masks,
+        package,
+        values,
+        series_uid="1.2.3.2",
+        sop_uid="1.2.3.2.1",
         notes=values.omitted,
     )
     for name, ds in (("seg.dcm", seg), ("sr.dcm", sr)):
@@ -129,9 +135,10 @@ def test_calibrated_lesion_area_and_diameters_in_seg_and_sr(
     # negative control: the calibration's X and Y swapped gives other diameters
     swapped = measure_diameters(masks[0, ..., 0], (col_mm, row_mm))
     assert swapped is not None
-    assert abs(swapped.longest_mm - got[LONG_AXIS]) > 1 or abs(
-        swapped.perpendicular_mm - got[PERPENDICULAR]
-    ) > 1
+    assert (
+        abs(swapped.longest_mm - got[LONG_AXIS]) > 1
+        or abs(swapped.perpendicular_mm - got[PERPENDICULAR]) > 1
+    )
     assert values.omitted == ()
     assert any("Physical Delta X 0.01 cm" in c for c in comments(sr))
     # the procedure is breast ultrasound
@@ -150,8 +157,7 @@ def test_no_regions_no_physical_measurement_and_the_sr_says_why(
     assert values.structures == () and values.diameters == ()
     assert not {AREA, LONG_AXIS, PERPENDICULAR} & set(nums(sr))
     assert any(
-        "Lesion: area and diameters not reported" in c
-        and "no Sequence of Ultrasound Regions" in c
+        "Lesion: area and diameters not reported" in c and "no Sequence of Ultrasound Regions" in c
         for c in comments(sr)
     )
     assert len(seg.SegmentSequence) == 1  # the lesion is still segmented and outlined
