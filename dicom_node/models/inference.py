@@ -62,6 +62,24 @@ def masks_from_probabilities(probs: np.ndarray, package: ModelPackage) -> np.nda
     return winner[..., None] == np.arange(1, probs.shape[-1] + 1)
 
 
+def confidence_gate(masks: np.ndarray, probs: np.ndarray, package: ModelPackage) -> np.ndarray:
+    """Drop, per frame and structure, a found mask whose mean probability is below the
+    package's ``output.min_confidence`` (a faint, doubtful finding counts as not found).
+
+    ``masks`` (boolean) and ``probs`` are ``(frames, rows, cols, S)``; returns ``masks``
+    unchanged when the package has no ``min_confidence``.
+    """
+    if package.min_confidence is None:
+        return masks
+    out = masks.copy()
+    for frame in range(masks.shape[0]):
+        for s in range(masks.shape[-1]):
+            found = masks[frame, ..., s]
+            if found.any() and float(probs[frame, ..., s][found].mean()) < package.min_confidence:
+                out[frame, ..., s] = False
+    return out
+
+
 def check_applicability(series: ImageSeries, package: ModelPackage) -> tuple[str, ...]:
     """Notes on what was assumed about ``series`` (see
     :func:`~dicom_node.models.applicability.check_image`), each once.
@@ -223,7 +241,9 @@ class Segmenter:
         Probabilities from :meth:`predict` are thresholded (sigmoid) or arg-maxed (softmax) by
         :func:`masks_from_probabilities`, then postprocessed per structure: connected
         components per frame for projection images, over the volume for cross-sectional
-        series.
+        series; then :func:`confidence_gate`.
         """
-        masks = masks_from_probabilities(self.predict(series), self.package)
-        return postprocess(masks, self.package, per_frame=series.is_projection)
+        probs = self.predict(series)
+        masks = masks_from_probabilities(probs, self.package)
+        masks = postprocess(masks, self.package, per_frame=series.is_projection)
+        return confidence_gate(masks, probs, self.package)

@@ -133,6 +133,10 @@ class ModelPackage:
     description: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     color: ColorMode = ColorMode.GRAY  # input.color: gray (1 channel) or rgb (3 channels)
+    #: output.min_confidence: a structure found on an image whose mean probability inside its
+    #: final mask is below this is dropped (not found); None keeps everything. Chosen on the
+    #: validation cases (training.evaluate.select_min_confidence).
+    min_confidence: float | None = None
 
     @property
     def in_channels(self) -> int:
@@ -327,6 +331,15 @@ def load_package(path: Path | str) -> ModelPackage:
     threshold = _float(out, "threshold", 0.5, f"{where}: output")
     if not 0.0 < threshold < 1.0:
         raise ModelPackageError(f"{where}: output.threshold: must be in (0, 1), got {threshold}")
+    min_confidence = out.get("min_confidence")
+    if min_confidence is not None and (
+        isinstance(min_confidence, bool)
+        or not isinstance(min_confidence, int | float)
+        or not 0.0 <= min_confidence < 1.0
+    ):
+        raise ModelPackageError(
+            f"{where}: output.min_confidence: a mean probability in [0, 1), got {min_confidence!r}"
+        )
     structures_doc = _require(doc, "structures", where)
     if not isinstance(structures_doc, list) or not structures_doc:
         raise ModelPackageError(f"{where}: structures: expected a non-empty list")
@@ -359,6 +372,7 @@ def load_package(path: Path | str) -> ModelPackage:
             Activation, out.get("activation", "sigmoid"), f"{where}: output.activation"
         ),
         threshold=threshold,
+        min_confidence=None if min_confidence is None else float(min_confidence),
         network=dict(network),
         weights=weights,
         structures=structures,

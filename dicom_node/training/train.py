@@ -47,7 +47,7 @@ from dicom_node.training.data import (
     make_split,
     read_findings,
 )
-from dicom_node.training.evaluate import evaluate, select_postprocessing
+from dicom_node.training.evaluate import evaluate, select_min_confidence, select_postprocessing
 from dicom_node.training.metrics import batch_dice
 from dicom_node.training.progress import ProgressLines, format_seconds
 
@@ -90,6 +90,10 @@ class TrainSettings:
         kept (a few pixels' worth of change is noise, not an improvement).
     num_threads
         CPU threads of torch (None: torch's default).
+    min_confidence_candidates
+        Values of ``output.min_confidence`` to measure on the validation cases after the
+        postprocessing is chosen (empty: no gate); see
+        :func:`~dicom_node.training.evaluate.select_min_confidence`.
     """
 
     seed: int = 0
@@ -111,6 +115,7 @@ class TrainSettings:
     postprocess_min_gain: float = 0.0005
     postprocess_min_gain_mm: float = 0.1
     num_threads: int | None = None
+    min_confidence_candidates: tuple[float, ...] = ()
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any] | None) -> TrainSettings:
@@ -126,6 +131,13 @@ class TrainSettings:
             if bad:
                 raise ConfigError(f"training.postprocess_candidates: {bad} not in {allowed}")
             doc["postprocess_candidates"] = tuple(steps)
+        if "min_confidence_candidates" in doc:
+            values = doc["min_confidence_candidates"] or []
+            if not all(isinstance(v, int | float) and 0 <= v < 1 for v in values):
+                raise ConfigError(
+                    f"training.min_confidence_candidates: numbers in [0, 1), got {values!r}"
+                )
+            doc["min_confidence_candidates"] = tuple(float(v) for v in values)
         settings = cls(**doc)
         if settings.epochs < 1 or settings.batch_size < 1:
             raise ConfigError("training.epochs and training.batch_size must be >= 1")
@@ -554,6 +566,18 @@ def finish_package(
     ]
     write_model_yaml(out, model)
     package = load_package(out)
+    if settings.min_confidence_candidates:
+        gate, _ = select_min_confidence(
+            package,
+            data_dir,
+            run.split.validation,
+            settings.min_confidence_candidates,
+            device=device,
+        )
+        if gate is not None:
+            model["output"] = {**dict(model.get("output") or {}), "min_confidence": gate}
+            write_model_yaml(out, model)
+            package = load_package(out)
     result_eval = evaluate(
         package,
         data_dir,
