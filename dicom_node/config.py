@@ -304,6 +304,13 @@ class Destination:
     connect_timeout_s: PositiveSeconds = 10.0
     timeout_s: PositiveSeconds = 30.0
 
+    @property
+    def address(self) -> str:
+        """Where it is reached, for status and logs: ``AE@host:port`` or the URL."""
+        if self.type == DestinationType.DICOMWEB:
+            return str(self.url)
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
     @model_validator(mode="before")
     @classmethod
     def _raw(cls, data: Any) -> Any:

@@ -54,6 +54,16 @@ def test_bad_config_is_refused_with_the_key(
     assert "port: must be an integer between 1 and 65535, got 99999" in capsys.readouterr().err
 
 
+def test_send_refuses_a_bad_called_ae_title(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["send", "127.0.0.1", "104", str(tmp_path), "--ae-title", "A" * 17]) == 2
+    assert capsys.readouterr().err == (
+        "dicom-node: ae_title: must be an AE title (1 to 16 printable ASCII characters, "
+        f"no backslash), got {'A' * 17!r}\n"
+    )
+
+
 def test_systemd_unit_and_dockerfile_run_a_valid_command() -> None:
     unit = (REPO / "systemd" / "dicom-node.service").read_text()
     exec_start = re.search(r"^ExecStart=(.+)$", unit, re.M)

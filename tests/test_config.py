@@ -485,6 +485,8 @@ def test_a_dicomweb_destination(tmp_path: Path) -> None:
     assert (d.verify_tls, d.ca_file) == (True, tmp_path / "ca.pem")
     assert (d.connect_timeout_s, d.timeout_s, d.outputs) == (5, 60, (OutputKind.SR,))
     assert (d.ae_title, d.host, d.port, d.tls) == ("", "", 0, None)
+    assert d.address == "https://pacs.example/dicom-web"
+    assert parse_settings(doc, base=tmp_path).destinations["pacs"].address == "PACS@127.0.0.1:4242"
     (tmp_path / "token").write_text("t")
     doc = cloud(tmp_path, auth={"token_file": str(tmp_path / "token")}, verify_tls=False)
     d = parse_settings(doc).destinations["cloud"]
