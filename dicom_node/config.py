@@ -270,6 +270,19 @@ class HttpAuth:
 
 
 _DIMSE_ONLY = ("ae_title", "host", "port", "tls")
+
+
+def _unset_dimse_keys(data: ArgsKwargs) -> ArgsKwargs:
+    """In Python, a dicomweb Destination may pass ``ae_title=""``/``None``, ``port=0``: unset."""
+    kwargs = dict(data.kwargs or {})
+    if kwargs.get("type") != DestinationType.DICOMWEB or len(data.args) > 1:
+        return data
+    for key in ("ae_title", "host", "port"):
+        if key in kwargs and not kwargs[key]:
+            del kwargs[key]
+    return ArgsKwargs(data.args, kwargs)
+
+
 _DICOMWEB_ONLY = ("url", "auth", "verify_tls", "ca_file")
 
 
@@ -316,7 +329,7 @@ class Destination:
     def _raw(cls, data: Any) -> Any:
         data = check.section(data, _keys(cls))
         if isinstance(data, ArgsKwargs):
-            return data
+            return _unset_dimse_keys(data)
         kind = data.get("type", DestinationType.DIMSE.value)
         if kind == DestinationType.DIMSE:
             for key in _DICOMWEB_ONLY:

@@ -768,5 +768,16 @@ def test_positional_construction_frozen_and_replace() -> None:
     assert moved.workers == 4 and moved.outbox_dir == Path("/srv/node/outbox")
     with pytest.raises(ValidationError, match="must be an integer between 1 and 65535"):
         Destination("cli", "PACS", "127.0.0.1", 70000)
+    web = Destination(
+        name="w",
+        type="dicomweb",
+        ae_title="",
+        host=None,
+        port=0,
+        url="http://127.0.0.1:8042/dicom-web",
+    )
+    assert (web.ae_title, web.host, web.port, web.type) == ("", "", 0, DestinationType.DICOMWEB)
+    with pytest.raises(ValidationError, match="dicomweb destination needs the base URL"):
+        Destination(name="w", type=DestinationType.DICOMWEB)
     with pytest.raises(ValidationError, match="trigger: study names its inputs"):
         Route("r", {}, Path("m"), (), Trigger.STUDY)
