@@ -637,7 +637,7 @@ class Settings:
     batch_size: Count = 8
     device: Annotated[Device, BeforeValidator(check.choice(Device))] = Device.AUTO
     delete_after_success: StrictBool = False
-    retention_days: Seconds | None = None
+    retention_days: Annotated[float, BeforeValidator(check.number(0))] | None = None
     metrics_port: Port | None = None
     log_format: Annotated[LogFormat, BeforeValidator(check.choice(LogFormat))] = LogFormat.CONSOLE
     log_level: Annotated[LogLevel, BeforeValidator(check.choice(LogLevel))] = LogLevel.INFO
