@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
+from pydantic import ValidationError
 
 from dicom_node import __version__
 from dicom_node.config import Destination, Settings, load_settings
+from dicom_node.configcheck import config_error
 from dicom_node.errors import DicomNodeError
 from dicom_node.log import configure_logging
 from dicom_node.outputs.kinds import OutputKind
@@ -139,7 +141,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     for item in args.files:
         p = Path(item)
         paths.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
-    dest = Destination("cli", args.ae_title, args.host, args.port)
+    try:
+        dest = Destination(name="cli", ae_title=args.ae_title, host=args.host, port=args.port)
+    except ValidationError as exc:
+        raise config_error(exc) from None
     results = store_files(dest, paths, calling_ae=args.calling_ae)
     failed = [r for r in results if not r.ok]
     for r in failed:
@@ -159,7 +164,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = db.status()
     db.close()
     status["configured_destinations"] = {
-        name: f"{d.ae_title}@{d.host}:{d.port}" for name, d in settings.destinations.items()
+        name: d.address for name, d in settings.destinations.items()
     }
     if args.json:
         print(json.dumps(status, indent=2))
