@@ -476,6 +476,7 @@ def build_sr(
     instance_number: int = 1,
     series_description: str | None = None,
     notes: Sequence[str] = (),
+    secondary: Sequence[ImageSeries] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Measurement Report on ``seg`` and its source ``series``.
 
@@ -508,6 +509,12 @@ def build_sr(
         (:func:`notes_container`). A structure the model did not find gets no measurement
         group (there is nothing to draw, and a group without geometry breaks OHIF 3); a
         note after these says it was not found.
+    secondary
+        The other inputs of a multi-input model (resampled onto ``series`` for the model):
+        their images join the evidence (Current Requested Procedure Evidence Sequence
+        (0040,A375)), and with them every input image is listed in the report's Image Library
+        (TID 1600), so the report names every series the result was inferred from. The SEG,
+        and so the measurement groups' segment references, are on ``series`` only.
 
     Returns
     -------
@@ -550,11 +557,13 @@ def build_sr(
         )
     if not groups:
         groups.append(nothing_found_group(series, package, algorithm))
+    others = [ds for other in secondary for ds in other.datasets]
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(package),
         procedure_reported=procedure_reported(series),
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
+        referenced_images=[*series.datasets, *others] if others else None,
     )
     not_found = [
         f"{structure.name}: not found by the model (segment {i + 1} of the SEG is empty)"
@@ -564,7 +573,7 @@ def build_sr(
     if notes or not_found:
         report[0].ContentSequence.append(notes_container([*notes, *not_found]))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*series.datasets, seg],
+        evidence=[*series.datasets, *others, seg],
         content=report[0],
         series_instance_uid=series_uid,
         series_number=(

@@ -1,10 +1,11 @@
 """One series in, SEG / SR / overlay out: the pipeline part shared by the worker and ``process``.
 
 series files -> :func:`load_series` -> :meth:`Segmenter.segment` -> :func:`measure` ->
-:func:`build_seg` + :func:`build_sr` + :func:`build_overlays`, each only when an output kind
-asks for it, with output UIDs derived from (source series, model name + version, output kind,
-source instances). What comes out is :attr:`SegmentationResult.outputs`: ``(kind, dataset)``
-pairs, which :func:`write_outputs` writes and the worker queues per destination.
+the writers of :data:`~dicom_node.outputs.writers.WRITERS` (SEG, SR, overlay), each only when
+an output kind asks for it (or another kind requires it), with output UIDs derived from
+(source series, model name + version, output kind, source instances). What comes out is
+:attr:`SegmentationResult.outputs`: ``(kind, dataset)`` pairs, which :func:`write_outputs`
+writes and the worker queues per destination.
 
 Deterministic failures on a bad dataset become :class:`~dicom_node.errors.InputError`, so the
 worker fails the job at once instead of retrying it: ``AttributeError``, ``KeyError``,
@@ -37,12 +38,10 @@ from dicom_node.models.applicability import check_image
 from dicom_node.models.inference import Segmenter
 from dicom_node.outputs.kinds import DEFAULT_OUTPUTS, OutputKind
 from dicom_node.outputs.measurements import Measurements, measure
-from dicom_node.outputs.overlay import build_overlays
-from dicom_node.outputs.seg import build_seg, check_seg_sources
-from dicom_node.outputs.sr import build_sr
+from dicom_node.outputs.seg import check_seg_sources
+from dicom_node.outputs.writers import WRITERS, SegmentationContext, kinds_to_build
 from dicom_node.redact import describe, phi_values, safe_message
 from dicom_node.store.spool import durable_write
-from dicom_node.uids import output_uids
 
 log = structlog.get_logger(__name__)
 
@@ -224,58 +223,23 @@ def _segment(
         notes = segmenter.notes(series)
     with input_stage("while measuring the structures", phi):
         values = measure(series, masks, package)
-    notes = (*notes, *values.omitted)
-    sources = series.sop_instance_uids
+    context = SegmentationContext(
+        series=series,
+        masks=masks,
+        package=package,
+        measurements=values,
+        notes=(*notes, *values.omitted),
+        instance_number=instance_number,
+        case_key=series.series_instance_uid,
+        source_instances=series.sop_instance_uids,
+    )
     sop_class = getattr(series.datasets[0].get("SOPClassUID"), "name", "these")
-
-    def uids(kind: OutputKind) -> tuple[str, str]:
-        series_uid, sop_uid = output_uids(
-            series.series_instance_uid, package.name, package.version, kind.value, sources
-        )
-        return str(series_uid), str(sop_uid)
-
-    outputs: list[tuple[OutputKind, Dataset]] = []
-    if OutputKind.SEG in kinds or OutputKind.SR in kinds:  # the SR references the SEG
-        seg_series, seg_sop = uids(OutputKind.SEG)
-        with input_stage(f"while building the SEG for {sop_class} images", phi):
-            seg = build_seg(
-                series,
-                masks,
-                package,
-                series_uid=seg_series,
-                sop_uid=seg_sop,
-                instance_number=instance_number,
-            )
-        if OutputKind.SEG in kinds:
-            outputs.append((OutputKind.SEG, seg))
-        if OutputKind.SR in kinds:
-            sr_series, sr_sop = uids(OutputKind.SR)
-            with input_stage(f"while building the SR for {sop_class} images", phi):
-                sr = build_sr(
-                    series,
-                    seg,
-                    masks,
-                    package,
-                    values,
-                    series_uid=sr_series,
-                    sop_uid=sr_sop,
-                    instance_number=instance_number,
-                    notes=notes,
-                )
-            outputs.append((OutputKind.SR, sr))
-    if OutputKind.OVERLAY in kinds:
-        ov_series, ov_sop = uids(OutputKind.OVERLAY)
-        with input_stage(f"while building the overlay for {sop_class} images", phi):
-            overlays = build_overlays(
-                series,
-                masks,
-                package,
-                series_uid=ov_series,
-                sop_uid=ov_sop,
-                instance_number=instance_number,
-            )
-        outputs.extend((OutputKind.OVERLAY, ds) for ds in overlays)
-    return SegmentationResult(series, values, tuple(outputs))
+    for kind in kinds_to_build(kinds):
+        writer = WRITERS[kind]
+        with input_stage(f"while building {writer.what} for {sop_class} images", phi):
+            context.built[kind] = writer.write(context)
+    outputs = tuple((kind, ds) for kind in WRITERS if kind in kinds for ds in context.built[kind])
+    return SegmentationResult(series, values, outputs)
 
 
 def write_outputs(results: Sequence[SegmentationResult], folder: Path) -> list[WrittenOutput]:
