@@ -228,9 +228,34 @@ def _segment_reference(
     series: ImageSeries, seg: pydicom.Dataset, number: int
 ) -> hd.sr.ReferencedSegment:
     """Referenced Segment (DCM 121191) with the source images of the segment's frames, or
-    with the source series for an empty segment (whose frames were omitted)."""
-    if _frames_of_segment(seg, number):
+    with the source series for an empty segment (whose frames were omitted).
+
+    highdicom 0.28's ``ReferencedSegment.from_segmentation`` reads the Segment Identification
+    Sequence (0062,000A) of each per-frame item only; a SEG of one segment has it in the
+    Shared Functional Groups, so its source images are gathered here (:func:`frame_group`).
+    """
+    frames = _frames_of_segment(seg, number)
+    if frames and "SegmentIdentificationSequence" in seg.PerFrameFunctionalGroupsSequence[0]:
         return hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
+    if frames:
+        sources: dict[str, hd.sr.SourceImageForSegmentation] = {}
+        for n in frames:
+            for src in frame_group(seg, n, "DerivationImageSequence")[0].SourceImageSequence:
+                frame = src.get("ReferencedFrameNumber")
+                sources.setdefault(
+                    str(src.ReferencedSOPInstanceUID),
+                    hd.sr.SourceImageForSegmentation(
+                        referenced_sop_class_uid=src.ReferencedSOPClassUID,
+                        referenced_sop_instance_uid=src.ReferencedSOPInstanceUID,
+                        referenced_frame_numbers=None if frame is None else [int(frame)],
+                    ),
+                )
+        return hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=number,
+            source_images=list(sources.values()),
+        )
     return hd.sr.ReferencedSegment(
         sop_class_uid=seg.SOPClassUID,
         sop_instance_uid=seg.SOPInstanceUID,

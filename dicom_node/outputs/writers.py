@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -95,9 +95,9 @@ class OutputWriter(Protocol):
 class SegWriter:
     """One BINARY SEG on the reference series (:func:`~dicom_node.outputs.seg.build_seg`)."""
 
-    kind: ClassVar[OutputKind] = OutputKind.SEG
-    requires: ClassVar[tuple[OutputKind, ...]] = ()
-    what: ClassVar[str] = "the SEG"
+    kind: OutputKind = OutputKind.SEG
+    requires: tuple[OutputKind, ...] = ()
+    what: str = "the SEG"
 
     def write(self, context: SegmentationContext) -> list[Dataset]:
         series_uid, sop_uid = context.uids(self.kind)
@@ -116,9 +116,9 @@ class SegWriter:
 class SrWriter:
     """One TID 1500 SR on the SEG and every input (:func:`~dicom_node.outputs.sr.build_sr`)."""
 
-    kind: ClassVar[OutputKind] = OutputKind.SR
-    requires: ClassVar[tuple[OutputKind, ...]] = (OutputKind.SEG,)
-    what: ClassVar[str] = "the SR"
+    kind: OutputKind = OutputKind.SR
+    requires: tuple[OutputKind, ...] = (OutputKind.SEG,)
+    what: str = "the SR"
 
     def write(self, context: SegmentationContext) -> list[Dataset]:
         series_uid, sop_uid = context.uids(self.kind)
@@ -143,9 +143,9 @@ class OverlayWriter:
     """One Secondary Capture per source frame with outlines burned in
     (:func:`~dicom_node.outputs.overlay.build_overlays`)."""
 
-    kind: ClassVar[OutputKind] = OutputKind.OVERLAY
-    requires: ClassVar[tuple[OutputKind, ...]] = ()
-    what: ClassVar[str] = "the overlay"
+    kind: OutputKind = OutputKind.OVERLAY
+    requires: tuple[OutputKind, ...] = ()
+    what: str = "the overlay"
 
     def write(self, context: SegmentationContext) -> list[Dataset]:
         series_uid, sop_uid = context.uids(self.kind)
