@@ -159,6 +159,7 @@ class Settings:
     routes: tuple[Route, ...] = ()
     send: SendPolicy = SendPolicy()
     workers: int = 1
+    gpu_slots: int = 1  # concurrent model runs on a CUDA device (no limit on the CPU)
     batch_size: int = 8
     device: str = "auto"
     delete_after_success: bool = False
@@ -555,6 +556,7 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         routes=_routes(doc.get("routes", []), destinations, base),
         send=send,
         workers=_number(doc.get("workers", 1), "workers", minimum=1, integer=True),
+        gpu_slots=_number(doc.get("gpu_slots", 1), "gpu_slots", minimum=1, integer=True),
         batch_size=_number(doc.get("batch_size", 8), "batch_size", minimum=1, integer=True),
         device=_choice(doc.get("device", "auto"), "device", _DEVICES),
         delete_after_success=bool(doc.get("delete_after_success", False)),

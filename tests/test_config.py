@@ -229,3 +229,10 @@ def test_limits_have_documented_defaults_and_are_validated() -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_settings({"limits": doc})
+
+
+def test_gpu_slots(tmp_path: Path) -> None:
+    assert parse_settings(base(tmp_path)).gpu_slots == 1
+    assert parse_settings({**base(tmp_path), "gpu_slots": 3}).gpu_slots == 3
+    with pytest.raises(ConfigError, match="gpu_slots"):
+        parse_settings({**base(tmp_path), "gpu_slots": 0})
