@@ -1,11 +1,13 @@
-"""One series in, SEG / SR / overlay out: the pipeline part shared by the worker and ``process``.
+"""One case in, SEG / SR / overlay out: the pipeline part shared by the worker and ``process``.
 
-series files -> :func:`load_series` -> :meth:`Segmenter.segment` -> :func:`measure` ->
+A case is one series per input role of the model package (:func:`segment_case`; one role
+``image`` for a package without ``inputs``, :func:`segment_series`). Files of each role ->
+:func:`load_series` -> :meth:`Segmenter.segment` -> :func:`measure` ->
 the writers of :data:`~dicom_node.outputs.writers.WRITERS` (SEG, SR, overlay), each only when
 an output kind asks for it (or another kind requires it), with output UIDs derived from
-(source series, model name + version, output kind, source instances). What comes out is
-:attr:`SegmentationResult.outputs`: ``(kind, dataset)`` pairs, which :func:`write_outputs`
-writes and the worker queues per destination.
+(the case's role -> series, model name + version, output kind, source instances). What
+comes out is :attr:`SegmentationResult.outputs`: ``(kind, dataset)`` pairs, which
+:func:`write_outputs` writes and the worker queues per destination.
 
 Deterministic failures on a bad dataset become :class:`~dicom_node.errors.InputError`, so the
 worker fails the job at once instead of retrying it: ``AttributeError``, ``KeyError``,
@@ -180,10 +182,6 @@ def segment_case(
     role may be absent: its channels are zeros. A multi-input case gives one result, on the
     reference input's grid (see :func:`_segment_inputs`); a one-input case is segmented as
     below.
-
-    A cross-sectional series (or a single radiograph) gives one result. A projection series
-    of several images (e.g. PA and lateral) gives one result per image: DICOM SEG needs a
-    frame of reference to span several projection images, which radiographs do not have.
 
     A cross-sectional series (or a single radiograph) gives one result. A projection series
     of several images (e.g. PA and lateral) gives one result per image: DICOM SEG needs a
