@@ -781,3 +781,10 @@ def test_positional_construction_frozen_and_replace() -> None:
         Destination(name="w", type=DestinationType.DICOMWEB)
     with pytest.raises(ValidationError, match="trigger: study names its inputs"):
         Route("r", {}, Path("m"), (), Trigger.STUDY)
+
+
+def test_gpu_slots(tmp_path: Path) -> None:
+    assert parse_settings(base(tmp_path)).gpu_slots == 1
+    assert parse_settings({**base(tmp_path), "gpu_slots": 3}).gpu_slots == 3
+    with pytest.raises(ConfigError, match="gpu_slots"):
+        parse_settings({**base(tmp_path), "gpu_slots": 0})

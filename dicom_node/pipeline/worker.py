@@ -26,7 +26,7 @@ from dicom_node.audit import AuditAction, AuditEvent, AuditLog, AuditOutcome, Pa
 from dicom_node.config import Route, Settings
 from dicom_node.errors import InputError, ModelPackageError
 from dicom_node.metrics import NodeMetrics
-from dicom_node.models.inference import Segmenter
+from dicom_node.models.inference import DeviceSlots, Segmenter
 from dicom_node.models.package import load_package
 from dicom_node.outputs.kinds import OutputKind
 from dicom_node.pipeline.segment import WrittenOutput, segment_series, write_outputs
@@ -55,13 +55,17 @@ class Worker:
         self._routes = {r.name: r for r in settings.routes}
         self._segmenters: dict[Path, Segmenter] = {}
         self._lock = threading.Lock()
+        self.slots = DeviceSlots(settings.gpu_slots)  # shared by every model and thread
 
     def segmenter(self, model: Path) -> Segmenter:
         """The loaded model for package folder ``model`` (loaded once, then cached)."""
         with self._lock:
             if model not in self._segmenters:
                 self._segmenters[model] = Segmenter(
-                    load_package(model), self.device, batch_size=self.settings.batch_size
+                    load_package(model),
+                    self.device,
+                    batch_size=self.settings.batch_size,
+                    slots=self.slots,
                 )
             return self._segmenters[model]
 
@@ -123,6 +127,16 @@ class Worker:
         wanted = {kind for kinds in self._wanted_by(route).values() for kind in kinds}
         kinds = [kind for kind in OutputKind if kind in wanted]  # only what someone asked for
         results = segment_series([r.path for r in records], segmenter, kinds)
+        for result in results:
+            if result.inference.degraded:  # CUDA out of memory: smaller batch or the CPU
+                log.warning(
+                    "job.inference_degraded",
+                    job_id=job.id,
+                    route=job.route,
+                    oom=result.inference.oom,
+                    batch_size=result.inference.batch_size,
+                    device=result.inference.device,
+                )
         return write_outputs(results, self.settings.outbox_dir / str(job.id))
 
     def _failed(
