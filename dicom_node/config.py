@@ -13,6 +13,7 @@ shell.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import re
@@ -48,6 +49,26 @@ class Destination:
     outputs: tuple[OutputKind, ...] = DEFAULT_OUTPUTS
 
 
+class Trigger(enum.StrEnum):
+    """When a route runs: once per complete series, or once per study with named inputs."""
+
+    SERIES = "series"
+    STUDY = "study"
+
+
+@dataclass(frozen=True)
+class InputRole:
+    """One named input of a route (``routes[].inputs[]``): the series that fills it."""
+
+    role: str
+    select: dict[str, tuple[str, ...]]  # DICOM keyword -> accepted patterns (any of them)
+    required: bool = True
+
+
+#: The one implicit input of a route without ``inputs`` (today's behaviour).
+IMAGE_ROLE = InputRole("image", {}, True)
+
+
 @dataclass(frozen=True)
 class Route:
     """Which series go to which model package, and where the results go."""
@@ -56,6 +77,14 @@ class Route:
     match: dict[str, tuple[str, ...]]  # DICOM keyword -> accepted values (any of them)
     model: Path
     send_to: tuple[str, ...]
+    trigger: Trigger = Trigger.SERIES
+    inputs: tuple[InputRole, ...] = ()
+    study_timeout_s: float | None = None  # None: the global study_timeout_s
+
+    @property
+    def roles(self) -> tuple[InputRole, ...]:
+        """``inputs``, or the one implicit required role ``image``."""
+        return self.inputs or (IMAGE_ROLE,)
 
 
 @dataclass(frozen=True)
@@ -168,6 +197,7 @@ class Settings:
     log_level: str = "info"
     job_lease_s: float = 600.0
     max_job_attempts: int = 3
+    study_timeout_s: float = 600.0
     audit: AuditSettings = AuditSettings()
     limits: Limits = Limits()
 
@@ -321,7 +351,15 @@ def _routes(doc: Any, destinations: dict[str, Destination], base: Path) -> tuple
     for i, item in enumerate(doc):
         key = f"routes[{i}]"
         item = _mapping(item, key)
-        unknown = set(item) - {"name", "match", "model", "send_to"}
+        unknown = set(item) - {
+            "name",
+            "match",
+            "model",
+            "send_to",
+            "trigger",
+            "inputs",
+            "study_timeout_s",
+        }
         if unknown:
             raise ConfigError(f"{key}: unknown key(s) {', '.join(sorted(unknown))}")
         name = str(item.get("name", f"route-{i}"))
@@ -331,17 +369,17 @@ def _routes(doc: Any, destinations: dict[str, Destination], base: Path) -> tuple
                 "give each route its own name (jobs and status are keyed by it)"
             )
         seen[name] = i
-        match: dict[str, tuple[str, ...]] = {}
-        for attr, values in _mapping(item.get("match", {}), f"{key}.match").items():
-            if attr not in ROUTING_KEYWORDS:
-                raise ConfigError(
-                    f"{key}.match.{attr}: cannot route on this attribute; "
-                    f"use one of {', '.join(ROUTING_KEYWORDS)}"
-                )
-            vals = values if isinstance(values, list) else [values]
-            if not vals or not all(isinstance(v, str | int | float) for v in vals):
-                raise ConfigError(f"{key}.match.{attr}: expected a value or a list of values")
-            match[str(attr)] = tuple(str(v) for v in vals)
+        match = _selector(item.get("match", {}), f"{key}.match")
+        trigger = Trigger(_choice(item.get("trigger", "series"), f"{key}.trigger", _TRIGGERS))
+        inputs = _inputs(item.get("inputs"), f"{key}.inputs")
+        if inputs and trigger is not Trigger.STUDY:
+            raise ConfigError(
+                f"{key}.inputs: named inputs need trigger: study (a series-level route has "
+                "the one input image)"
+            )
+        timeout = item.get("study_timeout_s")
+        if timeout is not None:
+            timeout = float(_number(timeout, f"{key}.study_timeout_s"))
         if "model" not in item or not isinstance(item["model"], str):
             raise ConfigError(f"{key}.model: missing; the path of a model package folder")
         model = Path(item["model"])
@@ -360,8 +398,61 @@ def _routes(doc: Any, destinations: dict[str, Destination], base: Path) -> tuple
                     f"{key}.send_to: {dest!r} is not a destination; "
                     f"known: {', '.join(destinations) or 'none'}"
                 )
-        routes.append(Route(str(name), match, model, tuple(send_to)))
+        routes.append(Route(str(name), match, model, tuple(send_to), trigger, inputs, timeout))
     return tuple(routes)
+
+
+_TRIGGERS = tuple(t.value for t in Trigger)
+
+
+def _selector(doc: Any, key: str) -> dict[str, tuple[str, ...]]:
+    """``match`` or ``select``: keyword -> accepted values or shell patterns (``*``, ``?``)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for attr, values in _mapping(doc, key).items():
+        if attr not in ROUTING_KEYWORDS:
+            raise ConfigError(
+                f"{key}.{attr}: cannot route on this attribute; "
+                f"use one of {', '.join(ROUTING_KEYWORDS)}"
+            )
+        vals = values if isinstance(values, list) else [values]
+        if not vals or not all(isinstance(v, str | int | float) for v in vals):
+            raise ConfigError(f"{key}.{attr}: expected a value or a list of values")
+        out[str(attr)] = tuple(str(v) for v in vals)
+    return out
+
+
+_ROLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def _inputs(doc: Any, key: str) -> tuple[InputRole, ...]:
+    """``routes[].inputs``: a list of ``{role, select, required}``, role names unique."""
+    if doc is None:
+        return ()
+    if not isinstance(doc, list) or not doc:
+        raise ConfigError(f"{key}: expected a non-empty list of {{role, select, required}}")
+    roles: list[InputRole] = []
+    for i, item in enumerate(doc):
+        where = f"{key}[{i}]"
+        item = _mapping(item, where)
+        unknown = set(item) - {"role", "select", "required"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        role = item.get("role")
+        if not isinstance(role, str) or not _ROLE_RE.match(role):
+            raise ConfigError(
+                f"{where}.role: {role!r} must be a name (a letter, then letters, digits, _ or -)"
+            )
+        if any(r.role == role for r in roles):
+            raise ConfigError(f"{where}.role: {role!r} is listed twice")
+        required = item.get("required", True)
+        if not isinstance(required, bool):
+            raise ConfigError(f"{where}.required: {required!r} must be true or false")
+        roles.append(
+            InputRole(role, _selector(item.get("select", {}), f"{where}.select"), required)
+        )
+    if not any(r.required for r in roles):
+        raise ConfigError(f"{key}: at least one role must be required")
+    return tuple(roles)
 
 
 def _tls(doc: Any, base: Path, where: str, required: tuple[str, ...]) -> TLSSettings | None:
@@ -565,6 +656,9 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         job_lease_s=_number(doc.get("job_lease_s", 600.0), "job_lease_s", minimum=1),
         max_job_attempts=_number(
             doc.get("max_job_attempts", 3), "max_job_attempts", minimum=1, integer=True
+        ),
+        study_timeout_s=float(
+            _number(doc.get("study_timeout_s", defaults.study_timeout_s), "study_timeout_s")
         ),
         audit=_audit(doc.get("audit"), base),
         limits=_limits(doc.get("limits")),

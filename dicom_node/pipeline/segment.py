@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,3 +300,17 @@ def group_series(folder: Path) -> dict[str, list[Path]]:
         if "SeriesInstanceUID" in ds:
             groups[str(ds.SeriesInstanceUID)].append(path)
     return dict(groups)
+
+
+# PLACEHOLDER (branch `cases`): the multi-input pipeline is written by the `multiin` helper
+# in parallel; at merge its segment_case replaces this stub. It exists here only so that the
+# worker can dispatch multi-role cases; a multi-role job fails with NotImplementedError here.
+def segment_case(
+    inputs: Mapping[str, Sequence[Path]],
+    segmenter: Segmenter,
+    kinds: Collection[OutputKind] = DEFAULT_OUTPUTS,
+) -> list[SegmentationResult]:
+    """Segment a case of several named inputs (role -> instance files). Not built yet."""
+    raise NotImplementedError(
+        f"segment_case: multi-input models are not built in this branch (roles {sorted(inputs)})"
+    )

@@ -33,7 +33,12 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.models.inference import Segmenter
 from dicom_node.models.package import load_package
 from dicom_node.outputs.kinds import OutputKind
-from dicom_node.pipeline.segment import WrittenOutput, segment_series, write_outputs
+from dicom_node.pipeline.segment import (
+    WrittenOutput,
+    segment_case,
+    segment_series,
+    write_outputs,
+)
 from dicom_node.redact import describe
 from dicom_node.store.database import CaseStore, Database, Job, JobState
 
@@ -130,13 +135,20 @@ class Worker:
         return {name: self.settings.destinations[name].outputs for name in route.send_to}
 
     def _process(self, job: Job, route: Route) -> list[WrittenOutput]:
-        records = self.db.series_instances(job.series_uid)
-        if not records:
-            raise InputError("no instances left for this series (deleted by retention?)")
+        inputs: dict[str, list[Path]] = {}
+        for role, series_uid in (job.inputs or {"image": job.series_uid}).items():
+            inputs[role] = [r.path for r in self.db.series_instances(series_uid)]
+            if not inputs[role]:
+                raise InputError(
+                    f"no instances left for the series of input {role} (deleted by retention?)"
+                )
         segmenter = self.segmenter(route.model)
         wanted = {kind for kinds in self._wanted_by(route).values() for kind in kinds}
         kinds = [kind for kind in OutputKind if kind in wanted]  # only what someone asked for
-        results = segment_series([r.path for r in records], segmenter, kinds)
+        if len(route.roles) == 1:  # one input: today's pipeline, whatever the role is called
+            results = segment_series(next(iter(inputs.values())), segmenter, kinds)
+        else:
+            results = segment_case(inputs, segmenter, kinds)
         return write_outputs(results, self.settings.outbox_dir / str(job.id))
 
     def _failed(
