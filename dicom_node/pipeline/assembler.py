@@ -12,7 +12,8 @@ series (chosen by :func:`~dicom_node.pipeline.routing.assign_roles`); its job re
 series filled which role. At ``study_timeout_s`` after the case opened it runs with the
 complete series it has, or, when a required role has none, fails: ``status`` lists the case
 with the missing roles, and the log says ``case.failed``. Optional roles that no series fills
-are left out.
+are left out. A case that waits again after a late series (``late_instances: reprocess``) but
+would run on exactly the series of its last run, none of them changed, is not run again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import structlog
 
 from dicom_node.config import Route, Settings, Trigger
 from dicom_node.pipeline.routing import assign_roles, fills_a_role, routes_for
-from dicom_node.store.cases import Case, CaseStore, SeriesState
+from dicom_node.store.cases import Case, CaseStore, SeriesState, SeriesSummary
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +90,10 @@ class Assembler:
         inputs = assign_roles(route, complete)
         missing = [r.role for r in route.roles if r.required and r.role not in inputs]
         if not missing:
+            if self._unchanged(case, inputs, complete):
+                self.db.settle_case(case.id, now)
+                bound.info("case.unchanged")
+                return 0
             reference = next(r.role for r in route.roles if r.role in inputs)
             job_id = self.db.queue_case(case.id, inputs, reference, now)
             if job_id is None:
@@ -111,6 +116,14 @@ class Assembler:
             if self.db.fail_case(case.id, reason, now):
                 bound.warning("case.failed", missing=missing, series=len(complete))
         return 0
+
+    def _unchanged(self, case: Case, inputs: dict[str, str], complete: list[SeriesSummary]) -> bool:
+        """True when the case's last run had these inputs and none got instances since."""
+        last = self.db.last_run(case.id)
+        if last is None or last[0] != inputs:
+            return False
+        arrived = {s.series_uid: s.last_received_at for s in complete}
+        return all(arrived[uid] <= last[1] for uid in inputs.values())
 
     def _timeout(self, route: Route) -> float:
         if route.study_timeout_s is not None:

@@ -97,6 +97,8 @@ class CaseStore(Protocol):
     def queue_case(
         self, case_id: int, inputs: Mapping[str, str], reference: str, now: float | None = None
     ) -> int | None: ...
+    def settle_case(self, case_id: int, now: float | None = None) -> bool: ...
+    def last_run(self, case_id: int) -> tuple[dict[str, str], float] | None: ...
     def fail_case(self, case_id: int, reason: str, now: float | None = None) -> bool: ...
     def recover_after_restart(self) -> int: ...
     def claim_job(self, owner: str, lease_s: float, now: float | None = None) -> Job | None: ...
@@ -349,6 +351,28 @@ class SqliteCaseStore(SqliteConnection):
                 (CaseState.QUEUED, now, case_id),
             )
             return job_id
+
+    def settle_case(self, case_id: int, now: float | None = None) -> bool:
+        """Queue a waiting case again without a new job: its last run had the same inputs,
+        none of them changed (a late series that fills no role does not re-run a case)."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE cases SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
+                (CaseState.QUEUED, now, case_id, CaseState.WAITING),
+            )
+            return cur.rowcount == 1
+
+    def last_run(self, case_id: int) -> tuple[dict[str, str], float] | None:
+        """The inputs and creation time of the case's latest job that ran (done or failed)."""
+        rows = self._query(
+            "SELECT id, created_at FROM jobs WHERE case_id = ? AND state IN (?, ?) "
+            "ORDER BY id DESC LIMIT 1",
+            (case_id, JobState.DONE, JobState.FAILED),
+        )
+        if not rows:
+            return None
+        return self.job_inputs(rows[0]["id"]), float(rows[0]["created_at"])
 
     def fail_case(self, case_id: int, reason: str, now: float | None = None) -> bool:
         """A waiting case cannot run (a required role is missing): failed, with ``reason``."""

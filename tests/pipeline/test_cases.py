@@ -228,6 +228,25 @@ def test_a_late_series_reprocesses_the_case_with_it(tmp_path: Path, db: Database
     assert again is not None and again.inputs == {"t1": "1.1", "t1c": "1.2", "flair": "1.3"}
 
 
+def test_a_late_series_that_fills_no_role_does_not_rerun_the_case(
+    tmp_path: Path, db: Database
+) -> None:
+    assembler = Assembler(brain_settings(tmp_path), db)
+    arrive(db, "1.1", "AX T1", now=100.0)
+    arrive(db, "1.2", "T1 POST", now=100.0)
+    assembler.tick(now=111.0)
+    job = db.claim_job("w", 60, now=112.0)
+    assert job is not None and db.finish_job(job.id, "w", [], {}, now=113.0)
+    arrive(db, "1.9", "LOCALIZER", now=120.0)
+    assert [c["state"] for c in db.cases()] == ["waiting"]
+    assert assembler.tick(now=131.0) == 0
+    assert [c["state"] for c in db.cases()] == ["queued"]
+    assert [j["state"] for j in db.jobs()] == [JobState.DONE]
+    arrive(db, "1.2", "T1 POST", now=140.0, n=3)  # one more instance of an input: runs
+    assert assembler.tick(now=151.0) == 1
+    assert db.job_inputs(db.jobs()[-1]["id"]) == {"t1": "1.1", "t1c": "1.2"}
+
+
 def test_a_late_series_before_the_case_ran_supersedes_its_job(tmp_path: Path, db: Database) -> None:
     assembler = Assembler(brain_settings(tmp_path, late_instances="ignore"), db)
     arrive(db, "1.1", "AX T1", now=100.0, policy="ignore")
