@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, generate_uid
 
 from dicom_node.audit import AuditLog
+from dicom_node.cli import main
 from dicom_node.config import InputRole, Route, Settings, Trigger, parse_settings
 from dicom_node.errors import ConfigError
 from dicom_node.net.receiver import Receiver
@@ -186,8 +187,12 @@ def test_a_case_is_ready_when_every_required_role_arrived_and_the_study_is_quiet
 
 
 def test_a_missing_required_role_fails_visibly_at_the_study_timeout(
-    tmp_path: Path, db: Database
+    tmp_path: Path,
+    db: Database,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("DICOM_NODE_STORAGE_DIR", raising=False)
     assembler = Assembler(brain_settings(tmp_path), db)
     arrive(db, "1.1", "AX T1", now=100.0)
     arrive(db, "1.3", "AX FLAIR", now=100.0)
@@ -203,6 +208,13 @@ def test_a_missing_required_role_fails_visibly_at_the_study_timeout(
         "required input(s) t1c" in failed["error"] and "study_timeout_s (100 s)" in failed["error"]
     )
     assert db.jobs() == []
+    # ... and `dicom-node status` prints it.
+    config = tmp_path / "node.yaml"
+    config.write_text(f"storage_dir: {tmp_path}\n")
+    assert main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "cases: failed 1" in out
+    assert f"failed case {failed['id']} (route brain): no series for required input(s) t1c" in out
 
 
 def test_an_optional_missing_role_still_runs(tmp_path: Path, db: Database) -> None:
