@@ -65,10 +65,6 @@ class InputRole:
     required: bool = True
 
 
-#: The one implicit input of a route without ``inputs`` (today's behaviour).
-IMAGE_ROLE = InputRole("image", {}, True)
-
-
 @dataclass(frozen=True)
 class Route:
     """Which series go to which model package, and where the results go."""
@@ -80,11 +76,6 @@ class Route:
     trigger: Trigger = Trigger.SERIES
     inputs: tuple[InputRole, ...] = ()
     study_timeout_s: float | None = None  # None: the global study_timeout_s
-
-    @property
-    def roles(self) -> tuple[InputRole, ...]:
-        """``inputs``, or the one implicit required role ``image``."""
-        return self.inputs or (IMAGE_ROLE,)
 
 
 @dataclass(frozen=True)
