@@ -170,7 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return 0
     print(f"instances indexed: {status['instances']}")
-    for table in ("series", "jobs", "sends"):
+    for table in ("series", "cases", "jobs", "sends"):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(status[table].items())) or "none"
         print(f"{table}: {counts}")
     for name, addr in status["configured_destinations"].items():
@@ -180,6 +180,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"failed job {job['id']} (route {job['route']}, {job['attempts']} attempts): "
             f"{job['error']}"
         )
+    for case in status["failed_cases"]:
+        print(f"failed case {case['id']} (route {case['route']}): {case['error']}")
     return 0
 
 

@@ -55,10 +55,10 @@ def queue(db: Database, paths: list[Path], series_uid: str = "1.2.3") -> None:
         late_policy="reprocess",
     )
     db.queue_series(series_uid, ["r"])
-    job = db.claim_job(60)
+    job = db.claim_job("w", 60)
     assert job is not None
     outputs = [("seg", p, f"{series_uid}.9.{i}") for i, p in enumerate(paths)]
-    db.finish_job(job.id, outputs, {"pacs": ("seg",)})
+    db.finish_job(job.id, "w", outputs, {"pacs": ("seg",)})
 
 
 @pytest.fixture
