@@ -122,7 +122,7 @@ def _output_kinds(text: str) -> list[OutputKind]:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dicom_node.net.sender import echo
+    from dicom_node.net.senders.dimse import echo
 
     status = echo(args.host, args.port, args.ae_title, calling_ae=args.calling_ae)
     if status is None:
@@ -133,13 +133,13 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from dicom_node.net.sender import store_files
+    from dicom_node.net.senders.dimse import store_files
 
     paths = []
     for item in args.files:
         p = Path(item)
         paths.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
-    dest = Destination("cli", args.ae_title, args.host, args.port)
+    dest = Destination(name="cli", ae_title=args.ae_title, host=args.host, port=args.port)
     results = store_files(dest, paths, calling_ae=args.calling_ae)
     failed = [r for r in results if not r.ok]
     for r in failed:
@@ -159,7 +159,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = db.status()
     db.close()
     status["configured_destinations"] = {
-        name: f"{d.ae_title}@{d.host}:{d.port}" for name, d in settings.destinations.items()
+        name: d.address for name, d in settings.destinations.items()
     }
     if args.json:
         print(json.dumps(status, indent=2))

@@ -13,6 +13,7 @@ shell.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import re
@@ -31,21 +32,67 @@ from dicom_node.outputs.kinds import DEFAULT_OUTPUTS, OutputKind
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
+class DestinationType(enum.StrEnum):
+    """How results reach a destination: C-STORE (``dimse``) or STOW-RS (``dicomweb``)."""
+
+    DIMSE = "dimse"
+    DICOMWEB = "dicomweb"
+
+
 @dataclass(frozen=True)
+class HttpAuth:
+    """HTTP authentication towards a DICOMweb destination, read from files at each request.
+
+    Basic auth: ``username`` + ``password_file``; bearer token: ``token_file``. A file's
+    trailing newline is not part of the secret.
+    """
+
+    username: str | None = None
+    password_file: Path | None = None
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Destination:
-    """A DICOM peer that receives results (C-STORE SCP).
+    """A peer that receives results: a C-STORE SCP (``dimse``) or a STOW-RS service
+    (``dicomweb``).
 
     ``outputs`` are the kinds of result it receives (``seg``, ``sr``, ``overlay``): a PACS
     that cannot show DICOM SEG asks for ``overlay``, a Secondary Capture with the outlines
-    burned in.
+    burned in. ``dimse`` needs ``ae_title``, ``host`` and ``port`` (``tls`` optional);
+    ``dicomweb`` needs ``url`` (the STOW-RS base; ``/studies`` is appended), with optional
+    ``auth``, ``verify_tls`` and ``ca_file``. ``connect_timeout_s`` bounds the connection (and
+    for DIMSE the association negotiation), ``timeout_s`` each response.
     """
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    type: DestinationType = DestinationType.DIMSE
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     tls: TLSSettings | None = None
     outputs: tuple[OutputKind, ...] = DEFAULT_OUTPUTS
+    url: str | None = None
+    auth: HttpAuth | None = None
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    connect_timeout_s: float = 10.0
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        key = f"destinations.{self.name}"
+        if self.type is DestinationType.DICOMWEB:
+            if not self.url:
+                raise ConfigError(f"{key}.url: missing; the STOW-RS base URL of a dicomweb one")
+        elif not (self.ae_title and self.host and self.port):
+            raise ConfigError(f"{key}: a dimse destination needs ae_title, host and port")
+
+    @property
+    def address(self) -> str:
+        """Where it is, for status and audit: ``AE@host:port`` or the URL."""
+        if self.type is DestinationType.DICOMWEB:
+            return str(self.url)
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -77,7 +124,10 @@ class TLSSettings:
 
 @dataclass(frozen=True)
 class SendPolicy:
-    """Retries of C-STORE to destinations, persisted across restarts."""
+    """Retries of sends to destinations, persisted across restarts.
+
+    ``timeout_s`` is the default of each destination's ``timeout_s`` when set here.
+    """
 
     max_attempts: int = 20
     initial_backoff_s: float = 2.0
@@ -273,14 +323,41 @@ def _mapping(value: Any, key: str) -> dict[str, Any]:
     return value
 
 
-def _destinations(doc: Any, base: Path) -> dict[str, Destination]:
+_DIMSE_KEYS = {"ae_title", "host", "port", "tls"}
+_DICOMWEB_KEYS = {"url", "auth", "verify_tls", "ca_file"}
+_COMMON_DEST_KEYS = {"type", "outputs", "connect_timeout_s", "timeout_s"}
+
+
+def _destinations(doc: Any, base: Path, timeout_s: float | None) -> dict[str, Destination]:
+    """``destinations``; ``timeout_s`` (``send.timeout_s`` when set) is the default of theirs."""
     out = {}
     for name, item in _mapping(doc, "destinations").items():
         key = f"destinations.{name}"
         item = _mapping(item, key)
-        unknown = set(item) - {"ae_title", "host", "port", "tls", "outputs"}
+        kind = DestinationType(
+            _choice(item.get("type", "dimse"), f"{key}.type", tuple(DestinationType))
+        )
+        own = _DIMSE_KEYS if kind is DestinationType.DIMSE else _DICOMWEB_KEYS
+        unknown = set(item) - own - _COMMON_DEST_KEYS
         if unknown:
-            raise ConfigError(f"{key}: unknown key(s) {', '.join(sorted(unknown))}")
+            raise ConfigError(
+                f"{key}: unknown key(s) for a {kind.value} destination: "
+                f"{', '.join(sorted(unknown))}"
+            )
+        timeouts = {
+            "connect_timeout_s": float(
+                _number(
+                    item.get("connect_timeout_s", 10.0), f"{key}.connect_timeout_s", minimum=0.1
+                )
+            ),
+            "timeout_s": float(
+                _number(item.get("timeout_s", timeout_s or 30.0), f"{key}.timeout_s", minimum=0.1)
+            ),
+        }
+        outputs = _outputs(item.get("outputs", list(DEFAULT_OUTPUTS)), f"{key}.outputs")
+        if kind is DestinationType.DICOMWEB:
+            out[str(name)] = _dicomweb(str(name), item, base, outputs, timeouts)
+            continue
         for required in ("ae_title", "host", "port"):
             if required not in item:
                 raise ConfigError(f"{key}.{required}: missing")
@@ -293,9 +370,75 @@ def _destinations(doc: Any, base: Path) -> dict[str, Destination]:
             host=host,
             port=_port(item["port"], f"{key}.port"),
             tls=_tls(item.get("tls"), base, f"{key}.tls", ("ca_file",)),
-            outputs=_outputs(item.get("outputs", list(DEFAULT_OUTPUTS)), f"{key}.outputs"),
+            outputs=outputs,
+            connect_timeout_s=timeouts["connect_timeout_s"],
+            timeout_s=timeouts["timeout_s"],
         )
     return out
+
+
+def _file(value: Any, base: Path, key: str) -> Path:
+    path = Path(str(value))
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise ConfigError(f"{key}: {value!r} is not a readable file")
+    return path
+
+
+def _dicomweb(
+    name: str,
+    item: dict[str, Any],
+    base: Path,
+    outputs: tuple[OutputKind, ...],
+    timeouts: dict[str, float],
+) -> Destination:
+    key = f"destinations.{name}"
+    url = item.get("url")
+    if not isinstance(url, str) or not re.match(r"^https?://[^/]+", url):
+        raise ConfigError(
+            f"{key}.url: {url!r} must be the http(s) base URL of a DICOMweb service "
+            "(e.g. https://pacs.example/dicom-web; /studies is appended)"
+        )
+    auth = None
+    if item.get("auth") is not None:
+        doc = _mapping(item["auth"], f"{key}.auth")
+        if set(doc) - {"username", "password_file", "token_file"}:
+            raise ConfigError(
+                f"{key}.auth: unknown key(s) "
+                f"{', '.join(sorted(set(doc) - {'username', 'password_file', 'token_file'}))}"
+            )
+        basic = "username" in doc or "password_file" in doc
+        if basic == ("token_file" in doc) or (
+            basic and not {"username", "password_file"} <= set(doc)
+        ):
+            raise ConfigError(
+                f"{key}.auth: give either username + password_file (HTTP basic) "
+                "or token_file (bearer token)"
+            )
+        auth = HttpAuth(
+            username=str(doc["username"]) if basic else None,
+            password_file=_file(doc["password_file"], base, f"{key}.auth.password_file")
+            if basic
+            else None,
+            token_file=None if basic else _file(doc["token_file"], base, f"{key}.auth.token_file"),
+        )
+    verify = item.get("verify_tls", True)
+    if not isinstance(verify, bool):
+        raise ConfigError(f"{key}.verify_tls: {verify!r} must be true or false")
+    ca_file = (
+        None if item.get("ca_file") is None else _file(item["ca_file"], base, f"{key}.ca_file")
+    )
+    return Destination(
+        name=name,
+        type=DestinationType.DICOMWEB,
+        url=url.rstrip("/"),
+        auth=auth,
+        verify_tls=verify,
+        ca_file=ca_file,
+        outputs=outputs,
+        connect_timeout_s=timeouts["connect_timeout_s"],
+        timeout_s=timeouts["timeout_s"],
+    )
 
 
 def _outputs(value: Any, key: str) -> tuple[OutputKind, ...]:
@@ -514,7 +657,6 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
     callers = doc.get("allowed_callers", [])
     if not isinstance(callers, list):
         raise ConfigError(f"allowed_callers: expected a list of AE titles, got {callers!r}")
-    destinations = _destinations(doc.get("destinations", {}), base)
     send_doc = _mapping(doc.get("send", {}), "send")
     unknown_send = set(send_doc) - set(SendPolicy.__dataclass_fields__)
     if unknown_send:
@@ -529,6 +671,9 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         echo_interval_s=_number(
             send_doc.get("echo_interval_s", SendPolicy.echo_interval_s), "send.echo_interval_s"
         ),
+    )
+    destinations = _destinations(
+        doc.get("destinations", {}), base, send.timeout_s if "timeout_s" in send_doc else None
     )
     storage = Path(str(doc.get("storage_dir", defaults.storage_dir)))
     retention = doc.get("retention_days")

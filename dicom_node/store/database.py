@@ -393,12 +393,16 @@ class Database:
 
     # -- send ------------------------------------------------------------------------------
 
-    def due_sends(self, now: float | None = None, limit: int = 64) -> list[Send]:
+    def due_sends(
+        self, now: float | None = None, limit: int = 64, destination: str | None = None
+    ) -> list[Send]:
+        """Pending sends whose next attempt is due, of ``destination`` (None: any)."""
         now = time.time() if now is None else now
+        where = "" if destination is None else " AND destination = ?"
         rows = self._query(
             "SELECT id, job_id, destination, path, sop_instance_uid, attempts FROM sends "
-            "WHERE state = ? AND next_attempt_at <= ? ORDER BY destination, id LIMIT ?",
-            (SendState.PENDING, now, limit),
+            f"WHERE state = ? AND next_attempt_at <= ?{where} ORDER BY destination, id LIMIT ?",
+            (SendState.PENDING, now, *(() if destination is None else (destination,)), limit),
         )
         return [
             Send(
