@@ -3,12 +3,15 @@ one thread per destination (a silent or slow destination holds only its own)."""
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pynetdicom import AE, StoragePresentationContexts, evt
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Settings, parse_settings
@@ -40,8 +43,13 @@ def make(tmp_path: Path, port: int, **send: Any) -> tuple[Settings, Database, De
     return settings, db, Delivery(settings, db, AuditLog(settings.audit_path))
 
 
-def queue(db: Database, paths: list[Path], series_uid: str = "1.2.3") -> None:
-    """A finished job whose outputs are ``paths`` (any DICOM files), for destination pacs."""
+def queue(
+    db: Database,
+    paths: list[Path],
+    series_uid: str = "1.2.3",
+    destinations: tuple[str, ...] = ("pacs",),
+) -> None:
+    """A finished job whose outputs are ``paths`` (any DICOM files), for ``destinations``."""
     db.record_instance(
         sop_instance_uid=f"{series_uid}.1",
         sop_class_uid="1.2",
@@ -57,7 +65,7 @@ def queue(db: Database, paths: list[Path], series_uid: str = "1.2.3") -> None:
     job = db.claim_job(60)
     assert job is not None
     outputs = [("seg", p, f"{series_uid}.9.{i}") for i, p in enumerate(paths)]
-    db.finish_job(job.id, outputs, {"pacs": ("seg",)})
+    db.finish_job(job.id, outputs, {d: ("seg",) for d in destinations})
 
 
 @pytest.fixture
@@ -110,3 +118,110 @@ def test_a_successful_send_makes_the_others_due(
     took = run_until_delivered(delivery, pacs, 3, timeout_s=10)
     assert took < 3
     assert db.status()["sends"] == {"done": 3}
+
+
+class HeldSCP:
+    """A pynetdicom Storage SCP whose C-STORE handler holds each request until released.
+
+    ``entered`` is set when the first C-STORE arrives: from then on this destination is
+    "slow", for as long as the test keeps ``release`` unset.
+    """
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.stored: list[str] = []
+        self.ae = AE(ae_title="SLOW")
+        self.ae.supported_contexts = StoragePresentationContexts
+        self.port = free_port()
+
+    def _on_store(self, event: Any) -> int:
+        self.entered.set()
+        self.release.wait(60)
+        self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def start(self) -> HeldSCP:
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+
+
+def two_destinations(tmp_path: Path, slow_port: int, fast_port: int, **slow: Any) -> Settings:
+    return parse_settings(
+        {
+            "storage_dir": str(tmp_path / "var"),
+            "destinations": {
+                "slow": {"ae_title": "SLOW", "host": "127.0.0.1", "port": slow_port, **slow},
+                "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": fast_port},
+            },
+            "send": {"initial_backoff_s": LONG_BACKOFF_S, "max_backoff_s": LONG_BACKOFF_S},
+        }
+    )
+
+
+def test_a_slow_destination_holds_only_its_own_thread(
+    tmp_path: Path, files: list[Path], pacs: StoreSCP
+) -> None:
+    """The slow destination's C-STORE is held the whole time the other one gets its results."""
+    slow = HeldSCP().start()
+    pacs.start()
+    settings = two_destinations(tmp_path, slow.port, pacs.port, timeout_s=60)
+    db = Database(settings.database_path)
+    delivery = Delivery(settings, db, AuditLog(settings.audit_path))
+    try:
+        queue(db, files, destinations=("slow", "pacs"))
+        delivery.start()
+        assert slow.entered.wait(30), "the slow destination never got a C-STORE"
+
+        def fast_done() -> bool:
+            return {(s["destination"], s["state"]) for s in db.sends()} == {
+                ("pacs", "done"),
+                ("slow", "pending"),
+            }
+
+        wait_for(fast_done, 30, "the fast destination's sends done, the slow one's pending")
+        assert len(pacs.files()) == 3
+        assert not slow.release.is_set() and slow.stored == []  # still held, mid-send
+        assert delivery._threads["slow"].is_alive()
+        slow.release.set()
+        wait_for(lambda: len(slow.stored) == 3, 30, "the slow destination to finish")
+        wait_for(lambda: db.status()["sends"] == {"done": 6}, 10, "every send marked done")
+    finally:
+        slow.stop()
+        delivery.stop()
+
+
+def test_a_silent_destination_fails_after_its_connect_timeout_and_waits_its_backoff(
+    tmp_path: Path, files: list[Path], pacs: StoreSCP
+) -> None:
+    """TCP accepted, no A-ASSOCIATE-AC ever: the attempt ends at connect_timeout_s, is retried
+    later, and the other destination is served meanwhile."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        pacs.start()
+        settings = two_destinations(
+            tmp_path, silent.getsockname()[1], pacs.port, connect_timeout_s=1
+        )
+        db = Database(settings.database_path)
+        delivery = Delivery(settings, db, AuditLog(settings.audit_path))
+        try:
+            queue(db, files, destinations=("slow", "pacs"))
+            delivery.start()
+            wait_for(lambda: len(pacs.files()) == 3, 30, "three files at the fast destination")
+
+            def slow_failed() -> dict[str, Any] | None:
+                dest = db.status()["destinations"].get("slow", {})
+                return dest if "last_error" in dest else None
+
+            dest = wait_for(slow_failed, 30, "the silent destination's attempt to time out")
+            assert dest["last_error"] == "no association (peer down?)"
+            assert dest["pending"] == 3 and dest["next_attempt_in_s"] > LONG_BACKOFF_S / 2
+        finally:
+            delivery.stop()
