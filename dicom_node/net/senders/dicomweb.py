@@ -19,7 +19,7 @@ server may echo patient data in it.
 
 ``echo`` is a QIDO-RS search for one study by a UID that no study has (``limit=1``): it needs
 the same base URL, TLS and credentials as a send, transfers no patient data, and is true on a
-2xx answer.
+2xx answer. Its timeouts are capped at :data:`ECHO_TIMEOUT_S`.
 
 Timeouts: ``connect_timeout_s`` for the TCP (and TLS) connection, ``timeout_s`` for each read
 of the response. dicomweb-client's own retrying is turned off: delivery's persisted backoff
@@ -43,6 +43,9 @@ from dicom_node.net.senders import SendOutcome, StoreResult
 
 #: Upper bound of one STOW-RS request's payload (the files are held in memory while it runs).
 MAX_REQUEST_BYTES = 64 * 1024**2
+
+#: Upper bound of the echo's connect and read timeouts, in seconds.
+ECHO_TIMEOUT_S = 5.0
 
 #: A UID no study has (UUID-derived root 2.25 with value 0): the target of the echo search.
 PROBE_STUDY_UID = "2.25.0"
@@ -73,10 +76,13 @@ class DicomwebSender:
     def __init__(self, destination: Destination) -> None:
         self.destination = destination
 
-    def _client(self, callback: Callable[..., Any] | None = None) -> DICOMwebClient:
+    def _client(
+        self, callback: Callable[..., Any] | None = None, *, most_s: float | None = None
+    ) -> DICOMwebClient:
         """A client over a fresh session; the credentials are read from their files now.
 
-        ``callback`` is a requests response hook (it sees each response's status).
+        ``callback`` is a requests response hook (it sees each response's status); ``most_s``
+        caps both timeouts.
         """
         dest = self.destination
         session = requests.Session()
@@ -92,7 +98,10 @@ class DicomwebSender:
             str(dest.url),
             session=session,
             headers=headers or None,
-            timeout=(dest.connect_timeout_s, dest.timeout_s),
+            timeout=(
+                min(dest.connect_timeout_s, most_s or dest.connect_timeout_s),
+                min(dest.timeout_s, most_s or dest.timeout_s),
+            ),
             callback=callback,
         )
         client.set_http_retry_params(retry=False)
@@ -161,7 +170,7 @@ class DicomwebSender:
     def echo(self) -> bool:
         """True when a QIDO-RS search answers 2xx (see the module docstring)."""
         try:
-            self._client().search_for_studies(
+            self._client(most_s=ECHO_TIMEOUT_S).search_for_studies(
                 search_filters={"StudyInstanceUID": PROBE_STUDY_UID}, limit=1
             )
         except (requests.RequestException, ValueError, OSError):
