@@ -399,6 +399,11 @@ def _dicomweb(
             f"{key}.url: {url!r} must be the http(s) base URL of a DICOMweb service "
             "(e.g. https://pacs.example/dicom-web; /studies is appended)"
         )
+    if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        raise ConfigError(
+            f"{key}.url: credentials in the URL would show in status and logs; "
+            "use auth: {username, password_file} instead"
+        )
     auth = None
     if item.get("auth") is not None:
         doc = _mapping(item["auth"], f"{key}.auth")

@@ -10,6 +10,8 @@ HTTP server of the test's own that answers what PS3.18 10.5.3 describes.
 from __future__ import annotations
 
 import json
+import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +27,7 @@ from dicom_node.errors import ConfigError
 from dicom_node.net.senders import sender_for
 from dicom_node.pipeline.delivery import Delivery
 from dicom_node.store.database import Database
-from tests.conftest import NodeProcess, free_port, storescu, wait_for
+from tests.conftest import NodeProcess, free_port, require_tool, storescu, wait_for
 from tests.factories import ct_series, write_files
 from tests.orthanc import DicomwebOrthanc
 from tests.pipeline.test_delivery import queue
@@ -109,16 +111,19 @@ def test_a_wrong_path_is_permanent_and_no_server_is_retried(
 class CannedStow:
     """An HTTP server that answers every POST with ``status`` and a DICOM JSON ``body``."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key) to serve HTTPS with."""
         self.status = 200
         self.body: dict[str, Any] = {}
         self.posts = 0
+        self.authorization: list[str | None] = []
         canned = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 self.rfile.read(int(self.headers["Content-Length"]))
                 canned.posts += 1
+                canned.authorization.append(self.headers.get("Authorization"))
                 payload = json.dumps(canned.body).encode()
                 self.send_response(canned.status)
                 self.send_header("Content-Type", "application/dicom+json")
@@ -130,7 +135,13 @@ class CannedStow:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/dicom-web"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
@@ -202,6 +213,52 @@ def test_http_statuses_retried_or_permanent(
     assert canned.posts == 1  # dicomweb-client's own retrying is off: delivery's backoff rules
 
 
+def test_a_bearer_token_is_read_from_its_file_at_each_send(
+    tmp_path: Path, canned: CannedStow
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    dest = Destination(
+        name="cloud", type=DestinationType.DICOMWEB, url=canned.url, auth=HttpAuth(token_file=token)
+    )
+    files = write_files(ct_series(n_slices=1), tmp_path / "ct")
+    sender = sender_for(dest)
+    assert sender.send(files).results[0].ok
+    token.write_text("rotated-token\n")
+    assert sender.send(files).results[0].ok
+    assert canned.authorization == ["Bearer first-token", "Bearer rotated-token"]
+    token.unlink()
+    [result] = sender.send(files).results
+    assert (result.ok, result.permanent) == (False, False)
+    assert result.detail == "cannot read the credentials file: No such file or directory"
+
+
+def test_tls_is_verified_by_default(tmp_path: Path) -> None:
+    """HTTPS with a certificate no system CA signed: refused (and retried) unless ``ca_file``
+    names it or ``verify_tls`` is false."""
+    subprocess.run(
+        [
+            require_tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+            "-keyout", "server.key", "-out", "server.crt", "-days", "2", "-subj", "/CN=stow",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        cwd=tmp_path, check=True, capture_output=True,
+    )  # fmt: skip
+    server = CannedStow(tls=(tmp_path / "server.crt", tmp_path / "server.key"))
+    try:
+        files = write_files(ct_series(n_slices=1), tmp_path / "ct")
+        [refused] = sender_for(dicomweb(server.url)).send(files).results
+        assert (refused.ok, refused.permanent) == (False, False)
+        assert refused.detail.startswith("TLS failed")
+        assert server.posts == 0
+        trusted = dicomweb(server.url, ca_file=tmp_path / "server.crt")
+        assert sender_for(trusted).send(files).results[0].ok
+        assert sender_for(dicomweb(server.url, verify_tls=False)).send(files).results[0].ok
+        assert server.posts == 2
+    finally:
+        server.stop()
+
+
 def test_a_server_that_does_not_answer_times_out(tmp_path: Path) -> None:
     """Accepts the connection and never answers: the send ends at timeout_s, to be retried."""
     import socket
@@ -227,6 +284,7 @@ def test_a_server_that_does_not_answer_times_out(tmp_path: Path) -> None:
         ({"type": "dicomweb", "url": "http://x", "ae_title": "A"}, "unknown key(s) for a dicomweb"),
         ({"type": "dicomweb", "url": "http://x", "auth": {"username": "u"}}, "give either"),
         ({"type": "dicomweb", "url": "http://x", "verify_tls": "false"}, "must be true or false"),
+        ({"type": "dicomweb", "url": "https://u:pw@x/dw"}, "use auth: {username, password_file}"),
         ({"type": "stow"}, "destinations.cloud.type: 'stow' must be one of dimse, dicomweb"),
         ({"type": "dimse", "url": "http://x"}, "unknown key(s) for a dimse destination: url"),
         ({"ae_title": "A", "host": "h"}, "destinations.cloud.port: missing"),

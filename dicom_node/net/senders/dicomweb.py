@@ -85,8 +85,9 @@ class DicomwebSender:
         caps both timeouts.
         """
         dest = self.destination
-        session = requests.Session()
-        session.verify = str(dest.ca_file) if dest.ca_file is not None else dest.verify_tls
+        session = _Session()
+        if dest.ca_file is not None or not dest.verify_tls:
+            session.pinned_verify = str(dest.ca_file) if dest.ca_file is not None else False
         headers = {}
         if dest.auth is not None:
             if dest.auth.token_file is not None:
@@ -176,6 +177,27 @@ class DicomwebSender:
         except (requests.RequestException, ValueError, OSError):
             return False
         return True
+
+
+class _Session(requests.Session):
+    """A session whose ``pinned_verify`` (a CA file, or False) wins over the environment.
+
+    requests lets ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` override ``Session.verify``; a
+    destination's own ``ca_file`` or ``verify_tls: false`` must not be overridden. Without
+    either, the environment's bundle (or certifi's) applies as usual.
+    """
+
+    pinned_verify: str | bool | None = None
+
+    def merge_environment_settings(
+        self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
+    ) -> dict[str, Any]:
+        settings: dict[str, Any] = super().merge_environment_settings(
+            url, proxies, stream, verify, cert
+        )
+        if self.pinned_verify is not None:
+            settings["verify"] = self.pinned_verify
+        return settings
 
 
 def _secret(path: Path) -> str:
