@@ -116,17 +116,21 @@ class Delivery:
         """One pass over every destination on the calling thread: deliver what is due, then
         probe; return how many sends were delivered (tests and tools; the node uses threads).
         """
-        self.drop_unconfigured(now)
+        self.drop_unconfigured()
         delivered = 0
         for name in self.settings.destinations:
             delivered += self.deliver(name, now)
             self.probe(name, now)
         return delivered
 
-    def drop_unconfigured(self, now: float | None = None) -> int:
-        """Dead-letter due sends whose destination is not (any more) in the config."""
+    def drop_unconfigured(self) -> int:
+        """Dead-letter pending sends whose destination is not (any more) in the config.
+
+        Sends are queued only for configured destinations, so this matters only after a
+        destination was removed from the config: at start (and in each :meth:`tick`).
+        """
         dropped = 0
-        for send in self.db.due_sends(now, limit=10_000):
+        for send in self.db.due_sends(now=math.inf, limit=1_000_000):
             if send.destination not in self.settings.destinations:
                 self.db.send_failed(
                     send.id,

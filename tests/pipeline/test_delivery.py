@@ -225,3 +225,22 @@ def test_a_silent_destination_fails_after_its_connect_timeout_and_waits_its_back
             assert dest["pending"] == 3 and dest["next_attempt_in_s"] > LONG_BACKOFF_S / 2
         finally:
             delivery.stop()
+
+
+def test_sends_to_a_destination_removed_from_the_config_are_dead_lettered_at_start(
+    tmp_path: Path, files: list[Path], pacs: StoreSCP
+) -> None:
+    """Even those still waiting for their backoff: no thread would ever serve them."""
+    settings, db, delivery = make(tmp_path, pacs.port)
+    queue(db, files[:1], "1.2.3", destinations=("gone",))
+    queue(db, files[1:2], "1.2.4", destinations=("gone",))
+    db.send_failed(2, "down", next_attempt_at=time.time() + LONG_BACKOFF_S)
+    pacs.start()
+    queue(db, files[2:], "1.2.5")
+    delivery.start()
+    try:
+        wait_for(lambda: db.status()["sends"] == {"failed": 2, "done": 1}, 30, "sends settled")
+        gone = [s for s in db.sends() if s["destination"] == "gone"]
+        assert {s["last_error"] for s in gone} == {"destination 'gone' is not configured"}
+    finally:
+        delivery.stop()
