@@ -229,7 +229,7 @@ def _http_error(
     if response is None:
         return SendOutcome.all_failed(paths, "HTTP error without a response")
     code = response.status_code
-    detail = f"HTTP {code} {response.reason or ''}".rstrip()
+    detail = f"HTTP {code} {(response.reason or '')[:80]}".rstrip()  # the status line only
     if code in _HINTS:
         detail += f": {_HINTS[code]}"
     permanent = 400 <= code < 500 and code not in _RETRIED_4XX
