@@ -77,15 +77,18 @@ class DicomwebSender:
         self.destination = destination
 
     def _client(
-        self, callback: Callable[..., Any] | None = None, *, most_s: float | None = None
+        self,
+        session: _Session,
+        callback: Callable[..., Any] | None = None,
+        *,
+        most_s: float | None = None,
     ) -> DICOMwebClient:
-        """A client over a fresh session; the credentials are read from their files now.
+        """A client over ``session``; the credentials are read from their files now.
 
         ``callback`` is a requests response hook (it sees each response's status); ``most_s``
         caps both timeouts.
         """
         dest = self.destination
-        session = _Session()
         if dest.ca_file is not None or not dest.verify_tls:
             session.pinned_verify = str(dest.ca_file) if dest.ca_file is not None else False
         headers = {}
@@ -141,15 +144,17 @@ class DicomwebSender:
             statuses.append(response.status_code)
 
         try:
-            client = self._client(status_hook)
-        except OSError as exc:
-            return SendOutcome.all_failed(
-                paths, f"cannot read the credentials file: {exc.strerror}"
-            )
-        try:
-            reply = client.store_instances([ds for _, ds in batch])
+            with _Session() as session:
+                client = self._client(session, status_hook)
+                reply = client.store_instances([ds for _, ds in batch])
         except requests.HTTPError as exc:
             return _http_error(batch, exc.response)
+        except requests.ConnectTimeout:
+            connect_s = self.destination.connect_timeout_s
+            return SendOutcome.all_failed(
+                paths,
+                f"no connection within connect_timeout_s ({connect_s:g} s)",
+            )
         except requests.Timeout:
             return SendOutcome.all_failed(
                 paths, f"no response within timeout_s ({self.destination.timeout_s:g} s)"
@@ -165,15 +170,20 @@ class DicomwebSender:
             return SendOutcome.all_failed(
                 paths, f"unreadable response ({type(exc).__name__})", answered=bool(statuses)
             )
+        except OSError as exc:  # after requests' own (OSErrors too): the credentials file
+            return SendOutcome.all_failed(
+                paths, f"cannot read the credentials file: {exc.strerror}"
+            )
         status = statuses[-1] if statuses else 200
         return _per_instance(batch, reply, f"HTTP {status}")
 
     def echo(self) -> bool:
         """True when a QIDO-RS search answers 2xx (see the module docstring)."""
         try:
-            self._client(most_s=ECHO_TIMEOUT_S).search_for_studies(
-                search_filters={"StudyInstanceUID": PROBE_STUDY_UID}, limit=1
-            )
+            with _Session() as session:
+                self._client(session, most_s=ECHO_TIMEOUT_S).search_for_studies(
+                    search_filters={"StudyInstanceUID": PROBE_STUDY_UID}, limit=1
+                )
         except (requests.RequestException, ValueError, OSError):
             return False
         return True
