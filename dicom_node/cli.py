@@ -124,7 +124,7 @@ def _output_kinds(text: str) -> list[OutputKind]:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dicom_node.net.sender import echo
+    from dicom_node.net.senders.dimse import echo
 
     status = echo(args.host, args.port, args.ae_title, calling_ae=args.calling_ae)
     if status is None:
@@ -135,7 +135,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from dicom_node.net.sender import store_files
+    from dicom_node.net.senders.dimse import store_files
 
     paths = []
     for item in args.files:

@@ -687,6 +687,10 @@ class Settings:
                             at=("destinations", str(key), "name"),
                         )
                     item = {"name": str(key), **item}
+                    send = data.get("send")
+                    if isinstance(send, Mapping) and "timeout_s" in send:
+                        # send.timeout_s (older configs) is each destination's default timeout_s
+                        item = {"timeout_s": send["timeout_s"], **item}
                 named[str(key)] = item
             data["destinations"] = named
         routes = data.get("routes")

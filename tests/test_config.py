@@ -788,3 +788,14 @@ def test_gpu_slots(tmp_path: Path) -> None:
     assert parse_settings({**base(tmp_path), "gpu_slots": 3}).gpu_slots == 3
     with pytest.raises(ConfigError, match="gpu_slots"):
         parse_settings({**base(tmp_path), "gpu_slots": 0})
+
+
+def test_send_timeout_is_the_default_of_each_destination_timeout(tmp_path: Path) -> None:
+    """Configs written before destinations had ``timeout_s`` keep the meaning of send.timeout_s."""
+    dests = {
+        "a": {"ae_title": "A", "host": "h", "port": 104},
+        "b": {"ae_title": "B", "host": "h", "port": 104, "timeout_s": 5},
+    }
+    settings = parse_settings({"send": {"timeout_s": 90}, "destinations": dests})
+    assert (settings.destinations["a"].timeout_s, settings.destinations["b"].timeout_s) == (90, 5)
+    assert parse_settings({"destinations": dests}).destinations["a"].timeout_s == 30

@@ -1,10 +1,10 @@
 """The node: composes receive -> assemble -> queue -> infer -> write -> send in one process.
 
 Threads: the receiver's association threads (thin: write + index), one scheduler thread that
-runs the assembler, delivery and retention ticks, ``workers`` worker threads that run jobs, and
-short-lived echo threads (at most one per destination) that probe destinations whose sends
-wait. Every stage hands over through the database, so a node killed at any instant restarts
-into a consistent state: ``start`` returns running jobs to the queue and resumes sends.
+runs the assembler and retention ticks, ``workers`` worker threads that run jobs, and one
+delivery thread per destination (``pipeline/delivery.py``), so a slow destination delays only
+its own results. Every stage hands over through the database, so a node killed at any instant
+restarts into a consistent state: ``start`` returns running jobs to the queue and resumes sends.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Node:
         self._lock_file = self._take_lock()
         self.db = Database(settings.database_path)
         self.audit = AuditLog(settings.audit_path, settings.audit_key_file, head=self.db)
-        self.wake = threading.Event()  # scheduler: an association ended or a job finished
+        self.wake = threading.Event()  # scheduler: an association ended
         self.work = threading.Event()  # workers: a job was queued
         self.stopping = threading.Event()
         self.device = _device(settings.device)
@@ -120,9 +120,7 @@ class Node:
             settings, self.db, self.audit, on_release=self.wake, metrics=self.metrics
         )
         self.assembler = Assembler(settings, self.db)
-        self.delivery = Delivery(
-            settings, self.db, self.audit, self.metrics, on_ready=self.wake.set
-        )
+        self.delivery = Delivery(settings, self.db, self.audit, self.metrics)
         self.retention = Retention(settings, self.db, self.audit)
         self.worker = Worker(settings, self.db, self.audit, self.device, self.metrics)
         self.audit_export = (
@@ -176,6 +174,7 @@ class Node:
         if self.audit_export is not None:
             self.audit_export.start()
         self._spawn("scheduler", self._schedule)
+        self.delivery.start()
         for i in range(self.settings.workers):
             self._spawn(f"worker-{i}", self._work)
         log.info(
@@ -195,7 +194,7 @@ class Node:
         while not self.stopping.is_set():
             self.wake.wait(TICK_S)
             self.wake.clear()
-            stages: list[Assembler | Delivery | Retention] = [self.assembler, self.delivery]
+            stages: list[Assembler | Retention] = [self.assembler]
             if time.monotonic() >= next_retention:  # purging need not be sub-second
                 stages.append(self.retention)
                 next_retention = time.monotonic() + RETENTION_EVERY_S
@@ -217,7 +216,7 @@ class Node:
                 self.work.wait(TICK_S)
                 self.work.clear()
             else:
-                self.wake.set()  # results are queued: let delivery run now
+                self.delivery.wake()  # results are queued: send them now
 
     def stop(self) -> None:
         self.stopping.set()

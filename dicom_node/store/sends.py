@@ -37,7 +37,9 @@ class Send:
 class SendStore(Protocol):
     """Delivery's view of the state: due sends, their outcomes, catching up, dead letters."""
 
-    def due_sends(self, now: float | None = None, limit: int = 64) -> list[Send]: ...
+    def due_sends(
+        self, now: float | None = None, limit: int = 64, destination: str | None = None
+    ) -> list[Send]: ...
     def send_done(self, send_id: int, now: float | None = None) -> None: ...
     def send_failed(
         self, send_id: int, error: str, *, next_attempt_at: float | None, now: float | None = None
@@ -71,12 +73,16 @@ def queue_sends(
 class SqliteSendStore(SqliteConnection):
     """:class:`SendStore` in the node's SQLite database (table ``sends``)."""
 
-    def due_sends(self, now: float | None = None, limit: int = 64) -> list[Send]:
+    def due_sends(
+        self, now: float | None = None, limit: int = 64, destination: str | None = None
+    ) -> list[Send]:
+        """Pending sends whose next attempt is due, of ``destination`` (None: any)."""
         now = time.time() if now is None else now
+        where = "" if destination is None else " AND destination = ?"
         rows = self._query(
             "SELECT id, job_id, destination, path, sop_instance_uid, attempts FROM sends "
-            "WHERE state = ? AND next_attempt_at <= ? ORDER BY destination, id LIMIT ?",
-            (SendState.PENDING, now, limit),
+            f"WHERE state = ? AND next_attempt_at <= ?{where} ORDER BY destination, id LIMIT ?",
+            (SendState.PENDING, now, *(() if destination is None else (destination,)), limit),
         )
         return [
             Send(
