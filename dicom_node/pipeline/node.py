@@ -30,7 +30,7 @@ from dicom_node.audit import (
     Participants,
 )
 from dicom_node.audit_export import SyslogExporter
-from dicom_node.config import Settings
+from dicom_node.config import Route, Settings
 from dicom_node.errors import DicomNodeError, StartupError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.models.inference import select_device
@@ -38,6 +38,7 @@ from dicom_node.net.receiver import Receiver
 from dicom_node.pipeline.assembler import Assembler
 from dicom_node.pipeline.delivery import Delivery
 from dicom_node.pipeline.retention import Retention
+from dicom_node.pipeline.routing import route_roles
 from dicom_node.pipeline.worker import Worker
 from dicom_node.store.database import Database
 from dicom_node.store.spool import clean_stale_temp_files
@@ -86,6 +87,28 @@ def prepare_storage(storage_dir: Path) -> None:
         raise StartupError(
             f"storage_dir: cannot write in {storage_dir} ({exc.strerror}); {fix}"
         ) from None
+
+
+def check_roles(route: Route, package_roles: tuple[str, ...]) -> None:
+    """Refuse a route whose input roles do not fit its model package's inputs.
+
+    A one-role route fits any one-input package (the role name does not matter); otherwise
+    the route's roles must be the package's roles.
+
+    Raises
+    ------
+    StartupError
+        Naming the route, both sets of roles and what to change.
+    """
+    roles = tuple(r.role for r in route_roles(route))
+    if len(roles) == 1 and len(package_roles) == 1:
+        return
+    if set(roles) != set(package_roles):
+        raise StartupError(
+            f"routes: {route.name}: its inputs {list(roles)} do not fit the model package "
+            f"{route.model}, whose inputs are {list(package_roles)}; give the route "
+            "trigger: study and one input per package role, with the package's role names"
+        )
 
 
 def listen_error(what: str, address: str, port: int, exc: OSError) -> StartupError:
@@ -151,7 +174,7 @@ class Node:
         clean_stale_temp_files(self.settings.outbox_dir)
         resumed = self.db.recover_after_restart()
         for route in self.settings.routes:  # fail at start, not at the first study
-            self.worker.segmenter(route.model)
+            check_roles(route, self.worker.segmenter(route.model).package.roles)
         address = self.settings.bind_address
         if self.settings.metrics_port is not None:
             try:
