@@ -18,6 +18,7 @@ import torch
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from dicom_node.config import parse_settings
 from dicom_node.errors import InputError, ModelPackageError
 from dicom_node.imaging.resample import resample_onto
 from dicom_node.imaging.series import load_series
@@ -27,8 +28,9 @@ from dicom_node.models.preprocess import prepare_image
 from dicom_node.models.random_package import make_random_package
 from dicom_node.outputs.kinds import OutputKind
 from dicom_node.outputs.validate import dciodvfy_errors, dciodvfy_path
+from dicom_node.pipeline.node import Node
 from dicom_node.pipeline.segment import segment_case, segment_series, write_outputs
-from tests.conftest import REQUIRE_PEERS
+from tests.conftest import REQUIRE_PEERS, StoreSCP, free_port, storescu, wait_for
 from tests.factories import la_mri_cases, la_mri_volume, mr_series, write_files
 
 SLICES = 12  # a slab of the volume keeps the test quick; every slice is still real data
@@ -375,3 +377,56 @@ def test_one_input_outputs_keep_their_uids(tmp_path: Path, random_package: Path)
     )
     assert (result.seg.SeriesInstanceUID, result.seg.SOPInstanceUID) == expected
     assert dcmread(write_outputs([result], tmp_path / "out")[0].path).Modality == "SEG"
+
+
+@pytest.mark.peers
+def test_a_two_series_study_runs_as_one_case_through_the_node(
+    tmp_path: Path,
+    volume: tuple[np.ndarray, tuple[float, float, float]],
+    two_input_package: Path,
+    storescp: StoreSCP,
+) -> None:
+    """Both series by C-STORE to a running node with a study route of two roles: one case, one
+    job; the SEG at the PACS is on the reference series, the SR references both."""
+    study = Study(tmp_path / "in", *volume)
+    settings = parse_settings(
+        {
+            "port": free_port(),
+            "bind_address": "127.0.0.1",
+            "storage_dir": str(tmp_path / "var"),
+            "stable_after_s": 60,
+            "release_grace_s": 0.5,
+            "device": "cpu",
+            "destinations": {
+                "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": storescp.port}
+            },
+            "routes": [
+                {
+                    "name": "la-2ch",
+                    "trigger": "study",
+                    "model": str(two_input_package),
+                    "inputs": [
+                        {"role": "lge", "select": {"SeriesDescription": ["*LGE*"]}},
+                        {"role": "dark", "select": {"SeriesDescription": ["*dark*"]}},
+                    ],
+                    "send_to": ["pacs"],
+                }
+            ],
+        }
+    )
+    node = Node(settings)
+    node.start()
+    try:
+        for role in ("dark", "lge"):  # the secondary first: arrival order does not matter
+            sent = storescu(settings.port, study.paths[role])
+            assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: len(storescp.files()) >= 2, 300, "SEG and SR at the PACS")
+        (job,) = node.db.jobs()
+        lge_uid, dark_uid = study.lge[0].SeriesInstanceUID, study.dark[0].SeriesInstanceUID
+        assert node.db.job_inputs(job["id"]) == {"lge": lge_uid, "dark": dark_uid}
+    finally:
+        node.stop()
+    received = {str(ds.Modality): ds for ds in (dcmread(p) for p in storescp.files())}
+    seg, sr = received["SEG"], received["SR"]
+    assert [s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence] == [lge_uid]
+    assert series_uids_in_evidence(sr) == {lge_uid, dark_uid, seg.SeriesInstanceUID}
