@@ -23,6 +23,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     UltrasoundImageStorage,
+    MRImageStorage,
     generate_uid,
 )
 
@@ -210,6 +211,87 @@ def ct_series(
     if shuffle:
         order = rng.permutation(n_slices)
         out = [out[i] for i in order]
+    return out
+
+
+LA_MRI = SHARED_DATA / "la-mri"
+
+
+def la_mri_cases() -> list[str]:
+    """Case folders of the left-atrium LGE-MRI volumes present under ``SHARED_DATA``."""
+    return sorted(p.parent.name for p in LA_MRI.glob("*/image.nii.gz"))
+
+
+def la_mri_volume(case: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The LGE-MRI volume of ``case`` as ``(z, y, x)`` and its spacing ``(z, y, x)`` in mm."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(LA_MRI / case / "image.nii.gz"))
+    sx, sy, sz = image.GetSpacing()
+    return sitk.GetArrayFromImage(image).astype(np.float32), (sz, sy, sx)
+
+
+def mr_series(
+    volume: np.ndarray,
+    *,
+    spacing_mm: tuple[float, float, float],
+    study_uid: str,
+    frame_of_reference_uid: str,
+    origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+    series_number: int = 1,
+    description: str = "LGE 3D",
+) -> list[Dataset]:
+    """An MR Image Storage series of ``volume`` ``(z, y, x)``, one slice per instance.
+
+    Slice ``k`` lies at ``origin_mm + k * spacing_z * normal`` (normal = row x column
+    direction of ``orientation``); values are rounded to unsigned 16-bit.
+    """
+    series_uid = generate_uid()
+    dz, dy, dx = spacing_mm
+    row_dir = np.asarray(orientation[:3], dtype=np.float64)
+    col_dir = np.asarray(orientation[3:], dtype=np.float64)
+    normal = np.cross(row_dir, col_dir)
+    data = np.clip(np.round(volume), 0, 65535).astype(np.uint16)
+    out = []
+    for k in range(volume.shape[0]):
+        ds = Dataset()
+        _patient_study(ds, study_uid)
+        ds.SOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_of_reference_uid
+        ds.PositionReferenceIndicator = ""
+        ds.Modality = "MR"
+        ds.SeriesNumber = series_number
+        ds.SeriesDescription = description
+        ds.BodyPartExamined = "HEART"
+        ds.InstanceNumber = k + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+        ds.ScanningSequence = "GR"
+        ds.SequenceVariant = "SP"
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "3D"
+        ds.RepetitionTime = 5.4
+        ds.EchoTime = 2.3
+        ds.EchoTrainLength = 1
+        ds.SliceThickness = dz
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin_mm) + k * dz * normal]
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+        ds.PixelSpacing = [dy, dx]
+        ds.AcquisitionNumber = 1
+        ds.ContentDate = ds.StudyDate
+        ds.ContentTime = ds.StudyTime
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = int(volume.shape[1]), int(volume.shape[2])
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.PixelData = data[k].tobytes()
+        _file_meta(ds)
+        out.append(ds)
     return out
 
 

@@ -9,6 +9,7 @@ pydicom's code dictionaries, display colour, postprocessing). See ``docs/model-p
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,27 @@ class Applicability:
     species: tuple[str, ...] = ()
 
 
+#: The one input role of a package without ``inputs`` (and of a route without ``inputs``).
+DEFAULT_ROLE = "image"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of the model (``inputs[]``): a named role, one channel group of the network.
+
+    Attributes
+    ----------
+    role
+        The role name, e.g. ``t1``; routes fill it with a series of the case.
+    required
+        False: the case may lack this role; its channel(s) are then zeros (after
+        normalisation), as the model must have been trained to expect.
+    """
+
+    role: str
+    required: bool = True
+
+
 @dataclass(frozen=True)
 class ModelPackage:
     """A validated model package. Construct with :func:`load_package`."""
@@ -137,11 +159,28 @@ class ModelPackage:
     #: final mask is below this is dropped (not found); None keeps everything. Chosen on the
     #: validation cases (training.evaluate.select_min_confidence).
     min_confidence: float | None = None
+    #: ``inputs``: the roles in channel order; without it one required role ``image``.
+    inputs: tuple[InputSpec, ...] = (InputSpec(DEFAULT_ROLE),)
+    #: ``reference``: the role whose grid the others are resampled onto and the SEG is on.
+    reference: str = DEFAULT_ROLE
+    #: ``registered``: the site guarantees the inputs are registered (patient coordinates
+    #: agree) even without a shared Frame of Reference UID (0020,0052).
+    registered: bool = False
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The input role names in channel order."""
+        return tuple(spec.role for spec in self.inputs)
+
+    @property
+    def channels_per_input(self) -> int:
+        """Network channels of each input: 3 for ``input.color: rgb``, else 1."""
+        return 3 if self.color is ColorMode.RGB else 1
 
     @property
     def in_channels(self) -> int:
-        """Input channels of the network: 3 for ``input.color: rgb``, else 1."""
-        return 3 if self.color is ColorMode.RGB else 1
+        """Input channels of the network: one group of :attr:`channels_per_input` per role."""
+        return len(self.inputs) * self.channels_per_input
 
     @property
     def out_channels(self) -> int:
@@ -270,6 +309,59 @@ def _applicability(doc: dict[str, Any], where: str) -> Applicability:
     )
 
 
+_ROLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+
+
+def _inputs(doc: dict[str, Any], where: str) -> tuple[tuple[InputSpec, ...], str, bool]:
+    """``inputs``, ``reference`` and ``registered`` of ``model.yaml``."""
+    registered = doc.get("registered", False)
+    if not isinstance(registered, bool):
+        raise ModelPackageError(f"{where}: registered: expected true or false, got {registered!r}")
+    value = doc.get("inputs")
+    if value is None:
+        specs: tuple[InputSpec, ...] = (InputSpec(DEFAULT_ROLE),)
+    else:
+        if not isinstance(value, list) or not value:
+            raise ModelPackageError(
+                f"{where}: inputs: expected a non-empty list of {{role: name}} in channel "
+                f"order, got {value!r}"
+            )
+        found = []
+        for i, item in enumerate(value):
+            key = f"{where}: inputs[{i}]"
+            item = _mapping(item, key)
+            unknown = set(item) - {"role", "required"}
+            if unknown:
+                raise ModelPackageError(
+                    f"{key}: unknown key(s) {', '.join(sorted(unknown))}; known: role, required"
+                )
+            role = item.get("role")
+            if not isinstance(role, str) or not _ROLE_RE.match(role):
+                raise ModelPackageError(
+                    f"{key}.role: expected a name of letters, digits, _ or - starting with a "
+                    f"letter (e.g. t1c), got {role!r}"
+                )
+            required = item.get("required", True)
+            if not isinstance(required, bool):
+                raise ModelPackageError(f"{key}.required: expected true or false, got {required!r}")
+            found.append(InputSpec(role, required))
+        specs = tuple(found)
+    roles = [spec.role for spec in specs]
+    if len(set(roles)) != len(roles):
+        raise ModelPackageError(f"{where}: inputs: role names must be unique, got {roles}")
+    reference = doc.get("reference", roles[0])
+    if reference not in roles:
+        raise ModelPackageError(
+            f"{where}: reference: {reference!r} is not one of the inputs' roles {roles}"
+        )
+    if not next(s for s in specs if s.role == reference).required:
+        raise ModelPackageError(
+            f"{where}: reference: the reference input {reference!r} must be required; the SEG "
+            "is made on its grid"
+        )
+    return specs, str(reference), registered
+
+
 def load_package(path: Path | str) -> ModelPackage:
     """Read and validate the model package in folder ``path``.
 
@@ -356,6 +448,7 @@ def load_package(path: Path | str) -> ModelPackage:
     measurements = tuple(
         _enum(Measurement, m, f"{where}: measurements") for m in doc.get("measurements", [])
     )
+    inputs, reference, registered = _inputs(doc, where)
     network = doc.get("network", {})
     if not isinstance(network, dict):
         raise ModelPackageError(f"{where}: network: expected a mapping")
@@ -382,4 +475,7 @@ def load_package(path: Path | str) -> ModelPackage:
         description=str(doc.get("description", "")),
         metrics=dict(_mapping(doc.get("metrics") or {}, f"{where}: metrics")),
         color=color,
+        inputs=inputs,
+        reference=reference,
+        registered=registered,
     )

@@ -280,9 +280,34 @@ def _segment_reference(
     series: ImageSeries, seg: pydicom.Dataset, number: int
 ) -> hd.sr.ReferencedSegment:
     """Referenced Segment (DCM 121191) with the source images of the segment's frames, or
-    with the source series for an empty segment (whose frames were omitted)."""
-    if _frames_of_segment(seg, number):
+    with the source series for an empty segment (whose frames were omitted).
+
+    highdicom 0.28's ``ReferencedSegment.from_segmentation`` reads the Segment Identification
+    Sequence (0062,000A) of each per-frame item only; a SEG of one segment has it in the
+    Shared Functional Groups, so its source images are gathered here (:func:`frame_group`).
+    """
+    frames = _frames_of_segment(seg, number)
+    if frames and "SegmentIdentificationSequence" in seg.PerFrameFunctionalGroupsSequence[0]:
         return hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
+    if frames:
+        sources: dict[str, hd.sr.SourceImageForSegmentation] = {}
+        for n in frames:
+            for src in frame_group(seg, n, "DerivationImageSequence")[0].SourceImageSequence:
+                frame = src.get("ReferencedFrameNumber")
+                sources.setdefault(
+                    str(src.ReferencedSOPInstanceUID),
+                    hd.sr.SourceImageForSegmentation(
+                        referenced_sop_class_uid=src.ReferencedSOPClassUID,
+                        referenced_sop_instance_uid=src.ReferencedSOPInstanceUID,
+                        referenced_frame_numbers=None if frame is None else [int(frame)],
+                    ),
+                )
+        return hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=number,
+            source_images=list(sources.values()),
+        )
     return hd.sr.ReferencedSegment(
         sop_class_uid=seg.SOPClassUID,
         sop_instance_uid=seg.SOPInstanceUID,
@@ -566,6 +591,7 @@ def build_sr(
     instance_number: int = 1,
     series_description: str | None = None,
     notes: Sequence[str] = (),
+    secondary: Sequence[ImageSeries] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Measurement Report on ``seg`` and its source ``series``.
 
@@ -598,6 +624,12 @@ def build_sr(
         (:func:`notes_container`). A structure the model did not find gets no measurement
         group (there is nothing to draw, and a group without geometry breaks OHIF 3); a
         note after these says it was not found.
+    secondary
+        The other inputs of a multi-input model (resampled onto ``series`` for the model):
+        their images join the evidence (Current Requested Procedure Evidence Sequence
+        (0040,A375)), and with them every input image is listed in the report's Image Library
+        (TID 1600), so the report names every series the result was inferred from. The SEG,
+        and so the measurement groups' segment references, are on ``series`` only.
 
     Returns
     -------
@@ -646,11 +678,13 @@ def build_sr(
         )
     if not groups:
         groups.append(nothing_found_group(series, package, algorithm))
+    others = [ds for other in secondary for ds in other.datasets]
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(package),
         procedure_reported=procedure_reported(series),
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
+        referenced_images=[*series.datasets, *others] if others else None,
     )
     not_found = [
         f"{structure.name}: not found by the model (segment {i + 1} of the SEG is empty)"
@@ -660,7 +694,7 @@ def build_sr(
     if notes or not_found:
         report[0].ContentSequence.append(notes_container([*notes, *not_found]))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*series.datasets, seg],
+        evidence=[*series.datasets, *others, seg],
         content=report[0],
         series_instance_uid=series_uid,
         series_number=(
