@@ -22,8 +22,8 @@ from pydicom.uid import (
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
-    UltrasoundImageStorage,
     MRImageStorage,
+    UltrasoundImageStorage,
     generate_uid,
 )
 
