@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Real peers from Debian's packages, used by the tests and benchmarks.
 PEERS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl chromium:chromium rsyslogd:rsyslog
-# Peers that are files, not commands: Orthanc's DICOMweb plugin (for the OHIF viewer tests).
+# Peers that are files, not commands: Orthanc's DICOMweb plugin (the STOW-RS destination of
+# tests/test_dicomweb.py and the OHIF viewer tests).
 # rsyslog's TLS driver (the audit repository of the audit export tests).
 PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb \
   /usr/lib/*/rsyslog/lmnsd_gtls.so:rsyslog-gnutls

@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
+from pydantic import ValidationError
 
 from dicom_node import __version__
 from dicom_node.config import Destination, Settings, load_settings
+from dicom_node.configcheck import config_error
 from dicom_node.errors import DicomNodeError
 from dicom_node.log import configure_logging
 from dicom_node.outputs.kinds import OutputKind
@@ -122,7 +124,7 @@ def _output_kinds(text: str) -> list[OutputKind]:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dicom_node.net.sender import echo
+    from dicom_node.net.senders.dimse import echo
 
     status = echo(args.host, args.port, args.ae_title, calling_ae=args.calling_ae)
     if status is None:
@@ -133,13 +135,16 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from dicom_node.net.sender import store_files
+    from dicom_node.net.senders.dimse import store_files
 
     paths = []
     for item in args.files:
         p = Path(item)
         paths.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
-    dest = Destination("cli", args.ae_title, args.host, args.port)
+    try:
+        dest = Destination(name="cli", ae_title=args.ae_title, host=args.host, port=args.port)
+    except ValidationError as exc:
+        raise config_error(exc) from None
     results = store_files(dest, paths, calling_ae=args.calling_ae)
     failed = [r for r in results if not r.ok]
     for r in failed:
@@ -159,13 +164,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = db.status()
     db.close()
     status["configured_destinations"] = {
-        name: f"{d.ae_title}@{d.host}:{d.port}" for name, d in settings.destinations.items()
+        name: d.address for name, d in settings.destinations.items()
     }
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
     print(f"instances indexed: {status['instances']}")
-    for table in ("series", "jobs", "sends"):
+    for table in ("series", "cases", "jobs", "sends"):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(status[table].items())) or "none"
         print(f"{table}: {counts}")
     for name, addr in status["configured_destinations"].items():
@@ -175,6 +180,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"failed job {job['id']} (route {job['route']}, {job['attempts']} attempts): "
             f"{job['error']}"
         )
+    for case in status["failed_cases"]:
+        print(f"failed case {case['id']} (route {case['route']}): {case['error']}")
     return 0
 
 

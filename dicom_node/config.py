@@ -1,9 +1,17 @@
 """One typed, validated settings object read from YAML, with environment overrides.
 
-Every error names the key and the bad value, and the node does not start with an invalid file.
-Relative paths in the file (``storage_dir``, route ``model``, the ``tls`` files) are taken
-relative to the folder of the config file, so ``dicom-node status --config
-/etc/dicom-node/node.yaml`` means the same from any current directory.
+The settings are frozen pydantic dataclasses: pydantic validates the whole file (every problem
+at once, each with its place) and :mod:`dicom_node.configcheck` gives each kind of value the
+node's own message, so a bad file ends in one :class:`~dicom_node.errors.ConfigError` listing
+each problem as ``key.path: message``. Every option with a fixed set of values is an enum;
+booleans and numbers are strict (``"false"`` in quotes is refused, not read as true); an
+unknown key is refused with the list of known keys. The node does not start with an invalid
+file. Code and tests may still build these classes directly (positional arguments too), as
+plain frozen dataclasses that validate their arguments.
+
+Relative paths in the file (``storage_dir``, route ``model``, the ``tls``, ``auth`` and
+``ca_file`` files) are taken relative to the folder of the config file, so ``dicom-node status
+--config /etc/dicom-node/node.yaml`` means the same from any current directory.
 
 Environment overrides (for containers and systemd): ``DICOM_NODE_AE_TITLE``,
 ``DICOM_NODE_PORT``, ``DICOM_NODE_STORAGE_DIR``, ``DICOM_NODE_LOG_FORMAT``. A relative
@@ -13,49 +21,178 @@ shell.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import (
+    BeforeValidator,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs
+from pydicom.datadict import tag_for_keyword
 
+from dicom_node import configcheck as check
 from dicom_node import yamlfile
+from dicom_node.configcheck import problem
 from dicom_node.errors import ConfigError
 from dicom_node.outputs.kinds import DEFAULT_OUTPUTS, OutputKind
 
-# PS3.5 6.2: AE titles are up to 16 characters of the default repertoire, no backslash or
-# control characters; leading and trailing spaces are not significant.
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+class LatePolicy(enum.StrEnum):
+    """``late_instances``: what instances arriving after their series ran cause."""
+
+    REPROCESS = "reprocess"  # the series runs again; new outputs supersede the old
+    IGNORE = "ignore"  # kept, not processed
 
 
-@dataclass(frozen=True)
-class Destination:
-    """A DICOM peer that receives results (C-STORE SCP).
+class Device(enum.StrEnum):
+    """``device``: where models run."""
 
-    ``outputs`` are the kinds of result it receives (``seg``, ``sr``, ``overlay``): a PACS
-    that cannot show DICOM SEG asks for ``overlay``, a Secondary Capture with the outlines
-    burned in.
-    """
-
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    tls: TLSSettings | None = None
-    outputs: tuple[OutputKind, ...] = DEFAULT_OUTPUTS
+    AUTO = "auto"  # CUDA when present, else the CPU
+    CPU = "cpu"
+    CUDA = "cuda"
 
 
-@dataclass(frozen=True)
-class Route:
-    """Which series go to which model package, and where the results go."""
+class LogFormat(enum.StrEnum):
+    CONSOLE = "console"
+    JSON = "json"
 
-    name: str
-    match: dict[str, tuple[str, ...]]  # DICOM keyword -> accepted values (any of them)
-    model: Path
-    send_to: tuple[str, ...]
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class SyslogTransport(enum.StrEnum):
+    """``audit.syslog.transport``."""
+
+    TLS = "tls"  # RFC 5425 (ca_file required)
+    TCP = "tcp"  # RFC 6587 octet counting, no encryption: a trusted network only
+    UDP = "udp"  # RFC 5426, no delivery guarantee
+
+
+class Trigger(enum.StrEnum):
+    """``routes[].trigger``: what one job of a route is made of."""
+
+    SERIES = "series"  # one complete series that matches the route (the default)
+    STUDY = "study"  # the series of one study that fill the route's input roles
+
+
+class DestinationType(enum.StrEnum):
+    """``destinations.<name>.type``: how results reach a destination."""
+
+    DIMSE = "dimse"  # C-STORE to ae_title@host:port (the default)
+    DICOMWEB = "dicomweb"  # STOW-RS to url (POST <url>/studies)
+
+
+#: Series-level attributes the index keeps for routing; ``match`` and ``select`` may use these.
+ROUTING_KEYWORDS = (
+    "Modality",
+    "BodyPartExamined",
+    "SeriesDescription",
+    "StudyDescription",
+    "ProtocolName",
+    "SOPClassUID",
+    "ViewPosition",
+    "ImageType",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "StationName",
+    "ScanningSequence",
+    "SequenceName",
+    "ContrastBolusAgent",
+    "MRAcquisitionType",
+)
+
+#: The role of a route that names no ``inputs``: its one series.
+IMPLICIT_ROLE = "image"
+
+_ROLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _selector(value: Any) -> dict[str, tuple[str, ...]]:
+    """``match`` / ``select``: DICOM keyword -> accepted values (shell patterns, any of them)."""
+    if not isinstance(value, Mapping):
+        raise problem(
+            f"must be a mapping of DICOM keyword to accepted values, got {check.got(value)}"
+        )
+    out: dict[str, tuple[str, ...]] = {}
+    for key, values in value.items():
+        if not isinstance(key, str) or tag_for_keyword(key) is None:
+            raise problem(
+                "not a DICOM keyword" + check.suggest(str(key), ROUTING_KEYWORDS),
+                at=(str(key),),
+            )
+        if key not in ROUTING_KEYWORDS:
+            raise problem(
+                f"cannot route on this attribute; use one of {', '.join(ROUTING_KEYWORDS)}",
+                at=(key,),
+            )
+        items = values if isinstance(values, list | tuple) else [values]
+        if not items or not all(
+            isinstance(v, str | int | float) and not isinstance(v, bool) for v in items
+        ):
+            raise problem(
+                "must be a value or a list of values (text; quote yes/no/on/off), "
+                f"got {check.got(values)}",
+                at=(key,),
+            )
+        out[key] = tuple(str(v) for v in items)
+    return out
+
+
+def _outputs(value: Any) -> tuple[OutputKind, ...]:
+    """``outputs``: a non-empty list of output kinds, each at most once."""
+    allowed = ", ".join(k.value for k in OutputKind)
+    if not isinstance(value, list | tuple) or not value:
+        raise problem(
+            f"must be a non-empty list of output kinds ({allowed}), got {check.got(value)}"
+        )
+    kinds: list[OutputKind] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, OutputKind) and item not in {k.value for k in OutputKind}:
+            raise problem(f"must be one of {allowed}, got {check.got(item)}", at=(i,))
+        if OutputKind(item) in kinds:
+            raise problem(f"{check.got(item)} is listed twice", at=(i,))
+        kinds.append(OutputKind(item))
+    return tuple(kinds)
+
+
+def _role(value: Any) -> str:
+    if not isinstance(value, str) or not _ROLE_RE.match(value):
+        raise problem(
+            "must be a role name (letters, digits, '_', '.', '-'; e.g. t1c), "
+            f"got {check.got(value)}"
+        )
+    return value
+
+
+def _keys(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+Port = Annotated[int, BeforeValidator(check.port)]
+AETitle = Annotated[str, BeforeValidator(check.ae_title)]
+File = Annotated[Path, BeforeValidator(check.existing_file)]
+Selector = Annotated[dict[str, tuple[str, ...]], BeforeValidator(_selector)]
+Seconds = Annotated[float, BeforeValidator(check.number(0))]
+PositiveSeconds = Annotated[float, BeforeValidator(check.number(0, above=True))]
+StrictBool = Annotated[bool, BeforeValidator(check.boolean)]
+Count = Annotated[int, BeforeValidator(check.integer(1))]
 
 
 @dataclass(frozen=True)
@@ -68,24 +205,295 @@ class TLSSettings:
     node's client certificate for destinations that ask for one.
     """
 
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    ca_file: Path | None = None
+    cert_file: File | None = None
+    key_file: File | None = None
+    ca_file: File | None = None
     #: On the node's port: seconds a caller has to complete the TLS handshake.
-    handshake_timeout_s: float = 10.0
+    handshake_timeout_s: PositiveSeconds = 10.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw(cls, data: Any) -> Any:
+        return check.section(data, _keys(cls))
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TLSSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise problem("cert_file and key_file go together")
+        return self
+
+
+@dataclass(frozen=True)
+class HttpAuth:
+    """``auth`` of a DICOMweb destination: HTTP Basic or a bearer token, read from files.
+
+    Exactly one form: ``username`` + ``password_file``, or ``token_file``. The secrets stay in
+    their files (readable only by the node's user), never in the config or the logs.
+    """
+
+    username: str | None = None
+    password_file: File | None = None
+    token_file: File | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for secret, home in (("password", "password_file"), ("token", "token_file")):
+                if secret in data:
+                    raise problem(
+                        f"a {secret} is not written in the config; put it in a file that only "
+                        f"the node's user can read and name that file in {home}",
+                        at=(secret,),
+                    )
+        return check.section(data, _keys(cls))
+
+    @field_validator("username", mode="before")
+    @classmethod
+    def _username(cls, value: Any) -> Any:
+        return None if value is None else check.text("a user name")(value)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> HttpAuth:
+        basic = self.username is not None or self.password_file is not None
+        if basic and self.token_file is not None:
+            raise problem(
+                "give either username and password_file (HTTP Basic) or token_file "
+                "(a bearer token), not both"
+            )
+        if not basic and self.token_file is None:
+            raise problem("give username and password_file (HTTP Basic), or token_file")
+        if basic and self.password_file is None:
+            raise problem("missing; username goes with password_file", at=("password_file",))
+        if basic and self.username is None:
+            raise problem("missing; password_file goes with username", at=("username",))
+        return self
+
+
+_DIMSE_ONLY = ("ae_title", "host", "port", "tls")
+
+
+def _unset_dimse_keys(data: ArgsKwargs) -> ArgsKwargs:
+    """In Python, a dicomweb Destination may pass ``ae_title=""``/``None``, ``port=0``: unset."""
+    kwargs = dict(data.kwargs or {})
+    if kwargs.get("type") != DestinationType.DICOMWEB or len(data.args) > 1:
+        return data
+    for key in ("ae_title", "host", "port"):
+        if key in kwargs and not kwargs[key]:
+            del kwargs[key]
+    return ArgsKwargs(data.args, kwargs)
+
+
+_DICOMWEB_ONLY = ("url", "auth", "verify_tls", "ca_file")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A peer that receives results: C-STORE (``dimse``) or STOW-RS (``dicomweb``).
+
+    A ``dimse`` destination is ``ae_title``, ``host``, ``port`` (and ``tls``); a ``dicomweb``
+    one is ``url`` (the DICOMweb base URL; STOW-RS posts to ``<url>/studies``), ``auth``,
+    ``verify_tls`` and ``ca_file``. ``ae_title``, ``host`` and ``port`` are ``""``, ``""`` and
+    ``0`` for a dicomweb destination. ``connect_timeout_s`` and ``timeout_s`` (for a response)
+    bound every send of either type.
+
+    ``outputs`` are the kinds of result it receives (``seg``, ``sr``, ``overlay``): a PACS
+    that cannot show DICOM SEG asks for ``overlay``, a Secondary Capture with the outlines
+    burned in.
+    """
+
+    name: str
+    ae_title: AETitle = ""
+    host: Annotated[str, BeforeValidator(check.text("a host name or address"))] = ""
+    port: Port = 0
+    tls: TLSSettings | None = None
+    outputs: Annotated[tuple[OutputKind, ...], BeforeValidator(_outputs)] = DEFAULT_OUTPUTS
+    type: Annotated[DestinationType, BeforeValidator(check.choice(DestinationType))] = (
+        DestinationType.DIMSE
+    )
+    url: Annotated[str, BeforeValidator(check.http_url)] | None = None
+    auth: HttpAuth | None = None
+    verify_tls: StrictBool = True
+    ca_file: File | None = None
+    connect_timeout_s: PositiveSeconds = 10.0
+    timeout_s: PositiveSeconds = 30.0
+
+    @property
+    def address(self) -> str:
+        """Where it is reached, for status and logs: ``AE@host:port`` or the URL."""
+        if self.type == DestinationType.DICOMWEB:
+            return str(self.url)
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw(cls, data: Any) -> Any:
+        data = check.section(data, _keys(cls))
+        if isinstance(data, ArgsKwargs):
+            return _unset_dimse_keys(data)
+        kind = data.get("type", DestinationType.DIMSE.value)
+        if kind == DestinationType.DIMSE:
+            for key in _DICOMWEB_ONLY:
+                if key in data:
+                    raise problem(
+                        "applies to dicomweb destinations only (this one is type: dimse); "
+                        f"add type: dicomweb, or remove {key}",
+                        at=(key,),
+                    )
+        elif kind == DestinationType.DICOMWEB:
+            for key in _DIMSE_ONLY:
+                if key in data:
+                    how = (
+                        "verifies its server with verify_tls and ca_file"
+                        if key == "tls"
+                        else "is reached at its url"
+                    )
+                    raise problem(
+                        f"applies to dimse destinations only; a dicomweb destination {how}",
+                        at=(key,),
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _complete(self) -> Destination:
+        if self.type == DestinationType.DIMSE:
+            for key, value in (
+                ("ae_title", self.ae_title),
+                ("host", self.host),
+                ("port", self.port),
+            ):
+                if not value:
+                    raise problem(
+                        "missing; a dimse destination needs ae_title, host and port", at=(key,)
+                    )
+            if self.tls is not None and self.tls.ca_file is None:
+                raise problem(
+                    "missing; the CA that signed the destination's certificate (a PEM file)",
+                    at=("tls", "ca_file"),
+                )
+        else:
+            if self.url is None:
+                raise problem(
+                    "missing; a dicomweb destination needs the base URL of its DICOMweb "
+                    "service (e.g. https://pacs.example/dicom-web)",
+                    at=("url",),
+                )
+            if not self.verify_tls and self.ca_file is not None:
+                raise problem(
+                    "is not used with verify_tls: false; keep one of them", at=("ca_file",)
+                )
+        return self
+
+
+@dataclass(frozen=True)
+class InputRole:
+    """One named input of a route: which series of the study fills it.
+
+    ``select`` maps DICOM keywords to accepted values, as ``match`` does (case-insensitive
+    shell patterns); ``required: false`` lets the case run without it.
+    """
+
+    role: Annotated[str, BeforeValidator(_role)]
+    select: Selector = dataclasses.field(default_factory=dict)
+    required: StrictBool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw(cls, data: Any) -> Any:
+        return check.section(data, _keys(cls), "a mapping {role, select, required}")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which series (or studies) go to which model package, and where the results go.
+
+    A route with no ``inputs`` has one implicit required role, ``image``: the series that
+    matches ``match`` (``trigger: series``, today's behaviour). With ``inputs`` its roles are
+    exactly those listed; ``trigger: study`` needs them. ``match`` filters every series the
+    route sees; a role's ``select`` then says which of them fills the role.
+    """
+
+    name: Annotated[str, BeforeValidator(check.name)]
+    match: Selector  # DICOM keyword -> accepted values (any of them)
+    model: Annotated[Path, BeforeValidator(check.model_folder)]
+    send_to: tuple[Annotated[str, BeforeValidator(check.text("a destination name"))], ...]
+    trigger: Annotated[Trigger, BeforeValidator(check.choice(Trigger))] = Trigger.SERIES
+    inputs: tuple[InputRole, ...] = ()
+    #: Seconds after a study's first series before its case runs without its missing
+    #: roles (or fails when a required one is missing); None: ``Settings.study_timeout_s``.
+    study_timeout_s: PositiveSeconds | None = None
+
+    @property
+    def input_roles(self) -> tuple[InputRole, ...]:
+        """The route's roles: its ``inputs``, or the one implicit role ``image``."""
+        return self.inputs or (InputRole(IMPLICIT_ROLE, self.match, True),)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw(cls, data: Any) -> Any:
+        data = check.section(data, _keys(cls))
+        if isinstance(data, ArgsKwargs):
+            return data
+        if "model" not in data:
+            raise problem("missing; the path of a model package folder", at=("model",))
+        if "inputs" in data and data["inputs"] in ([], ()):
+            raise problem(
+                f"must list at least one role; leave inputs out for the one implicit role "
+                f"{IMPLICIT_ROLE}",
+                at=("inputs",),
+            )
+        return {"match": {}, "send_to": [], **data}
+
+    @model_validator(mode="after")
+    def _roles(self) -> Route:
+        if self.trigger == Trigger.STUDY and not self.inputs:
+            raise problem(
+                "missing; a route with trigger: study names its inputs (a role and a select "
+                "for each series it needs); for one series per job use trigger: series",
+                at=("inputs",),
+            )
+        if self.trigger == Trigger.SERIES:
+            if len(self.inputs) > 1:
+                raise problem(
+                    "a route with trigger: series runs one series per job, so it takes one "
+                    "input at most; use trigger: study for several",
+                    at=("inputs",),
+                )
+            if self.study_timeout_s is not None:
+                raise problem("applies to trigger: study only", at=("study_timeout_s",))
+        seen: dict[str, int] = {}
+        for j, role in enumerate(self.inputs):
+            if role.role in seen:
+                raise problem(
+                    f"{role.role!r} is already the role of inputs[{seen[role.role]}]; "
+                    "give each role its own name",
+                    at=("inputs", j, "role"),
+                )
+            seen[role.role] = j
+            if len(self.inputs) > 1 and not role.select:
+                raise problem(
+                    "missing; with several roles, each role's select says which series it takes",
+                    at=("inputs", j, "select"),
+                )
+        return self
 
 
 @dataclass(frozen=True)
 class SendPolicy:
-    """Retries of C-STORE to destinations, persisted across restarts."""
+    """Retries of sends to destinations, persisted across restarts."""
 
-    max_attempts: int = 20
-    initial_backoff_s: float = 2.0
-    max_backoff_s: float = 300.0
-    timeout_s: float = 30.0
+    max_attempts: Count = 20
+    initial_backoff_s: Seconds = 2.0
+    max_backoff_s: Seconds = 300.0
+    timeout_s: Annotated[float, BeforeValidator(check.number(1))] = 30.0
     #: Seconds between C-ECHOs to a destination whose sends wait for their backoff; when it
     #: answers, they are sent at once. 0 turns the probing off.
-    echo_interval_s: float = 10.0
+    echo_interval_s: Seconds = 10.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw(cls, data: Any) -> Any:
+        return check.section(data, _keys(cls))
 
 
 @dataclass(frozen=True)
@@ -97,12 +505,30 @@ class SyslogSettings:
     ``udp`` (RFC 5426: no delivery guarantee).
     """
 
-    host: str
-    port: int
-    transport: str = "tls"
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    host: Annotated[str, BeforeValidator(check.text("a host name or address"))]
+    port: Port
+    transport: Annotated[SyslogTransport, BeforeValidator(check.choice(SyslogTransport))] = (
+        SyslogTransport.TLS
+    )
+    ca_file: File | None = None
+    cert_file: File | None = None
+    key_file: File | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw(cls, data: Any) -> Any:
+        return check.section(data, _keys(cls))
+
+    @model_validator(mode="after")
+    def _tls(self) -> SyslogSettings:
+        if self.transport == SyslogTransport.TLS and self.ca_file is None:
+            raise problem(
+                "missing; the CA of the audit repository (required with transport: tls)",
+                at=("ca_file",),
+            )
+        if (self.cert_file is None) != (self.key_file is None):
+            raise problem("cert_file and key_file go together")
+        return self
 
 
 @dataclass(frozen=True)
@@ -110,8 +536,13 @@ class AuditSettings:
     """``audit:``: the HMAC key of the audit trail and the optional syslog export."""
 
     #: Default ``<storage_dir>/audit.key``; a site should keep it on another volume.
-    key_file: Path | None = None
+    key_file: Annotated[Path, BeforeValidator(check.path)] | None = None
     syslog: SyslogSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw(cls, data: Any) -> Any:
+        return check.section(data, _keys(cls))
 
 
 @dataclass(frozen=True)
@@ -123,51 +554,96 @@ class Limits:
 
     #: Seconds a connection may stay silent: before its A-ASSOCIATE-RQ, between PDUs, and
     #: between two reads inside a PDU.
-    idle_timeout_s: float = 30.0
+    idle_timeout_s: Annotated[float, BeforeValidator(check.number(0.1))] = 30.0
     #: Inside a PDU, after the first ``idle_timeout_s``, the peer must keep up this rate.
-    min_bytes_per_s: int = 1024
+    min_bytes_per_s: Count = 1024
     #: Associations admitted at once (A-ASSOCIATE-RJ, transient, local limit exceeded, beyond).
-    max_associations: int = 32
+    max_associations: Count = 32
     #: Of ``max_associations``, kept for C-ECHO-only associations and ``allowed_callers``.
-    reserved_associations: int = 4
+    reserved_associations: Annotated[int, BeforeValidator(check.integer(0))] = 4
     #: Concurrent connections from one host, and associations of one calling AE title.
-    max_associations_per_peer: int = 8
+    max_associations_per_peer: Count = 8
     #: Open TCP connections at once, associated or not; further ones are closed at accept.
-    max_connections: int = 128
+    max_connections: Count = 128
     #: Largest data set of one C-STORE; a larger one is cut (A-ABORT) or refused (0xA700).
-    max_instance_bytes: int = 2 * 1024**3
+    max_instance_bytes: Annotated[int, BeforeValidator(check.integer(1024))] = 2 * 1024**3
     #: Below this free space on ``storage_dir`` (or the temp folder) C-STOREs are refused.
-    min_free_disk_bytes: int = 1024**3
+    min_free_disk_bytes: Annotated[int, BeforeValidator(check.integer(0))] = 1024**3
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw(cls, data: Any) -> Any:
+        return check.section(data, _keys(cls))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Limits:
+        if self.reserved_associations >= self.max_associations:
+            raise problem(
+                f"must be less than limits.max_associations ({self.max_associations}), "
+                f"got {self.reserved_associations}",
+                at=("reserved_associations",),
+            )
+        if self.max_connections < self.max_associations:
+            raise problem(
+                f"must be at least limits.max_associations ({self.max_associations}), "
+                f"got {self.max_connections}",
+                at=("max_connections",),
+            )
+        return self
+
+
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, PlainValidator(check.network)]
+
+#: Keys whose empty value (``routes:`` with nothing under it) means their default.
+_EMPTY_IS_DEFAULT = (
+    "destinations",
+    "routes",
+    "send",
+    "audit",
+    "limits",
+    "allowed_callers",
+    "called_ae_titles",
+    "allowed_networks",
+)
 
 
 @dataclass(frozen=True)
 class Settings:
     """The whole node configuration. Build it with :func:`load_settings`."""
 
-    ae_title: str = "DICOMNODE"
-    port: int = 11112
-    bind_address: str = "0.0.0.0"
-    storage_dir: Path = Path("var")
-    allowed_callers: tuple[str, ...] = ()
-    called_ae_titles: tuple[str, ...] = ()
-    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    ae_title: AETitle = "DICOMNODE"
+    port: Port = 11112
+    bind_address: Annotated[str, BeforeValidator(check.text("an IP address to listen on"))] = (
+        "0.0.0.0"
+    )
+    storage_dir: Annotated[Path, BeforeValidator(check.storage_path)] = Path("var")
+    allowed_callers: tuple[AETitle, ...] = ()
+    called_ae_titles: tuple[AETitle, ...] = ()
+    allowed_networks: tuple[Network, ...] = ()
     tls: TLSSettings | None = None
-    stable_after_s: float = 10.0
-    release_grace_s: float = 1.0
-    late_instances: str = "reprocess"
-    destinations: dict[str, Destination] = field(default_factory=dict)
+    stable_after_s: Seconds = 10.0
+    release_grace_s: Seconds = 1.0
+    #: Default of ``routes[].study_timeout_s``: seconds after a study's first series before a
+    #: study-level case runs without its optional roles, or fails for a missing required one.
+    study_timeout_s: PositiveSeconds = 600.0
+    late_instances: Annotated[LatePolicy, BeforeValidator(check.choice(LatePolicy))] = (
+        LatePolicy.REPROCESS
+    )
+    destinations: dict[str, Destination] = dataclasses.field(default_factory=dict)
     routes: tuple[Route, ...] = ()
     send: SendPolicy = SendPolicy()
-    workers: int = 1
-    batch_size: int = 8
-    device: str = "auto"
-    delete_after_success: bool = False
-    retention_days: float | None = None
-    metrics_port: int | None = None
-    log_format: str = "console"
-    log_level: str = "info"
-    job_lease_s: float = 600.0
-    max_job_attempts: int = 3
+    workers: Count = 1
+    #: Model runs at once on a CUDA device (jobs beyond wait for a slot).
+    gpu_slots: Count = 1
+    batch_size: Count = 8
+    device: Annotated[Device, BeforeValidator(check.choice(Device))] = Device.AUTO
+    delete_after_success: StrictBool = False
+    retention_days: Annotated[float, BeforeValidator(check.number(0))] | None = None
+    metrics_port: Port | None = None
+    log_format: Annotated[LogFormat, BeforeValidator(check.choice(LogFormat))] = LogFormat.CONSOLE
+    log_level: Annotated[LogLevel, BeforeValidator(check.choice(LogLevel))] = LogLevel.INFO
+    job_lease_s: Annotated[float, BeforeValidator(check.number(1))] = 600.0
+    max_job_attempts: Count = 3
     audit: AuditSettings = AuditSettings()
     limits: Limits = Limits()
 
@@ -191,291 +667,70 @@ class Settings:
     def audit_key_file(self) -> Path:
         return self.audit.key_file or self.storage_dir / "audit.key"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _raw(cls, data: Any) -> Any:
+        data = check.section(data, _keys(cls))
+        if isinstance(data, ArgsKwargs):
+            return data
+        data = {
+            "storage_dir": "var",
+            **{k: v for k, v in data.items() if not (v is None and k in _EMPTY_IS_DEFAULT)},
+        }
+        destinations = data.get("destinations")
+        if isinstance(destinations, Mapping):
+            named = {}
+            for key, item in destinations.items():
+                if isinstance(item, Mapping):
+                    if "name" in item:
+                        raise problem(
+                            "not a key of a destination: its name is its key under destinations",
+                            at=("destinations", str(key), "name"),
+                        )
+                    item = {"name": str(key), **item}
+                    send = data.get("send")
+                    if isinstance(send, Mapping) and "timeout_s" in send:
+                        # send.timeout_s (older configs) is each destination's default timeout_s
+                        item = {"timeout_s": send["timeout_s"], **item}
+                named[str(key)] = item
+            data["destinations"] = named
+        routes = data.get("routes")
+        if isinstance(routes, list):
+            data["routes"] = [
+                {"name": f"route-{i}", **r} if isinstance(r, Mapping) and "name" not in r else r
+                for i, r in enumerate(routes)
+            ]
+        return data
 
-#: Series-level attributes the index keeps for routing; ``routes[].match`` may use these.
-ROUTING_KEYWORDS = (
-    "Modality",
-    "BodyPartExamined",
-    "SeriesDescription",
-    "StudyDescription",
-    "ProtocolName",
-    "SOPClassUID",
-    "ViewPosition",
-    "ImageType",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "StationName",
-    "MRAcquisitionType",
-)
+    @field_validator("tls")
+    @classmethod
+    def _node_tls(cls, tls: TLSSettings | None) -> TLSSettings | None:
+        if tls is not None and tls.cert_file is None:
+            raise problem("missing; the path of a PEM file", at=("cert_file",))
+        return tls
 
-_TOP_KEYS = set(Settings.__dataclass_fields__)
-_LATE_POLICIES = ("reprocess", "ignore")
-_LOG_FORMATS = ("console", "json")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
-_DEVICES = ("auto", "cpu", "cuda")
-
-
-def _ae_title(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not _AE_RE.match(value) or not value.strip():
-        raise ConfigError(
-            f"{key}: {value!r} is not a valid AE title (1 to 16 printable ASCII characters, "
-            "no backslash)"
-        )
-    return value.strip()
-
-
-def _ae_titles(value: Any, key: str) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected a list of AE titles, got {value!r}")
-    return tuple(_ae_title(v, f"{key}[{i}]") for i, v in enumerate(value))
-
-
-def _networks(value: Any, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected a list of addresses or networks, got {value!r}")
-    out = []
-    for i, item in enumerate(value):
-        try:
-            out.append(ipaddress.ip_network(str(item), strict=False))
-        except ValueError as exc:
-            raise ConfigError(
-                f"{key}[{i}]: {item!r} is not an IP address or network (e.g. 10.0.0.0/8)"
-            ) from exc
-    return tuple(out)
-
-
-def _port(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ConfigError(f"{key}: {value!r} is not a TCP port (an integer in 1..65535)")
-    return value
-
-
-def _number(value: Any, key: str, *, minimum: float = 0.0, integer: bool = False) -> Any:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or (integer and not isinstance(value, int))
-        or value < minimum
-    ):
-        what = "an integer" if integer else "a number"
-        raise ConfigError(f"{key}: {value!r} must be {what} >= {minimum:g}")
-    return value
-
-
-def _choice(value: Any, key: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} must be one of {', '.join(allowed)}")
-    return str(value)
-
-
-def _mapping(value: Any, key: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-    return value
-
-
-def _destinations(doc: Any, base: Path) -> dict[str, Destination]:
-    out = {}
-    for name, item in _mapping(doc, "destinations").items():
-        key = f"destinations.{name}"
-        item = _mapping(item, key)
-        unknown = set(item) - {"ae_title", "host", "port", "tls", "outputs"}
-        if unknown:
-            raise ConfigError(f"{key}: unknown key(s) {', '.join(sorted(unknown))}")
-        for required in ("ae_title", "host", "port"):
-            if required not in item:
-                raise ConfigError(f"{key}.{required}: missing")
-        host = item["host"]
-        if not isinstance(host, str) or not host:
-            raise ConfigError(f"{key}.host: {host!r} must be a host name or address")
-        out[str(name)] = Destination(
-            name=str(name),
-            ae_title=_ae_title(item["ae_title"], f"{key}.ae_title"),
-            host=host,
-            port=_port(item["port"], f"{key}.port"),
-            tls=_tls(item.get("tls"), base, f"{key}.tls", ("ca_file",)),
-            outputs=_outputs(item.get("outputs", list(DEFAULT_OUTPUTS)), f"{key}.outputs"),
-        )
-    return out
-
-
-def _outputs(value: Any, key: str) -> tuple[OutputKind, ...]:
-    """``destinations.<name>.outputs``: a non-empty list of output kinds, each at most once."""
-    allowed = ", ".join(k.value for k in OutputKind)
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"{key}: {value!r} must be a non-empty list of output kinds ({allowed})")
-    kinds = []
-    for item in value:
-        if item not in {k.value for k in OutputKind}:
-            raise ConfigError(f"{key}: {item!r} is not an output kind; allowed: {allowed}")
-        if OutputKind(item) in kinds:
-            raise ConfigError(f"{key}: {item!r} is listed twice")
-        kinds.append(OutputKind(item))
-    return tuple(kinds)
-
-
-def _routes(doc: Any, destinations: dict[str, Destination], base: Path) -> tuple[Route, ...]:
-    if not isinstance(doc, list):
-        raise ConfigError(f"routes: expected a list, got {doc!r}")
-    routes = []
-    seen: dict[str, int] = {}
-    for i, item in enumerate(doc):
-        key = f"routes[{i}]"
-        item = _mapping(item, key)
-        unknown = set(item) - {"name", "match", "model", "send_to"}
-        if unknown:
-            raise ConfigError(f"{key}: unknown key(s) {', '.join(sorted(unknown))}")
-        name = str(item.get("name", f"route-{i}"))
-        if name in seen:
-            raise ConfigError(
-                f"{key}.name: {name!r} is already the name of routes[{seen[name]}]; "
-                "give each route its own name (jobs and status are keyed by it)"
-            )
-        seen[name] = i
-        match: dict[str, tuple[str, ...]] = {}
-        for attr, values in _mapping(item.get("match", {}), f"{key}.match").items():
-            if attr not in ROUTING_KEYWORDS:
-                raise ConfigError(
-                    f"{key}.match.{attr}: cannot route on this attribute; "
-                    f"use one of {', '.join(ROUTING_KEYWORDS)}"
+    @model_validator(mode="after")
+    def _routes_fit(self) -> Settings:
+        seen: dict[str, int] = {}
+        for i, route in enumerate(self.routes):
+            if route.name in seen:
+                raise problem(
+                    f"{route.name!r} is already the name of routes[{seen[route.name]}]; "
+                    "give each route its own name (jobs and status are keyed by it)",
+                    at=("routes", i, "name"),
                 )
-            vals = values if isinstance(values, list) else [values]
-            if not vals or not all(isinstance(v, str | int | float) for v in vals):
-                raise ConfigError(f"{key}.match.{attr}: expected a value or a list of values")
-            match[str(attr)] = tuple(str(v) for v in vals)
-        if "model" not in item or not isinstance(item["model"], str):
-            raise ConfigError(f"{key}.model: missing; the path of a model package folder")
-        model = Path(item["model"])
-        if not model.is_absolute():
-            model = base / model
-        if not (model / "model.yaml").is_file():
-            raise ConfigError(
-                f"{key}.model: {item['model']!r} is not a model package (no model.yaml in {model})"
-            )
-        send_to = item.get("send_to", [])
-        if not isinstance(send_to, list):
-            raise ConfigError(f"{key}.send_to: expected a list of destination names")
-        for dest in send_to:
-            if dest not in destinations:
-                raise ConfigError(
-                    f"{key}.send_to: {dest!r} is not a destination; "
-                    f"known: {', '.join(destinations) or 'none'}"
-                )
-        routes.append(Route(str(name), match, model, tuple(send_to)))
-    return tuple(routes)
+            seen[route.name] = i
+            for dest in route.send_to:
+                if dest not in self.destinations:
+                    raise problem(
+                        f"{dest!r} is not a destination; "
+                        f"known: {', '.join(self.destinations) or 'none'}",
+                        at=("routes", i, "send_to"),
+                    )
+        return self
 
 
-def _tls(doc: Any, base: Path, where: str, required: tuple[str, ...]) -> TLSSettings | None:
-    if doc is None:
-        return None
-    doc = _mapping(doc, where)
-    unknown = set(doc) - {"cert_file", "key_file", "ca_file", "handshake_timeout_s"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    if ("cert_file" in doc) != ("key_file" in doc):
-        raise ConfigError(f"{where}: cert_file and key_file go together")
-    paths: dict[str, Path | None] = {}
-    for key in ("cert_file", "key_file", "ca_file"):
-        value = doc.get(key)
-        if value is None:
-            if key in required:
-                raise ConfigError(f"{where}.{key}: missing; the path of a PEM file")
-            paths[key] = None
-            continue
-        path = Path(str(value))
-        path = path if path.is_absolute() else base / path
-        if not path.is_file():
-            raise ConfigError(f"{where}.{key}: {value!r} is not a readable file")
-        paths[key] = path
-    timeout = _number(doc.get("handshake_timeout_s", 10.0), f"{where}.handshake_timeout_s")
-    if not timeout > 0:
-        raise ConfigError(f"{where}.handshake_timeout_s: must be more than 0 seconds")
-    return TLSSettings(paths["cert_file"], paths["key_file"], paths["ca_file"], float(timeout))
-
-
-_SYSLOG_TRANSPORTS = ("tls", "tcp", "udp")
-
-
-def _audit(doc: Any, base: Path) -> AuditSettings:
-    """``audit: {key_file, syslog: {host, port, transport, ca_file, cert_file, key_file}}``."""
-    doc = _mapping(doc or {}, "audit")
-    unknown = set(doc) - {"key_file", "syslog"}
-    if unknown:
-        raise ConfigError(f"audit: unknown key(s) {', '.join(sorted(unknown))}")
-    key_file = None
-    if doc.get("key_file") is not None:
-        key_file = Path(str(doc["key_file"]))
-        key_file = key_file if key_file.is_absolute() else base / key_file
-    syslog = None
-    if doc.get("syslog") is not None:
-        item = _mapping(doc["syslog"], "audit.syslog")
-        known = {"host", "port", "transport", "ca_file", "cert_file", "key_file"}
-        if set(item) - known:
-            raise ConfigError(
-                f"audit.syslog: unknown key(s) {', '.join(sorted(set(item) - known))}"
-            )
-        for required in ("host", "port"):
-            if required not in item:
-                raise ConfigError(f"audit.syslog.{required}: missing")
-        transport = _choice(
-            item.get("transport", "tls"), "audit.syslog.transport", _SYSLOG_TRANSPORTS
-        )
-        tls = _tls(
-            {k: item[k] for k in ("ca_file", "cert_file", "key_file") if k in item} or None,
-            base,
-            "audit.syslog",
-            ("ca_file",) if transport == "tls" else (),
-        )
-        if transport == "tls" and tls is None:
-            raise ConfigError("audit.syslog.ca_file: missing; the CA of the audit repository")
-        syslog = SyslogSettings(
-            host=str(item["host"]),
-            port=_port(item["port"], "audit.syslog.port"),
-            transport=transport,
-            ca_file=tls.ca_file if tls else None,
-            cert_file=tls.cert_file if tls else None,
-            key_file=tls.key_file if tls else None,
-        )
-    return AuditSettings(key_file=key_file, syslog=syslog)
-
-
-def _limits(doc: Any) -> Limits:
-    """``limits:``: every key optional, each a number within its range."""
-    doc = _mapping(doc if doc is not None else {}, "limits")
-    unknown = set(doc) - set(Limits.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"limits: unknown key(s) {', '.join(sorted(unknown))}")
-    d = Limits()
-
-    def integer(key: str, minimum: int) -> int:
-        value: int = _number(
-            doc.get(key, getattr(d, key)), f"limits.{key}", minimum=minimum, integer=True
-        )
-        return value
-
-    limits = Limits(
-        idle_timeout_s=_number(
-            doc.get("idle_timeout_s", d.idle_timeout_s), "limits.idle_timeout_s", minimum=0.1
-        ),
-        min_bytes_per_s=integer("min_bytes_per_s", 1),
-        max_associations=integer("max_associations", 1),
-        reserved_associations=integer("reserved_associations", 0),
-        max_associations_per_peer=integer("max_associations_per_peer", 1),
-        max_connections=integer("max_connections", 1),
-        max_instance_bytes=integer("max_instance_bytes", 1024),
-        min_free_disk_bytes=integer("min_free_disk_bytes", 0),
-    )
-    if limits.reserved_associations >= limits.max_associations:
-        raise ConfigError(
-            f"limits.reserved_associations: {limits.reserved_associations} must be less than "
-            f"limits.max_associations ({limits.max_associations})"
-        )
-    if limits.max_connections < limits.max_associations:
-        raise ConfigError(
-            f"limits.max_connections: {limits.max_connections} must be at least "
-            f"limits.max_associations ({limits.max_associations})"
-        )
-    return limits
+_SETTINGS: TypeAdapter[Settings] = TypeAdapter(Settings)
 
 
 def parse_settings(doc: Any, base: Path | None = None) -> Settings:
@@ -489,87 +744,33 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
         Folder that relative paths are resolved against (default: the current directory);
         :func:`load_settings` passes the config file's folder. A ``storage_dir`` from
         ``DICOM_NODE_STORAGE_DIR`` is resolved against the current directory instead.
+
+    Raises
+    ------
+    ConfigError
+        Listing every problem as ``key.path: message``.
     """
     base = base or Path.cwd()
-    doc = dict(_mapping(doc or {}, "top level"))
-    storage_base = Path.cwd() if "DICOM_NODE_STORAGE_DIR" in os.environ else base
+    doc = doc if doc is not None else {}
     env = os.environ
-    for var, key, conv in (
-        ("DICOM_NODE_AE_TITLE", "ae_title", str),
-        ("DICOM_NODE_PORT", "port", int),
-        ("DICOM_NODE_STORAGE_DIR", "storage_dir", str),
-        ("DICOM_NODE_LOG_FORMAT", "log_format", str),
-    ):
-        if var in env:
-            try:
-                doc[key] = conv(env[var])
-            except ValueError:
-                raise ConfigError(f"{var}: {env[var]!r} is not valid for {key}") from None
-    unknown = set(doc) - _TOP_KEYS
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(sorted(unknown))}; "
-            f"known keys: {', '.join(sorted(_TOP_KEYS))}"
-        )
-    defaults = Settings()
-    callers = doc.get("allowed_callers", [])
-    if not isinstance(callers, list):
-        raise ConfigError(f"allowed_callers: expected a list of AE titles, got {callers!r}")
-    destinations = _destinations(doc.get("destinations", {}), base)
-    send_doc = _mapping(doc.get("send", {}), "send")
-    unknown_send = set(send_doc) - set(SendPolicy.__dataclass_fields__)
-    if unknown_send:
-        raise ConfigError(f"send: unknown key(s) {', '.join(sorted(unknown_send))}")
-    send = SendPolicy(
-        max_attempts=_number(
-            send_doc.get("max_attempts", 20), "send.max_attempts", minimum=1, integer=True
-        ),
-        initial_backoff_s=_number(send_doc.get("initial_backoff_s", 2.0), "send.initial_backoff_s"),
-        max_backoff_s=_number(send_doc.get("max_backoff_s", 300.0), "send.max_backoff_s"),
-        timeout_s=_number(send_doc.get("timeout_s", 30.0), "send.timeout_s", minimum=1),
-        echo_interval_s=_number(
-            send_doc.get("echo_interval_s", SendPolicy.echo_interval_s), "send.echo_interval_s"
-        ),
-    )
-    storage = Path(str(doc.get("storage_dir", defaults.storage_dir)))
-    retention = doc.get("retention_days")
-    metrics_port = doc.get("metrics_port")
-    return Settings(
-        ae_title=_ae_title(doc.get("ae_title", defaults.ae_title), "ae_title"),
-        port=_port(doc.get("port", defaults.port), "port"),
-        bind_address=str(doc.get("bind_address", defaults.bind_address)),
-        storage_dir=storage if storage.is_absolute() else storage_base / storage,
-        allowed_callers=tuple(_ae_title(c, f"allowed_callers[{i}]") for i, c in enumerate(callers)),
-        called_ae_titles=_ae_titles(doc.get("called_ae_titles", []), "called_ae_titles"),
-        allowed_networks=_networks(doc.get("allowed_networks", []), "allowed_networks"),
-        tls=_tls(doc.get("tls"), base, "tls", ("cert_file", "key_file")),
-        stable_after_s=_number(
-            doc.get("stable_after_s", defaults.stable_after_s), "stable_after_s"
-        ),
-        release_grace_s=_number(
-            doc.get("release_grace_s", defaults.release_grace_s), "release_grace_s"
-        ),
-        late_instances=_choice(
-            doc.get("late_instances", defaults.late_instances), "late_instances", _LATE_POLICIES
-        ),
-        destinations=destinations,
-        routes=_routes(doc.get("routes", []), destinations, base),
-        send=send,
-        workers=_number(doc.get("workers", 1), "workers", minimum=1, integer=True),
-        batch_size=_number(doc.get("batch_size", 8), "batch_size", minimum=1, integer=True),
-        device=_choice(doc.get("device", "auto"), "device", _DEVICES),
-        delete_after_success=bool(doc.get("delete_after_success", False)),
-        retention_days=None if retention is None else _number(retention, "retention_days"),
-        metrics_port=None if metrics_port is None else _port(metrics_port, "metrics_port"),
-        log_format=_choice(doc.get("log_format", "console"), "log_format", _LOG_FORMATS),
-        log_level=_choice(doc.get("log_level", "info"), "log_level", _LOG_LEVELS),
-        job_lease_s=_number(doc.get("job_lease_s", 600.0), "job_lease_s", minimum=1),
-        max_job_attempts=_number(
-            doc.get("max_job_attempts", 3), "max_job_attempts", minimum=1, integer=True
-        ),
-        audit=_audit(doc.get("audit"), base),
-        limits=_limits(doc.get("limits")),
-    )
+    if isinstance(doc, Mapping):
+        doc = dict(doc)
+        for var, key, conv in (
+            ("DICOM_NODE_AE_TITLE", "ae_title", str),
+            ("DICOM_NODE_PORT", "port", int),
+            ("DICOM_NODE_STORAGE_DIR", "storage_dir", str),
+            ("DICOM_NODE_LOG_FORMAT", "log_format", str),
+        ):
+            if var in env:
+                try:
+                    doc[key] = conv(env[var])
+                except ValueError:
+                    raise ConfigError(f"{var}: {env[var]!r} is not valid for {key}") from None
+    storage_base = Path.cwd() if "DICOM_NODE_STORAGE_DIR" in env else base
+    try:
+        return _SETTINGS.validate_python(doc, context={"base": base, "storage_base": storage_base})
+    except ValidationError as exc:
+        raise check.config_error(exc) from None
 
 
 def load_settings(path: Path | str) -> Settings:

@@ -130,8 +130,9 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pynetdicom logs whole datasets (names, IDs) at DEBUG and PDU details at INFO.
-    for noisy in ("pynetdicom", "highdicom", "PIL", "matplotlib"):
+    # pynetdicom logs whole datasets (names, IDs) at DEBUG and PDU details at INFO;
+    # dicomweb-client and urllib3 log request URLs and headers at DEBUG and INFO.
+    for noisy in ("pynetdicom", "highdicom", "PIL", "matplotlib", "dicomweb_client", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # pydicom's validation warnings quote the offending value, which may be a patient name.
     logging.getLogger("pydicom").setLevel(logging.ERROR)

@@ -27,6 +27,7 @@ class _QueueCollector(Collector):
             ("jobs", "Segmentation jobs by state"),
             ("sends", "Result deliveries by state"),
             ("series", "Series by assembly state"),
+            ("cases", "Study-level cases by state"),
         ):
             family = GaugeMetricFamily(f"dicom_node_{table}", help_text, labels=["state"])
             for state, n in sorted(status[table].items()):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from pydicom.uid import UID
 
@@ -43,9 +43,10 @@ def output_uids(
     kind: str,
     source_instance_uids: Iterable[str],
 ) -> tuple[UID, UID]:
-    """Return ``(series_uid, sop_instance_uid)`` for one output kind (``"seg"`` or ``"sr"``).
+    """Return ``(series_uid, sop_instance_uid)`` for one output kind (``"seg"``, ``"sr"``, ...).
 
-    The series UID depends on (source series, model name + version, kind). The SOP Instance
+    ``source_series_uid`` is the case's :func:`case_key` (for one input, its Series Instance
+    UID). The series UID depends on (case, model name + version, kind). The SOP Instance
     UID also depends on the set of source instances, so a reprocessing after late instances
     arrive yields a new instance in the same output series, while processing the same
     instances again yields exactly the same UIDs.
@@ -55,3 +56,17 @@ def output_uids(
     instances = ",".join(sorted(set(source_instance_uids)))
     sop_uid = derive_uid(source_series_uid, model, kind, "instance", instances)
     return series_uid, sop_uid
+
+
+def case_key(inputs: Mapping[str, str]) -> str:
+    """What a case's output series UIDs derive from: role -> Series Instance UID of its inputs.
+
+    A case of one input is keyed by that series' UID alone, so one-input results keep the
+    UIDs they had before cases had roles; several inputs give ``role=uid`` pairs in role
+    order, so the same series in other roles (or another set of series) is another case.
+    """
+    if not inputs:
+        raise ValueError("a case needs at least one input")
+    if len(inputs) == 1:
+        return next(iter(inputs.values()))
+    return ";".join(f"{role}={uid}" for role, uid in sorted(inputs.items()))

@@ -1,4 +1,6 @@
-"""Builders of realistic DICOM test data: DX radiographs from the JSRT PNGs, synthetic CT series.
+"""Builders of realistic DICOM test data: DX radiographs from the JSRT PNGs, synthetic CT series,
+ultrasound images from the BUSI PNGs (colour JPEG baseline with a Sequence of Ultrasound
+Regions, as scanners send them).
 
 Used by the tests and benchmarks only; nothing here is imported by ``dicom_node``.
 """
@@ -6,6 +8,7 @@ Used by the tests and benchmarks only; nothing here is imported by ``dicom_node`
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,10 +16,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    MRImageStorage,
+    UltrasoundImageStorage,
     generate_uid,
 )
 
@@ -24,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DICOM_NODE_SHARED_DATA", REPO.parent / "shared" / "data"))
 JSRT = SHARED_DATA / "jsrt"
 JSRT_SPACING_MM = 0.35  # README of shared/data/jsrt: 1024 px over the 2048 px at 0.175 mm
+BUSI = SHARED_DATA / "busi"
 
 # Patient data that must never appear in operational logs (see tests of logging).
 PATIENT_NAME = "Doe^Jane^Secret"
@@ -206,6 +214,87 @@ def ct_series(
     return out
 
 
+LA_MRI = SHARED_DATA / "la-mri"
+
+
+def la_mri_cases() -> list[str]:
+    """Case folders of the left-atrium LGE-MRI volumes present under ``SHARED_DATA``."""
+    return sorted(p.parent.name for p in LA_MRI.glob("*/image.nii.gz"))
+
+
+def la_mri_volume(case: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The LGE-MRI volume of ``case`` as ``(z, y, x)`` and its spacing ``(z, y, x)`` in mm."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(LA_MRI / case / "image.nii.gz"))
+    sx, sy, sz = image.GetSpacing()
+    return sitk.GetArrayFromImage(image).astype(np.float32), (sz, sy, sx)
+
+
+def mr_series(
+    volume: np.ndarray,
+    *,
+    spacing_mm: tuple[float, float, float],
+    study_uid: str,
+    frame_of_reference_uid: str,
+    origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+    series_number: int = 1,
+    description: str = "LGE 3D",
+) -> list[Dataset]:
+    """An MR Image Storage series of ``volume`` ``(z, y, x)``, one slice per instance.
+
+    Slice ``k`` lies at ``origin_mm + k * spacing_z * normal`` (normal = row x column
+    direction of ``orientation``); values are rounded to unsigned 16-bit.
+    """
+    series_uid = generate_uid()
+    dz, dy, dx = spacing_mm
+    row_dir = np.asarray(orientation[:3], dtype=np.float64)
+    col_dir = np.asarray(orientation[3:], dtype=np.float64)
+    normal = np.cross(row_dir, col_dir)
+    data = np.clip(np.round(volume), 0, 65535).astype(np.uint16)
+    out = []
+    for k in range(volume.shape[0]):
+        ds = Dataset()
+        _patient_study(ds, study_uid)
+        ds.SOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_of_reference_uid
+        ds.PositionReferenceIndicator = ""
+        ds.Modality = "MR"
+        ds.SeriesNumber = series_number
+        ds.SeriesDescription = description
+        ds.BodyPartExamined = "HEART"
+        ds.InstanceNumber = k + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+        ds.ScanningSequence = "GR"
+        ds.SequenceVariant = "SP"
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "3D"
+        ds.RepetitionTime = 5.4
+        ds.EchoTime = 2.3
+        ds.EchoTrainLength = 1
+        ds.SliceThickness = dz
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin_mm) + k * dz * normal]
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+        ds.PixelSpacing = [dy, dx]
+        ds.AcquisitionNumber = 1
+        ds.ContentDate = ds.StudyDate
+        ds.ContentTime = ds.StudyTime
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = int(volume.shape[1]), int(volume.shape[2])
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.PixelData = data[k].tobytes()
+        _file_meta(ds)
+        out.append(ds)
+    return out
+
+
 def write_files(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
     """Save ``datasets`` as Part 10 files named by SOP Instance UID in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -215,3 +304,97 @@ def write_files(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def us_region(
+    bounds: tuple[int, int, int, int], delta_cm: tuple[float, float], units: int = 3
+) -> Dataset:
+    """One Sequence of Ultrasound Regions item: a 2D tissue region with inclusive ``bounds``
+    ``(min_col, min_row, max_col, max_row)`` and ``delta_cm`` ``(Physical Delta X, Y)``."""
+    item = Dataset()
+    item.RegionSpatialFormat = 1  # 2D
+    item.RegionDataType = 1  # tissue
+    item.RegionFlags = 0
+    item.RegionLocationMinX0, item.RegionLocationMinY0 = bounds[0], bounds[1]
+    item.RegionLocationMaxX1, item.RegionLocationMaxY1 = bounds[2], bounds[3]
+    item.PhysicalUnitsXDirection = units
+    item.PhysicalUnitsYDirection = units
+    item.PhysicalDeltaX, item.PhysicalDeltaY = delta_cm
+    item.ReferencePixelX0 = (bounds[0] + bounds[2]) // 2
+    item.ReferencePixelY0 = bounds[1]
+    return item
+
+
+def us_from_array(
+    gray: np.ndarray,
+    *,
+    regions: Sequence[Dataset] | None = None,
+    jpeg: bool = True,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    quality: int = 95,
+) -> Dataset:
+    """A US Image Storage image of the 8-bit ``gray`` picture as a colour scanner sends it.
+
+    Colour (the gray value in R, G and B) as JPEG baseline YBR_FULL_422 (4:2:2 chroma, the
+    way scanners compress), or native RGB with ``jpeg=False``; ``regions`` becomes the
+    Sequence of Ultrasound Regions (none: an uncalibrated image).
+    """
+    data = np.asarray(gray, dtype=np.uint8)
+    rgb = np.repeat(data[..., None], 3, axis=2)
+    ds = Dataset()
+    _patient_study(ds, study_uid or generate_uid())
+    ds.SOPClassUID = UltrasoundImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = "US"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "BREAST", "0001"]  # 0001: 2D imaging
+    ds.BodyPartExamined = "BREAST"
+    ds.PatientOrientation = ""
+    ds.ImageLaterality = "L"
+    ds.ContentDate = ds.StudyDate
+    ds.ContentTime = ds.StudyTime
+    ds.BurnedInAnnotation = "YES"
+    ds.SamplesPerPixel = 3
+    ds.PlanarConfiguration = 0
+    ds.Rows, ds.Columns = data.shape
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    if regions is not None:
+        ds.SequenceOfUltrasoundRegions = list(regions)
+    _file_meta(ds)
+    if jpeg:
+        buf = io.BytesIO()
+        Image.fromarray(rgb, "RGB").save(buf, "JPEG", quality=quality, subsampling=1)
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionRatio = f"{rgb.nbytes / len(buf.getvalue()):.2f}"[:16]
+        ds.LossyImageCompressionMethod = "ISO_10918_1"
+        ds.PixelData = encapsulate([buf.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    else:
+        ds.PhotometricInterpretation = "RGB"
+        ds.LossyImageCompression = "00"
+        ds.PixelData = rgb.tobytes()
+    return ds
+
+
+def busi_us(case: str, delta_cm: float | None = 0.01, **kwargs: object) -> Dataset:
+    """The BUSI image ``case`` (e.g. ``"benign_001"``) as a colour JPEG US image whose whole
+    frame is one region calibrated at ``delta_cm`` per pixel (None: no regions)."""
+    png = np.asarray(Image.open(BUSI / "images" / f"{case}.png").convert("L"))
+    rows, cols = png.shape
+    regions = (
+        None if delta_cm is None else [us_region((0, 0, cols - 1, rows - 1), (delta_cm, delta_cm))]
+    )
+    return us_from_array(png, regions=regions, **kwargs)  # type: ignore[arg-type]
+
+
+def busi_mask(case: str) -> np.ndarray:
+    """The expert lesion mask of BUSI ``case`` as a boolean array (empty for normal images)."""
+    return np.asarray(Image.open(BUSI / "masks" / f"{case}.png").convert("L")) > 127

@@ -51,7 +51,17 @@ def test_bad_config_is_refused_with_the_key(
     config = tmp_path / "node.yaml"
     config.write_text("port: 99999\n")
     assert main(["serve", "--config", str(config)]) == 2
-    assert "port: 99999" in capsys.readouterr().err
+    assert "port: must be an integer between 1 and 65535, got 99999" in capsys.readouterr().err
+
+
+def test_send_refuses_a_bad_called_ae_title(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["send", "127.0.0.1", "104", str(tmp_path), "--ae-title", "A" * 17]) == 2
+    assert capsys.readouterr().err == (
+        "dicom-node: ae_title: must be an AE title (1 to 16 printable ASCII characters, "
+        f"no backslash), got {'A' * 17!r}\n"
+    )
 
 
 def test_systemd_unit_and_dockerfile_run_a_valid_command() -> None:

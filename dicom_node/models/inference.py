@@ -11,9 +11,25 @@ One code path for CPU and GPU: the network runs under :func:`torch.inference_mod
   are refused (:mod:`dicom_node.models.applicability`).
 * 3D models run :func:`monai.inferers.sliding_window_inference` with ``roi_size`` the package's
   ``input.size`` on the volume resampled to ``input.spacing_mm``, then resample back.
+* Multi-input packages (``inputs``) get a channel stack on the reference input's grid
+  (:func:`~dicom_node.models.preprocess.stack_inputs`, made by
+  :func:`dicom_node.pipeline.segment.segment_case`); one-input packages their series' pixels.
+
+On a CUDA device, forward passes take one of ``gpu_slots`` (:class:`DeviceSlots`, one per node,
+shared by every worker thread and model), so that at most that many model runs share the GPU;
+on the CPU nothing limits them beyond the workers. A CUDA out-of-memory error
+(:class:`torch.cuda.OutOfMemoryError`) is retried with half the batch (2D: frames per pass; 3D:
+patches per sliding-window pass) down to 1, then once on the CPU; each step is logged as
+``inference.oom`` and recorded in the :class:`InferenceReport` of the run.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import structlog
@@ -42,6 +58,55 @@ log = structlog.get_logger(__name__)
 #: Fraction of overlap between neighbouring patches of the sliding window (3D models).
 SLIDING_WINDOW_OVERLAP = 0.25
 
+T = TypeVar("T")
+
+
+class DeviceSlots:
+    """At most ``gpu_slots`` model runs at a time on a CUDA device (``Settings.gpu_slots``).
+
+    One instance per node, handed to every :class:`Segmenter`, so the limit holds across
+    worker threads and models. Runs on the CPU take no slot.
+    """
+
+    def __init__(self, gpu_slots: int = 1) -> None:
+        if gpu_slots < 1:
+            raise ValueError(f"gpu_slots must be at least 1, got {gpu_slots}")
+        self.gpu_slots = gpu_slots
+        self._semaphore = threading.BoundedSemaphore(gpu_slots)
+
+    @contextmanager
+    def hold(self, device: torch.device) -> Iterator[None]:
+        """Hold a slot while the block runs on ``device`` (no slot for the CPU)."""
+        if device.type != "cuda":
+            yield
+            return
+        with self._semaphore:
+            yield
+
+
+@dataclass
+class InferenceReport:
+    """What one model run had to do beyond the plan; the worker logs it with the job.
+
+    Attributes
+    ----------
+    oom
+        One line per CUDA out-of-memory error and what was done about it.
+    batch_size
+        The batch the run finished with (2D frames or 3D patches per pass).
+    device
+        The device the run finished on (``"cpu"`` after the fallback).
+    """
+
+    oom: list[str] = field(default_factory=list)
+    batch_size: int | None = None
+    device: str | None = None
+
+    @property
+    def degraded(self) -> bool:
+        """True when the run needed a smaller batch or the CPU."""
+        return bool(self.oom)
+
 
 def select_device() -> torch.device:
     """Return ``cuda`` when a CUDA device is available, else ``cpu``; call it once at start."""
@@ -62,6 +127,24 @@ def masks_from_probabilities(probs: np.ndarray, package: ModelPackage) -> np.nda
     background = 1.0 - probs.sum(axis=-1, keepdims=True)
     winner = np.argmax(np.concatenate([background, probs], axis=-1), axis=-1)
     return winner[..., None] == np.arange(1, probs.shape[-1] + 1)
+
+
+def confidence_gate(masks: np.ndarray, probs: np.ndarray, package: ModelPackage) -> np.ndarray:
+    """Drop, per frame and structure, a found mask whose mean probability is below the
+    package's ``output.min_confidence`` (a faint, doubtful finding counts as not found).
+
+    ``masks`` (boolean) and ``probs`` are ``(frames, rows, cols, S)``; returns ``masks``
+    unchanged when the package has no ``min_confidence``.
+    """
+    if package.min_confidence is None:
+        return masks
+    out = masks.copy()
+    for frame in range(masks.shape[0]):
+        for s in range(masks.shape[-1]):
+            found = masks[frame, ..., s]
+            if found.any() and float(probs[frame, ..., s][found].mean()) < package.min_confidence:
+                out[frame, ..., s] = False
+    return out
 
 
 def check_applicability(series: ImageSeries, package: ModelPackage) -> tuple[str, ...]:
@@ -90,17 +173,66 @@ class Segmenter:
         Where the network runs; default :func:`select_device`.
     batch_size
         Frames per forward pass for 2D models; patches per pass for 3D models.
+    slots
+        The node's :class:`DeviceSlots` (shared by every segmenter); default one of its own
+        with one slot.
     """
 
     def __init__(
-        self, package: ModelPackage, device: torch.device | None = None, batch_size: int = 8
+        self,
+        package: ModelPackage,
+        device: torch.device | None = None,
+        batch_size: int = 8,
+        slots: DeviceSlots | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.package = package
         self.device = device if device is not None else select_device()
         self.batch_size = batch_size
+        self.slots = slots if slots is not None else DeviceSlots()
         self.network = load_network(package, self.device)
+        self._cpu_network: torch.nn.Module | None = None
+        self._cpu_lock = threading.Lock()
+
+    def _network_on_cpu(self) -> torch.nn.Module:
+        """A CPU copy of the network for the out-of-memory fallback (made once)."""
+        if self.device.type == "cpu":
+            return self.network
+        with self._cpu_lock:
+            if self._cpu_network is None:
+                self._cpu_network = load_network(self.package, torch.device("cpu"))
+            return self._cpu_network
+
+    def _run(
+        self, forward: Callable[[torch.nn.Module, torch.device, int], T], report: InferenceReport
+    ) -> T:
+        """``forward(network, device, batch_size)`` with a device slot held; after a CUDA
+        out-of-memory error again with half the batch, down to 1, then once on the CPU (with
+        the configured batch: host memory is not what ran out)."""
+        device, network, batch = self.device, self.network, self.batch_size
+        on_cpu_fallback = False
+        while True:
+            try:
+                with self.slots.hold(device):
+                    result = forward(network, device, batch)
+                report.batch_size, report.device = batch, str(device)
+                return result
+            except torch.cuda.OutOfMemoryError:
+                if on_cpu_fallback:
+                    raise
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if batch > 1:
+                    step = f"CUDA out of memory at batch {batch}; retried with batch {batch // 2}"
+                    batch //= 2
+                else:
+                    step = "CUDA out of memory at batch 1; retried once on the CPU"
+                    on_cpu_fallback = True
+                    device, network = torch.device("cpu"), self._network_on_cpu()
+                    batch = self.batch_size
+                report.oom.append(step)
+                log.warning("inference.oom", model=self.package.name, action=step)
 
     def _check(self, series: ImageSeries) -> None:
         modalities = self.package.modalities
@@ -117,40 +249,56 @@ class Segmenter:
             return torch.sigmoid(logits)
         return torch.softmax(logits, dim=1)[:, 1:]
 
-    def _autocast(self) -> torch.autocast:
+    @staticmethod
+    def _autocast(device: torch.device) -> torch.autocast:
         return torch.autocast(
-            device_type=self.device.type,
-            dtype=torch.float16,
-            enabled=self.device.type == "cuda",
+            device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda"
         )
 
-    def _predict_2d(self, images: np.ndarray, plans: tuple[Reorientation, ...] = ()) -> np.ndarray:
+    def _predict_2d(
+        self,
+        images: np.ndarray,
+        plans: tuple[Reorientation, ...] = (),
+        report: InferenceReport | None = None,
+    ) -> np.ndarray:
         """Probabilities ``(frames, rows, cols, S)`` on the stored grid.
 
-        ``images``: ``(frames, rows, cols)``, or ``(frames, rows, cols, 3)`` for rgb models.
-        Frame ``f`` is run in the orientation ``plans[f].to_model`` gives (as stored without
-        plans) and its probabilities mapped back with ``plans[f].to_source``.
+        ``images``: ``(frames, rows, cols)``, or ``(frames, rows, cols, C)`` for rgb or
+        multi-input models (a channel stack). Frame ``f`` is run in the orientation
+        ``plans[f].to_model`` gives (as stored without plans) and its probabilities mapped
+        back with ``plans[f].to_source``.
         """
         frames, rows, cols = images.shape[:3]
         out = np.empty((frames, rows, cols, len(self.package.structures)), dtype=np.float32)
-        for start in range(0, frames, self.batch_size):
-            stop = min(start + self.batch_size, frames)
-            prepared = [
-                prepare_image(plans[f].to_model(images[f]) if plans else images[f], self.package)
-                for f in range(start, stop)
-            ]
-            stacked = np.stack([image for image, _ in prepared])
-            batch = torch.from_numpy(stacked if stacked.ndim == 4 else stacked[:, None])
-            with torch.inference_mode(), self._autocast():
-                probs = self._activate(self.network(batch.to(self.device))).cpu().numpy()
-            for i, (_, placement) in enumerate(prepared):
-                frame = np.moveaxis(restore_probabilities(probs[i], placement), 0, -1)
-                out[start + i] = plans[start + i].to_source(frame) if plans else frame
-        return out
 
-    def _predict_3d(self, series: ImageSeries) -> np.ndarray:
-        volume, placement = prepare_volume(series, self.package)
-        return self._predict_prepared(volume, placement)
+        def forward(network: torch.nn.Module, device: torch.device, batch: int) -> np.ndarray:
+            for start in range(0, frames, batch):
+                stop = min(start + batch, frames)
+                prepared = [
+                    prepare_image(
+                        plans[f].to_model(images[f]) if plans else images[f], self.package
+                    )
+                    for f in range(start, stop)
+                ]
+                stacked = np.stack([image for image, _ in prepared])
+                inputs = torch.from_numpy(stacked if stacked.ndim == 4 else stacked[:, None])
+                with torch.inference_mode(), self._autocast(device):
+                    probs = self._activate(network(inputs.to(device))).cpu().numpy()
+                for i, (_, placement) in enumerate(prepared):
+                    frame = np.moveaxis(restore_probabilities(probs[i], placement), 0, -1)
+                    out[start + i] = plans[start + i].to_source(frame) if plans else frame
+            return out
+
+        return self._run(forward, report if report is not None else InferenceReport())
+
+    def _predict_3d(
+        self,
+        series: ImageSeries,
+        stack: np.ndarray | None = None,
+        report: InferenceReport | None = None,
+    ) -> np.ndarray:
+        volume, placement = prepare_volume(series, self.package, stack)
+        return self._predict_prepared(volume, placement, report)
 
     def predict_volume(self, pixels: np.ndarray, placement: VolumePlacement) -> np.ndarray:
         """Probabilities ``(z, y, x, S)`` of one volume given as an array (no DICOM) on the
@@ -163,20 +311,29 @@ class Segmenter:
             prepare_volume_array(pixels, placement, self.package), placement
         )
 
-    def _predict_prepared(self, volume: np.ndarray, placement: VolumePlacement) -> np.ndarray:
-        tensor = torch.from_numpy(volume)[None, None].to(self.device)
-        with torch.inference_mode(), self._autocast():
-            logits = sliding_window_inference(
-                tensor,
-                roi_size=self.package.input_size,
-                sw_batch_size=self.batch_size,
-                predictor=self.network,
-                overlap=SLIDING_WINDOW_OVERLAP,
-                mode="gaussian",
-                cval=float(volume.min()),
-            )
-            assert isinstance(logits, torch.Tensor)
-            probs = self._activate(logits)[0].cpu().numpy()
+    def _predict_prepared(
+        self,
+        volume: np.ndarray,
+        placement: VolumePlacement,
+        report: InferenceReport | None = None,
+    ) -> np.ndarray:
+        tensor = torch.from_numpy(volume)[None]  # (1, C, z, y, x)
+
+        def forward(network: torch.nn.Module, device: torch.device, batch: int) -> np.ndarray:
+            with torch.inference_mode(), self._autocast(device):
+                logits = sliding_window_inference(
+                    tensor.to(device),
+                    roi_size=self.package.input_size,
+                    sw_batch_size=batch,
+                    predictor=network,
+                    overlap=SLIDING_WINDOW_OVERLAP,
+                    mode="gaussian",
+                    cval=float(volume.min()),
+                )
+                assert isinstance(logits, torch.Tensor)
+                return self._activate(logits)[0].cpu().numpy()  # type: ignore[no-any-return]
+
+        probs = self._run(forward, report if report is not None else InferenceReport())
         return np.ascontiguousarray(np.moveaxis(restore_volume(probs, placement), 0, -1))
 
     def predict_image(
@@ -203,8 +360,24 @@ class Segmenter:
         described = (plan.describe() for plan in reorientations(series, self.package))
         return (*check_applicability(series, self.package), *dict.fromkeys(described))
 
-    def predict(self, series: ImageSeries) -> np.ndarray:
+    def predict(
+        self,
+        series: ImageSeries,
+        stack: np.ndarray | None = None,
+        report: InferenceReport | None = None,
+    ) -> np.ndarray:
         """Return the probabilities of each structure on the source pixel grid.
+
+        Parameters
+        ----------
+        series
+            The (reference) series: its grid, modality and applicability.
+        stack
+            Multi-input packages: the channel stack ``(frames, rows, cols, C)`` on the grid
+            of ``series`` (:func:`~dicom_node.models.preprocess.stack_inputs`). None: the
+            series' own pixels (one input).
+        report
+            Receives what the run had to do (out-of-memory retries, CPU fallback).
 
         Returns
         -------
@@ -224,22 +397,33 @@ class Segmenter:
         """
         self._check(series)
         check_applicability(series, self.package)
-        if self.package.dims == 3:
-            probs = self._predict_3d(series)
-        else:
-            probs = self._predict_2d(
-                model_images(series, self.package), reorientations(series, self.package)
+        if stack is None and len(self.package.inputs) > 1:
+            raise ValueError(
+                f"model {self.package.name} has inputs {', '.join(self.package.roles)}; give "
+                "it their channel stack (dicom_node.pipeline.segment.segment_case)"
             )
+        if self.package.dims == 3:
+            probs = self._predict_3d(series, stack, report)
+        else:
+            images = model_images(series, self.package) if stack is None else stack
+            probs = self._predict_2d(images, reorientations(series, self.package), report)
         log.debug("prediction done", model=self.package.name, frames=probs.shape[0])
         return probs
 
-    def segment(self, series: ImageSeries) -> np.ndarray:
+    def segment(
+        self,
+        series: ImageSeries,
+        stack: np.ndarray | None = None,
+        report: InferenceReport | None = None,
+    ) -> np.ndarray:
         """Return boolean masks ``(frames, rows, cols, S)`` on the source pixel grid.
 
         Probabilities from :meth:`predict` are thresholded (sigmoid) or arg-maxed (softmax) by
         :func:`masks_from_probabilities`, then postprocessed per structure: connected
         components per frame for projection images, over the volume for cross-sectional
-        series.
+        series; then :func:`confidence_gate`.
         """
-        masks = masks_from_probabilities(self.predict(series), self.package)
-        return postprocess(masks, self.package, per_frame=series.is_projection)
+        probs = self.predict(series, stack, report)
+        masks = masks_from_probabilities(probs, self.package)
+        masks = postprocess(masks, self.package, per_frame=series.is_projection)
+        return confidence_gate(masks, probs, self.package)

@@ -9,6 +9,7 @@ pydicom's code dictionaries, display colour, postprocessing). See ``docs/model-p
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ class Measurement(enum.Enum):
 
     AREA = "area"  # per structure, 2D images, cm2
     VOLUME = "volume"  # per structure, 3D series, ml
+    #: per structure, 2D images, mm: the longest diameter and the longest diameter
+    #: perpendicular to it (breast lesions, as radiologists measure them)
+    DIAMETERS = "diameters"
     CARDIOTHORACIC_RATIO = "cardiothoracic_ratio"  # needs heart and both lungs
 
 
@@ -81,6 +85,8 @@ class Structure:
     type_modifier: Code | None  # Segmented Property Type Modifier Code Sequence (0062,0011)
     color_rgb: tuple[int, int, int]
     postprocess: tuple[Postprocess, ...] = ()
+    #: Anatomic Region Sequence (0008,2218) of the segment, e.g. SCT Breast for a breast lesion
+    anatomic_region: Code | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,27 @@ class Applicability:
     views: tuple[str, ...] = ()
     body_parts: tuple[str, ...] = ()
     species: tuple[str, ...] = ()
+
+
+#: The one input role of a package without ``inputs`` (and of a route without ``inputs``).
+DEFAULT_ROLE = "image"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of the model (``inputs[]``): a named role, one channel group of the network.
+
+    Attributes
+    ----------
+    role
+        The role name, e.g. ``t1``; routes fill it with a series of the case.
+    required
+        False: the case may lack this role; its channel(s) are then zeros (after
+        normalisation), as the model must have been trained to expect.
+    """
+
+    role: str
+    required: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,11 +155,32 @@ class ModelPackage:
     description: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     color: ColorMode = ColorMode.GRAY  # input.color: gray (1 channel) or rgb (3 channels)
+    #: output.min_confidence: a structure found on an image whose mean probability inside its
+    #: final mask is below this is dropped (not found); None keeps everything. Chosen on the
+    #: validation cases (training.evaluate.select_min_confidence).
+    min_confidence: float | None = None
+    #: ``inputs``: the roles in channel order; without it one required role ``image``.
+    inputs: tuple[InputSpec, ...] = (InputSpec(DEFAULT_ROLE),)
+    #: ``reference``: the role whose grid the others are resampled onto and the SEG is on.
+    reference: str = DEFAULT_ROLE
+    #: ``registered``: the site guarantees the inputs are registered (patient coordinates
+    #: agree) even without a shared Frame of Reference UID (0020,0052).
+    registered: bool = False
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The input role names in channel order."""
+        return tuple(spec.role for spec in self.inputs)
+
+    @property
+    def channels_per_input(self) -> int:
+        """Network channels of each input: 3 for ``input.color: rgb``, else 1."""
+        return 3 if self.color is ColorMode.RGB else 1
 
     @property
     def in_channels(self) -> int:
-        """Input channels of the network: 3 for ``input.color: rgb``, else 1."""
-        return 3 if self.color is ColorMode.RGB else 1
+        """Input channels of the network: one group of :attr:`channels_per_input` per role."""
+        return len(self.inputs) * self.channels_per_input
 
     @property
     def out_channels(self) -> int:
@@ -200,6 +248,7 @@ def _structure(doc: Any, index: int, where: str) -> Structure:
     ):
         raise ModelPackageError(f"{key}.color: expected [r, g, b] in 0..255, got {color!r}")
     modifier = doc.get("type_modifier")
+    region = doc.get("anatomic_region")
     return Structure(
         label=str(_require(doc, "label", key)),
         name=str(doc.get("name", doc["label"])),
@@ -209,6 +258,9 @@ def _structure(doc: Any, index: int, where: str) -> Structure:
         color_rgb=(color[0], color[1], color[2]),
         postprocess=tuple(
             _enum(Postprocess, p, f"{key}.postprocess") for p in doc.get("postprocess", [])
+        ),
+        anatomic_region=(
+            None if region is None else resolve_code(region, f"{key}.anatomic_region")
         ),
     )
 
@@ -255,6 +307,59 @@ def _applicability(doc: dict[str, Any], where: str) -> Applicability:
         body_parts=_strings(app, "body_parts", key),
         species=tuple(s.lower() for s in _strings(app, "species", key)),
     )
+
+
+_ROLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+
+
+def _inputs(doc: dict[str, Any], where: str) -> tuple[tuple[InputSpec, ...], str, bool]:
+    """``inputs``, ``reference`` and ``registered`` of ``model.yaml``."""
+    registered = doc.get("registered", False)
+    if not isinstance(registered, bool):
+        raise ModelPackageError(f"{where}: registered: expected true or false, got {registered!r}")
+    value = doc.get("inputs")
+    if value is None:
+        specs: tuple[InputSpec, ...] = (InputSpec(DEFAULT_ROLE),)
+    else:
+        if not isinstance(value, list) or not value:
+            raise ModelPackageError(
+                f"{where}: inputs: expected a non-empty list of {{role: name}} in channel "
+                f"order, got {value!r}"
+            )
+        found = []
+        for i, item in enumerate(value):
+            key = f"{where}: inputs[{i}]"
+            item = _mapping(item, key)
+            unknown = set(item) - {"role", "required"}
+            if unknown:
+                raise ModelPackageError(
+                    f"{key}: unknown key(s) {', '.join(sorted(unknown))}; known: role, required"
+                )
+            role = item.get("role")
+            if not isinstance(role, str) or not _ROLE_RE.match(role):
+                raise ModelPackageError(
+                    f"{key}.role: expected a name of letters, digits, _ or - starting with a "
+                    f"letter (e.g. t1c), got {role!r}"
+                )
+            required = item.get("required", True)
+            if not isinstance(required, bool):
+                raise ModelPackageError(f"{key}.required: expected true or false, got {required!r}")
+            found.append(InputSpec(role, required))
+        specs = tuple(found)
+    roles = [spec.role for spec in specs]
+    if len(set(roles)) != len(roles):
+        raise ModelPackageError(f"{where}: inputs: role names must be unique, got {roles}")
+    reference = doc.get("reference", roles[0])
+    if reference not in roles:
+        raise ModelPackageError(
+            f"{where}: reference: {reference!r} is not one of the inputs' roles {roles}"
+        )
+    if not next(s for s in specs if s.role == reference).required:
+        raise ModelPackageError(
+            f"{where}: reference: the reference input {reference!r} must be required; the SEG "
+            "is made on its grid"
+        )
+    return specs, str(reference), registered
 
 
 def load_package(path: Path | str) -> ModelPackage:
@@ -318,6 +423,15 @@ def load_package(path: Path | str) -> ModelPackage:
     threshold = _float(out, "threshold", 0.5, f"{where}: output")
     if not 0.0 < threshold < 1.0:
         raise ModelPackageError(f"{where}: output.threshold: must be in (0, 1), got {threshold}")
+    min_confidence = out.get("min_confidence")
+    if min_confidence is not None and (
+        isinstance(min_confidence, bool)
+        or not isinstance(min_confidence, int | float)
+        or not 0.0 <= min_confidence < 1.0
+    ):
+        raise ModelPackageError(
+            f"{where}: output.min_confidence: a mean probability in [0, 1), got {min_confidence!r}"
+        )
     structures_doc = _require(doc, "structures", where)
     if not isinstance(structures_doc, list) or not structures_doc:
         raise ModelPackageError(f"{where}: structures: expected a non-empty list")
@@ -334,6 +448,7 @@ def load_package(path: Path | str) -> ModelPackage:
     measurements = tuple(
         _enum(Measurement, m, f"{where}: measurements") for m in doc.get("measurements", [])
     )
+    inputs, reference, registered = _inputs(doc, where)
     network = doc.get("network", {})
     if not isinstance(network, dict):
         raise ModelPackageError(f"{where}: network: expected a mapping")
@@ -350,6 +465,7 @@ def load_package(path: Path | str) -> ModelPackage:
             Activation, out.get("activation", "sigmoid"), f"{where}: output.activation"
         ),
         threshold=threshold,
+        min_confidence=None if min_confidence is None else float(min_confidence),
         network=dict(network),
         weights=weights,
         structures=structures,
@@ -359,4 +475,7 @@ def load_package(path: Path | str) -> ModelPackage:
         description=str(doc.get("description", "")),
         metrics=dict(_mapping(doc.get("metrics") or {}, f"{where}: metrics")),
         color=color,
+        inputs=inputs,
+        reference=reference,
+        registered=registered,
     )

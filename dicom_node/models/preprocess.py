@@ -1,21 +1,29 @@
 """Input preparation shared by training and inference, and the way back to the source grid.
 
-2D models (``dims: 2``): :func:`model_images` picks grayscale or RGB frames as ``input.color``
-says; :func:`prepare_image` normalises a plain 2D (or RGB) array as
-``input.normalization`` says, pads it to a square (aspect ratio kept, padded with the minimum of
-the normalised image) and resizes it to ``input.size``; :func:`restore_probabilities` undoes the
-geometry of that for the network's output, so that masks land on the source pixel grid.
-Training imports the same functions for its PNGs, so both see identical inputs.
+What the network gets is a *channel stack*: per input role of the package (``inputs``, in
+channel order), one channel (``input.color: gray``) or three (``rgb``), channels last
+(``(..., C)``, ``C = package.in_channels``). :func:`normalize_inputs` normalises each role's
+channels on their own (different MR sequences have different ranges), as
+``input.normalization`` says; a role that is all NaN (a missing optional input, see
+:func:`stack_inputs`) becomes zeros. A one-input gray package may be given a plain 2D image.
 
-3D models (``dims: 3``): :func:`prepare_volume` resamples a cross-sectional
-:class:`~dicom_node.imaging.series.ImageSeries` to ``input.spacing_mm`` with SimpleITK (the
-geometry comes from Image Position/Orientation (Patient) and Pixel Spacing);
+2D models (``dims: 2``): :func:`model_images` picks grayscale or RGB frames as ``input.color``
+says; :func:`prepare_image` normalises a plain 2D (or RGB, or channel-stack) array, pads it to
+a square (aspect ratio kept, each channel padded with its normalised minimum) and resizes it
+to ``input.size``; :func:`restore_probabilities` undoes the geometry of that for the network's
+output, so that masks land on the source pixel grid. Training imports the same functions for
+its PNGs, so both see identical inputs.
+
+3D models (``dims: 3``): :func:`prepare_volume` resamples the channel stack of a
+cross-sectional :class:`~dicom_node.imaging.series.ImageSeries` to ``input.spacing_mm`` with
+SimpleITK (the geometry comes from Image Position/Orientation (Patient) and Pixel Spacing);
 :func:`restore_volume` resamples probabilities back onto the source grid.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +60,58 @@ def normalize(image: np.ndarray, normalization: Normalization) -> np.ndarray:
     if hi <= lo:
         return np.zeros_like(data)
     return ((np.clip(data, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def normalize_inputs(stack: np.ndarray, package: ModelPackage) -> np.ndarray:
+    """Normalise a channel stack ``(..., C)`` role by role (see the module text).
+
+    Each group of :attr:`ModelPackage.channels_per_input` channels is normalised together
+    with :func:`normalize` (RGB keeps its ratios); a group that is all NaN (a missing optional
+    input) becomes zeros. Returns ``float32`` of the same shape.
+
+    Raises
+    ------
+    ValueError
+        When the stack does not have ``package.in_channels`` channels.
+    """
+    if stack.shape[-1] != package.in_channels:
+        raise ValueError(
+            f"expected {package.in_channels} channels last ({len(package.inputs)} input(s) "
+            f"{', '.join(package.roles)}), got shape {stack.shape}"
+        )
+    step = package.channels_per_input
+    out = np.zeros(stack.shape, dtype=np.float32)
+    for start in range(0, stack.shape[-1], step):
+        group = np.asarray(stack[..., start : start + step], dtype=np.float32)
+        if not np.isnan(group).all():
+            out[..., start : start + step] = normalize(group, package.normalization)
+    return out
+
+
+def stack_inputs(images: Sequence[np.ndarray | None], package: ModelPackage) -> np.ndarray:
+    """The channel stack ``(frames, rows, cols, C)`` of one image per role, in channel order.
+
+    Each image is ``(frames, rows, cols)`` (gray) or ``(frames, rows, cols, 3)`` (rgb) on one
+    grid, as :func:`model_images` gives; ``None`` marks a missing optional role, whose
+    channels are NaN here and zeros after :func:`normalize_inputs`.
+    """
+    if len(images) != len(package.inputs):
+        raise ValueError(f"expected {len(package.inputs)} images, got {len(images)}")
+    present = [image for image in images if image is not None]
+    if not present:
+        raise ValueError("at least one input image is needed")
+    shape = present[0].shape[:3]
+    step = package.channels_per_input
+    groups = []
+    for image in images:
+        if image is None:
+            groups.append(np.full((*shape, step), np.nan, dtype=np.float32))
+            continue
+        group = image if image.ndim == 4 else image[..., None]
+        if group.shape != (*shape, step):
+            raise ValueError(f"input of shape {image.shape} does not fit {(*shape, step)}")
+        groups.append(group.astype(np.float32, copy=False))
+    return np.concatenate(groups, axis=-1)
 
 
 @dataclass(frozen=True)
@@ -99,11 +159,13 @@ def _resize(channels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out[0].numpy()
 
 
-def to_input_grid(channels: np.ndarray, placement: Placement, pad_value: float = 0.0) -> np.ndarray:
+def to_input_grid(
+    channels: np.ndarray, placement: Placement, pad_value: float | np.ndarray = 0.0
+) -> np.ndarray:
     """Pad ``(C, rows, cols)`` to the square of ``placement`` and resize it to its input shape.
 
-    Used for images (by :func:`prepare_image`) and, in training, for masks (``pad_value=0``;
-    the result is a soft mask in [0, 1]).
+    Used for images (by :func:`prepare_image`, ``pad_value`` one value per channel) and, in
+    training, for masks (``pad_value=0``; the result is a soft mask in [0, 1]).
     """
     if channels.ndim != 3 or channels.shape[1:] != placement.source_shape:
         raise ValueError(
@@ -112,7 +174,10 @@ def to_input_grid(channels: np.ndarray, placement: Placement, pad_value: float =
         )
     rows, cols = placement.source_shape
     side = placement.square_side
-    square = np.full((channels.shape[0], side, side), pad_value, dtype=np.float32)
+    square = np.empty((channels.shape[0], side, side), dtype=np.float32)
+    square[:] = np.broadcast_to(np.asarray(pad_value, dtype=np.float32), (channels.shape[0],))[
+        :, None, None
+    ]
     top, left = placement.pad_top, placement.pad_left
     square[:, top : top + rows, left : left + cols] = channels
     return _resize(square, placement.input_shape)
@@ -140,33 +205,49 @@ def prepare_image(image: np.ndarray, package: ModelPackage) -> tuple[np.ndarray,
     image
         ``(rows, cols)`` array of any numeric type in normal (MONOCHROME2) polarity; for DICOM
         the modality values of :attr:`ImageSeries.pixels`. For a package with ``input.color:
-        rgb``, ``(rows, cols, 3)`` RGB (e.g. :attr:`ImageSeries.rgb` or an RGB PNG); a
-        ``(rows, cols)`` image is then repeated in the three channels. The three channels are
-        normalised together (one percentile range, window or mean), which keeps their ratios.
+        rgb`` and one input, ``(rows, cols, 3)`` RGB (e.g. :attr:`ImageSeries.rgb` or an RGB
+        PNG); a ``(rows, cols)`` image is then repeated in the three channels. The three
+        channels are normalised together (one percentile range, window or mean), which keeps
+        their ratios. For a package with several ``inputs``, the channel stack ``(rows, cols,
+        C)`` of :func:`stack_inputs`, normalised role by role (:func:`normalize_inputs`).
     package
-        Its ``normalization``, ``input_size`` and ``color`` are used.
+        Its ``normalization``, ``input_size``, ``color`` and ``inputs`` are used.
 
     Returns
     -------
     tuple[numpy.ndarray, Placement]
-        The ``float32`` network input, of shape ``package.input_size`` (gray) or ``(3,
-        *package.input_size)`` (rgb), and the placement to undo with
+        The ``float32`` network input, of shape ``package.input_size`` (one gray input) or
+        ``(C, *package.input_size)``, and the placement to undo with
         :func:`restore_probabilities`.
     """
-    rgb = package.color is ColorMode.RGB
-    if rgb and image.ndim == 2:
+    channels_in = package.in_channels
+    if package.color is ColorMode.RGB and channels_in == 3 and image.ndim == 2:
         image = np.repeat(np.asarray(image)[..., None], 3, axis=-1)
-    if (image.ndim, image.shape[-1] if rgb else 0) != ((3, 3) if rgb else (2, 0)):
-        expected = "(rows, cols, 3) RGB" if rgb else "a 2D image (rows, cols)"
+    if image.ndim == 2 and channels_in == 1:
+        image = np.asarray(image)[..., None]
+    if image.ndim != 3 or image.shape[-1] != channels_in:
+        expected = (
+            "a 2D image (rows, cols)"
+            if channels_in == 1
+            else "(rows, cols, 3) RGB"
+            if len(package.inputs) == 1
+            else f"a channel stack (rows, cols, {channels_in}) of inputs {', '.join(package.roles)}"
+        )
         raise ValueError(f"expected {expected}, got shape {image.shape}")
     if package.dims != 2 or len(package.input_size) != 2:
         raise ValueError(f"prepare_image is for 2D models; {package.name} has dims {package.dims}")
-    normalized = normalize(image, package.normalization)
-    channels = np.moveaxis(normalized, -1, 0) if rgb else normalized[None]
+    channels = np.moveaxis(normalize_inputs(image, package), -1, 0)
     placement = Placement.for_shape(channels.shape[1:], package.input_size)
-    pad_value = float(normalized.min())
+    pad_value = _group_minimum(channels, package)
     prepared = to_input_grid(channels, placement, pad_value)
-    return (prepared if rgb else prepared[0]), placement
+    return (prepared[0] if channels_in == 1 else prepared), placement
+
+
+def _group_minimum(channels: np.ndarray, package: ModelPackage) -> np.ndarray:
+    """Per channel of ``(C, ...)``: the minimum of its role's channels (the padding value)."""
+    step = package.channels_per_input
+    minima = channels.reshape(len(channels) // step, -1).min(axis=1)
+    return np.repeat(minima, step).astype(np.float32)
 
 
 def restore_probabilities(probs: np.ndarray, placement: Placement) -> np.ndarray:
@@ -298,19 +379,30 @@ def _resample(
 
 
 def prepare_volume(
-    series: ImageSeries, package: ModelPackage
+    series: ImageSeries, package: ModelPackage, stack: np.ndarray | None = None
 ) -> tuple[np.ndarray, VolumePlacement]:
     """Prepare a cross-sectional series as the input of a 3D model.
 
-    Normalises the modality values, then resamples them (linear) to ``package.spacing_mm``
-    (z, y, x) when set. The geometry is that of the series: ImagePositionPatient (0020,0032) of
-    the first slice, ImageOrientationPatient (0020,0037), PixelSpacing (0028,0030) and the slice
-    spacing along the normal.
+    Normalises the modality values (role by role, :func:`normalize_inputs`), then resamples
+    them (linear) to ``package.spacing_mm`` (z, y, x) when set. The geometry is that of the
+    series: ImagePositionPatient (0020,0032) of the first slice, ImageOrientationPatient
+    (0020,0037), PixelSpacing (0028,0030) and the slice spacing along the normal.
+
+    Parameters
+    ----------
+    series
+        The reference input: its grid is the source grid.
+    package
+        Its ``normalization``, ``spacing_mm`` and ``inputs`` are used.
+    stack
+        The channel stack ``(frames, rows, cols, C)`` on the grid of ``series``
+        (:func:`stack_inputs`); default the pixels of ``series`` (one gray input).
 
     Returns
     -------
     tuple[numpy.ndarray, VolumePlacement]
-        ``float32`` volume ``(z, y, x)`` and the placement to undo with :func:`restore_volume`.
+        ``float32`` volume ``(C, z, y, x)`` and the placement to undo with
+        :func:`restore_volume`.
 
     Raises
     ------
@@ -318,19 +410,27 @@ def prepare_volume(
         For projection images, single slices, uneven slice gaps or missing pixel spacing.
     """
     placement = _volume_placement(series, package)
-    return prepare_volume_array(series.pixels, placement, package), placement
+    if stack is None:
+        stack = series.pixels[..., None]
+    return prepare_volume_array(stack, placement, package), placement
 
 
 def prepare_volume_array(
     pixels: np.ndarray, placement: VolumePlacement, package: ModelPackage
 ) -> np.ndarray:
-    """Normalise ``pixels`` ``(z, y, x)`` on the source grid of ``placement`` as
-    ``input.normalization`` says and resample them (linear) onto its resampled grid: the one
-    preparation of 3D inputs, for DICOM series and for training volumes."""
-    normalized = normalize(pixels, package.normalization)
+    """Normalise ``pixels`` on the source grid of ``placement`` role by role
+    (:func:`normalize_inputs`) and resample each channel (linear) onto its resampled grid: the
+    one preparation of 3D inputs, for DICOM series and for training volumes.
+
+    ``pixels`` is ``(z, y, x)`` (one gray input) or a channel stack ``(z, y, x, C)``; returns
+    ``float32`` ``(C, z, y, x)``."""
+    stack = pixels[..., None] if pixels.ndim == 3 else pixels
+    normalized = np.moveaxis(normalize_inputs(stack, package), -1, 0)
     if placement.is_identity:
-        return normalized
-    return resample_to_model(normalized, placement, float(normalized.min()))
+        return np.ascontiguousarray(normalized)
+    return np.stack(
+        [resample_to_model(channel, placement, float(channel.min())) for channel in normalized]
+    )
 
 
 def resample_to_model(data: np.ndarray, placement: VolumePlacement, default: float) -> np.ndarray:

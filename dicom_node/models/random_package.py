@@ -88,6 +88,9 @@ def make_random_package(
     name: str = "random-chest",
     version: str = "0.0.0",
     color: str = "gray",
+    inputs: Sequence[str | Mapping[str, Any]] = (),
+    reference: str | None = None,
+    registered: bool = False,
 ) -> ModelPackage:
     """Write a complete model package with random weights into ``folder`` and load it.
 
@@ -118,6 +121,13 @@ def make_random_package(
         Save the weights in half precision (the loader casts them to fp32).
     color
         ``input.color``: ``gray`` (one input channel) or ``rgb`` (three; 2D only).
+    inputs
+        ``inputs``: role names (or ``{role, required}`` mappings) in channel order; empty:
+        the one role ``image``.
+    reference
+        ``reference``: the role the others are resampled onto; default the first.
+    registered
+        ``registered``: the site guarantees the inputs are registered.
 
     Raises
     ------
@@ -163,6 +173,12 @@ def make_random_package(
     }
     if spacing_mm is not None:
         doc["input"]["spacing_mm"] = list(spacing_mm)
+    if inputs:
+        doc["inputs"] = [{"role": i} if isinstance(i, str) else dict(i) for i in inputs]
+    if reference is not None:
+        doc["reference"] = reference
+    if registered:
+        doc["registered"] = True
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MODEL_FILE).write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -10,6 +10,12 @@ What is measured follows the model package's ``measurements`` list
   (0018,1164), i.e. at the detector, magnified by the source-to-detector geometry.
 * ``volume``: per structure on a cross-sectional series of two or more slices, the voxel count
   times row spacing x column spacing x slice spacing, in ml.
+* ``diameters``: per structure on a single image, the longest diameter and the longest
+  diameter perpendicular to it, in mm (:mod:`dicom_node.outputs.diameters`).
+* Ultrasound images (Modality US) have no Pixel Spacing: area and diameters use the
+  calibration of the Sequence of Ultrasound Regions (0018,6011), only when the whole structure
+  lies inside one region calibrated in cm (:func:`~dicom_node.imaging.ultrasound.calibration_for`);
+  otherwise nothing physical is reported and :attr:`Measurements.omitted` says why.
 * ``cardiothoracic_ratio``: on a single projection image (a PA chest radiograph), the widest
   transverse extent of the heart over the widest inner extent of the thorax, both along the
   image columns, from the masks labelled ``heart``, ``right_lung`` and ``left_lung``.
@@ -26,9 +32,11 @@ import pydicom
 import structlog
 
 from dicom_node.imaging.series import ImageSeries
+from dicom_node.imaging.ultrasound import calibration_for
 from dicom_node.models.applicability import non_human_reason, view_position
 from dicom_node.models.orientation import format_orientation, reorientations
 from dicom_node.models.package import Measurement, ModelPackage
+from dicom_node.outputs.diameters import Diameters, measure_diameters
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +50,11 @@ SPACING_TAGS = {
     "PixelSpacing": "(0028,0030)",
     "ImagerPixelSpacing": "(0018,1164)",
     "NominalScannedPixelSpacing": "(0018,2010)",
+    "SequenceOfUltrasoundRegions": "(0018,6011)",
 }
+
+#: ``spacing_source`` of measurements calibrated by an ultrasound region.
+ULTRASOUND_SOURCE = "SequenceOfUltrasoundRegions"
 
 _MM2_PER_CM2 = 100.0
 _MM3_PER_ML = 1000.0
@@ -89,6 +101,12 @@ class StructureMeasurement:
         """One sentence saying how the value was derived (for the SR)."""
         tag = SPACING_TAGS.get(self.spacing_source, "")
         attribute = f"{self.spacing_source} {tag}".strip()
+        if self.kind is Measurement.AREA and self.spacing_source == ULTRASOUND_SOURCE:
+            row, col = self.spacing_mm
+            return (
+                f"{self.pixel_count} pixels x {row:g} mm (rows, Physical Delta Y) x {col:g} mm "
+                f"(columns, Physical Delta X) of the region of the {attribute} that holds it"
+            )
         if self.kind is Measurement.AREA:
             row, col = self.spacing_mm
             plane = (
@@ -105,6 +123,19 @@ class StructureMeasurement:
             f"{self.pixel_count} voxels x {attribute} {row:g} mm (rows) x {col:g} mm "
             f"(columns) x {dz:g} mm slice spacing from ImagePositionPatient (0020,0032)"
         )
+
+
+@dataclass(frozen=True)
+class StructureDiameters:
+    """The longest and perpendicular diameters of one structure (one segment of the SEG).
+
+    ``calibration`` says where the spacing came from, in words (for the SR).
+    """
+
+    label: str
+    segment_number: int
+    diameters: Diameters
+    calibration: str
 
 
 @dataclass(frozen=True)
@@ -208,12 +239,20 @@ class Measurements:
     structures: tuple[StructureMeasurement, ...]
     cardiothoracic_ratio: CardiothoracicRatio | None
     omitted: tuple[str, ...] = ()
+    diameters: tuple[StructureDiameters, ...] = ()
 
     def for_segment(self, segment_number: int) -> StructureMeasurement | None:
         """The measurement of segment ``segment_number``, or None when it was not measured."""
         for m in self.structures:
             if m.segment_number == segment_number:
                 return m
+        return None
+
+    def diameters_of(self, segment_number: int) -> StructureDiameters | None:
+        """The diameters of segment ``segment_number``, or None when they were not measured."""
+        for d in self.diameters:
+            if d.segment_number == segment_number:
+                return d
         return None
 
 
@@ -416,6 +455,79 @@ def _ratio(
     return ratio, None
 
 
+def is_ultrasound(series: ImageSeries) -> bool:
+    """True for ultrasound images (Modality US): calibrated by their regions only."""
+    return series.modality == "US"
+
+
+def _ultrasound_measurements(
+    series: ImageSeries, masks: np.ndarray, package: ModelPackage
+) -> Measurements:
+    """Area and diameters of each found structure of a single ultrasound image, calibrated by
+    the region of the Sequence of Ultrasound Regions that holds it (module docstring)."""
+    wanted = [m for m in (Measurement.AREA, Measurement.DIAMETERS) if m in package.measurements]
+    if not wanted:
+        return Measurements((), None)
+    names = " and ".join("area" if m is Measurement.AREA else "diameters" for m in wanted)
+    if series.shape[0] != 1:
+        log.warning("ultrasound with several frames; structures not measured")
+        return Measurements(
+            (), None, (f"No {names} reported: they are measured on single ultrasound images",)
+        )
+    ds = series.datasets[0]
+    areas: list[StructureMeasurement] = []
+    diameters: list[StructureDiameters] = []
+    omitted: list[str] = []
+    for index, structure in enumerate(package.structures):
+        mask = masks[0, ..., index]
+        if not mask.any():
+            continue  # the SR says it was not found
+        calibration, reason = calibration_for(ds, mask)
+        if calibration is None:
+            log.info("ultrasound structure not measured: no calibration for it")
+            omitted.append(f"{structure.name}: {names} not reported: {reason}")
+            continue
+        row, col = calibration.spacing_mm
+        if Measurement.AREA in wanted:
+            count = int(mask.sum())
+            areas.append(
+                StructureMeasurement(
+                    label=structure.label,
+                    segment_number=index + 1,
+                    kind=Measurement.AREA,
+                    value=count * row * col / _MM2_PER_CM2,
+                    pixel_count=count,
+                    spacing_mm=(row, col),
+                    spacing_source=ULTRASOUND_SOURCE,
+                )
+            )
+        found = measure_diameters(mask, calibration.spacing_mm)
+        if Measurement.DIAMETERS in wanted and found is not None:
+            diameters.append(
+                StructureDiameters(structure.label, index + 1, found, calibration.describe())
+            )
+    return Measurements(tuple(areas), None, tuple(omitted), tuple(diameters))
+
+
+def _planar_diameters(
+    series: ImageSeries, masks: np.ndarray, package: ModelPackage
+) -> tuple[StructureDiameters, ...]:
+    """Diameters of the found structures of a single non-ultrasound image with a spacing."""
+    if Measurement.DIAMETERS not in package.measurements or not is_planar(series):
+        return ()
+    if series.pixel_spacing_mm is None or series.spacing_source is None:
+        return ()
+    tag = SPACING_TAGS.get(series.spacing_source, "")
+    out = []
+    for index, structure in enumerate(package.structures):
+        found = measure_diameters(masks[0, ..., index], series.pixel_spacing_mm)
+        if found is not None:
+            row, col = series.pixel_spacing_mm
+            text = f"{series.spacing_source} {tag} {row:g} mm (rows) x {col:g} mm (columns)"
+            out.append(StructureDiameters(structure.label, index + 1, found, text))
+    return tuple(out)
+
+
 def measure(series: ImageSeries, masks: np.ndarray, package: ModelPackage) -> Measurements:
     """Measure the structures of ``package`` in ``masks`` as the package asks.
 
@@ -428,7 +540,8 @@ def measure(series: ImageSeries, masks: np.ndarray, package: ModelPackage) -> Me
         ``len(package.structures)``, overlaps allowed.
     package
         Its ``measurements`` select area (planar images), volume (cross-sectional series of
-        two or more slices) and the cardiothoracic ratio.
+        two or more slices), diameters (planar images) and the cardiothoracic ratio.
+        Ultrasound images are measured by their regions' calibration only.
 
     Returns
     -------
@@ -445,9 +558,12 @@ def measure(series: ImageSeries, masks: np.ndarray, package: ModelPackage) -> Me
         When ``masks`` is not boolean or its shape does not match the series and package.
     """
     check_masks(series, masks, package)
+    if is_ultrasound(series):
+        return _ultrasound_measurements(series, masks, package)
     ratio, why_not = _ratio(series, masks, package)
     return Measurements(
         structures=_structure_measurements(series, masks, package),
         cardiothoracic_ratio=ratio,
         omitted=() if why_not is None else (why_not,),
+        diameters=_planar_diameters(series, masks, package),
     )

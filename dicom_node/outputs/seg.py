@@ -109,7 +109,8 @@ def segment_description(
     """Segment Sequence (0062,0002) item of one structure (Segment Description Macro).
 
     Segment Label, Segmented Property Category and Type (with Type Modifier when the
-    structure has one), Segment Algorithm Type AUTOMATIC, Tracking ID/UID and Recommended
+    structure has one), Anatomic Region Sequence when it has one, Segment Algorithm Type
+    AUTOMATIC, Tracking ID/UID and Recommended
     Display CIELab Value (0062,000D) from the structure's RGB colour.
     """
     description = hd.seg.SegmentDescription(
@@ -122,6 +123,9 @@ def segment_description(
         tracking_uid=tracking_uid,
         tracking_id=structure.label,
         display_color=hd.color.CIELabColor.from_rgb(*structure.color_rgb),
+        anatomic_regions=(
+            None if structure.anatomic_region is None else [structure.anatomic_region]
+        ),
     )
     if structure.type_modifier is not None:
         # highdicom 0.28 has no parameter for it; PS3.3 C.8.20.2 nests it in the type's item.

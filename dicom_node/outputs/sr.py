@@ -33,6 +33,17 @@ a Comment with the image columns and rows of both extents, a reference to the he
 lung segments it was inferred from, and each measured width as a 2-point SCOORD POLYLINE
 (INFERRED FROM, under the ratio and under its diameter) a viewer draws on the image.
 
+A structure measured by its diameters (``measurements: [diameters]``, e.g. a breast lesion on
+ultrasound) has a TID 1501 group of its own (highdicom allows no coordinates under the
+measurements of a TID 1410 group) with its finding type and site, the longest diameter as Long
+Axis (SCT 103339001) and the longest diameter perpendicular to it as Perpendicular Axis (SCT
+131189007), both in mm (CID 7470), each with a Comment saying how it was measured and on which
+calibration, its 2-point line (INFERRED FROM) a viewer draws and a reference to its segment
+(Source of Measurement, INFERRED FROM). A structure with an anatomic region (e.g. Breast) has
+it as Finding Site. Ultrasound images are calibrated only by their Sequence of Ultrasound
+Regions; a structure without a calibration (none, or it lies outside the calibrated region)
+gets no area or diameters, and a note in the Qualitative Evaluations container says why.
+
 Values are written to the precision they have: areas to 0.1 cm2, volumes to 0.1 ml, lengths to
 0.1 mm, ratios to 0.01 (:data:`DECIMALS`).
 
@@ -69,6 +80,7 @@ from dicom_node.outputs.measurements import (
     CardiothoracicRatio,
     Extent,
     Measurements,
+    StructureDiameters,
     StructureMeasurement,
 )
 from dicom_node.outputs.seg import (
@@ -113,7 +125,8 @@ def procedure_reported(series: ImageSeries) -> Code | hd.sr.CodedConcept:
 
     The source's Procedure Code Sequence (0008,1032) when present; SCT 413815006 "Chest
     imaging" for a chest (Body Part Examined (0018,0015) CHEST or Anatomic Region Sequence
-    (0008,2218) chest); else the modality's "unspecified body region" LOINC code of CID 100,
+    (0008,2218) chest); SCT 47079000 "Ultrasonography of breast" for US with Body Part
+    Examined BREAST; else the modality's "unspecified body region" LOINC code of CID 100,
     or SCT 363679005 "Imaging procedure".
     """
     ds = series.datasets[0]
@@ -126,6 +139,8 @@ def procedure_reported(series: ImageSeries) -> Code | hd.sr.CodedConcept:
         "816094009",  # SCT Thorax / Chest
     }:
         return codes.SCT.ChestImaging
+    if series.modality == "US" and str(ds.get("BodyPartExamined", "")).upper() == "BREAST":
+        return codes.SCT.UltrasonographyOfBreast
     by_modality = {
         "CT": codes.LN.CTUnspecifiedBodyRegion,
         "MR": codes.LN.MRIUnspecifiedBodyRegion,
@@ -180,9 +195,46 @@ def structure_measurement(value: StructureMeasurement) -> hd.sr.Measurement:
 
 
 def _finding_sites(structure: Structure) -> list[hd.sr.FindingSite] | None:
+    if structure.anatomic_region is not None:  # a finding in a region, e.g. a breast lesion
+        return [hd.sr.FindingSite(structure.anatomic_region)]
     if structure.type_modifier is None:
         return None
     return [hd.sr.FindingSite(structure.type, laterality=structure.type_modifier)]
+
+
+def _line(source: pydicom.Dataset, points: np.ndarray) -> hd.sr.ImageRegion:
+    """A 2-point POLYLINE (image column, row) on ``source``, INFERRED FROM, under a length."""
+    line = _image_region(source, np.asarray(points, dtype=np.float32))
+    line.RelationshipType = hd.sr.RelationshipTypeValues.INFERRED_FROM.value
+    return line
+
+
+def diameter_measurements(
+    source: pydicom.Dataset, value: StructureDiameters
+) -> list[hd.sr.Measurement]:
+    """TID 300 Long Axis (SCT 103339001) and Perpendicular Axis (SCT 131189007) in mm (CID
+    7470), each with how it was derived and its line, drawn on ``source``."""
+    d = value.diameters
+    out = []
+    for name, length, points, what in (
+        (codes.SCT.LongAxis, d.longest_mm, d.longest_points, "Longest diameter"),
+        (
+            codes.SCT.PerpendicularAxis,
+            d.perpendicular_mm,
+            d.perpendicular_points,
+            "Longest diameter perpendicular to the longest diameter",
+        ),
+    ):
+        measurement = hd.sr.Measurement(name=name, value=rounded(length, UNIT_MM), unit=UNIT_MM)
+        (c0, r0), (c1, r1) = points
+        _comment(
+            measurement,
+            f"{what} of the mask, from ({c0:.1f}, {r0:.1f}) to ({c1:.1f}, {r1:.1f}) (image "
+            f"column, row; pixel corners), with {value.calibration}",
+        )
+        measurement[0].ContentSequence.append(_line(source, points))
+        out.append(measurement)
+    return out
 
 
 def _frames_of_segment(seg: pydicom.Dataset, segment_number: int) -> list[int]:
@@ -354,6 +406,44 @@ def structure_groups(
     ]
 
 
+def diameters_group(
+    series: ImageSeries,
+    seg: pydicom.Dataset,
+    structure: Structure,
+    value: StructureDiameters,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of a structure's two diameters, each with its line (highdicom allows
+    no coordinates under the measurements of a TID 1410 group), inferred from its segment."""
+    index, _ = series.frame_sources[0]
+    source = series.datasets[index]
+    values = diameter_measurements(source, value)
+    for measurement in values:
+        measurement[0].ContentSequence.append(
+            hd.sr.ImageContentItem(
+                name=_SOURCE_OF_MEASUREMENT,
+                referenced_sop_class_uid=seg.SOPClassUID,
+                referenced_sop_instance_uid=seg.SOPInstanceUID,
+                referenced_segment_numbers=[value.segment_number],
+                relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
+            )
+        )
+    tracking_uid = seg.SegmentSequence[value.segment_number - 1].TrackingUID
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_uid(tracking_uid, "diameters"),
+            identifier=f"{structure.name} diameters"[:64],
+        ),
+        finding_type=structure.type,
+        finding_sites=_finding_sites(structure),
+        algorithm_id=algorithm,
+        measurements=values,
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)
+        ],
+    )
+
+
 def _width_line(
     series: ImageSeries, extent: Extent, plan: Reorientation | None
 ) -> hd.sr.ImageRegion:
@@ -505,6 +595,7 @@ def build_sr(
     instance_number: int = 1,
     series_description: str | None = None,
     notes: Sequence[str] = (),
+    secondary: Sequence[ImageSeries] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Measurement Report on ``seg`` and its source ``series``.
 
@@ -537,6 +628,12 @@ def build_sr(
         (:func:`notes_container`). A structure the model did not find gets no measurement
         group (there is nothing to draw, and a group without geometry breaks OHIF 3); a
         note after these says it was not found.
+    secondary
+        The other inputs of a multi-input model (resampled onto ``series`` for the model):
+        their images join the evidence (Current Requested Procedure Evidence Sequence
+        (0040,A375)), and with them every input image is listed in the report's Image Library
+        (TID 1600), so the report names every series the result was inferred from. The SEG,
+        and so the measurement groups' segment references, are on ``series`` only.
 
     Returns
     -------
@@ -573,17 +670,25 @@ def build_sr(
             algorithm,
         )
     ]
+    for value in measurements.diameters:
+        groups.append(
+            diameters_group(
+                series, seg, package.structures[value.segment_number - 1], value, algorithm
+            )
+        )
     if measurements.cardiothoracic_ratio is not None:
         groups.append(
             ratio_group(series, seg, package, measurements.cardiothoracic_ratio, algorithm)
         )
     if not groups:
         groups.append(nothing_found_group(series, package, algorithm))
+    others = [ds for other in secondary for ds in other.datasets]
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(package),
         procedure_reported=procedure_reported(series),
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
+        referenced_images=[*series.datasets, *others] if others else None,
     )
     not_found = [
         f"{structure.name}: not found by the model (segment {i + 1} of the SEG is empty)"
@@ -593,7 +698,7 @@ def build_sr(
     if notes or not_found:
         report[0].ContentSequence.append(notes_container([*notes, *not_found]))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*series.datasets, seg],
+        evidence=[*series.datasets, *others, seg],
         content=report[0],
         series_instance_uid=series_uid,
         series_number=(

@@ -1,16 +1,24 @@
-"""Delivery: C-STORE each queued result to its destination, with persisted retries.
+"""Delivery: send each queued result to its destination on that destination's own thread.
+
+Every configured destination has one delivery thread (``deliver-<name>``) with its own
+:class:`~dicom_node.net.senders.Sender` (C-STORE or STOW-RS, ``net/senders``). The thread
+sleeps until it is woken (a job queued results: :meth:`Delivery.wake`) or :data:`POLL_S`
+passes (a backoff ran out, ``dicom-node retry`` changed the database), then sends what is due
+for its destination. A destination that is slow or silent holds only its own thread, for at
+most its ``connect_timeout_s`` + ``timeout_s``: other destinations, other routes and the
+scheduler (assembly, retention) go on.
 
 A failed attempt is retried with exponential backoff (``send.initial_backoff_s`` doubling up
 to ``send.max_backoff_s``); the schedule lives in the database, so it survives restarts.
-After ``send.max_attempts`` the send is dead-lettered: visible in ``dicom-node status`` and
-put back in the queue by ``dicom-node retry``. A result is never deleted before it is sent.
+After ``send.max_attempts``, or at once for a permanent failure (a DICOMweb server's 4xx
+other than 408/429), the send is dead-lettered: visible in ``dicom-node status`` and put back
+in the queue by ``dicom-node retry``. A result is never deleted before it is sent.
 
 Catching up: the moment a destination answers again, its waiting sends become due at once
 instead of sitting out their backoff (up to ``send.max_backoff_s``). It answers when a send to
-it succeeds, or when a C-ECHO succeeds: every ``send.echo_interval_s`` a destination whose
-sends wait (and whose next attempt is further away than that) is echoed on a short-lived
-thread of its own, at most one echo in flight per destination, so a peer that hangs never
-stalls the scheduler.
+it succeeds, or when its echo (C-ECHO; a QIDO-RS search for DICOMweb) succeeds: every
+``send.echo_interval_s`` a destination whose sends wait (and whose next attempt is further away
+than that) is echoed by its own delivery thread.
 """
 
 from __future__ import annotations
@@ -18,21 +26,19 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
-from itertools import groupby
 
 import structlog
 
 from dicom_node.audit import AuditAction, AuditEvent, AuditLog, AuditOutcome, Participants
-from dicom_node.config import Destination, Settings
+from dicom_node.config import Destination, DestinationType, Settings
 from dicom_node.metrics import NodeMetrics
-from dicom_node.net.sender import echo_destination, store_files
+from dicom_node.net.senders import Sender, StoreResult, sender_for
 from dicom_node.store.database import Database, Send, SendState
 
 log = structlog.get_logger(__name__)
 
-#: Upper bound of one probing C-ECHO (association, request, release), in seconds.
-ECHO_TIMEOUT_S = 5.0
+#: Seconds a delivery thread sleeps when nothing wakes it (then it looks for due sends).
+POLL_S = 0.25
 
 
 def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
@@ -41,118 +47,146 @@ def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
 
 
 class Delivery:
+    """Delivery threads, one per destination; :meth:`deliver` and :meth:`probe` are one pass."""
+
     def __init__(
         self,
         settings: Settings,
         db: Database,
         audit: AuditLog,
         metrics: NodeMetrics | None = None,
-        on_ready: Callable[[], None] | None = None,
     ) -> None:
-        """``on_ready`` is called (from an echo thread) when waiting sends became due."""
         self.settings = settings
         self.metrics = metrics or NodeMetrics()
         self.db = db
         self.audit = audit
-        self.on_ready = on_ready
-        self._probe_lock = threading.Lock()
-        self._probes: dict[str, threading.Thread] = {}  # destination -> echo in flight
+        self.senders: dict[str, Sender] = {
+            name: sender_for(dest, calling_ae=settings.ae_title)
+            for name, dest in settings.destinations.items()
+        }
+        self._stopping = threading.Event()
+        self._wake = {name: threading.Event() for name in settings.destinations}
+        self._threads: dict[str, threading.Thread] = {}
         self._last_probe: dict[str, float] = {}  # destination -> time.monotonic() of last echo
 
-    def tick(self, now: float | None = None) -> int:
-        """Attempt every send that is due, then probe destinations whose sends wait.
+    # -- threads -----------------------------------------------------------------------------
 
-        Returns how many sends were delivered.
+    def start(self) -> None:
+        """Dead-letter sends to destinations no longer configured; start one thread each."""
+        self.drop_unconfigured()
+        for name in self.settings.destinations:
+            thread = threading.Thread(
+                target=self._run, args=(name,), name=f"deliver-{name}", daemon=True
+            )
+            self._threads[name] = thread
+            thread.start()
+
+    def wake(self, destination: str | None = None) -> None:
+        """Make the thread of ``destination`` (None: every one) look for due sends now."""
+        for name, event in self._wake.items():
+            if destination is None or name == destination:
+                event.set()
+
+    def stop(self) -> None:
+        """Stop the threads; a send in flight ends within its destination's timeouts."""
+        self._stopping.set()
+        self.wake()
+        for name, thread in self._threads.items():
+            dest = self.settings.destinations[name]
+            thread.join(dest.connect_timeout_s + 2 * dest.timeout_s + 5)
+            if thread.is_alive():
+                log.warning("delivery.stop_timeout", destination=name)
+
+    def _run(self, name: str) -> None:
+        event = self._wake[name]
+        while not self._stopping.is_set():
+            try:
+                while self.deliver(name) and not self._stopping.is_set():
+                    pass  # a full batch may leave more due
+                if not self._stopping.is_set():
+                    self.probe(name)
+            except Exception:  # noqa: BLE001 - a delivery error must not end the thread
+                log.exception("delivery.error", destination=name)
+            event.wait(POLL_S)
+            event.clear()
+
+    # -- one pass ----------------------------------------------------------------------------
+
+    def tick(self, now: float | None = None) -> int:
+        """One pass over every destination on the calling thread: deliver what is due, then
+        probe; return how many sends were delivered (tests and tools; the node uses threads).
         """
-        due = self.db.due_sends(now)
+        self.drop_unconfigured()
         delivered = 0
-        policy = self.settings.send
-        for dest_name, group in groupby(due, key=lambda s: s.destination):
-            sends = list(group)
-            dest = self.settings.destinations.get(dest_name)
-            if dest is None:
-                for s in sends:
-                    self.db.send_failed(
-                        s.id, f"destination {dest_name!r} is not configured", next_attempt_at=None
-                    )
-                continue
-            results = store_files(
-                dest,
-                [s.path for s in sends],
-                calling_ae=self.settings.ae_title,
-                timeout_s=policy.timeout_s,
-            )
-            who = Participants(
-                calling_ae=self.settings.ae_title,
-                called_ae=dest.ae_title,
-                peer_address=f"{dest.host}:{dest.port}",
-            )
-            for send, result in zip(sends, results, strict=True):
-                delivered += self._record(send, dest_name, who, result.ok, result.detail)
-            if any(r.ok for r in results):
-                self._caught_up(dest_name, via="send")
-        self.probe(now)
+        for name in self.settings.destinations:
+            delivered += self.deliver(name, now)
+            self.probe(name, now)
         return delivered
 
-    def probe(self, now: float | None = None) -> int:
-        """C-ECHO each destination whose sends wait for their backoff; return how many started.
+    def drop_unconfigured(self) -> int:
+        """Dead-letter pending sends whose destination is not (any more) in the config.
 
-        A destination is echoed at most every ``send.echo_interval_s`` seconds, never twice at
-        once, and only when its next attempt is further away than that interval (a sooner
-        attempt finds out by itself). The echo runs on its own daemon thread.
+        Sends are queued only for configured destinations, so this matters only after a
+        destination was removed from the config: at start (and in each :meth:`tick`).
+        """
+        dropped = 0
+        for send in self.db.due_sends(now=math.inf, limit=1_000_000):
+            if send.destination not in self.settings.destinations:
+                self.db.send_failed(
+                    send.id,
+                    f"destination {send.destination!r} is not configured",
+                    next_attempt_at=None,
+                )
+                dropped += 1
+        return dropped
+
+    def deliver(self, name: str, now: float | None = None) -> int:
+        """Send what is due for destination ``name`` (one batch); return how many were stored."""
+        sends = self.db.due_sends(now, destination=name)
+        if not sends:
+            return 0
+        dest = self.settings.destinations[name]
+        outcome = self.senders[name].send([s.path for s in sends])
+        who = _participants(self.settings.ae_title, dest)
+        delivered = 0
+        for send, result in zip(sends, outcome.results, strict=True):
+            delivered += self._record(send, name, who, result)
+        if delivered:
+            self._caught_up(name, via="send")
+        return delivered
+
+    def probe(self, name: str, now: float | None = None) -> bool:
+        """Echo destination ``name`` if its sends wait for their backoff; True if it answered.
+
+        A destination is echoed at most every ``send.echo_interval_s`` seconds, and only when
+        its next attempt is further away than that interval (a sooner attempt finds out by
+        itself). The echo runs on the calling thread (the destination's own).
         """
         interval = self.settings.send.echo_interval_s
         if interval <= 0:
-            return 0
+            return False
         now = time.time() if now is None else now
-        started = 0
-        for name, next_at in self.db.waiting_destinations(now).items():
-            dest = self.settings.destinations.get(name)
-            if dest is None or next_at - now <= interval:
-                continue
-            with self._probe_lock:
-                running = self._probes.get(name)
-                if running is not None and running.is_alive():
-                    continue
-                if time.monotonic() - self._last_probe.get(name, -math.inf) < interval:
-                    continue
-                self._last_probe[name] = time.monotonic()
-                thread = threading.Thread(
-                    target=self._echo, args=(dest,), name=f"echo-{name}", daemon=True
-                )
-                self._probes[name] = thread
-            thread.start()
-            started += 1
-        return started
-
-    def stop(self, timeout_s: float = ECHO_TIMEOUT_S * 2) -> None:
-        """Wait for echoes in flight to end (before the database closes)."""
-        with self._probe_lock:
-            threads = list(self._probes.values())
-        for thread in threads:
-            thread.join(timeout_s)
-
-    def _echo(self, dest: Destination) -> None:
-        timeout_s = min(self.settings.send.timeout_s, ECHO_TIMEOUT_S)
-        try:
-            answered = echo_destination(
-                dest, calling_ae=self.settings.ae_title, timeout_s=timeout_s
-            )
-            if answered:
-                self._caught_up(dest.name, via="echo")
-        except Exception:  # noqa: BLE001 - a probe's failure must not end silently or spread
-            log.exception("destination.echo_error", destination=dest.name)
+        next_at = self.db.waiting_destinations(now).get(name)
+        if next_at is None or next_at - now <= interval:
+            return False
+        if time.monotonic() - self._last_probe.get(name, -math.inf) < interval:
+            return False
+        self._last_probe[name] = time.monotonic()
+        if not self.senders[name].echo():
+            return False
+        self._caught_up(name, via="echo")
+        return True
 
     def _caught_up(self, dest_name: str, *, via: str) -> None:
-        """``dest_name`` answered: make its waiting sends due now and wake the scheduler."""
+        """``dest_name`` answered: make its waiting sends due now and wake its thread."""
         n = self.db.sends_due_now(dest_name)
         if n:
             log.info("destination.answering", destination=dest_name, via=via, sends_due=n)
-            if self.on_ready is not None:
-                self.on_ready()
+            self.wake(dest_name)
 
-    def _record(self, send: Send, dest_name: str, who: Participants, ok: bool, detail: str) -> int:
+    def _record(self, send: Send, dest_name: str, who: Participants, result: StoreResult) -> int:
         """Record one attempt's outcome: done, retry later, or dead letter; return 1 if done."""
+        ok, detail = result.ok, result.detail
         bound = log.bind(job_id=send.job_id, destination=dest_name)
         self.metrics.sends.labels(dest_name, "done" if ok else "failed").inc()
         if ok:
@@ -163,12 +197,18 @@ class Delivery:
             policy = self.settings.send
             attempts = send.attempts + 1
             next_at = None
-            if attempts < policy.max_attempts:
+            if attempts < policy.max_attempts and not result.permanent:
                 wait = backoff_s(attempts, policy.initial_backoff_s, policy.max_backoff_s)
                 next_at = time.time() + wait
             state = self.db.send_failed(send.id, detail, next_attempt_at=next_at)
             dead = state is SendState.FAILED
-            bound.warning("send.failed", detail=detail, attempts=attempts, dead_letter=dead)
+            bound.warning(
+                "send.failed",
+                detail=detail,
+                attempts=attempts,
+                dead_letter=dead,
+                permanent=result.permanent,
+            )
             if not dead:
                 return 0
             outcome = AuditOutcome.SERIOUS_FAILURE
@@ -186,3 +226,12 @@ class Delivery:
             error=None if ok else detail,
         )
         return 1 if ok else 0
+
+
+def _participants(calling_ae: str, dest: Destination) -> Participants:
+    """The audit's participants of a send: AE titles and address, or the DICOMweb URL."""
+    if dest.type is DestinationType.DICOMWEB:
+        return Participants(calling_ae=calling_ae, peer_address=str(dest.url))
+    return Participants(
+        calling_ae=calling_ae, called_ae=dest.ae_title, peer_address=f"{dest.host}:{dest.port}"
+    )

@@ -1,10 +1,10 @@
 """The node: composes receive -> assemble -> queue -> infer -> write -> send in one process.
 
 Threads: the receiver's association threads (thin: write + index), one scheduler thread that
-runs the assembler, delivery and retention ticks, ``workers`` worker threads that run jobs, and
-short-lived echo threads (at most one per destination) that probe destinations whose sends
-wait. Every stage hands over through the database, so a node killed at any instant restarts
-into a consistent state: ``start`` returns running jobs to the queue and resumes sends.
+runs the assembler and retention ticks, ``workers`` worker threads that run jobs, and one
+delivery thread per destination (``pipeline/delivery.py``), so a slow destination delays only
+its own results. Every stage hands over through the database, so a node killed at any instant
+restarts into a consistent state: ``start`` returns running jobs to the queue and resumes sends.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dicom_node.audit import (
     Participants,
 )
 from dicom_node.audit_export import SyslogExporter
-from dicom_node.config import Settings
+from dicom_node.config import Route, Settings
 from dicom_node.errors import DicomNodeError, StartupError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.models.inference import select_device
@@ -38,6 +38,7 @@ from dicom_node.net.receiver import Receiver
 from dicom_node.pipeline.assembler import Assembler
 from dicom_node.pipeline.delivery import Delivery
 from dicom_node.pipeline.retention import Retention
+from dicom_node.pipeline.routing import route_roles
 from dicom_node.pipeline.worker import Worker
 from dicom_node.store.database import Database
 from dicom_node.store.spool import clean_stale_temp_files
@@ -88,6 +89,28 @@ def prepare_storage(storage_dir: Path) -> None:
         ) from None
 
 
+def check_roles(route: Route, package_roles: tuple[str, ...]) -> None:
+    """Refuse a route whose input roles do not fit its model package's inputs.
+
+    A one-role route fits any one-input package (the role name does not matter); otherwise
+    the route's roles must be the package's roles.
+
+    Raises
+    ------
+    StartupError
+        Naming the route, both sets of roles and what to change.
+    """
+    roles = tuple(r.role for r in route_roles(route))
+    if len(roles) == 1 and len(package_roles) == 1:
+        return
+    if set(roles) != set(package_roles):
+        raise StartupError(
+            f"routes: {route.name}: its inputs {list(roles)} do not fit the model package "
+            f"{route.model}, whose inputs are {list(package_roles)}; give the route "
+            "trigger: study and one input per package role, with the package's role names"
+        )
+
+
 def listen_error(what: str, address: str, port: int, exc: OSError) -> StartupError:
     """A one-line :class:`StartupError` for a port the node cannot listen on."""
     if exc.errno == errno.EADDRINUSE:
@@ -111,7 +134,7 @@ class Node:
         self._lock_file = self._take_lock()
         self.db = Database(settings.database_path)
         self.audit = AuditLog(settings.audit_path, settings.audit_key_file, head=self.db)
-        self.wake = threading.Event()  # scheduler: an association ended or a job finished
+        self.wake = threading.Event()  # scheduler: an association ended
         self.work = threading.Event()  # workers: a job was queued
         self.stopping = threading.Event()
         self.device = _device(settings.device)
@@ -120,9 +143,7 @@ class Node:
             settings, self.db, self.audit, on_release=self.wake, metrics=self.metrics
         )
         self.assembler = Assembler(settings, self.db)
-        self.delivery = Delivery(
-            settings, self.db, self.audit, self.metrics, on_ready=self.wake.set
-        )
+        self.delivery = Delivery(settings, self.db, self.audit, self.metrics)
         self.retention = Retention(settings, self.db, self.audit)
         self.worker = Worker(settings, self.db, self.audit, self.device, self.metrics)
         self.audit_export = (
@@ -153,7 +174,7 @@ class Node:
         clean_stale_temp_files(self.settings.outbox_dir)
         resumed = self.db.recover_after_restart()
         for route in self.settings.routes:  # fail at start, not at the first study
-            self.worker.segmenter(route.model)
+            check_roles(route, self.worker.segmenter(route.model).package.roles)
         address = self.settings.bind_address
         if self.settings.metrics_port is not None:
             try:
@@ -176,6 +197,7 @@ class Node:
         if self.audit_export is not None:
             self.audit_export.start()
         self._spawn("scheduler", self._schedule)
+        self.delivery.start()
         for i in range(self.settings.workers):
             self._spawn(f"worker-{i}", self._work)
         log.info(
@@ -195,7 +217,7 @@ class Node:
         while not self.stopping.is_set():
             self.wake.wait(TICK_S)
             self.wake.clear()
-            stages: list[Assembler | Delivery | Retention] = [self.assembler, self.delivery]
+            stages: list[Assembler | Retention] = [self.assembler]
             if time.monotonic() >= next_retention:  # purging need not be sub-second
                 stages.append(self.retention)
                 next_retention = time.monotonic() + RETENTION_EVERY_S
@@ -217,7 +239,7 @@ class Node:
                 self.work.wait(TICK_S)
                 self.work.clear()
             else:
-                self.wake.set()  # results are queued: let delivery run now
+                self.delivery.wake()  # results are queued: send them now
 
     def stop(self) -> None:
         self.stopping.set()

@@ -1,10 +1,13 @@
-"""One series in, SEG / SR / overlay out: the pipeline part shared by the worker and ``process``.
+"""One case in, SEG / SR / overlay out: the pipeline part shared by the worker and ``process``.
 
-series files -> :func:`load_series` -> :meth:`Segmenter.segment` -> :func:`measure` ->
-:func:`build_seg` + :func:`build_sr` + :func:`build_overlays`, each only when an output kind
-asks for it, with output UIDs derived from (source series, model name + version, output kind,
-source instances). What comes out is :attr:`SegmentationResult.outputs`: ``(kind, dataset)``
-pairs, which :func:`write_outputs` writes and the worker queues per destination.
+A case is one series per input role of the model package (:func:`segment_case`; one role
+``image`` for a package without ``inputs``, :func:`segment_series`). Files of each role ->
+:func:`load_series` -> :meth:`Segmenter.segment` -> :func:`measure` ->
+the writers of :data:`~dicom_node.outputs.writers.WRITERS` (SEG, SR, overlay), each only when
+an output kind asks for it (or another kind requires it), with output UIDs derived from
+(the case's role -> series, model name + version, output kind, source instances). What
+comes out is :attr:`SegmentationResult.outputs`: ``(kind, dataset)`` pairs, which
+:func:`write_outputs` writes and the worker queues per destination.
 
 Deterministic failures on a bad dataset become :class:`~dicom_node.errors.InputError`, so the
 worker fails the job at once instead of retrying it: ``AttributeError``, ``KeyError``,
@@ -20,29 +23,31 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.errors import InputError, NotApplicableError
+from dicom_node.imaging.resample import resample_onto
 from dicom_node.imaging.series import ImageSeries, load_series
 from dicom_node.models.applicability import check_image
-from dicom_node.models.inference import Segmenter
+from dicom_node.models.inference import InferenceReport, Segmenter
+from dicom_node.models.preprocess import model_images, stack_inputs
 from dicom_node.outputs.kinds import DEFAULT_OUTPUTS, OutputKind
 from dicom_node.outputs.measurements import Measurements, measure
-from dicom_node.outputs.overlay import build_overlays
-from dicom_node.outputs.seg import build_seg, check_seg_sources
-from dicom_node.outputs.sr import build_sr
+from dicom_node.outputs.seg import check_seg_sources
+from dicom_node.outputs.writers import WRITERS, SegmentationContext, kinds_to_build
 from dicom_node.redact import describe, phi_values, safe_message
 from dicom_node.store.spool import durable_write
-from dicom_node.uids import output_uids
+from dicom_node.uids import case_key
 
 log = structlog.get_logger(__name__)
 
@@ -106,11 +111,18 @@ class SegmentationResult:
     outputs
         ``(kind, dataset)`` pairs: one SEG, one SR, and one overlay per source frame, as far
         as the requested kinds ask for them.
+    inference
+        What the model run had to do beyond the plan (CUDA out-of-memory retries, CPU
+        fallback); the worker logs it with the job.
+    inputs
+        Role -> Series Instance UID of every input used (the reference's role included).
     """
 
     series: ImageSeries
     measurements: Measurements
     outputs: tuple[tuple[OutputKind, Dataset], ...]
+    inference: InferenceReport = field(default_factory=InferenceReport)
+    inputs: Mapping[str, str] = field(default_factory=dict)
 
     def of_kind(self, kind: OutputKind | str) -> list[Dataset]:
         """The output objects of ``kind`` (empty when that kind was not asked for)."""
@@ -153,7 +165,23 @@ def segment_series(
     segmenter: Segmenter,
     kinds: Collection[OutputKind] = DEFAULT_OUTPUTS,
 ) -> list[SegmentationResult]:
-    """Segment the series made of ``paths`` and build the outputs of ``kinds``.
+    """The one-input shorthand of :func:`segment_case`: ``paths`` fill the package's
+    reference role (``image`` for a package without ``inputs``)."""
+    return segment_case({segmenter.package.reference: paths}, segmenter, kinds)
+
+
+def segment_case(
+    inputs: Mapping[str, Sequence[Path]],
+    segmenter: Segmenter,
+    kinds: Collection[OutputKind] = DEFAULT_OUTPUTS,
+) -> list[SegmentationResult]:
+    """Segment one case, role -> instance files of its series, and build the outputs of
+    ``kinds``.
+
+    The roles are the package's ``inputs`` (one role ``image`` without them). An optional
+    role may be absent: its channels are zeros. A multi-input case gives one result, on the
+    reference input's grid (see :func:`_segment_inputs`); a one-input case is segmented as
+    below.
 
     A cross-sectional series (or a single radiograph) gives one result. A projection series
     of several images (e.g. PA and lateral) gives one result per image: DICOM SEG needs a
@@ -174,8 +202,29 @@ def segment_series(
         ``applicability``.
     InputError
         When the series cannot be read or its outputs cannot be built from it (see the
-        module docstring); the message names the stage and carries no patient data.
+        module docstring); the message names the stage and carries no patient data. Also
+        when a role is not one of the package's, a required role is missing, or a secondary
+        input cannot be put on the reference grid (another Frame of Reference UID without
+        ``registered: true``).
     """
+    package = segmenter.package
+    given = {role: list(paths) for role, paths in inputs.items() if paths}
+    unknown = sorted(set(given) - set(package.roles))
+    if unknown:
+        raise InputError(
+            f"input role(s) {', '.join(unknown)} are not inputs of model {package.name}, whose "
+            f"roles are {', '.join(package.roles)}; give the route the package's roles"
+        )
+    missing = [spec.role for spec in package.inputs if spec.required and spec.role not in given]
+    if missing:
+        raise InputError(
+            f"model {package.name} needs input(s) {', '.join(missing)}, which this case lacks; "
+            "send the missing series, or mark the role required: false in the model package "
+            "if the model was trained without it"
+        )
+    if len(package.inputs) > 1:
+        return [_segment_inputs(given, segmenter, kinds)]
+    paths = given[package.reference]
     reading = "while reading the series"
     with input_stage(reading):
         headers = [dcmread(p, stop_before_pixels=True) for p in paths]
@@ -208,6 +257,88 @@ def segment_series(
     return results
 
 
+def _segment_inputs(
+    inputs: Mapping[str, Sequence[Path]], segmenter: Segmenter, kinds: Collection[OutputKind]
+) -> SegmentationResult:
+    """One result of a multi-input case: each input read as an :class:`ImageSeries`, the
+    secondary ones resampled (linear) onto the reference input's grid in patient coordinates
+    (:func:`~dicom_node.imaging.resample.resample_onto`) when they share its Frame of
+    Reference UID (0020,0052) or the package says ``registered: true``; the channel stack in
+    the package's order, zeros for a missing optional role."""
+    package = segmenter.package
+    with input_stage("while reading the inputs"):
+        headers = [dcmread(p, stop_before_pixels=True) for paths in inputs.values() for p in paths]
+    phi = phi_values(headers)
+    series: dict[str, ImageSeries] = {}
+    for role, paths in inputs.items():
+        with input_stage(f"while reading input {role}", phi):
+            series[role] = load_series(paths)
+    reference = series[package.reference]
+    if reference.is_projection and len(reference.datasets) > 1:
+        raise InputError(
+            f"the reference input {package.reference} holds {len(reference.datasets)} "
+            "projection images; a multi-input model needs one image or one cross-sectional "
+            "series as its reference"
+        )
+    images: list[np.ndarray | None] = []
+    for role in package.roles:
+        if role not in series:
+            images.append(None)  # a missing optional role: zeros after normalisation
+            continue
+        with input_stage(f"while putting input {role} on the reference grid", phi, convert=False):
+            images.append(_on_reference(role, series[role], reference, segmenter))
+    stack = stack_inputs(images, package)
+    roles = {role: s.series_instance_uid for role, s in series.items()}
+    return _segment(
+        reference,
+        segmenter,
+        kinds,
+        instance_number=1,
+        phi=phi,
+        stack=stack,
+        secondary={r: s for r, s in series.items() if r != package.reference},
+        inputs=roles,
+    )
+
+
+def _on_reference(
+    role: str, secondary: ImageSeries, reference: ImageSeries, segmenter: Segmenter
+) -> np.ndarray:
+    """The model image of input ``role`` on the grid of ``reference``.
+
+    Raises
+    ------
+    InputError
+        When the two do not share a Frame of Reference UID (0020,0052) and the package does
+        not say ``registered: true``, or (registered projection images) differ in size.
+    """
+    package = segmenter.package
+    values = model_images(secondary, package)
+    if secondary is reference:
+        return values
+    ref_role = package.reference
+    if not package.registered and (
+        secondary.frame_of_reference_uid is None
+        or secondary.frame_of_reference_uid != reference.frame_of_reference_uid
+    ):
+        raise InputError(
+            f"inputs {ref_role} and {role} of model {package.name} do not share a Frame of "
+            "Reference UID (0020,0052), so the position of one in the other is unknown and "
+            f"{role} cannot be resampled onto {ref_role}; send series of one frame of "
+            "reference (one acquisition session), or register them at the site and set "
+            "registered: true in the model package"
+        )
+    if secondary.is_projection or reference.is_projection:
+        if secondary.shape != reference.shape:
+            raise InputError(
+                f"inputs {ref_role} and {role} are images without a position in patient "
+                f"coordinates and of different sizes ({reference.shape[1:]} and "
+                f"{secondary.shape[1:]}); registered inputs without geometry must share one grid"
+            )
+        return values
+    return resample_onto(values, secondary, reference, default=float(np.nanmin(values)), role=role)
+
+
 def _segment(
     series: ImageSeries,
     segmenter: Segmenter,
@@ -215,67 +346,42 @@ def _segment(
     *,
     instance_number: int,
     phi: set[str],
+    stack: np.ndarray | None = None,
+    secondary: Mapping[str, ImageSeries] | None = None,
+    inputs: Mapping[str, str] | None = None,
 ) -> SegmentationResult:
     package = segmenter.package
+    secondary = secondary or {}
+    inputs = inputs or {package.reference: series.series_instance_uid}
     with input_stage("while reading the series", phi):
         check_seg_sources(series)  # before inference: a refusal costs nothing
+    report = InferenceReport()
     with input_stage("while running the model", phi, convert=False):
-        masks = segmenter.segment(series)
+        masks = segmenter.segment(series, stack, report)
         notes = segmenter.notes(series)
     with input_stage("while measuring the structures", phi):
         values = measure(series, masks, package)
-    notes = (*notes, *values.omitted)
-    sources = series.sop_instance_uids
+    context = SegmentationContext(
+        series=series,
+        masks=masks,
+        package=package,
+        measurements=values,
+        notes=(*notes, *values.omitted),
+        instance_number=instance_number,
+        case_key=case_key(inputs),
+        source_instances=(
+            *series.sop_instance_uids,
+            *(uid for other in secondary.values() for uid in other.sop_instance_uids),
+        ),
+        secondary=secondary,
+    )
     sop_class = getattr(series.datasets[0].get("SOPClassUID"), "name", "these")
-
-    def uids(kind: OutputKind) -> tuple[str, str]:
-        series_uid, sop_uid = output_uids(
-            series.series_instance_uid, package.name, package.version, kind.value, sources
-        )
-        return str(series_uid), str(sop_uid)
-
-    outputs: list[tuple[OutputKind, Dataset]] = []
-    if OutputKind.SEG in kinds or OutputKind.SR in kinds:  # the SR references the SEG
-        seg_series, seg_sop = uids(OutputKind.SEG)
-        with input_stage(f"while building the SEG for {sop_class} images", phi):
-            seg = build_seg(
-                series,
-                masks,
-                package,
-                series_uid=seg_series,
-                sop_uid=seg_sop,
-                instance_number=instance_number,
-            )
-        if OutputKind.SEG in kinds:
-            outputs.append((OutputKind.SEG, seg))
-        if OutputKind.SR in kinds:
-            sr_series, sr_sop = uids(OutputKind.SR)
-            with input_stage(f"while building the SR for {sop_class} images", phi):
-                sr = build_sr(
-                    series,
-                    seg,
-                    masks,
-                    package,
-                    values,
-                    series_uid=sr_series,
-                    sop_uid=sr_sop,
-                    instance_number=instance_number,
-                    notes=notes,
-                )
-            outputs.append((OutputKind.SR, sr))
-    if OutputKind.OVERLAY in kinds:
-        ov_series, ov_sop = uids(OutputKind.OVERLAY)
-        with input_stage(f"while building the overlay for {sop_class} images", phi):
-            overlays = build_overlays(
-                series,
-                masks,
-                package,
-                series_uid=ov_series,
-                sop_uid=ov_sop,
-                instance_number=instance_number,
-            )
-        outputs.extend((OutputKind.OVERLAY, ds) for ds in overlays)
-    return SegmentationResult(series, values, tuple(outputs))
+    for kind in kinds_to_build(kinds):
+        writer = WRITERS[kind]
+        with input_stage(f"while building {writer.what} for {sop_class} images", phi):
+            context.built[kind] = writer.write(context)
+    outputs = tuple((kind, ds) for kind in WRITERS if kind in kinds for ds in context.built[kind])
+    return SegmentationResult(series, values, outputs, report, dict(inputs))
 
 
 def write_outputs(results: Sequence[SegmentationResult], folder: Path) -> list[WrittenOutput]:

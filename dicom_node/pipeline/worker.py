@@ -16,7 +16,11 @@ second delivery replaces the first at the destination instead of duplicating it.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import structlog
@@ -26,12 +30,18 @@ from dicom_node.audit import AuditAction, AuditEvent, AuditLog, AuditOutcome, Pa
 from dicom_node.config import Route, Settings
 from dicom_node.errors import InputError, ModelPackageError
 from dicom_node.metrics import NodeMetrics
-from dicom_node.models.inference import Segmenter
+from dicom_node.models.inference import DeviceSlots, Segmenter
 from dicom_node.models.package import load_package
 from dicom_node.outputs.kinds import OutputKind
-from dicom_node.pipeline.segment import WrittenOutput, segment_series, write_outputs
+from dicom_node.pipeline.routing import route_roles
+from dicom_node.pipeline.segment import (
+    WrittenOutput,
+    segment_case,
+    segment_series,
+    write_outputs,
+)
 from dicom_node.redact import describe
-from dicom_node.store.database import Database, Job, JobState
+from dicom_node.store.database import CaseStore, Database, Job, JobState
 
 log = structlog.get_logger(__name__)
 
@@ -55,22 +65,32 @@ class Worker:
         self._routes = {r.name: r for r in settings.routes}
         self._segmenters: dict[Path, Segmenter] = {}
         self._lock = threading.Lock()
+        self.slots = DeviceSlots(settings.gpu_slots)  # shared by every model and thread
 
     def segmenter(self, model: Path) -> Segmenter:
         """The loaded model for package folder ``model`` (loaded once, then cached)."""
         with self._lock:
             if model not in self._segmenters:
                 self._segmenters[model] = Segmenter(
-                    load_package(model), self.device, batch_size=self.settings.batch_size
+                    load_package(model),
+                    self.device,
+                    batch_size=self.settings.batch_size,
+                    slots=self.slots,
                 )
             return self._segmenters[model]
 
-    def run_once(self) -> bool:
-        """Claim and run one job; return False when the queue had none."""
-        job = self.db.claim_job(self.settings.job_lease_s)
+    def run_once(self, owner: str | None = None) -> bool:
+        """Claim and run one job as ``owner``; return False when the queue had none.
+
+        ``owner`` (default: host, process and thread) holds the job's lease, which a timer
+        renews every ``job_lease_s / 3`` while the job runs.
+        """
+        owner = owner or default_owner()
+        job = self.db.claim_job(owner, self.settings.job_lease_s)
         if job is None:
             return False
-        self.run(job)
+        with keep_lease(self.db, job, self.settings.job_lease_s):
+            self.run(job)
         return True
 
     def run(self, job: Job) -> None:
@@ -93,9 +113,13 @@ class Worker:
             retry = job.attempts < self.settings.max_job_attempts
             self._failed(job, bound, who, info, exc, retry=retry)
             return
-        if not self.db.finish_job(job.id, outputs, self._wanted_by(route)):
-            bound.info("job.superseded")
-            self.metrics.jobs.labels(job.route, "superseded").inc()
+        if not self.db.finish_job(job.id, job.owner, outputs, self._wanted_by(route)):
+            if self.db.job_state(job.id) is JobState.SUPERSEDED:
+                bound.info("job.superseded")
+                self.metrics.jobs.labels(job.route, "superseded").inc()
+            else:
+                bound.warning("job.lease_lost", stage="finish")
+                self.metrics.jobs.labels(job.route, "lease_lost").inc()
             return
         self.metrics.jobs.labels(job.route, "done").inc()
         self.audit.record(
@@ -116,13 +140,30 @@ class Worker:
         return {name: self.settings.destinations[name].outputs for name in route.send_to}
 
     def _process(self, job: Job, route: Route) -> list[WrittenOutput]:
-        records = self.db.series_instances(job.series_uid)
-        if not records:
-            raise InputError("no instances left for this series (deleted by retention?)")
+        inputs: dict[str, list[Path]] = {}
+        for role, series_uid in (job.inputs or {"image": job.series_uid}).items():
+            inputs[role] = [r.path for r in self.db.series_instances(series_uid)]
+            if not inputs[role]:
+                raise InputError(
+                    f"no instances left for the series of input {role} (deleted by retention?)"
+                )
         segmenter = self.segmenter(route.model)
         wanted = {kind for kinds in self._wanted_by(route).values() for kind in kinds}
         kinds = [kind for kind in OutputKind if kind in wanted]  # only what someone asked for
-        results = segment_series([r.path for r in records], segmenter, kinds)
+        if len(route_roles(route)) == 1:  # one input: today's pipeline, whatever the role is called
+            results = segment_series(next(iter(inputs.values())), segmenter, kinds)
+        else:
+            results = segment_case(inputs, segmenter, kinds)
+        for result in results:
+            if result.inference.degraded:  # CUDA out of memory: smaller batch or the CPU
+                log.warning(
+                    "job.inference_degraded",
+                    job_id=job.id,
+                    route=job.route,
+                    oom=result.inference.oom,
+                    batch_size=result.inference.batch_size,
+                    device=result.inference.device,
+                )
         return write_outputs(results, self.settings.outbox_dir / str(job.id))
 
     def _failed(
@@ -137,7 +178,11 @@ class Worker:
     ) -> None:
         patient_id = str(info.get("patient_id") or "")
         message = describe(exc, [patient_id] if patient_id else [])
-        state = self.db.fail_job(job.id, message, retry=retry)
+        if not self.db.fail_job(job.id, job.owner, message, retry=retry):
+            bound.warning("job.lease_lost", stage="fail", error=type(exc).__name__)
+            self.metrics.jobs.labels(job.route, "lease_lost").inc()
+            return
+        state = JobState.PENDING if retry else JobState.FAILED
         self.metrics.jobs.labels(job.route, "retried" if retry else "failed").inc()
         bound.warning(
             "job.failed",
@@ -160,6 +205,41 @@ class Worker:
                 route=job.route,
                 error=message,
             )
+
+
+def default_owner() -> str:
+    """The lease owner of the calling worker thread: host, process id and thread name."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}"
+
+
+@contextmanager
+def keep_lease(db: CaseStore, job: Job, lease_s: float) -> Iterator[threading.Event]:
+    """Renew ``job``'s lease every ``lease_s / 3`` on a timer thread while the block runs.
+
+    Yields an event that is set when the lease was lost (another worker took the job after
+    it expired, or late instances superseded it): ``finish_job``/``fail_job`` then refuse the
+    stale owner, so nothing is delivered or reset twice.
+    """
+    stop = threading.Event()
+    lost = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease_s / 3):
+            try:
+                if not db.renew_lease(job.id, job.owner, lease_s):
+                    lost.set()
+                    log.warning("job.lease_lost", job_id=job.id, stage="renew")
+                    return
+            except Exception:  # noqa: BLE001 - try again at the next tick; never kill the job
+                log.exception("job.lease_renew_error", job_id=job.id)
+
+    thread = threading.Thread(target=renew, name=f"lease-{job.id}", daemon=True)
+    thread.start()
+    try:
+        yield lost
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _origin(exc: BaseException) -> str | None:

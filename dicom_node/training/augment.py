@@ -2,9 +2,11 @@
 
 Chest radiographs are never mirrored: the heart is on the patient's left, and the model has
 separate channels for the right and left lung and clavicle, so a left/right flip would teach it
-the wrong side. What varies between real radiographs is kept: patient position (small rotation,
-translation, scale, shear), body shape (mild elastic deformation), exposure and processing
-(contrast, gamma, brightness) and detector noise.
+the wrong side; ``flip_prob`` (default 0) allows a left/right flip for images without a side,
+such as a breast ultrasound frame, whose lesion looks alike mirrored. What varies between real
+radiographs is kept: patient position (small rotation, translation, scale, shear), body shape
+(mild elastic deformation), exposure and processing (contrast, gamma, brightness) and detector
+noise.
 
 The transforms work on ``{"image": (1, H, W), "label": (S, H, W)}`` float tensors on the
 network's input grid; the image is in [0, 1] after normalisation. Masks are resampled with
@@ -22,6 +24,7 @@ from monai.transforms import (
     Rand2DElasticd,
     RandAdjustContrastd,
     RandAffined,
+    RandFlipd,
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -62,6 +65,8 @@ class AugmentConfig:
         Standard deviation of the additive Gaussian noise.
     intensity_prob
         Probability of each intensity augmentation.
+    flip_prob
+        Probability of a left/right flip (0 by default: never for images with a side).
     """
 
     rotate_deg: float = 10.0
@@ -76,6 +81,7 @@ class AugmentConfig:
     brightness: float = 0.1
     noise_std: float = 0.02
     intensity_prob: float = 0.5
+    flip_prob: float = 0.0
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any] | None) -> AugmentConfig:
@@ -98,14 +104,14 @@ class AugmentConfig:
                 if not isinstance(value, int | float) or value < 0:
                     raise ConfigError(f"augment.{name}: expected a number >= 0, got {value!r}")
                 doc[name] = float(value)
-        for name in ("affine_prob", "elastic_prob", "intensity_prob"):
+        for name in ("affine_prob", "elastic_prob", "intensity_prob", "flip_prob"):
             if name in doc and doc[name] > 1:
                 raise ConfigError(f"augment.{name}: a probability in 0..1, got {doc[name]}")
         return cls(**doc)
 
 
 def build_augmentation(config: AugmentConfig, input_size: tuple[int, ...], seed: int) -> Compose:
-    """The training augmentation pipeline; no transform in it can mirror the image.
+    """The training augmentation pipeline; it mirrors the image only with ``flip_prob`` > 0.
 
     Parameters
     ----------
@@ -120,7 +126,10 @@ def build_augmentation(config: AugmentConfig, input_size: tuple[int, ...], seed:
     rotate = math.radians(config.rotate_deg)
     modes = ("bilinear", "nearest")
     pads = ("border", "zeros")
-    transforms: list[Any] = [
+    transforms: list[Any] = []
+    if config.flip_prob > 0:
+        transforms.append(RandFlipd(keys=KEYS, prob=config.flip_prob, spatial_axis=1))
+    transforms += [
         RandAffined(
             keys=KEYS,
             prob=config.affine_prob,

@@ -6,6 +6,18 @@ The layout is the one of ``../shared/data/jsrt``::
     DATA/masks/<structure>/<case>.png     (0 or 255; masks of different structures may overlap)
     DATA/cases.csv                         (optional: case,finding; stratifies the split)
 
+or, for a model of one structure, the flat layout of ``../shared/data/busi``::
+
+    DATA/images/<case>.png
+    DATA/masks/<case>.png                  (0 or 255; empty for an image without the structure)
+
+Without ``cases.csv`` the finding can come from the case id (``finding_pattern``, a regular
+expression whose first group is the finding, e.g. ``^([a-z]+)_`` for ``benign_001``).
+
+Besides training and validation, a fixed ``test`` part (``test_fraction``, drawn first, per
+stratum, with its own seed) is kept out of training and out of every choice (epoch, threshold,
+postprocessing), for a final figure measured once (e.g. through the DICOM path).
+
 Cases are split by case id (one radiograph per patient in JSRT) with a fixed seed, stratified by
 the ``finding`` column when ``cases.csv`` is present, so that nodule and non-nodule radiographs
 are in the same proportion in training and validation. The split is written into the model
@@ -21,6 +33,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +57,15 @@ CASES_FILE = "cases.csv"
 
 @dataclass(frozen=True)
 class Split:
-    """Case ids of the training and validation sets, and how they were drawn."""
+    """Case ids of the training, validation and (optional) test sets, and how they were drawn."""
 
     train: tuple[str, ...]
     validation: tuple[str, ...]
     seed: int
     validation_fraction: float
     stratified_by: str | None
-    #: Cases held out of training and of every choice (3D data sets; empty for 2D folders).
+    #: Cases held out of training and of every choice (empty when the
+    #: config asks for no test part).
     test: tuple[str, ...] = ()
     test_seed: int | None = None
     test_fraction: float = 0.0
@@ -103,6 +117,19 @@ def read_split(folder: Path) -> Split:
     )
 
 
+def mask_path(data_dir: Path, structure: str, case: str, flat: bool = False) -> Path:
+    """The mask file of ``structure`` in ``case``: ``masks/<structure>/<case>.png``, or
+    ``masks/<case>.png`` in the flat layout of a one-structure data set."""
+    masks = Path(data_dir) / MASKS_DIR
+    return masks / f"{case}.png" if flat else masks / structure / f"{case}.png"
+
+
+def is_flat(data_dir: Path, structures: list[str]) -> bool:
+    """Whether ``data_dir`` has the flat mask layout (one structure, ``masks/<case>.png``)."""
+    masks = Path(data_dir) / MASKS_DIR
+    return len(structures) == 1 and not (masks / structures[0]).is_dir()
+
+
 def list_cases(data_dir: Path, structures: list[str]) -> list[str]:
     """Case ids that have an image and a mask of every structure, sorted.
 
@@ -120,9 +147,10 @@ def list_cases(data_dir: Path, structures: list[str]) -> list[str]:
     cases = sorted(p.stem for p in images.glob("*.png"))
     if not cases:
         raise InputError(f"{images}: no PNG images")
+    flat = is_flat(data_dir, structures)
     for structure in structures:
-        folder = Path(data_dir) / MASKS_DIR / structure
-        missing = [c for c in cases if not (folder / f"{c}.png").is_file()]
+        folder = mask_path(data_dir, structure, "x", flat).parent
+        missing = [c for c in cases if not mask_path(data_dir, structure, c, flat).is_file()]
         if missing:
             raise InputError(
                 f"{folder}: {len(missing)} of {len(cases)} masks missing (first: "
@@ -131,11 +159,32 @@ def list_cases(data_dir: Path, structures: list[str]) -> list[str]:
     return cases
 
 
-def read_findings(data_dir: Path) -> dict[str, str]:
-    """``case -> finding`` from ``cases.csv``, or an empty mapping when it is absent."""
+def read_findings(
+    data_dir: Path, pattern: str | None = None, cases: list[str] | None = None
+) -> dict[str, str]:
+    """``case -> finding`` from ``cases.csv``; without it, from the case ids of ``cases`` with
+    the regular expression ``pattern`` (its first group); else an empty mapping.
+
+    Raises
+    ------
+    InputError
+        When ``pattern`` does not match a case id.
+    """
     path = Path(data_dir) / CASES_FILE
     if not path.is_file():
-        return {}
+        if pattern is None or cases is None:
+            return {}
+        regex = re.compile(pattern)
+        out: dict[str, str] = {}
+        for case in cases:
+            found = regex.search(case)
+            if found is None or not found.groups():
+                raise InputError(
+                    f"case {case!r}: finding_pattern {pattern!r} does not match it (or has no "
+                    "group); every case id needs a finding, or give a cases.csv"
+                )
+            out[case] = found.group(1)
+        return out
     with path.open(newline="") as f:
         return {row["case"]: row.get("finding", "") for row in csv.DictReader(f)}
 
@@ -146,8 +195,11 @@ def make_split(
     *,
     validation_fraction: float = 0.2,
     seed: int = 0,
+    test_fraction: float = 0.0,
+    test_seed: int | None = None,
 ) -> Split:
-    """Split ``cases`` into training and validation, stratified by finding, reproducibly.
+    """Split ``cases`` into training, validation and optionally test, stratified by finding,
+    reproducibly.
 
     Parameters
     ----------
@@ -160,11 +212,31 @@ def make_split(
         in all).
     seed
         Seed of the shuffle.
+    test_fraction, test_seed
+        Fraction of every stratum kept apart first as the test part (0: none), with its own
+        seed (default: ``seed``), so that the test cases do not move when the validation
+        fraction or seed change; validation is then drawn from the remaining cases.
     """
     if not 0.0 < validation_fraction < 1.0:
         raise InputError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    if not 0.0 <= test_fraction < 1.0 or validation_fraction + test_fraction >= 1.0:
+        raise InputError(
+            f"test_fraction must be in [0, 1) and leave training cases, got {test_fraction}"
+        )
     if len(cases) < 2:
         raise InputError(f"need at least 2 cases to split, got {len(cases)}")
+    test: list[str] = []
+    if test_fraction > 0:
+        test_rng = random.Random(seed if test_seed is None else test_seed)
+        by_finding: dict[str, list[str]] = defaultdict(list)
+        for case in sorted(cases):
+            by_finding[findings.get(case, "")].append(case)
+        for key in sorted(by_finding):
+            members = by_finding[key]
+            test_rng.shuffle(members)
+            test.extend(members[: round(len(members) * test_fraction)])
+    test_set = set(test)
+    cases = [c for c in cases if c not in test_set]
     strata: dict[str, list[str]] = defaultdict(list)
     for case in sorted(cases):
         strata[findings.get(case, "")].append(case)
@@ -183,6 +255,9 @@ def make_split(
         seed=seed,
         validation_fraction=validation_fraction,
         stratified_by="finding" if findings else None,
+        test=tuple(sorted(test_set)),
+        test_seed=(seed if test_seed is None else test_seed) if test_set else None,
+        test_fraction=test_fraction,
     )
 
 
@@ -198,8 +273,9 @@ def read_image(data_dir: Path, case: str, color: ColorMode = ColorMode.GRAY) -> 
 def read_masks(data_dir: Path, case: str, structures: list[str]) -> np.ndarray:
     """Masks of ``case`` as a boolean array (S, rows, cols), in the order of ``structures``."""
     out = []
+    flat = is_flat(data_dir, structures)
     for structure in structures:
-        with Image.open(Path(data_dir) / MASKS_DIR / structure / f"{case}.png") as im:
+        with Image.open(mask_path(data_dir, structure, case, flat)) as im:
             out.append(np.asarray(im.convert("L")) > 127)
     return np.stack(out)
 

@@ -26,7 +26,12 @@ import numpy as np
 import structlog
 import torch
 
-from dicom_node.models.inference import Segmenter, masks_from_probabilities, select_device
+from dicom_node.models.inference import (
+    Segmenter,
+    confidence_gate,
+    masks_from_probabilities,
+    select_device,
+)
 from dicom_node.models.package import ModelPackage, Postprocess, load_package
 from dicom_node.models.postprocess import postprocess
 from dicom_node.training.data import list_cases, read_image, read_masks, read_split
@@ -91,10 +96,56 @@ def predict_masks(segmenter: Segmenter, image: np.ndarray, *, raw: bool = False)
     :func:`~dicom_node.models.postprocess.postprocess` per frame).
     """
     package = segmenter.package
-    masks = masks_from_probabilities(segmenter.predict_image(image)[None], package)
+    probs = segmenter.predict_image(image)[None]
+    masks = masks_from_probabilities(probs, package)
     if not raw:
-        masks = postprocess(masks, package, per_frame=True)
+        masks = confidence_gate(postprocess(masks, package, per_frame=True), probs, package)
     return np.moveaxis(masks[0], -1, 0)
+
+
+def select_min_confidence(
+    package: ModelPackage,
+    data_dir: Path | str,
+    cases: Sequence[str],
+    candidates: Sequence[float],
+    *,
+    device: torch.device | None = None,
+) -> tuple[float | None, dict[str, float]]:
+    """Choose ``output.min_confidence`` on ``cases`` (validation cases only).
+
+    Each candidate is scored by the mean over the cases and structures of the Dice of the
+    final masks, where a structure absent from the expert mask scores 1 when nothing is
+    returned and 0 otherwise (so a normal image with a returned lesion costs as much as a
+    missed lesion). The best candidate is kept when it beats no gate; ties keep the lower one.
+
+    Returns
+    -------
+    tuple
+        The chosen value (None: no gate) and ``{candidate: mean score}`` (``"none"`` for no
+        gate).
+    """
+    device = device or select_device()
+    data_dir = Path(data_dir)
+    segmenter = Segmenter(replace(package, min_confidence=None), device)
+    labels = [s.label for s in package.structures]
+    options: list[float | None] = [None, *sorted(candidates)]
+    scores: dict[float | None, list[float]] = {c: [] for c in options}
+    for case in cases:
+        truth = read_masks(data_dir, case, labels)
+        probs = segmenter.predict_image(read_image(data_dir, case, package.color))[None]
+        base = postprocess(masks_from_probabilities(probs, package), package, per_frame=True)
+        for c in options:
+            gated = confidence_gate(base, probs, replace(package, min_confidence=c))
+            for i in range(len(labels)):
+                found, expert = gated[0, ..., i], truth[i]
+                total = int(found.sum() + expert.sum())
+                inter = int(np.logical_and(found, expert).sum())
+                scores[c].append(1.0 if total == 0 else 2 * inter / total)
+    means = {c: float(np.mean(v)) for c, v in scores.items()}
+    best = max(options, key=lambda c: (means[c], -(c or 0.0)))
+    table = {("none" if c is None else f"{c:g}"): round(m, 4) for c, m in means.items()}
+    log.info("min_confidence chosen", chosen=best, scores=table)
+    return best, table
 
 
 def _variants(candidates: Sequence[Postprocess]) -> list[tuple[Postprocess, ...]]:

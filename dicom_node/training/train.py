@@ -50,7 +50,7 @@ from dicom_node.training.data import (
     make_split,
     read_findings,
 )
-from dicom_node.training.evaluate import evaluate, select_postprocessing
+from dicom_node.training.evaluate import evaluate, select_min_confidence, select_postprocessing
 from dicom_node.training.metrics import batch_dice
 from dicom_node.training.progress import ProgressLines, format_seconds
 from dicom_node.training.volumes import VolumeAugment
@@ -79,6 +79,13 @@ class TrainSettings:
         Weights of the soft Dice and binary cross-entropy terms of the loss.
     validation_fraction, split_seed
         The held-out fraction of cases and the seed of the split.
+    test_fraction, test_seed
+        Fraction of cases kept apart first as a test part, out of training and every choice
+        (0: none), and its own seed (None: ``split_seed``); evaluated once at the end, they
+        choose nothing (2D: stratified by finding; 3D: drawn from all cases).
+    finding_pattern
+        Without ``cases.csv``: a regular expression whose first group, searched in the case
+        id, is the finding that stratifies the split (e.g. ``^([a-z]+)_``).
     spacing_mm
         Pixel spacing of the training images (PNG has none), for HD95 in mm.
     postprocess_candidates
@@ -88,13 +95,14 @@ class TrainSettings:
         kept (a few pixels' worth of change is noise, not an improvement).
     num_threads
         CPU threads of torch (None: torch's default).
-    test_fraction, test_seed
-        3D: the fraction of all cases held out as test cases (drawn first, with their own
-        seed); they are evaluated once at the end and choose nothing.
     patch_samples, positive_fraction
         3D: patches drawn per case per step, and the share centred on a structure voxel.
     validate_every
         3D: validate every this many epochs (and at the last).
+    min_confidence_candidates
+        Values of ``output.min_confidence`` to measure on the validation cases after the
+        postprocessing is chosen (empty: no gate); see
+        :func:`~dicom_node.training.evaluate.select_min_confidence`.
     """
 
     seed: int = 0
@@ -108,17 +116,19 @@ class TrainSettings:
     bce_weight: float = 1.0
     validation_fraction: float = 0.2
     split_seed: int = 0
+    test_fraction: float = 0.0
+    test_seed: int | None = None
+    finding_pattern: str | None = None
     spacing_mm: float = 1.0
     postprocess_candidates: tuple[str, ...] = ("largest_component", "fill_holes")
     postprocess_min_gain: float = 0.0005
     postprocess_min_gain_mm: float = 0.1
     num_threads: int | None = None
-    # 3D models (dims: 3) only: the held-out test part, patches, validation interval
-    test_fraction: float = 0.0
-    test_seed: int = 0
+    # 3D models (dims: 3) only: patches, validation interval
     patch_samples: int = 2
     positive_fraction: float = 0.67
     validate_every: int = 1
+    min_confidence_candidates: tuple[float, ...] = ()
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any] | None) -> TrainSettings:
@@ -134,6 +144,13 @@ class TrainSettings:
             if bad:
                 raise ConfigError(f"training.postprocess_candidates: {bad} not in {allowed}")
             doc["postprocess_candidates"] = tuple(steps)
+        if "min_confidence_candidates" in doc:
+            values = doc["min_confidence_candidates"] or []
+            if not all(isinstance(v, int | float) and 0 <= v < 1 for v in values):
+                raise ConfigError(
+                    f"training.min_confidence_candidates: numbers in [0, 1), got {values!r}"
+                )
+            doc["min_confidence_candidates"] = tuple(float(v) for v in values)
         settings = cls(**doc)
         if settings.epochs < 1 or settings.batch_size < 1:
             raise ConfigError("training.epochs and training.batch_size must be >= 1")
@@ -389,12 +406,19 @@ def train(
     cases = list_cases(data_dir, labels)
     split = make_split(
         cases,
-        read_findings(data_dir),
+        read_findings(data_dir, settings.finding_pattern, cases),
         validation_fraction=settings.validation_fraction,
         seed=settings.split_seed,
+        test_fraction=settings.test_fraction,
+        test_seed=settings.test_seed,
     )
     split.write(out)
-    log.info("split", n_train=len(split.train), n_validation=len(split.validation))
+    log.info(
+        "split",
+        n_train=len(split.train),
+        n_validation=len(split.validation),
+        n_test=len(split.test),
+    )
     augmentation = build_augmentation(config.augment, package.input_size, settings.seed)
     train_set = CachedCases(data_dir, split.train, package, transform=augmentation)
     val_set = CachedCases(data_dir, split.validation, package)
@@ -573,6 +597,18 @@ def finish_package(
     ]
     write_model_yaml(out, model)
     package = load_package(out)
+    if settings.min_confidence_candidates:
+        gate, _ = select_min_confidence(
+            package,
+            data_dir,
+            run.split.validation,
+            settings.min_confidence_candidates,
+            device=device,
+        )
+        if gate is not None:
+            model["output"] = {**dict(model.get("output") or {}), "min_confidence": gate}
+            write_model_yaml(out, model)
+            package = load_package(out)
     result_eval = evaluate(
         package,
         data_dir,

@@ -138,7 +138,7 @@ def train_volumes(
     split = make_volume_split(
         list_volume_cases(data_dir),
         test_fraction=settings.test_fraction,
-        test_seed=settings.test_seed,
+        test_seed=settings.split_seed if settings.test_seed is None else settings.test_seed,
         validation_fraction=settings.validation_fraction,
         seed=settings.split_seed,
     )

@@ -184,7 +184,7 @@ class CachedVolumes:
         for case in self.cases:
             volume = read_volume(data_dir, case, package)
             prepared = prepare_volume_array(volume.pixels, volume.placement, package)
-            self.images.append(prepared[None].astype(np.float16))
+            self.images.append(prepared.astype(np.float16))  # (1, z, y, x): one input
             self.masks.append(masks_to_model(volume.masks, volume.placement))
         log.info("volumes cached", n_cases=len(self.cases), spacing_mm=package.spacing_mm)
 

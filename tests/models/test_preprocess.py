@@ -140,7 +140,7 @@ def ct_with_box(tmp_path: Path) -> tuple[ImageSeries, np.ndarray]:
 
 def test_volume_round_trip_onto_source_grid(tmp_path: Path, package_3d: ModelPackage) -> None:
     series, box = ct_with_box(tmp_path)
-    volume, placement = prepare_volume(series, package_3d)
+    (volume,), placement = prepare_volume(series, package_3d)  # one input: one channel
     # 12 slices at 2.5 mm -> 27.5 mm / 1.5 mm + 1 = 20 (ceil); 48 rows at 0.8 -> 37.6 / 1.2 + 1 = 33
     assert volume.shape == (20, 33, 27)
     assert placement.resampled_spacing == (1.2, 1.2, 1.5)
@@ -154,7 +154,7 @@ def test_volume_round_trip_onto_source_grid(tmp_path: Path, package_3d: ModelPac
 
 def test_volume_without_resampling_is_identity(tmp_path: Path, package_3d: ModelPackage) -> None:
     series, box = ct_with_box(tmp_path)
-    volume, placement = prepare_volume(series, replace(package_3d, spacing_mm=None))
+    (volume,), placement = prepare_volume(series, replace(package_3d, spacing_mm=None))
     assert placement.is_identity
     np.testing.assert_array_equal(volume > 0.5, box)
     np.testing.assert_array_equal(restore_volume(volume[None], placement)[0], volume)

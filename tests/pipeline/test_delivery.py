@@ -1,4 +1,5 @@
-"""Delivery in-process against DCMTK storescp: backoff, and catching up when a peer answers."""
+"""Delivery in-process against DCMTK storescp: backoff, catching up when a peer answers, and
+one thread per destination (a silent or slow destination holds only its own)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pynetdicom import AE, StoragePresentationContexts, evt
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Settings, parse_settings
@@ -41,8 +43,13 @@ def make(tmp_path: Path, port: int, **send: Any) -> tuple[Settings, Database, De
     return settings, db, Delivery(settings, db, AuditLog(settings.audit_path))
 
 
-def queue(db: Database, paths: list[Path], series_uid: str = "1.2.3") -> None:
-    """A finished job whose outputs are ``paths`` (any DICOM files), for destination pacs."""
+def queue(
+    db: Database,
+    paths: list[Path],
+    series_uid: str = "1.2.3",
+    destinations: tuple[str, ...] = ("pacs",),
+) -> None:
+    """A finished job whose outputs are ``paths`` (any DICOM files), for ``destinations``."""
     db.record_instance(
         sop_instance_uid=f"{series_uid}.1",
         sop_class_uid="1.2",
@@ -55,10 +62,10 @@ def queue(db: Database, paths: list[Path], series_uid: str = "1.2.3") -> None:
         late_policy="reprocess",
     )
     db.queue_series(series_uid, ["r"])
-    job = db.claim_job(60)
+    job = db.claim_job("w", 60)
     assert job is not None
     outputs = [("seg", p, f"{series_uid}.9.{i}") for i, p in enumerate(paths)]
-    db.finish_job(job.id, outputs, {"pacs": ("seg",)})
+    db.finish_job(job.id, "w", outputs, {d: ("seg",) for d in destinations})
 
 
 @pytest.fixture
@@ -89,8 +96,6 @@ def test_echo_makes_waiting_sends_due_when_the_peer_is_back(
     tmp_path: Path, files: list[Path], pacs: StoreSCP
 ) -> None:
     _, db, delivery = make(tmp_path, pacs.port, echo_interval_s=0.5)
-    woken = threading.Event()
-    delivery.on_ready = woken.set  # the node wakes its scheduler with this
     queue(db, files)
     assert delivery.tick() == 0  # peer down: every send waits LONG_BACKOFF_S
     assert db.status()["sends"] == {"pending": 3}
@@ -98,9 +103,7 @@ def test_echo_makes_waiting_sends_due_when_the_peer_is_back(
     pacs.start()
     took = run_until_delivered(delivery, pacs, 3, timeout_s=10)
     assert took < 5, f"catching up took {took:.1f} s"
-    assert woken.is_set()
     wait_for(lambda: db.status()["sends"] == {"done": 3}, 5, "sends marked done")
-    delivery.stop()
 
 
 def test_a_successful_send_makes_the_others_due(
@@ -117,25 +120,127 @@ def test_a_successful_send_makes_the_others_due(
     assert db.status()["sends"] == {"done": 3}
 
 
-def test_at_most_one_echo_in_flight_and_the_scheduler_never_waits_for_it(
-    tmp_path: Path, files: list[Path]
+class HeldSCP:
+    """A pynetdicom Storage SCP whose C-STORE handler holds each request until released.
+
+    ``entered`` is set when the first C-STORE arrives: from then on this destination is
+    "slow", for as long as the test keeps ``release`` unset.
+    """
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.stored: list[str] = []
+        self.ae = AE(ae_title="SLOW")
+        self.ae.supported_contexts = StoragePresentationContexts
+        self.port = free_port()
+
+    def _on_store(self, event: Any) -> int:
+        self.entered.set()
+        self.release.wait(60)
+        self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def start(self) -> HeldSCP:
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+
+
+def two_destinations(tmp_path: Path, slow_port: int, fast_port: int, **slow: Any) -> Settings:
+    return parse_settings(
+        {
+            "storage_dir": str(tmp_path / "var"),
+            "destinations": {
+                "slow": {"ae_title": "SLOW", "host": "127.0.0.1", "port": slow_port, **slow},
+                "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": fast_port},
+            },
+            "send": {"initial_backoff_s": LONG_BACKOFF_S, "max_backoff_s": LONG_BACKOFF_S},
+        }
+    )
+
+
+def test_a_slow_destination_holds_only_its_own_thread(
+    tmp_path: Path, files: list[Path], pacs: StoreSCP
 ) -> None:
-    """A destination that accepts TCP but never answers: the echo hangs, ticks do not."""
+    """The slow destination's C-STORE is held the whole time the other one gets its results."""
+    slow = HeldSCP().start()
+    pacs.start()
+    settings = two_destinations(tmp_path, slow.port, pacs.port, timeout_s=60)
+    db = Database(settings.database_path)
+    delivery = Delivery(settings, db, AuditLog(settings.audit_path))
+    try:
+        queue(db, files, destinations=("slow", "pacs"))
+        delivery.start()
+        assert slow.entered.wait(30), "the slow destination never got a C-STORE"
+
+        def fast_done() -> bool:
+            return {(s["destination"], s["state"]) for s in db.sends()} == {
+                ("pacs", "done"),
+                ("slow", "pending"),
+            }
+
+        wait_for(fast_done, 30, "the fast destination's sends done, the slow one's pending")
+        assert len(pacs.files()) == 3
+        assert not slow.release.is_set() and slow.stored == []  # still held, mid-send
+        assert delivery._threads["slow"].is_alive()
+        slow.release.set()
+        wait_for(lambda: len(slow.stored) == 3, 30, "the slow destination to finish")
+        wait_for(lambda: db.status()["sends"] == {"done": 6}, 10, "every send marked done")
+    finally:
+        slow.stop()
+        delivery.stop()
+
+
+def test_a_silent_destination_fails_after_its_connect_timeout_and_waits_its_backoff(
+    tmp_path: Path, files: list[Path], pacs: StoreSCP
+) -> None:
+    """TCP accepted, no A-ASSOCIATE-AC ever: the attempt ends at connect_timeout_s, is retried
+    later, and the other destination is served meanwhile."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        port = silent.getsockname()[1]
-        _, db, delivery = make(tmp_path, port, echo_interval_s=0.01, timeout_s=2)
-        queue(db, files)
-        db.send_failed(1, "down", next_attempt_at=time.time() + LONG_BACKOFF_S)
-        db.send_failed(2, "down", next_attempt_at=time.time() + LONG_BACKOFF_S)
-        db.send_failed(3, "down", next_attempt_at=time.time() + LONG_BACKOFF_S)
-        for _ in range(20):
-            t0 = time.monotonic()
-            delivery.tick()  # probes, as the scheduler does
-            assert time.monotonic() - t0 < 0.5
-            time.sleep(0.02)  # not a synchronisation: lets echo_interval_s pass between ticks
-            echoes = [t for t in threading.enumerate() if t.name == "echo-pacs"]
-            assert len(echoes) == 1  # the first echo still hangs; no second one
-        assert db.status()["sends"] == {"pending": 3}
+        pacs.start()
+        settings = two_destinations(
+            tmp_path, silent.getsockname()[1], pacs.port, connect_timeout_s=1
+        )
+        db = Database(settings.database_path)
+        delivery = Delivery(settings, db, AuditLog(settings.audit_path))
+        try:
+            queue(db, files, destinations=("slow", "pacs"))
+            delivery.start()
+            wait_for(lambda: len(pacs.files()) == 3, 30, "three files at the fast destination")
+
+            def slow_failed() -> dict[str, Any] | None:
+                dest = db.status()["destinations"].get("slow", {})
+                return dest if "last_error" in dest else None
+
+            dest = wait_for(slow_failed, 30, "the silent destination's attempt to time out")
+            assert dest["last_error"] == "no association (peer down?)"
+            assert dest["pending"] == 3 and dest["next_attempt_in_s"] > LONG_BACKOFF_S / 2
+        finally:
+            delivery.stop()
+
+
+def test_sends_to_a_destination_removed_from_the_config_are_dead_lettered_at_start(
+    tmp_path: Path, files: list[Path], pacs: StoreSCP
+) -> None:
+    """Even those still waiting for their backoff: no thread would ever serve them."""
+    settings, db, delivery = make(tmp_path, pacs.port)
+    queue(db, files[:1], "1.2.3", destinations=("gone",))
+    queue(db, files[1:2], "1.2.4", destinations=("gone",))
+    db.send_failed(2, "down", next_attempt_at=time.time() + LONG_BACKOFF_S)
+    pacs.start()
+    queue(db, files[2:], "1.2.5")
+    delivery.start()
+    try:
+        wait_for(lambda: db.status()["sends"] == {"failed": 2, "done": 1}, 30, "sends settled")
+        gone = [s for s in db.sends() if s["destination"] == "gone"]
+        assert {s["last_error"] for s in gone} == {"destination 'gone' is not configured"}
+    finally:
         delivery.stop()

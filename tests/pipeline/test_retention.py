@@ -46,9 +46,9 @@ def test_purge_after_delivery_only(tmp_path: Path) -> None:
     retention, db, spool = setup(tmp_path, delete_after_success=True)
     paths = received(db, spool, 2)
     assert retention.tick() == 0  # job not run yet
-    job = db.claim_job(60)
+    job = db.claim_job("w", 60)
     assert job is not None
-    db.finish_job(job.id, [("seg", tmp_path / "seg.dcm", "2.25.1")], {"pacs": ("seg",)})
+    db.finish_job(job.id, "w", [("seg", tmp_path / "seg.dcm", "2.25.1")], {"pacs": ("seg",)})
     assert retention.tick() == 0  # result not delivered yet
     (send,) = db.due_sends()
     outbox = tmp_path / "var" / "outbox" / str(job.id)
@@ -71,9 +71,9 @@ def test_purge_after_retention_period(tmp_path: Path) -> None:
     paths = received(db, spool, 1, now=1000.0)
     assert retention.tick(now=1000.0 + 3600) == 0
     assert retention.tick(now=1000.0 + 2 * 86400) == 0  # its job has not run yet
-    job = db.claim_job(60)
+    job = db.claim_job("w", 60)
     assert job is not None
-    db.finish_job(job.id, [], {})
+    db.finish_job(job.id, "w", [], {})
     assert retention.tick(now=1000.0 + 2 * 86400) == 1
     assert not paths[0].exists()
 
@@ -90,9 +90,9 @@ def test_retry_command_requeues_dead_letters(
 ) -> None:
     _, db, spool = setup(tmp_path)
     received(db, spool, 1)
-    job = db.claim_job(60)
+    job = db.claim_job("w", 60)
     assert job is not None
-    db.finish_job(job.id, [("seg", tmp_path / "seg.dcm", "2.25.1")], {"pacs": ("seg",)})
+    db.finish_job(job.id, "w", [("seg", tmp_path / "seg.dcm", "2.25.1")], {"pacs": ("seg",)})
     (send,) = db.due_sends()
     db.send_failed(send.id, "refused", next_attempt_at=None)
     config = tmp_path / "node.yaml"

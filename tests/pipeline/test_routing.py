@@ -47,9 +47,8 @@ def test_empty_accepted_value_matches_an_absent_attribute() -> None:
 
 def test_default_route_takes_only_what_the_chest_model_is_valid_for() -> None:
     repo = Path(__file__).resolve().parents[2]
-    (route,) = [
-        r for r in load_settings(repo / "config" / "node.yaml").routes if r.name == "chest-xray"
-    ]
+    routes = {r.name: r for r in load_settings(repo / "config" / "node.yaml").routes}
+    route = routes["chest-xray"]
     assert route.model.resolve() == (repo / "config" / "models" / "cxr-anatomy").resolve()
     chest = {"Modality": "DX", "BodyPartExamined": "CHEST", "ViewPosition": "PA"}
     assert matches(route, chest)
@@ -59,3 +58,16 @@ def test_default_route_takes_only_what_the_chest_model_is_valid_for() -> None:
     assert not matches(route, {**chest, "ViewPosition": "LATERAL"})
     assert not matches(route, {**chest, "BodyPartExamined": "HAND"})
     assert not matches(route, {**chest, "Modality": "CT"})
+
+
+def test_default_breast_ultrasound_route_takes_breast_us_only() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    routes = {r.name: r for r in load_settings(repo / "config" / "node.yaml").routes}
+    route = routes["breast-us"]
+    assert route.model.resolve() == (repo / "config" / "models" / "busi-lesion").resolve()
+    assert matches(route, {"Modality": "US", "BodyPartExamined": "BREAST"})
+    assert matches(route, {"Modality": "US", "BodyPartExamined": "breast"})
+    assert matches(route, {"Modality": "US"})  # scanners that leave Body Part empty
+    assert not matches(route, {"Modality": "US", "BodyPartExamined": "ABDOMEN"})
+    assert not matches(route, {"Modality": "DX", "BodyPartExamined": "BREAST"})
+    assert not matches(routes["chest-xray"], {"Modality": "US", "BodyPartExamined": "BREAST"})

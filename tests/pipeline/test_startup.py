@@ -81,3 +81,24 @@ def test_port_in_use(tmp_path: Path, random_package: Path, key: str) -> None:
         f"dicom-node: {key}: cannot listen on 127.0.0.1:{port}",
         f"stop it or set {key} to a free port",
     )
+
+
+def test_route_roles_must_fit_the_package_roles() -> None:
+    """A study route's roles are the package's roles; a one-role route fits any one-input one."""
+    from dicom_node.config import InputRole, Route, Trigger
+    from dicom_node.errors import StartupError
+    from dicom_node.pipeline.node import check_roles
+
+    two = (
+        InputRole("t1", {"SeriesDescription": ("*T1*",)}),
+        InputRole("t2", {"SeriesDescription": ("*T2*",)}),
+    )
+    study = Route("brain", {}, Path("models/b"), (), Trigger.STUDY, two)
+    check_roles(study, ("t2", "t1"))  # order is the package's business
+    series = Route("cxr", {}, Path("models/c"), ())
+    check_roles(series, ("image",))
+    check_roles(series, ("t1",))  # one input: the name does not matter
+    with pytest.raises(StartupError, match=r"routes: brain: its inputs \['t1', 't2'\] do not fit"):
+        check_roles(study, ("t1", "flair"))
+    with pytest.raises(StartupError, match=r"routes: cxr: its inputs \['image'\] do not fit"):
+        check_roles(series, ("t1", "t2"))

@@ -221,3 +221,26 @@ def test_unexpected_failures_show_a_readable_reason_at_the_end(
     lines = [c.kwargs for c in capture.calls if c.kwargs.get("event") == "job.failed"]
     assert [(x["kind"], x["retry"]) for x in lines] == [("unexpected", True), ("unexpected", False)]
     assert lines[-1]["reason"] == job["error"]
+
+
+def test_a_run_that_ran_out_of_gpu_memory_is_logged_with_the_job(
+    tmp_path: Path, random_package: Path
+) -> None:
+    from tests.models.test_gpu_slots import RunsOutOfMemory
+
+    worker, db, _ = setup(tmp_path, random_package)
+    assert worker.slots.gpu_slots == 1
+    segmenter = worker.segmenter(random_package)
+    assert segmenter.slots is worker.slots  # one limit for every model and thread
+    segmenter.network = RunsOutOfMemory(segmenter.network, fits=2)
+    ct = ct_series(n_slices=3)
+    index(db, write_files(ct, tmp_path / "in"), ct[0].SeriesInstanceUID)
+    with structlog.testing.capture_logs() as logs:
+        assert worker.run_once() is True
+    assert db.status()["jobs"] == {"done": 1}
+    (degraded,) = [e for e in logs if e["event"] == "job.inference_degraded"]
+    assert degraded["job_id"] == 1 and degraded["batch_size"] == 2
+    assert degraded["oom"] == [
+        "CUDA out of memory at batch 8; retried with batch 4",
+        "CUDA out of memory at batch 4; retried with batch 2",
+    ]

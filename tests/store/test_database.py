@@ -65,10 +65,10 @@ def test_jobs_lease_and_recover(db: Database) -> None:
     add(db, "1.1")
     db.queue_series("1.2.3", ["chest"], now=101.0)
     assert db.series_info("1.2.3")["state"] == SeriesState.QUEUED
-    job = db.claim_job(lease_s=60, now=102.0)
+    job = db.claim_job("w", lease_s=60, now=102.0)
     assert job is not None and job.attempts == 1
-    assert db.claim_job(lease_s=60, now=103.0) is None  # leased
-    again = db.claim_job(lease_s=60, now=200.0)  # lease expired: runs again
+    assert db.claim_job("w", lease_s=60, now=103.0) is None  # leased
+    again = db.claim_job("w", lease_s=60, now=200.0)  # lease expired: runs again
     assert again is not None and again.id == job.id and again.attempts == 2
     assert db.recover_after_restart() == 1
     assert db.jobs()[0]["state"] == JobState.PENDING
@@ -80,10 +80,10 @@ def test_late_instance_supersedes_pending_job_and_reprocesses_done_one(db: Datab
     add(db, "1.2", now=102.0)
     assert [j["state"] for j in db.jobs()] == [JobState.SUPERSEDED]
     db.queue_series("1.2.3", ["chest"], now=120.0)
-    job = db.claim_job(60, now=121.0)
+    job = db.claim_job("w", 60, now=121.0)
     assert job is not None
     assert db.finish_job(
-        job.id, [("seg", Path("/o/seg.dcm"), "2.25.1")], {"pacs": ("seg",)}, now=122.0
+        job.id, "w", [("seg", Path("/o/seg.dcm"), "2.25.1")], {"pacs": ("seg",)}, now=122.0
     )
     add(db, "1.3", now=130.0)  # after the job ran: policy reprocess
     assert db.series_info("1.2.3")["state"] == SeriesState.RECEIVING
@@ -92,9 +92,9 @@ def test_late_instance_supersedes_pending_job_and_reprocesses_done_one(db: Datab
 def test_late_instance_with_ignore_policy(db: Database) -> None:
     add(db, "1.1", policy="ignore")
     db.queue_series("1.2.3", ["chest"], now=101.0)
-    job = db.claim_job(60, now=102.0)
+    job = db.claim_job("w", 60, now=102.0)
     assert job is not None
-    db.finish_job(job.id, [], {}, now=103.0)
+    db.finish_job(job.id, "w", [], {}, now=103.0)
     add(db, "1.2", now=104.0, policy="ignore")
     assert db.series_info("1.2.3")["state"] == SeriesState.IGNORED
     assert len(db.series_instances("1.2.3")) == 2  # kept, not processed
@@ -103,10 +103,11 @@ def test_late_instance_with_ignore_policy(db: Database) -> None:
 def test_sends_retry_and_dead_letter(db: Database) -> None:
     add(db, "1.1")
     db.queue_series("1.2.3", ["chest"], now=101.0)
-    job = db.claim_job(60, now=102.0)
+    job = db.claim_job("w", 60, now=102.0)
     assert job is not None
     db.finish_job(
         job.id,
+        "w",
         [("seg", Path("/o/seg.dcm"), "2.25.1"), ("sr", Path("/o/sr.dcm"), "2.25.2")],
         {"pacs": ("seg", "sr")},
         now=103.0,
@@ -127,10 +128,13 @@ def test_sends_retry_and_dead_letter(db: Database) -> None:
 def test_finish_of_a_superseded_job_sends_nothing(db: Database) -> None:
     add(db, "1.1")
     db.queue_series("1.2.3", ["chest"], now=101.0)
-    job = db.claim_job(60, now=102.0)
+    job = db.claim_job("w", 60, now=102.0)
     assert job is not None
-    db.fail_job(job.id, "boom", retry=True)
-    assert db.finish_job(job.id, [("seg", Path("/o/x.dcm"), "2.25.9")], {"pacs": ("seg",)}) is False
+    db.fail_job(job.id, "w", "boom", retry=True)
+    assert (
+        db.finish_job(job.id, "w", [("seg", Path("/o/x.dcm"), "2.25.9")], {"pacs": ("seg",)})
+        is False
+    )
     assert db.sends() == []
 
 
@@ -144,10 +148,11 @@ def test_unrouted_series(db: Database) -> None:
 def test_waiting_sends_become_due_when_the_destination_answers(db: Database) -> None:
     add(db, "1.1")
     db.queue_series("1.2.3", ["chest"], now=101.0)
-    job = db.claim_job(60, now=102.0)
+    job = db.claim_job("w", 60, now=102.0)
     assert job is not None
     db.finish_job(
         job.id,
+        "w",
         [("seg", Path("/o/seg.dcm"), "2.25.1"), ("sr", Path("/o/sr.dcm"), "2.25.2")],
         {"pacs": ("seg", "sr"), "other": ("sr",)},
         now=103.0,

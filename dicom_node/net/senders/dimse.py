@@ -1,10 +1,16 @@
-"""The SCU side: C-STORE files to a destination and C-ECHO a peer."""
+"""DIMSE destinations: C-STORE files over one association, C-ECHO a peer (the SCU side).
+
+Timeouts (pynetdicom's AE): ``connect_timeout_s`` bounds the TCP connection
+(``connection_timeout``) and the association negotiation (``acse_timeout``); ``timeout_s``
+bounds each DIMSE response (``dimse_timeout``) and any silence on the association
+(``network_timeout``). A destination that accepts the connection and never answers therefore
+costs at most those seconds, and only its own delivery thread waits.
+"""
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
@@ -13,17 +19,12 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import Destination, TLSSettings
+from dicom_node.net.senders import SendOutcome, StoreResult
 from dicom_node.net.status import STORED
 from dicom_node.net.syntaxes import UNCOMPRESSED
 
-
-@dataclass(frozen=True)
-class StoreResult:
-    """Outcome of one C-STORE: ``ok`` when the destination stored it (Success or Warning)."""
-
-    path: Path
-    ok: bool
-    detail: str
+#: Upper bound of one probing C-ECHO's response, in seconds.
+ECHO_TIMEOUT_S = 5.0
 
 
 def _contexts(paths: Sequence[Path]) -> dict[tuple[UID, UID], None]:
@@ -39,21 +40,30 @@ def store_files(
     paths: Sequence[Path],
     *,
     calling_ae: str,
-    timeout_s: float = 30.0,
 ) -> list[StoreResult]:
     """C-STORE ``paths`` to ``destination`` over one association.
 
     Proposes, for each SOP class, the file's own transfer syntax plus the uncompressed ones.
     Never raises for network trouble: every path gets a :class:`StoreResult`.
     """
+    return list(_store(destination, paths, calling_ae=calling_ae).results)
+
+
+def _ae(calling_ae: str, connect_timeout_s: float, timeout_s: float) -> AE:
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = timeout_s
+    ae.connection_timeout = connect_timeout_s
+    ae.acse_timeout = connect_timeout_s
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
+    return ae
+
+
+def _store(destination: Destination, paths: Sequence[Path], *, calling_ae: str) -> SendOutcome:
+    ae = _ae(calling_ae, destination.connect_timeout_s, destination.timeout_s)
     try:
         contexts = _contexts(paths)
     except OSError as exc:
-        return [StoreResult(p, False, f"cannot read output file: {exc.strerror}") for p in paths]
+        return SendOutcome.all_failed(paths, f"cannot read output file: {exc.strerror}")
     for sop_class in {sop for sop, _ in contexts}:
         syntaxes = [ts for (sop, ts) in contexts if sop == sop_class]
         syntaxes += [ts for ts in UNCOMPRESSED if ts not in syntaxes]
@@ -63,13 +73,14 @@ def store_files(
             None if destination.tls is None else (client_context(destination.tls), destination.host)
         )
     except (ssl.SSLError, OSError) as exc:
-        return [StoreResult(p, False, f"TLS set-up failed: {exc}") for p in paths]
+        return SendOutcome.all_failed(paths, f"TLS set-up failed: {exc}")
     assoc = ae.associate(
         destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
     )
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "no association (peer down?)"
-        return [StoreResult(p, False, reason) for p in paths]
+        if assoc.is_rejected:
+            return SendOutcome.all_failed(paths, "association rejected", answered=True)
+        return SendOutcome.all_failed(paths, "no association (peer down?)")
     results = []
     try:
         for path in paths:
@@ -89,7 +100,7 @@ def store_files(
     finally:
         if assoc.is_established:
             assoc.release()
-    return results
+    return SendOutcome(tuple(results), answered=True)
 
 
 def client_context(tls: TLSSettings) -> ssl.SSLContext:
@@ -114,16 +125,15 @@ def echo(
     *,
     calling_ae: str = "DICOMNODE",
     timeout_s: float = 10,
+    connect_timeout_s: float | None = None,
     tls: TLSSettings | None = None,
 ) -> int | None:
     """C-ECHO a peer; return the status (0 is success) or None when no association.
 
     With ``tls`` the association is made over TLS, as :func:`store_files` does.
+    ``connect_timeout_s`` (default ``timeout_s``) bounds the connection and negotiation.
     """
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = timeout_s
-    ae.dimse_timeout = timeout_s
-    ae.network_timeout = timeout_s
+    ae = _ae(calling_ae, timeout_s if connect_timeout_s is None else connect_timeout_s, timeout_s)
     ae.add_requested_context(Verification)
     try:
         tls_args = None if tls is None else (client_context(tls), host)
@@ -140,14 +150,26 @@ def echo(
         assoc.release()
 
 
-def echo_destination(destination: Destination, *, calling_ae: str, timeout_s: float) -> bool:
-    """True when ``destination`` answers a C-ECHO (Verification SOP Class) with Success."""
-    status = echo(
-        destination.host,
-        destination.port,
-        destination.ae_title,
-        calling_ae=calling_ae,
-        timeout_s=timeout_s,
-        tls=destination.tls,
-    )
-    return status == 0
+class DimseSender:
+    """C-STORE to a DIMSE destination; C-ECHO as its reachability check."""
+
+    def __init__(self, destination: Destination, *, calling_ae: str) -> None:
+        self.destination = destination
+        self.calling_ae = calling_ae
+
+    def send(self, files: Sequence[Path]) -> SendOutcome:
+        return _store(self.destination, files, calling_ae=self.calling_ae)
+
+    def echo(self) -> bool:
+        """True when the destination answers a C-ECHO (Verification SOP Class) with Success."""
+        dest = self.destination
+        status = echo(
+            dest.host,
+            dest.port,
+            dest.ae_title,
+            calling_ae=self.calling_ae,
+            timeout_s=min(dest.timeout_s, ECHO_TIMEOUT_S),
+            connect_timeout_s=min(dest.connect_timeout_s, ECHO_TIMEOUT_S),
+            tls=dest.tls,
+        )
+        return status == 0

@@ -1,0 +1,129 @@
+"""The instance index: every received instance and its spool file (table ``instances``).
+
+:class:`InstanceIndex` is what the receiver and retention need; :class:`SqliteInstanceIndex`
+keeps it in the node's SQLite database. Indexing an instance notes its arrival for assembly
+(:func:`dicom_node.store.cases.note_arrival`) in the same transaction, so the index and the
+assembly state never disagree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from dicom_node.store.cases import note_arrival, series_purged
+from dicom_node.store.sqlite import SqliteConnection
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    path: Path
+
+
+class InstanceIndex(Protocol):
+    """The receiver's and retention's view of the state: what is on disk, by series."""
+
+    def record_instance(
+        self,
+        *,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        study_uid: str,
+        series_uid: str,
+        patient_id: str,
+        attributes: dict[str, str],
+        path: Path,
+        association_id: str,
+        late_policy: str,
+        now: float | None = None,
+    ) -> bool: ...
+    def series_instances(self, series_uid: str) -> list[InstanceRecord]: ...
+    def forget_instances(self, series_uid: str) -> list[InstanceRecord]: ...
+    def instance_count(self) -> int: ...
+
+
+class SqliteInstanceIndex(SqliteConnection):
+    """:class:`InstanceIndex` in the node's SQLite database."""
+
+    def record_instance(
+        self,
+        *,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        study_uid: str,
+        series_uid: str,
+        patient_id: str,
+        attributes: dict[str, str],
+        path: Path,
+        association_id: str,
+        late_policy: str,
+        now: float | None = None,
+    ) -> bool:
+        """Index a durably written instance and mark its series as receiving.
+
+        Returns True when the instance is new, False when it replaced an earlier copy (a resend
+        of the same SOP Instance UID). See :func:`~dicom_node.store.cases.note_arrival` for
+        what it does to the series, its pending jobs and the study's cases.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            existed = c.execute(
+                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+            c.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sop_instance_uid,
+                    sop_class_uid,
+                    study_uid,
+                    series_uid,
+                    str(path),
+                    now,
+                    association_id,
+                ),
+            )
+            note_arrival(
+                c,
+                series_uid=series_uid,
+                study_uid=study_uid,
+                patient_id=patient_id,
+                attributes=attributes,
+                association_id=association_id,
+                late_policy=late_policy,
+                now=now,
+            )
+        return existed is None
+
+    def series_instances(self, series_uid: str) -> list[InstanceRecord]:
+        rows = self._query(
+            "SELECT sop_instance_uid, study_uid, series_uid, path FROM instances "
+            "WHERE series_uid = ? ORDER BY sop_instance_uid",
+            (series_uid,),
+        )
+        return [
+            InstanceRecord(r["sop_instance_uid"], r["study_uid"], r["series_uid"], Path(r["path"]))
+            for r in rows
+        ]
+
+    def forget_instances(self, series_uid: str) -> list[InstanceRecord]:
+        """Remove a series' instances from the index and return them (files go next)."""
+        with self._tx() as c:
+            rows = c.execute(
+                "SELECT sop_instance_uid, study_uid, series_uid, path FROM instances "
+                "WHERE series_uid = ?",
+                (series_uid,),
+            ).fetchall()
+            c.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+            series_purged(c, series_uid)
+        return [
+            InstanceRecord(r["sop_instance_uid"], r["study_uid"], r["series_uid"], Path(r["path"]))
+            for r in rows
+        ]
+
+    def instance_count(self) -> int:
+        return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])

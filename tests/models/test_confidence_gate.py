@@ -1,0 +1,58 @@
+"""The confidence gate (``output.min_confidence``): doubtful findings count as not found."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dicom_node.errors import ModelPackageError
+from dicom_node.models.inference import confidence_gate
+from dicom_node.models.package import load_package
+from dicom_node.training.train import parse_train_config
+
+PACKAGE = Path(__file__).resolve().parents[2] / "config" / "models" / "busi-lesion"
+
+
+def test_gate_drops_a_faint_finding_and_keeps_a_confident_one() -> None:
+    package = replace(load_package(PACKAGE), min_confidence=0.7)
+    probs = np.zeros((2, 20, 20, 1), dtype=np.float32)
+    probs[0, 5:10, 5:10, 0] = 0.6  # faint: dropped
+    probs[1, 5:10, 5:10, 0] = 0.9  # confident: kept
+    masks = probs > 0.5
+    gated = confidence_gate(masks, probs, package)
+    assert not gated[0].any()
+    assert np.array_equal(gated[1], masks[1])
+    assert masks[0].any()  # the input is not modified
+    # without a gate nothing changes
+    assert np.array_equal(
+        confidence_gate(masks, probs, replace(package, min_confidence=None)), masks
+    )
+
+
+def test_min_confidence_is_validated(tmp_path: Path) -> None:
+    doc = yaml.safe_load((PACKAGE / "model.yaml").read_text())
+    doc["weights"] = str(PACKAGE / "model.pt")
+    for bad in (1.5, "high", True):
+        doc["output"]["min_confidence"] = bad
+        (tmp_path / "model.yaml").write_text(yaml.safe_dump(doc))
+        with pytest.raises(ModelPackageError, match="min_confidence"):
+            load_package(tmp_path)
+
+
+def test_shipped_package_gate_and_training_config_agree() -> None:
+    package = load_package(PACKAGE)
+    assert package.min_confidence == pytest.approx(0.775)
+    config_path = Path(__file__).resolve().parents[2] / "config" / "train-busi.yaml"
+    config = parse_train_config(yaml.safe_load(config_path.read_text()))
+    assert package.min_confidence in config.training.min_confidence_candidates
+    with pytest.raises(Exception, match="min_confidence_candidates"):
+        parse_train_config(
+            {
+                **yaml.safe_load(config_path.read_text()),
+                "training": {"min_confidence_candidates": [2]},
+            }
+        )
