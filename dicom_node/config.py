@@ -453,10 +453,10 @@ class Route:
                 at=("inputs",),
             )
         if self.trigger == Trigger.SERIES:
-            if len(self.inputs) > 1:
+            if self.inputs:
                 raise problem(
-                    "a route with trigger: series runs one series per job, so it takes one "
-                    "input at most; use trigger: study for several",
+                    "named inputs need trigger: study; a route with trigger: series runs "
+                    "each matching series on its own (leave inputs out)",
                     at=("inputs",),
                 )
             if self.study_timeout_s is not None:
@@ -475,6 +475,12 @@ class Route:
                     "missing; with several roles, each role's select says which series it takes",
                     at=("inputs", j, "select"),
                 )
+        if self.inputs and not any(role.required for role in self.inputs):
+            raise problem(
+                "needs at least one role with required: true (the default); a case runs on "
+                "the series of its required roles",
+                at=("inputs",),
+            )
         return self
 
 

@@ -192,7 +192,8 @@ _HTTP_URL: TypeAdapter[HttpUrl] = TypeAdapter(HttpUrl)
 
 
 def http_url(value: Any) -> str:
-    """An ``http://`` or ``https://`` URL without credentials in it, kept as written."""
+    """An ``http://`` or ``https://`` URL without credentials in it, as written less any
+    trailing ``/`` (the DICOMweb paths are appended to it)."""
     wanted = "an http:// or https:// URL (e.g. https://pacs.example/dicom-web)"
     if not isinstance(value, str):
         raise problem(f"must be {wanted}, got {got(value)}")
@@ -205,7 +206,7 @@ def http_url(value: Any) -> str:
             "must not hold a user name or password (they would show in logs); "
             "put them in auth: {username, password_file}"
         )
-    return value
+    return value.rstrip("/")
 
 
 # -- paths ---------------------------------------------------------------------------------

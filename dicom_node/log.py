@@ -118,7 +118,9 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        # No caching: a module's logger keeps following the configuration (a cached one
+        # would ignore a later configure, e.g. structlog.testing.capture_logs in tests).
+        cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(

@@ -660,11 +660,11 @@ def test_a_study_route_with_four_roles(tmp_path: Path) -> None:
         ),
         (
             {"trigger": "series"},
-            "routes[0].inputs: a route with trigger: series runs one series per job, so it "
-            "takes one input at most; use trigger: study for several",
+            "routes[0].inputs: named inputs need trigger: study; a route with trigger: series "
+            "runs each matching series on its own (leave inputs out)",
         ),
         (
-            {"trigger": "series", "inputs": BRAIN_INPUTS[:1], "study_timeout_s": 60},
+            {"trigger": "series", "inputs": None, "study_timeout_s": 60},
             "routes[0].study_timeout_s: applies to trigger: study only",
         ),
         (

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from pydicom import dcmread
 
 from dicom_node.audit import AuditLog
@@ -279,14 +280,26 @@ def test_a_server_that_does_not_answer_times_out(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("dest", "message"),
     [
-        ({"type": "dicomweb"}, "destinations.cloud.url: None must be the http(s) base URL"),
-        ({"type": "dicomweb", "url": "pacs.example"}, "must be the http(s) base URL"),
-        ({"type": "dicomweb", "url": "http://x", "ae_title": "A"}, "unknown key(s) for a dicomweb"),
-        ({"type": "dicomweb", "url": "http://x", "auth": {"username": "u"}}, "give either"),
+        (
+            {"type": "dicomweb"},
+            "destinations.cloud.url: missing; a dicomweb destination needs the base URL",
+        ),
+        ({"type": "dicomweb", "url": "pacs.example"}, "must be an http:// or https:// URL"),
+        (
+            {"type": "dicomweb", "url": "http://x", "ae_title": "A"},
+            "ae_title: applies to dimse destinations only",
+        ),
+        (
+            {"type": "dicomweb", "url": "http://x", "auth": {"username": "u"}},
+            "password_file: missing; username goes with password_file",
+        ),
         ({"type": "dicomweb", "url": "http://x", "verify_tls": "false"}, "must be true or false"),
-        ({"type": "dicomweb", "url": "https://u:pw@x/dw"}, "use auth: {username, password_file}"),
-        ({"type": "stow"}, "destinations.cloud.type: 'stow' must be one of dimse, dicomweb"),
-        ({"type": "dimse", "url": "http://x"}, "unknown key(s) for a dimse destination: url"),
+        (
+            {"type": "dicomweb", "url": "https://u:pw@x/dw"},
+            "put them in auth: {username, password_file}",
+        ),
+        ({"type": "stow"}, "destinations.cloud.type: must be one of dimse, dicomweb, got 'stow'"),
+        ({"type": "dimse", "url": "http://x"}, "url: applies to dicomweb destinations only"),
         ({"ae_title": "A", "host": "h"}, "destinations.cloud.port: missing"),
     ],
 )
@@ -321,7 +334,7 @@ def test_destination_config(tmp_path: Path) -> None:
     assert cloud.auth == HttpAuth("node", tmp_path / "pw") and cloud.verify_tls
     assert (cloud.connect_timeout_s, cloud.timeout_s) == (3.0, 12.0)  # send.timeout_s: default
     assert pacs.type is DestinationType.DIMSE and pacs.address == "PACS@h:104"
-    with pytest.raises(ConfigError, match="a dimse destination needs ae_title, host and port"):
+    with pytest.raises(ValidationError, match="a dimse destination needs ae_title, host and port"):
         Destination(name="x", host="h")
 
 

@@ -14,7 +14,7 @@ from pydicom.uid import MRImageStorage, generate_uid
 
 from dicom_node.audit import AuditLog
 from dicom_node.cli import main
-from dicom_node.config import InputRole, Route, Settings, Trigger, parse_settings
+from dicom_node.config import Destination, InputRole, Route, Settings, Trigger, parse_settings
 from dicom_node.errors import ConfigError
 from dicom_node.net.receiver import Receiver
 from dicom_node.pipeline.assembler import Assembler
@@ -101,24 +101,33 @@ def test_config_reads_trigger_inputs_and_timeouts(random_package: Path) -> None:
     assert plain.trigger is Trigger.SERIES and [r.role for r in route_roles(plain)] == ["image"]
 
 
+S = {"Modality": ["MR"]}
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"trigger": "patient"}, "trigger: 'patient' must be one of series, study"),
+        ({"trigger": "patient"}, "trigger: must be one of series, study, got 'patient'"),
         ({"inputs": [{"role": "t1"}]}, "named inputs need trigger: study"),
         (
-            {"trigger": "study", "inputs": [{"role": "t1"}, {"role": "t1"}]},
-            "'t1' is listed twice",
+            {
+                "trigger": "study",
+                "inputs": [{"role": "t1", "select": S}, {"role": "t1", "select": S}],
+            },
+            "inputs[1].role: 't1' is already the role of inputs[0]",
         ),
         (
             {"trigger": "study", "inputs": [{"role": "t1", "required": "false"}]},
-            "required: 'false' must be true or false",
+            "required: must be true or false, written without quotes, got 'false'",
         ),
         (
             {"trigger": "study", "inputs": [{"role": "t1", "select": {"Colour": "x"}}]},
-            "cannot route on this attribute",
+            "select.Colour: not a DICOM keyword",
         ),
-        ({"trigger": "study", "inputs": [{"role": "t1", "required": False}]}, "one role"),
+        (
+            {"trigger": "study", "inputs": [{"role": "t1", "required": False}]},
+            "needs at least one role with required: true",
+        ),
     ],
 )
 def test_config_errors_name_the_key(
@@ -133,7 +142,12 @@ def test_config_errors_name_the_key(
 
 def brain_settings(tmp_path: Path, **changes: Any) -> Settings:
     settings = dataclasses.replace(
-        Settings(), storage_dir=tmp_path, stable_after_s=10.0, release_grace_s=1.0, routes=(BRAIN,)
+        Settings(),
+        storage_dir=tmp_path,
+        stable_after_s=10.0,
+        release_grace_s=1.0,
+        destinations={"pacs": Destination(name="pacs", ae_title="PACS", host="h", port=104)},
+        routes=(BRAIN,),
     )
     return dataclasses.replace(settings, **changes)
 

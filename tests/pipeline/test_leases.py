@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -71,6 +70,7 @@ def test_a_job_longer_than_its_lease_runs_once_and_delivers_once(
     settings = parse_settings(
         {
             "storage_dir": str(tmp_path / "var"),
+            "job_lease_s": 1,  # the job below sleeps four leases long
             "destinations": {
                 "pacs": {"ae_title": storescp.ae_title, "host": "127.0.0.1", "port": storescp.port}
             },
@@ -84,7 +84,6 @@ def test_a_job_longer_than_its_lease_runs_once_and_delivers_once(
             ],
         }
     )
-    settings = dataclasses.replace(settings, job_lease_s=0.5)  # config allows >= 1 s
     db = Database(settings.database_path)
     audit = AuditLog(settings.audit_path)
     ct = ct_series(n_slices=2)
@@ -108,7 +107,7 @@ def test_a_job_longer_than_its_lease_runs_once_and_delivers_once(
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         runs.append(threading.current_thread().name)
-        time.sleep(2.0)  # four leases long
+        time.sleep(4.0)  # four leases long
         return real(*args, **kwargs)
 
     monkeypatch.setattr(worker_module, "segment_series", slow)
@@ -132,7 +131,7 @@ def test_a_job_longer_than_its_lease_runs_once_and_delivers_once(
         for t in threads:
             t.start()
         wait_for(lambda: db.status()["jobs"] == {"done": 1}, 30, "the job to finish")
-        time.sleep(1.0)  # a second run, if any, would have started by now
+        time.sleep(2.0)  # a second run, if any, would have started by now
         stop.set()
         for t in threads:
             t.join(30)
