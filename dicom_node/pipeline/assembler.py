@@ -23,7 +23,7 @@ import time
 import structlog
 
 from dicom_node.config import Route, Settings, Trigger
-from dicom_node.pipeline.routing import assign_roles, fills_a_role, route_roles, routes_for
+from dicom_node.pipeline.routing import assign_roles, fills_a_role, routes_for
 from dicom_node.store.cases import Case, CaseStore, SeriesState, SeriesSummary
 
 log = structlog.get_logger(__name__)
@@ -88,13 +88,13 @@ class Assembler:
             return 0
         complete = [s for s in series if s.state in _COMPLETE and s.instances > 0]
         inputs = assign_roles(route, complete)
-        missing = [r.role for r in route_roles(route) if r.required and r.role not in inputs]
+        missing = [r.role for r in route.input_roles if r.required and r.role not in inputs]
         if not missing:
             if self._unchanged(case, inputs, complete):
                 self.db.settle_case(case.id, now)
                 bound.info("case.unchanged")
                 return 0
-            reference = next(r.role for r in route_roles(route) if r.role in inputs)
+            reference = next(r.role for r in route.input_roles if r.role in inputs)
             job_id = self.db.queue_case(case.id, inputs, reference, now)
             if job_id is None:
                 return 0
@@ -102,7 +102,7 @@ class Assembler:
                 "case.queued",
                 job_id=job_id,
                 roles=list(inputs),
-                absent=[r.role for r in route_roles(route) if r.role not in inputs],
+                absent=[r.role for r in route.input_roles if r.role not in inputs],
                 timed_out=receiving,
             )
             return 1

@@ -38,7 +38,6 @@ from dicom_node.net.receiver import Receiver
 from dicom_node.pipeline.assembler import Assembler
 from dicom_node.pipeline.delivery import Delivery
 from dicom_node.pipeline.retention import Retention
-from dicom_node.pipeline.routing import route_roles
 from dicom_node.pipeline.worker import Worker
 from dicom_node.store.database import Database
 from dicom_node.store.spool import clean_stale_temp_files
@@ -100,7 +99,7 @@ def check_roles(route: Route, package_roles: tuple[str, ...]) -> None:
     StartupError
         Naming the route, both sets of roles and what to change.
     """
-    roles = tuple(r.role for r in route_roles(route))
+    roles = tuple(r.role for r in route.input_roles)
     if len(roles) == 1 and len(package_roles) == 1:
         return
     if set(roles) != set(package_roles):

@@ -21,15 +21,6 @@ def _accepts(pattern: str, value: str) -> bool:
     return fnmatchcase(value, pattern)
 
 
-#: The one implicit input of a route without ``inputs`` (today's behaviour).
-IMAGE_ROLE = InputRole("image", {}, True)
-
-
-def route_roles(route: Route) -> tuple[InputRole, ...]:
-    """The route's ``inputs``, or the one implicit required role ``image``."""
-    return route.inputs or (IMAGE_ROLE,)
-
-
 def matches(selector: Route | Selector, attributes: Mapping[str, str]) -> bool:
     """True when every keyword of ``selector`` (a route: its ``match``) has an accepted value.
 
@@ -61,7 +52,7 @@ def routes_for(routes: tuple[Route, ...], attributes: Mapping[str, str]) -> list
 def fills_a_role(route: Route, attributes: Mapping[str, str]) -> bool:
     """True when a series with ``attributes`` may fill a role of study-level ``route``."""
     return matches(route, attributes) and any(
-        matches(r.select, attributes) for r in route_roles(route)
+        matches(r.select, attributes) for r in route.input_roles
     )
 
 
@@ -74,7 +65,7 @@ def assign_roles(route: Route, series: Sequence[SeriesSummary]) -> dict[str, str
     lowest Series Instance UID. So the choice depends only on what was received. Roles no
     series fills are absent from the result (in the route's role order).
     """
-    roles = route_roles(route)
+    roles = route.input_roles
     ranked = {
         role.role: sorted(
             (

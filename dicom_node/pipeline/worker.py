@@ -33,7 +33,6 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.models.inference import DeviceSlots, Segmenter
 from dicom_node.models.package import load_package
 from dicom_node.outputs.kinds import OutputKind
-from dicom_node.pipeline.routing import route_roles
 from dicom_node.pipeline.segment import (
     WrittenOutput,
     segment_case,
@@ -150,7 +149,7 @@ class Worker:
         segmenter = self.segmenter(route.model)
         wanted = {kind for kinds in self._wanted_by(route).values() for kind in kinds}
         kinds = [kind for kind in OutputKind if kind in wanted]  # only what someone asked for
-        if len(route_roles(route)) == 1:  # one input: today's pipeline, whatever the role is called
+        if len(route.input_roles) == 1:  # one input: today's pipeline, whatever the role is called
             results = segment_series(next(iter(inputs.values())), segmenter, kinds)
         else:
             results = segment_case(inputs, segmenter, kinds)

@@ -25,6 +25,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -304,6 +305,31 @@ class _Schedule:
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def optimisation(
+    network: torch.nn.Module, settings: TrainSettings, steps: int, n_epochs: int
+) -> tuple[
+    Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    torch.optim.Optimizer,
+    _Schedule,
+    torch.optim.lr_scheduler.LambdaLR,
+]:
+    """The loss (weighted soft Dice + BCE), AdamW, and its warm-up + cosine schedule over
+    ``n_epochs`` of ``steps`` batches: the same for 2D and 3D training."""
+    dice_loss = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    bce_loss = torch.nn.BCEWithLogitsLoss()
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return settings.dice_weight * dice_loss(logits, target) + settings.bce_weight * bce_loss(
+            logits, target
+        )
+
+    optimizer = torch.optim.AdamW(
+        network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    schedule = _Schedule(settings.warmup_epochs * steps, n_epochs * steps)
+    return loss_fn, optimizer, schedule, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 def _validate(
     network: torch.nn.Module,
     loader: torch.utils.data.DataLoader[dict[str, torch.Tensor]],
@@ -432,20 +458,8 @@ def train(
     )
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=settings.batch_size)
 
-    dice_loss = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    bce_loss = torch.nn.BCEWithLogitsLoss()
-
-    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return settings.dice_weight * dice_loss(logits, target) + settings.bce_weight * bce_loss(
-            logits, target
-        )
-
-    optimizer = torch.optim.AdamW(
-        network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
     steps = len(train_loader)
-    schedule = _Schedule(settings.warmup_epochs * steps, n_epochs * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    loss_fn, optimizer, schedule, scheduler = optimisation(network, settings, steps, n_epochs)
     planned = n_epochs
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)

@@ -28,7 +28,6 @@ import numpy as np
 import structlog
 import torch
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceLoss
 
 from dicom_node.models.inference import Segmenter, masks_from_probabilities, select_device
 from dicom_node.models.package import ModelPackage, Postprocess, load_package
@@ -107,8 +106,8 @@ def train_volumes(
         HISTORY_FILE,
         WEIGHTS_FILE,
         TrainResult,
-        _Schedule,
         build_network_from,
+        optimisation,
         save_weights,
         seed_everything,
         transfer_weights,
@@ -167,20 +166,8 @@ def train_volumes(
         generator=torch.Generator().manual_seed(settings.seed),
         collate_fn=collate_patches,
     )
-    dice_loss = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    bce_loss = torch.nn.BCEWithLogitsLoss()
-
-    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return settings.dice_weight * dice_loss(logits, target) + settings.bce_weight * bce_loss(
-            logits, target
-        )
-
-    optimizer = torch.optim.AdamW(
-        network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
     steps = len(loader)
-    schedule = _Schedule(settings.warmup_epochs * steps, n_epochs * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    loss_fn, optimizer, schedule, scheduler = optimisation(network, settings, steps, n_epochs)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     labels = [s.label for s in package.structures]

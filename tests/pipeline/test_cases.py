@@ -19,7 +19,7 @@ from dicom_node.errors import ConfigError
 from dicom_node.net.receiver import Receiver
 from dicom_node.pipeline.assembler import Assembler
 from dicom_node.pipeline.node import Node
-from dicom_node.pipeline.routing import assign_roles, matches, route_roles
+from dicom_node.pipeline.routing import assign_roles, matches
 from dicom_node.store.cases import SeriesState, SeriesSummary
 from dicom_node.store.database import Database, JobState
 from tests.conftest import StoreSCP, free_port, storescu, wait_for
@@ -98,7 +98,7 @@ def test_config_reads_trigger_inputs_and_timeouts(random_package: Path) -> None:
         InputRole("flair", {"SeriesDescription": ("*FLAIR*",)}, False),
     )
     (plain,) = parse_settings(route_doc(random_package)).routes
-    assert plain.trigger is Trigger.SERIES and [r.role for r in route_roles(plain)] == ["image"]
+    assert plain.trigger is Trigger.SERIES and [r.role for r in plain.input_roles] == ["image"]
 
 
 S = {"Modality": ["MR"]}
