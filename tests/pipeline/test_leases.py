@@ -70,7 +70,10 @@ def test_a_job_longer_than_its_lease_runs_once_and_delivers_once(
     settings = parse_settings(
         {
             "storage_dir": str(tmp_path / "var"),
-            "job_lease_s": 1,  # the job below sleeps four leases long
+            # The job below sleeps more than three leases long. A lease of 1 s was lost once
+            # in the full suite: a renewal thread can stall for a second (the GIL, a full
+            # garbage collection of the suite's heap), far below the default of 600 s.
+            "job_lease_s": 2.5,
             "destinations": {
                 "pacs": {"ae_title": storescp.ae_title, "host": "127.0.0.1", "port": storescp.port}
             },
@@ -107,7 +110,7 @@ def test_a_job_longer_than_its_lease_runs_once_and_delivers_once(
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         runs.append(threading.current_thread().name)
-        time.sleep(4.0)  # four leases long
+        time.sleep(8.0)  # more than three leases
         return real(*args, **kwargs)
 
     monkeypatch.setattr(worker_module, "segment_series", slow)
