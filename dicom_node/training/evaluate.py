@@ -217,6 +217,20 @@ def select_postprocessing(
             for label, m in case_metrics(pred, truth, labels, (spacing_mm, spacing_mm)).items():
                 values[v][label].append(m)
         lines.update()
+    return choose_from_measured(values, labels, min_gain=min_gain, min_gain_mm=min_gain_mm)
+
+
+def choose_from_measured(
+    values: dict[tuple[Postprocess, ...], dict[str, list[dict[str, float]]]],
+    labels: Sequence[str],
+    *,
+    min_gain: float,
+    min_gain_mm: float,
+) -> tuple[dict[str, list[str]], dict[str, dict[str, dict[str, float]]]]:
+    """The rule of :func:`select_postprocessing` applied to per-case metrics already measured:
+    ``values[variant][label]`` holds one :func:`case_metrics` dict per case, ``()`` being the
+    raw masks. Shared by 2D and 3D training."""
+    variants = list(values)
     means = {
         v: {
             label: {

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,6 +62,26 @@ def hd95_mm(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) ->
         Pixel spacing along each axis of the masks, in mm (for DICOM images: Pixel Spacing
         (0028,0030) or Imager Pixel Spacing (0018,1164), row spacing first).
     """
+    return _surface_distance(compute_hausdorff_distance, pred, truth, spacing_mm, percentile=95)
+
+
+def asd_mm(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) -> float:
+    """Average symmetric surface distance between mask surfaces, in mm (conventions of
+    :func:`hd95_mm` for empty masks)."""
+    return _surface_distance(
+        compute_average_surface_distance, pred, truth, spacing_mm, symmetric=True
+    )
+
+
+def _surface_distance(
+    compute: Callable[..., torch.Tensor],
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing_mm: Sequence[float],
+    **options: Any,
+) -> float:
+    """One of MONAI's surface distances between two masks, in mm: 0 when both are empty, NaN
+    when only one is (no surface to measure from)."""
     p = np.asarray(pred, dtype=bool)
     t = np.asarray(truth, dtype=bool)
     if len(spacing_mm) != p.ndim:
@@ -73,36 +94,12 @@ def hd95_mm(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) ->
     with warnings.catch_warnings():
         # MONAI 1.5-1.6 passes a deprecated argument to itself (always_return_as_numpy)
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
-        value = compute_hausdorff_distance(
+        value = compute(
             torch.from_numpy(p[None, None]),
             torch.from_numpy(t[None, None]),
             include_background=True,
-            percentile=95,
             spacing=[float(s) for s in spacing_mm],
-        )
-    return float(value.reshape(-1)[0])
-
-
-def asd_mm(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) -> float:
-    """Average symmetric surface distance between mask surfaces, in mm (conventions of
-    :func:`hd95_mm` for empty masks)."""
-    p = np.asarray(pred, dtype=bool)
-    t = np.asarray(truth, dtype=bool)
-    if len(spacing_mm) != p.ndim:
-        raise ValueError(f"spacing_mm has {len(spacing_mm)} values for {p.ndim}D masks")
-    has_p, has_t = bool(p.any()), bool(t.any())
-    if not has_p and not has_t:
-        return 0.0
-    if has_p != has_t:
-        return math.nan
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
-        value = compute_average_surface_distance(
-            torch.from_numpy(p[None, None]),
-            torch.from_numpy(t[None, None]),
-            include_background=True,
-            symmetric=True,
-            spacing=[float(s) for s in spacing_mm],
+            **options,
         )
     return float(value.reshape(-1)[0])
 

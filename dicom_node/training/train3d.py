@@ -39,6 +39,7 @@ from dicom_node.training.evaluate import (
     TABLE_FILE,
     EvaluationResult,
     _variants,
+    choose_from_measured,
     with_postprocess,
 )
 from dicom_node.training.metrics import batch_dice, case_metrics, summarize
@@ -330,35 +331,7 @@ def choose_postprocessing(
             for label, m in case_metrics(pred, volume.masks, labels, volume.spacing_zyx).items():
                 values[v][label].append(m)
         lines.update()
-    means = {
-        v: {
-            lb: {n: float(np.nanmean([m[n] for m in per[lb]])) for n in ("jaccard", "hd95_mm")}
-            for lb in labels
-        }
-        for v, per in values.items()
-    }
-    chosen: dict[str, list[str]] = {}
-    for label in labels:
-
-        def delta(v: tuple[Postprocess, ...], lb: str = label) -> tuple[float, float]:
-            return (
-                means[v][lb]["jaccard"] - means[()][lb]["jaccard"],
-                means[v][lb]["hd95_mm"] - means[()][lb]["hd95_mm"],
-            )
-
-        improving = [
-            v
-            for v in variants
-            if v
-            and (
-                (delta(v)[0] > min_gain and delta(v)[1] <= min_gain_mm)
-                or (delta(v)[0] >= 0 and delta(v)[1] < -min_gain_mm)
-            )
-        ]
-        best = max(improving, key=lambda v: (delta(v)[0], -delta(v)[1], -len(v)), default=())
-        chosen[label] = [p.value for p in best]
-    comparison = {("+".join(p.value for p in v) or "none"): per for v, per in means.items()}
-    return chosen, comparison
+    return choose_from_measured(values, labels, min_gain=min_gain, min_gain_mm=min_gain_mm)
 
 
 def evaluate_volumes(
