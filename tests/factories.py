@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -398,3 +398,28 @@ def busi_us(case: str, delta_cm: float | None = 0.01, **kwargs: object) -> Datas
 def busi_mask(case: str) -> np.ndarray:
     """The expert lesion mask of BUSI ``case`` as a boolean array (empty for normal images)."""
     return np.asarray(Image.open(BUSI / "masks" / f"{case}.png").convert("L")) > 127
+
+
+def sr_content_items(sr: Dataset) -> Iterator[Dataset]:
+    """Every content item of an SR, depth first."""
+    stack = list(reversed(sr.get("ContentSequence", [])))
+    while stack:
+        item = stack.pop()
+        yield item
+        stack.extend(reversed(item.get("ContentSequence", [])))
+
+
+def sr_numbers(sr: Dataset) -> dict[str, float]:
+    """NUM content items of an SR: concept code value -> value (the last one of a code)."""
+    return {
+        str(item.ConceptNameCodeSequence[0].CodeValue): float(
+            item.MeasuredValueSequence[0].NumericValue
+        )
+        for item in sr_content_items(sr)
+        if item.get("ValueType") == "NUM"
+    }
+
+
+def sr_texts(sr: Dataset) -> list[str]:
+    """TEXT content items of an SR, in document order."""
+    return [str(i.TextValue) for i in sr_content_items(sr) if i.get("ValueType") == "TEXT"]

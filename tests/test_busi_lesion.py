@@ -34,7 +34,15 @@ from tests.conftest import (
     storescu,
     wait_for,
 )
-from tests.factories import BUSI, busi_mask, us_from_array, us_region, write_files
+from tests.factories import (
+    BUSI,
+    busi_mask,
+    sr_numbers,
+    sr_texts,
+    us_from_array,
+    us_region,
+    write_files,
+)
 
 pytestmark = pytest.mark.peers
 
@@ -48,33 +56,6 @@ AREA, LONG_AXIS, PERPENDICULAR = "42798000", "103339001", "131189007"
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
-
-
-def nums(sr: Any) -> dict[str, float]:
-    found: dict[str, float] = {}
-
-    def walk(items: Any) -> None:
-        for item in items:
-            if item.get("ValueType") == "NUM":
-                code = item.ConceptNameCodeSequence[0].CodeValue
-                found[code] = float(item.MeasuredValueSequence[0].NumericValue)
-            walk(item.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
-    return found
-
-
-def texts(sr: Any) -> list[str]:
-    out: list[str] = []
-
-    def walk(items: Any) -> None:
-        for item in items:
-            if item.get("ValueType") == "TEXT":
-                out.append(str(item.TextValue))
-            walk(item.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +133,7 @@ def test_sr_area_and_diameters_follow_the_mask_and_the_calibration(
     sr, sr_path = out["SR"]
     assert dciodvfy_errors(sr_path) == []
     found = read_seg_masks(out["SEG"][0], source_frame_keys([source]))[0, ..., 0]
-    values = nums(sr)
+    values = sr_numbers(sr)
     assert values[AREA] == pytest.approx(round(found.sum() * DELTA_X_CM * DELTA_Y_CM, 1), abs=0.051)
     row_mm, col_mm = DELTA_Y_CM * 10, DELTA_X_CM * 10
     meant = measure_diameters(found, (row_mm, col_mm))
@@ -179,8 +160,8 @@ def test_without_regions_no_physical_measurement_and_the_sr_says_why(
     sr, sr_path = out["SR"]
     assert dciodvfy_errors(sr_path) == []
     assert dciodvfy_errors(out["SEG"][1]) == []
-    assert not {AREA, LONG_AXIS, PERPENDICULAR} & set(nums(sr))
+    assert not {AREA, LONG_AXIS, PERPENDICULAR} & set(sr_numbers(sr))
     assert any(
         "area and diameters not reported" in t and "no Sequence of Ultrasound Regions" in t
-        for t in texts(sr)
+        for t in sr_texts(sr)
     )

@@ -22,7 +22,7 @@ from dicom_node.outputs.measurements import measure
 from dicom_node.outputs.seg import build_seg
 from dicom_node.outputs.sr import build_sr
 from dicom_node.outputs.validate import dciodvfy_errors
-from tests.factories import us_from_array, us_region, write_files
+from tests.factories import sr_numbers, sr_texts, us_from_array, us_region, write_files
 from tests.outputs.conftest import MakePackage
 
 LESION = [
@@ -78,33 +78,6 @@ def outputs(
     return values, dcmread(folder / "seg.dcm"), dcmread(folder / "sr.dcm")
 
 
-def nums(sr: Any) -> dict[str, float]:
-    found: dict[str, float] = {}
-
-    def walk(items: Any) -> None:
-        for item in items:
-            if item.get("ValueType") == "NUM":
-                code = item.ConceptNameCodeSequence[0].CodeValue
-                found[code] = float(item.MeasuredValueSequence[0].NumericValue)
-            walk(item.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
-    return found
-
-
-def comments(sr: Any) -> list[str]:
-    out: list[str] = []
-
-    def walk(items: Any) -> None:
-        for item in items:
-            if item.get("ValueType") == "TEXT":
-                out.append(str(item.TextValue))
-            walk(item.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
-    return out
-
-
 AREA, LONG_AXIS, PERPENDICULAR = "42798000", "103339001", "131189007"
 
 
@@ -124,7 +97,7 @@ def test_calibrated_lesion_area_and_diameters_in_seg_and_sr(
 
     row_mm, col_mm = DELTA_Y_CM * 10, DELTA_X_CM * 10
     pixels = int(masks.sum())
-    got = nums(sr)
+    got = sr_numbers(sr)
     assert got[AREA] == pytest.approx(round(pixels * DELTA_X_CM * DELTA_Y_CM, 1))
     # semi-axes 80 columns (8 mm) and 40 rows (6 mm): 16 mm long, 12 mm across
     assert got[LONG_AXIS] == pytest.approx(16.0, abs=0.3)
@@ -140,7 +113,7 @@ def test_calibrated_lesion_area_and_diameters_in_seg_and_sr(
         or abs(swapped.perpendicular_mm - got[PERPENDICULAR]) > 1
     )
     assert values.omitted == ()
-    assert any("Physical Delta X 0.01 cm" in c for c in comments(sr))
+    assert any("Physical Delta X 0.01 cm" in c for c in sr_texts(sr))
     # the procedure is breast ultrasound
     assert sr.ContentSequence  # the report exists
     procedure = [
@@ -155,10 +128,10 @@ def test_no_regions_no_physical_measurement_and_the_sr_says_why(
     series = us_series(tmp_path, None)
     values, seg, sr = outputs(series, ellipse_mask(), lesion_package, tmp_path)
     assert values.structures == () and values.diameters == ()
-    assert not {AREA, LONG_AXIS, PERPENDICULAR} & set(nums(sr))
+    assert not {AREA, LONG_AXIS, PERPENDICULAR} & set(sr_numbers(sr))
     assert any(
         "Lesion: area and diameters not reported" in c and "no Sequence of Ultrasound Regions" in c
-        for c in comments(sr)
+        for c in sr_texts(sr)
     )
     assert len(seg.SegmentSequence) == 1  # the lesion is still segmented and outlined
 
@@ -170,8 +143,8 @@ def test_lesion_outside_the_calibrated_region_is_not_measured(
     region = us_region((0, 0, COLS // 2 - 1, ROWS - 1), (DELTA_X_CM, DELTA_Y_CM))
     series = us_series(tmp_path, [region])
     _, _, sr = outputs(series, ellipse_mask(), lesion_package, tmp_path)
-    assert not {AREA, LONG_AXIS, PERPENDICULAR} & set(nums(sr))
-    assert any("outside every region" in c for c in comments(sr))
+    assert not {AREA, LONG_AXIS, PERPENDICULAR} & set(sr_numbers(sr))
+    assert any("outside every region" in c for c in sr_texts(sr))
 
 
 def test_no_lesion_found_empty_segment_and_an_sr_that_says_so(
@@ -183,5 +156,5 @@ def test_no_lesion_found_empty_segment_and_an_sr_that_says_so(
     _, seg, sr = outputs(series, masks, lesion_package, tmp_path)
     # the SEG keeps its one segment with one empty frame (what viewers open, docs/viewers.md)
     assert seg.NumberOfFrames == 1 and not seg.pixel_array.any()
-    assert any("Lesion: not found by the model" in c for c in comments(sr))
-    assert not nums(sr)
+    assert any("Lesion: not found by the model" in c for c in sr_texts(sr))
+    assert not sr_numbers(sr)
