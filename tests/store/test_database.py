@@ -215,3 +215,33 @@ def test_waiting_sends_become_due_when_the_destination_answers(db: Database) -> 
     assert {s.sop_instance_uid for s in db.due_sends(now=107.0)} == {"2.25.1", "2.25.2"}
     assert db.waiting_destinations(now=107.0) == {}
     assert db.status()["sends"] == {"pending": 2, "failed": 1}
+
+
+def test_send_claims_are_leased_and_only_their_owner_records_the_outcome(db: Database) -> None:
+    add(db, "1.1")
+    db.queue_series("1.2.3", ["chest"], now=101.0)
+    job = db.claim_job("w", 60, now=102.0)
+    assert job is not None
+    outputs = [("seg", Path(f"/o/{i}.dcm"), f"2.25.{i}") for i in range(3)]
+    db.finish_job(job.id, "w", outputs, {"pacs": ("seg",), "other": ("seg",)}, now=103.0)
+    first = db.claim_sends("pacs", "a", lease_s=30, limit=2, now=104.0)
+    assert [s.sop_instance_uid for s in first] == ["2.25.0", "2.25.1"]  # oldest first
+    assert {s.destination for s in first} == {"pacs"}
+    rest = db.claim_sends("pacs", "b", lease_s=100, limit=10, now=105.0)
+    assert [s.sop_instance_uid for s in rest] == ["2.25.2"]  # a's two stay a's
+    assert db.claim_sends("pacs", "b", lease_s=30, limit=10, now=110.0) == []
+    # a stalled past its lease: b takes its sends over, and a's late outcomes change nothing.
+    taken = db.claim_sends("pacs", "b", lease_s=30, limit=10, now=140.0)
+    assert [s.id for s in taken] == [s.id for s in first]
+    assert db.send_done(first[0].id, owner="a", now=141.0) is False
+    assert db.send_failed(first[1].id, "late", next_attempt_at=None, owner="a") is None
+    assert db.send_done(first[0].id, owner="b", now=142.0) is True
+    assert db.send_failed(first[1].id, "down", next_attempt_at=500.0, owner="b", now=142.0) == (
+        SendState.PENDING
+    )
+    by_id = {s["id"]: s for s in db.sends()}
+    assert (by_id[first[0].id]["state"], by_id[first[0].id]["owner"]) == (SendState.DONE, None)
+    assert by_id[first[1].id]["lease_until"] is None and by_id[first[1].id]["attempts"] == 1
+    # A failed send waits for its next attempt; then any sender may claim it again.
+    assert [s.id for s in db.claim_sends("pacs", "c", 30, 10, now=499.0)] == [rest[0].id]
+    assert [s.id for s in db.claim_sends("pacs", "c", 30, 10, now=500.0)] == [first[1].id]
