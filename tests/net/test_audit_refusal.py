@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE, StoragePresentationContexts
 
-import dicom_node.audit as audit_module
+import dicom_node.audit_chain as audit_chain
 from dicom_node.audit import AuditLog, read_events, verify
 from dicom_node.config import parse_settings
 from dicom_node.net.receiver import Receiver
@@ -43,10 +43,10 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
 
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     def half_then_enospc(fd: int, data: bytes) -> int:
-        audit_module.os.write(fd, data[: len(data) // 2])
+        audit_chain.os.write(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(audit_module, "_write", half_then_enospc)
+    monkeypatch.setattr(audit_chain, "_write", half_then_enospc)
 
 
 def associate(port: int) -> object:
