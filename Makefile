@@ -9,8 +9,10 @@ PEERS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl chr
 # Peers that are files, not commands: Orthanc's DICOMweb plugin (the STOW-RS destination of
 # tests/test_dicomweb.py and the OHIF viewer tests).
 # rsyslog's TLS driver (the audit repository of the audit export tests).
+# PostgreSQL's server programs (tests/postgres.py runs a throwaway cluster from them).
 PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb \
-  /usr/lib/*/rsyslog/lmnsd_gtls.so:rsyslog-gnutls
+  /usr/lib/*/rsyslog/lmnsd_gtls.so:rsyslog-gnutls \
+  /usr/lib/postgresql/*/bin/pg_ctl:postgresql
 # The OHIF viewer's prebuilt dist/ (npm package @ohif/app), cached outside git.
 OHIF_VERSION := 3.13.2
 OHIF_DIR := .cache/ohif/$(OHIF_VERSION)

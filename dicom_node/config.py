@@ -14,7 +14,8 @@ Relative paths in the file (``storage_dir``, route ``model``, the ``tls``, ``aut
 --config /etc/dicom-node/node.yaml`` means the same from any current directory.
 
 Environment overrides (for containers and systemd): ``DICOM_NODE_AE_TITLE``,
-``DICOM_NODE_PORT``, ``DICOM_NODE_STORAGE_DIR``, ``DICOM_NODE_LOG_FORMAT``. A relative
+``DICOM_NODE_PORT``, ``DICOM_NODE_STORAGE_DIR``, ``DICOM_NODE_LOG_FORMAT``,
+``DICOM_NODE_DATABASE``. A relative
 ``DICOM_NODE_STORAGE_DIR`` is taken relative to the current directory, as any path typed in a
 shell.
 """
@@ -652,6 +653,11 @@ class Settings:
     max_job_attempts: Count = 3
     audit: AuditSettings = AuditSettings()
     limits: Limits = Limits()
+    #: The state database: None for SQLite at ``<storage_dir>/node.sqlite3`` (the default), or
+    #: a ``postgresql://`` URL shared by several node processes or hosts. A password comes
+    #: from libpq (``~/.pgpass``, ``PGPASSFILE``, ``PGPASSWORD``); one in the URL is never
+    #: shown (:func:`~dicom_node.configcheck.redact_url`).
+    database: Annotated[str, BeforeValidator(check.database_url)] | None = None
 
     @property
     def spool_dir(self) -> Path:
@@ -766,6 +772,7 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
             ("DICOM_NODE_PORT", "port", int),
             ("DICOM_NODE_STORAGE_DIR", "storage_dir", str),
             ("DICOM_NODE_LOG_FORMAT", "log_format", str),
+            ("DICOM_NODE_DATABASE", "database", str),
         ):
             if var in env:
                 try:

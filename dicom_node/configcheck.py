@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import HttpUrl, TypeAdapter, ValidationError, ValidationInfo
 from pydantic_core import ArgsKwargs, PydanticCustomError
@@ -207,6 +208,46 @@ def http_url(value: Any) -> str:
             "put them in auth: {username, password_file}"
         )
     return value.rstrip("/")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (in the user info and in ``password=``
+    parameters), for logs, errors and ``dicom-node status``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<an unreadable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def database_url(value: Any) -> str:
+    """A PostgreSQL URL (``postgresql://user@host:5432/dbname``); the password, when one is in
+    it, never shows in a message."""
+    wanted = (
+        "a postgresql:// URL (e.g. postgresql://dicomnode@db.example:5432/dicomnode; the "
+        "password from ~/.pgpass or PGPASSWORD), or left out for SQLite in storage_dir"
+    )
+    if not isinstance(value, str) or not value.strip():
+        raise problem(f"must be {wanted}, got {got(value)}")
+    shown = redact_url(value)
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise problem(f"must be {wanted}, got {shown!r}")
+    try:
+        port = urlsplit(value).port
+    except ValueError:
+        raise problem(f"must be {wanted}; the port of {shown!r} is not a number") from None
+    if port == 0:
+        raise problem(f"must be {wanted}; the port of {shown!r} is not a number")
+    return value
 
 
 # -- paths ---------------------------------------------------------------------------------

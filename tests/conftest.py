@@ -244,3 +244,8 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     yield make
     for node in nodes:
         node.stop()
+
+
+# PostgreSQL fixtures (postgres_server, postgres_url, database_url) for every test file; imported
+# last because tests.postgres uses the helpers above.
+from tests.postgres import database_url, postgres_server, postgres_url  # noqa: E402, F401

@@ -799,3 +799,51 @@ def test_send_timeout_is_the_default_of_each_destination_timeout(tmp_path: Path)
     settings = parse_settings({"send": {"timeout_s": 90}, "destinations": dests})
     assert (settings.destinations["a"].timeout_s, settings.destinations["b"].timeout_s) == (90, 5)
     assert parse_settings({"destinations": dests}).destinations["a"].timeout_s == 30
+
+
+def test_database_is_sqlite_by_default_or_a_postgresql_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DICOM_NODE_DATABASE", raising=False)
+    assert parse_settings(base(tmp_path)).database is None
+    doc = base(tmp_path)
+    doc["database"] = "postgresql://dicomnode@db.example:5432/dicomnode"
+    assert parse_settings(doc).database == doc["database"]
+    doc["database"] = "postgres://db.example/dicomnode"
+    assert parse_settings(doc).database == doc["database"]
+    monkeypatch.setenv("DICOM_NODE_DATABASE", "postgresql://node@from-env/state")
+    assert parse_settings(base(tmp_path)).database == "postgresql://node@from-env/state"
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        ("mysql://node:s3cret@db/x", "'mysql://node:***@db/x'"),
+        ("sqlite:///var/node.sqlite3", "'sqlite:///var/node.sqlite3'"),
+        ("postgresql://node:s3cret@db:port/x", "the port of 'postgresql://node:***@db:port/x'"),
+        (5432, "5432"),
+        ("", "''"),
+    ],
+)
+def test_a_bad_database_is_refused_without_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: Any, shown: str
+) -> None:
+    monkeypatch.delenv("DICOM_NODE_DATABASE", raising=False)
+    doc = base(tmp_path)
+    doc["database"] = value
+    message = destination_error(doc)
+    assert message.startswith("database: must be a postgresql:// URL"), message
+    assert shown in message and "s3cret" not in message
+    monkeypatch.setenv("DICOM_NODE_DATABASE", "mysql://node:s3cret@db/x")
+    message = destination_error(base(tmp_path))
+    assert message.startswith("database: must be") and "s3cret" not in message
+
+
+def test_redact_url_hides_passwords() -> None:
+    from dicom_node.configcheck import redact_url
+
+    assert redact_url("postgresql://node:pw@db:5432/x") == "postgresql://node:***@db:5432/x"
+    assert redact_url("postgresql://node@db/x?password=pw&sslmode=require") == (
+        "postgresql://node@db/x?password=***&sslmode=require"
+    )
+    assert redact_url("postgresql://db/x") == "postgresql://db/x"

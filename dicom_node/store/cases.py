@@ -341,10 +341,11 @@ class SqliteCaseStore(SqliteConnection):
                 (inputs[reference], case["route"], JobState.PENDING, now, now, case_id),
             )
             job_id = cur.lastrowid
-            for role, series_uid in inputs.items():
+            for position, (role, series_uid) in enumerate(inputs.items()):
                 c.execute(
-                    "INSERT INTO case_inputs (job_id, role, series_uid) VALUES (?, ?, ?)",
-                    (job_id, role, series_uid),
+                    "INSERT INTO case_inputs (job_id, role, series_uid, position) "
+                    "VALUES (?, ?, ?, ?)",
+                    (job_id, role, series_uid, position),
                 )
             c.execute(
                 "UPDATE cases SET state = ?, updated_at = ?, error = NULL WHERE id = ?",
@@ -414,7 +415,8 @@ class SqliteCaseStore(SqliteConnection):
             inputs = {
                 r["role"]: r["series_uid"]
                 for r in c.execute(
-                    "SELECT role, series_uid FROM case_inputs WHERE job_id = ? ORDER BY rowid",
+                    "SELECT role, series_uid FROM case_inputs WHERE job_id = ? "
+                    "ORDER BY position, role",
                     (row["id"],),
                 )
             }
@@ -571,7 +573,8 @@ class SqliteCaseStore(SqliteConnection):
 
     def job_inputs(self, job_id: int) -> dict[str, str]:
         rows = self._query(
-            "SELECT role, series_uid FROM case_inputs WHERE job_id = ? ORDER BY rowid", (job_id,)
+            "SELECT role, series_uid FROM case_inputs WHERE job_id = ? ORDER BY position, role",
+            (job_id,),
         )
         return {r["role"]: r["series_uid"] for r in rows}
 

@@ -75,12 +75,28 @@ CREATE TABLE IF NOT EXISTS audit_head (
 
 
 @dataclass(frozen=True)
+class Only:
+    """A statement of a migration that runs on one backend only (``sqlite``, ``postgresql``)."""
+
+    backend: str
+    sql: str
+
+
+@dataclass(frozen=True)
 class Migration:
     """One step from ``version - 1`` to ``version``: SQL statements run in one transaction."""
 
     version: int
     purpose: str
-    statements: Sequence[str]
+    statements: Sequence[str | Only]
+
+    def for_backend(self, backend: str) -> list[str]:
+        """The statements that run on ``backend``, in order."""
+        return [
+            s if isinstance(s, str) else s.sql
+            for s in self.statements
+            if isinstance(s, str) or s.backend == backend
+        ]
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -112,6 +128,21 @@ MIGRATIONS: tuple[Migration, ...] = (
             # Every job of a version-0 node ran one series as the implicit role "image".
             "INSERT INTO case_inputs (job_id, role, series_uid) "
             "SELECT id, 'image', series_uid FROM jobs",
+        ),
+    ),
+    Migration(
+        2,
+        "the order of a job's inputs, leased sends, the audit chain in the database",
+        (
+            # case_inputs were read back in rowid order; PostgreSQL has no rowid.
+            "ALTER TABLE case_inputs ADD COLUMN position INTEGER NOT NULL DEFAULT 0",
+            Only("sqlite", "UPDATE case_inputs SET position = rowid"),
+            # A send is leased to one sender (claim_sends), as a job is to one worker.
+            "ALTER TABLE sends ADD COLUMN owner TEXT",
+            "ALTER TABLE sends ADD COLUMN lease_until REAL",
+            # The audit chain's records when the database holds it (one canonical JSON line
+            # each, without its newline, as the file chain writes it).
+            "CREATE TABLE audit_records (seq INTEGER PRIMARY KEY, record TEXT NOT NULL)",
         ),
     ),
 )
@@ -151,7 +182,7 @@ def migrate(conn: sqlite3.Connection) -> list[int]:
             if schema_version(conn) >= step.version:  # another process migrated meanwhile
                 conn.execute("ROLLBACK")
                 continue
-            for statement in step.statements:
+            for statement in step.for_backend("sqlite"):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {int(step.version)}")
         except BaseException:

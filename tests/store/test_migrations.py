@@ -177,3 +177,26 @@ def test_a_database_of_a_newer_node_is_refused(tmp_path: Path) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(DicomNodeError, match="newer than this dicom-node knows"):
         Database(tmp_path / "node.sqlite3")
+
+
+def test_version_2_keeps_the_order_of_a_jobs_inputs_and_adds_send_leases(tmp_path: Path) -> None:
+    from dicom_node.store.schema import MIGRATIONS, SCHEMA_V0
+
+    path = tmp_path / "node.sqlite3"
+    with sqlite3.connect(path) as v1:
+        v1.executescript(SCHEMA_V0)
+        for statement in MIGRATIONS[0].for_backend("sqlite"):
+            v1.execute(statement)
+        v1.execute("PRAGMA user_version = 1")
+        v1.execute(
+            "INSERT INTO jobs (series_uid, route, state, created_at, updated_at, case_id) "
+            "VALUES ('2.25.2', 'r', 'pending', 1.0, 1.0, 1)"
+        )
+        for role, series in (("t2", "2.25.2"), ("flair", "2.25.3"), ("t1", "2.25.1")):
+            v1.execute("INSERT INTO case_inputs VALUES (1, ?, ?)", (role, series))
+    db = Database(path)
+    assert 2 in db.migrated
+    assert list(db.job_inputs(1)) == ["t2", "flair", "t1"]  # the order they were written in
+    db.close()
+    assert {"owner", "lease_until"} <= set(columns(path, "sends"))
+    assert columns(path, "audit_records") == ["seq", "record"]
