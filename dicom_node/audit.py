@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import json
+import os
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,9 +41,11 @@ from dicom_node.audit_chain import (
     HeadStore,
     _digest,
     _mac,
+    all_records,
     load_key,
 )
 from dicom_node.audit_verify import Check, Problem, Report, decode, verify, verify_database
+from dicom_node.errors import DicomNodeError
 
 if TYPE_CHECKING:
     from dicom_node.config import Settings
@@ -58,6 +63,7 @@ __all__ = [
     "AuditOutcome",
     "Check",
     "DatabaseChain",
+    "Exported",
     "FileChain",
     "HeadStore",
     "Participants",
@@ -65,6 +71,7 @@ __all__ = [
     "Report",
     "_digest",
     "_mac",
+    "export_chain",
     "load_key",
     "open_audit_log",
     "read_events",
@@ -238,6 +245,81 @@ def open_audit_log(settings: Settings, db: Database) -> AuditLog:
     if getattr(db, "backend", "sqlite") == "postgresql":
         return AuditLog(chain=DatabaseChain(db, settings.audit_key_file))
     return AuditLog(settings.audit_path, settings.audit_key_file, head=db)
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What ``audit export`` wrote: how many records, their sequence numbers, the last hash."""
+
+    records: int
+    first: int
+    last: int
+    last_hash: str
+    source: str
+
+
+def export_chain(settings: Settings, path: Path) -> Exported:
+    """Write the audit chain the config uses, up to its head now, to the new file ``path``.
+
+    One record a line, exactly as stored (the format of ``audit.jsonl``), so the file verifies
+    with ``audit verify --file`` and the key. Written to a hidden file beside ``path``, fsynced
+    and linked to ``path`` when complete; an existing ``path`` is never overwritten.
+
+    Raises
+    ------
+    DicomNodeError
+        When ``path`` exists, or its folder does not.
+    """
+    if path.exists():
+        raise DicomNodeError(f"{path} exists; name a new file (an export never overwrites)")
+    if not path.parent.is_dir():
+        raise DicomNodeError(f"{path.parent} is not a folder; create it or name another file")
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    first = last = count = 0
+    last_hash = ""
+    try:
+        with partial.open("x", encoding="utf-8") as out:
+            lines, source, close = _chain_lines(settings)
+            try:
+                for line in lines:
+                    out.write(line + "\n")
+                    count += 1
+                    try:
+                        record = json.loads(line)
+                        last, last_hash = int(record.get("seq", last + 1)), str(record["hash"])
+                    except (ValueError, KeyError, TypeError):
+                        last += 1  # damaged: copied as it is; `audit verify --file` names it
+                    first = first or last
+            finally:
+                close()
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            raise DicomNodeError(
+                f"{path} exists; name a new file (an export never overwrites)"
+            ) from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return Exported(count, first, last, last_hash, source)
+
+
+def _chain_lines(settings: Settings) -> tuple[Iterator[str], str, Callable[[], None]]:
+    """The stored records of the config's chain (up to its head now), where, and a closer."""
+    if settings.database is not None:
+        from dicom_node.store.database import open_database
+
+        db = open_database(settings)
+        head = db.audit_mark(HEAD)
+        lines = (line for _, line in all_records(db, upto=head[0] if head else 0))
+        return lines, "database audit chain", db.close
+    path = settings.audit_path
+    if not path.exists():
+        raise DicomNodeError(f"{path}: no audit log (the node has not run yet?)")
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1].decode("utf-8", errors="replace")
+    return (line for line in whole.splitlines() if line.strip()), str(path), lambda: None
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -89,15 +89,21 @@ def load_key(path: Path, *, create: bool) -> bytes | None:
         if not create:
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process of this host made it meanwhile
-            return load_key(path, create=False)
+        # Written beside it, then linked: a process that starts at the same time sees either
+        # no key or the whole key, and the first link wins.
+        partial = path.with_name(f".{path.name}.new-{os.getpid()}-{threading.get_ident()}")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, (secrets.token_hex(KEY_BYTES) + "\n").encode())
             os.fsync(fd)
         finally:
             os.close(fd)
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            pass  # another process made it first: use that one
+        finally:
+            partial.unlink()
         return load_key(path, create=False)
     except (OSError, UnicodeDecodeError) as exc:
         raise StartupError(f"audit.key_file: cannot read {path}: {exc}") from exc
@@ -156,6 +162,10 @@ class AuditChain(Protocol):
 
         The syslog exporter sends only while it holds its repository's lease.
         """
+        ...
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease ``name`` back when ``owner`` holds it (an exporter that stops)."""
         ...
 
 
@@ -318,6 +328,9 @@ class FileChain:
 
     def take_lease(self, name: str, owner: str, now: int, until: int) -> bool:
         return True  # one process writes and exports a file chain
+
+    def release_lease(self, name: str, owner: str) -> None:
+        return None
 
 
 class FileReader:
@@ -557,24 +570,23 @@ class DatabaseChain:
         return DatabaseReader(self.db)
 
     def take_lease(self, name: str, owner: str, now: int, until: int) -> bool:
-        """The lease is the row ``name`` of ``audit_head``: ``seq`` its end, ``hash`` its owner.
+        """The lease is the row ``name`` of ``audit_head``, ``hash`` = ``"<until> <owner>"``.
 
         Taken when free, expired or already ``owner``'s, in one transaction under the row lock.
         """
         with self.db._tx() as c:
             c.execute(
-                "INSERT INTO audit_head (name, seq, hash) VALUES (?, 0, '') "
+                "INSERT INTO audit_head (name, seq, hash) VALUES (?, 0, '0 -') "
                 "ON CONFLICT (name) DO NOTHING",
                 (name,),
             )
             row = c.execute(
-                "SELECT seq, hash FROM audit_head WHERE name = ?" + self.db._for_update, (name,)
+                "SELECT hash FROM audit_head WHERE name = ?" + self.db._for_update, (name,)
             ).fetchone()
-            if str(row["hash"]) not in ("", owner) and int(row["seq"]) > now:
+            end, _, holder = str(row["hash"]).partition(" ")
+            if holder != owner and end.isdigit() and int(end) > now:
                 return False
-            c.execute(
-                "UPDATE audit_head SET seq = ?, hash = ? WHERE name = ?", (until, owner, name)
-            )
+            c.execute("UPDATE audit_head SET hash = ? WHERE name = ?", (f"{until} {owner}", name))
         return True
 
 

@@ -257,6 +257,12 @@ class SyslogExporter:
             self._thread.join(timeout_s)
         if self._conn is not None:
             self._conn.close()
+        if self._lease_until:
+            try:
+                self.audit.chain.release_lease(self.lease_name, self._owner)
+            except Exception as exc:  # noqa: BLE001 - the lease then ends by itself
+                log.warning("audit.export_lease_kept", error=type(exc).__name__)
+            self._lease_until = 0.0
 
     def send_pending(self) -> int:
         """Send every record after the export position; return how many were sent.

@@ -252,3 +252,48 @@ def test_a_node_exports_its_trail_and_keeps_the_head(tmp_path: Path) -> None:
     key = load_key(tmp_path / "keys" / "audit.key", create=False)
     assert not (settings.storage_dir / "audit.key").exists()
     assert verify(settings.audit_path, key, head, check_head=True).ok
+
+
+@pytest.mark.peers
+def test_processes_of_one_database_chain_export_each_record_once(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Two processes' worth of chain, database and exporter (one PostgreSQL chain): only the
+    lease holder sends; when it stops, the other goes on from the stored position."""
+    from dicom_node.audit import DatabaseChain
+    from dicom_node.store.database import open_database
+
+    settings = parse_settings({"storage_dir": str(tmp_path / "var"), "database": postgres_url})
+    settings.storage_dir.mkdir(parents=True)
+    port = free_port()
+    repository = RSyslog(tmp_path, "tcp", port)
+    repository.start()
+    syslog = SyslogSettings("127.0.0.1", port, "tcp")
+    dbs = [open_database(settings), open_database(settings)]
+    logs = [AuditLog(chain=DatabaseChain(db, settings.audit_key_file)) for db in dbs]
+    exporters = [
+        SyslogExporter(syslog, log, db, "DICOMNODE", retry_s=0.2, max_retry_s=0.5)
+        for log, db in zip(logs, dbs, strict=True)
+    ]
+    try:
+        for exporter in exporters:
+            exporter.start()
+        for _ in range(3):
+            fill(logs[0], 2)
+            fill(logs[1], 2)
+        wait_for(lambda: len(repository.sequence_numbers()) >= 12, 20, "delivery")
+        assert repository.sequence_numbers() == list(range(1, 13))  # once each, in order
+        holder = next(e for e in exporters if e._lease_until)
+        other = exporters[1 - exporters.index(holder)]
+        assert not other._lease_until
+        holder.stop()  # gives the lease back
+        fill(logs[0], 3)
+        wait_for(lambda: len(repository.sequence_numbers()) >= 15, 20, "delivery by the other")
+        assert repository.sequence_numbers() == list(range(1, 16))
+        assert other.position == 15
+    finally:
+        for exporter in exporters:
+            exporter.stop()
+        repository.stop()
+        for db in dbs:
+            db.close()
