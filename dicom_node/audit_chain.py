@@ -365,15 +365,6 @@ class FileReader:
 # -- the database --------------------------------------------------------------------------
 
 
-class _Cursor(Protocol):
-    def fetchone(self) -> Any: ...
-    def fetchall(self) -> list[Any]: ...
-
-
-class _Transaction(Protocol):
-    def execute(self, sql: str, params: Any = ..., /) -> Any: ...
-
-
 class ChainDatabase(HeadStore, Protocol):
     """What :class:`DatabaseChain` needs of the node database (the store contract)."""
 
@@ -588,6 +579,14 @@ class DatabaseChain:
                 return False
             c.execute("UPDATE audit_head SET hash = ? WHERE name = ?", (f"{until} {owner}", name))
         return True
+
+    def release_lease(self, name: str, owner: str) -> None:
+        with self.db._tx() as c:
+            row = c.execute(
+                "SELECT hash FROM audit_head WHERE name = ?" + self.db._for_update, (name,)
+            ).fetchone()
+            if row is not None and str(row["hash"]).partition(" ")[2] == owner:
+                c.execute("UPDATE audit_head SET hash = '0 -' WHERE name = ?", (name,))
 
 
 class DatabaseReader:

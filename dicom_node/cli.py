@@ -153,22 +153,33 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _no_database_yet(settings: Settings) -> bool:
+    """An SQLite node that has not run yet (a PostgreSQL database is asked directly)."""
+    if settings.database is None and not settings.database_path.exists():
+        print(f"no database at {settings.database_path}: the node has not run yet")
+        return True
+    return False
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from dicom_node.store.database import Database
+    from dicom_node.store.database import open_database
 
     settings = load_settings(args.config)
-    if not settings.database_path.exists():
-        print(f"no database at {settings.database_path}: the node has not run yet")
+    if _no_database_yet(settings):
         return 0
-    db = Database(settings.database_path)
-    status = db.status()
-    db.close()
+    db = open_database(settings)
+    try:
+        status = db.status()
+    finally:
+        db.close()
+    status["database"] = {"backend": db.backend, "location": db.location}
     status["configured_destinations"] = {
         name: d.address for name, d in settings.destinations.items()
     }
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    print(f"database: {db.backend} {db.location}")
     print(f"instances indexed: {status['instances']}")
     for table in ("series", "cases", "jobs", "sends"):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(status[table].items())) or "none"
@@ -203,16 +214,15 @@ def _destination_line(name: str, addr: str, d: dict[str, object]) -> str:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from dicom_node.store.database import Database
+    from dicom_node.store.database import open_database
 
     settings = load_settings(args.config)
     if args.destination is not None and args.destination not in settings.destinations:
         known = ", ".join(sorted(settings.destinations)) or "none configured"
         raise DicomNodeError(f"--destination {args.destination!r}: unknown; known: {known}")
-    if not settings.database_path.exists():
-        print(f"no database at {settings.database_path}: the node has not run yet")
+    if _no_database_yet(settings):
         return 0
-    db = Database(settings.database_path)
+    db = open_database(settings)
     try:
         n = db.retry_failed_sends(args.destination)
         waiting = db.sends_due_now(args.destination) if args.now else 0

@@ -14,6 +14,12 @@ After ``send.max_attempts``, or at once for a permanent failure (a DICOMweb serv
 other than 408/429), the send is dead-lettered: visible in ``dicom-node status`` and put back
 in the queue by ``dicom-node retry``. A result is never deleted before it is sent.
 
+Several sender processes (or hosts) may share one database: a delivery pass claims the sends
+it is about to send (:meth:`~dicom_node.store.sends.SqlSendStore.claim_sends`), leased to this
+process's thread of that destination for :func:`send_lease_s`, and records each outcome as
+their owner, so no send goes out twice at once and a stale sender never overwrites another's
+outcome. A sender that dies leaves its claims to run out; another sender takes them then.
+
 Catching up: the moment a destination answers again, its waiting sends become due at once
 instead of sitting out their backoff (up to ``send.max_backoff_s``). It answers when a send to
 it succeeds, or when its echo (C-ECHO; a QIDO-RS search for DICOMweb) succeeds: every
@@ -24,6 +30,8 @@ than that) is echoed by its own delivery thread.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import threading
 import time
 
@@ -39,6 +47,15 @@ log = structlog.get_logger(__name__)
 
 #: Seconds a delivery thread sleeps when nothing wakes it (then it looks for due sends).
 POLL_S = 0.25
+
+
+#: Sends one delivery pass claims and sends at most (one association).
+BATCH = 64
+
+
+def send_lease_s(dest: Destination) -> float:
+    """How long a claimed batch stays leased: twice what one pass may take, plus a minute."""
+    return 2 * (dest.connect_timeout_s + dest.timeout_s) + 60
 
 
 def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
@@ -68,6 +85,7 @@ class Delivery:
         self._wake = {name: threading.Event() for name in settings.destinations}
         self._threads: dict[str, threading.Thread] = {}
         self._last_probe: dict[str, float] = {}  # destination -> time.monotonic() of last echo
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:deliver"
 
     # -- threads -----------------------------------------------------------------------------
 
@@ -142,15 +160,16 @@ class Delivery:
 
     def deliver(self, name: str, now: float | None = None) -> int:
         """Send what is due for destination ``name`` (one batch); return how many were stored."""
-        sends = self.db.due_sends(now, destination=name)
+        dest = self.settings.destinations[name]
+        owner = f"{self._owner}-{name}"
+        sends = self.db.claim_sends(name, owner, send_lease_s(dest), BATCH, now)
         if not sends:
             return 0
-        dest = self.settings.destinations[name]
         outcome = self.senders[name].send([s.path for s in sends])
         who = _participants(self.settings.ae_title, dest)
         delivered = 0
         for send, result in zip(sends, outcome.results, strict=True):
-            delivered += self._record(send, name, who, result)
+            delivered += self._record(send, name, owner, who, result)
         if delivered:
             self._caught_up(name, via="send")
         return delivered
@@ -184,13 +203,21 @@ class Delivery:
             log.info("destination.answering", destination=dest_name, via=via, sends_due=n)
             self.wake(dest_name)
 
-    def _record(self, send: Send, dest_name: str, who: Participants, result: StoreResult) -> int:
-        """Record one attempt's outcome: done, retry later, or dead letter; return 1 if done."""
+    def _record(
+        self, send: Send, dest_name: str, owner: str, who: Participants, result: StoreResult
+    ) -> int:
+        """Record one attempt's outcome: done, retry later, or dead letter; return 1 if done.
+
+        Only as ``owner``: when its claim was lost (it ran out and another sender took the
+        send), nothing is recorded or audited here; the other sender records its own.
+        """
         ok, detail = result.ok, result.detail
         bound = log.bind(job_id=send.job_id, destination=dest_name)
         self.metrics.sends.labels(dest_name, "done" if ok else "failed").inc()
         if ok:
-            self.db.send_done(send.id)
+            if not self.db.send_done(send.id, owner=owner):
+                bound.warning("send.lease_lost", outcome="done")
+                return 0
             bound.info("send.done", detail=detail)
             outcome = AuditOutcome.SUCCESS
         else:
@@ -200,7 +227,10 @@ class Delivery:
             if attempts < policy.max_attempts and not result.permanent:
                 wait = backoff_s(attempts, policy.initial_backoff_s, policy.max_backoff_s)
                 next_at = time.time() + wait
-            state = self.db.send_failed(send.id, detail, next_attempt_at=next_at)
+            state = self.db.send_failed(send.id, detail, next_attempt_at=next_at, owner=owner)
+            if state is None:
+                bound.warning("send.lease_lost", outcome="failed")
+                return 0
             dead = state is SendState.FAILED
             bound.warning(
                 "send.failed",

@@ -39,7 +39,7 @@ from dicom_node.pipeline.assembler import Assembler
 from dicom_node.pipeline.delivery import Delivery
 from dicom_node.pipeline.retention import Retention
 from dicom_node.pipeline.worker import Worker
-from dicom_node.store.database import Database
+from dicom_node.store.database import open_database
 from dicom_node.store.spool import clean_stale_temp_files
 
 log = structlog.get_logger(__name__)
@@ -131,7 +131,7 @@ class Node:
         self.settings = settings
         prepare_storage(settings.storage_dir)
         self._lock_file = self._take_lock()
-        self.db = Database(settings.database_path)
+        self.db = open_database(settings)
         self.audit = open_audit_log(settings, self.db)  # the file, or the database's chain
         self.wake = threading.Event()  # scheduler: an association ended
         self.work = threading.Event()  # workers: a job was queued
@@ -202,6 +202,7 @@ class Node:
         log.info(
             "node.started",
             resumed_jobs=resumed,
+            database=self.db.location,
             device=str(self.device),
             routes=[r.name for r in self.settings.routes],
         )

@@ -5,23 +5,27 @@ Tables: ``series`` (assembly state of each series, with its routing attributes),
 series or a case, leased to one worker at a time) and ``case_inputs`` (which series filled
 which role of a job; a series-level job has the one role ``image``).
 
-:class:`CaseStore` is what the assembler and the workers need; :class:`SqliteCaseStore` keeps
-it in the node's SQLite database.
+:class:`CaseStore` is what the assembler and the workers need; :class:`SqlCaseStore` keeps
+it in the node's database (SQLite or PostgreSQL, :mod:`dicom_node.store.connection`). On
+PostgreSQL every transaction that reads a row and then changes it depending on what it read
+locks the row with ``FOR UPDATE``; a worker's claim takes the oldest job no other transaction
+holds (``FOR UPDATE SKIP LOCKED``).
 """
 
 from __future__ import annotations
 
 import enum
 import json
-import sqlite3
+import os
+import socket
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from dicom_node.store.connection import Store, Transaction
 from dicom_node.store.sends import SendState, queue_sends
-from dicom_node.store.sqlite import SqliteConnection
 
 
 class SeriesState(enum.StrEnum):
@@ -144,7 +148,7 @@ def merge_attributes(old: Mapping[str, str], new: Mapping[str, str]) -> dict[str
 
 
 def note_arrival(
-    c: sqlite3.Connection,
+    c: Transaction,
     *,
     series_uid: str,
     study_uid: str,
@@ -153,6 +157,7 @@ def note_arrival(
     association_id: str,
     late_policy: str,
     now: float,
+    for_update: str = "",
 ) -> None:
     """An instance of ``series_uid`` was indexed (inside ``c``'s open transaction).
 
@@ -165,36 +170,61 @@ def note_arrival(
     to waiting (its pending job superseded), whatever the policy; one that ran (or failed at
     its timeout) goes back to waiting with ``reprocess`` (a new timeout window starts) and
     stays as it is with ``ignore``.
+
+    The series row is inserted if it is new, else read with ``for_update`` (the store's
+    ``_for_update``) before its attributes are merged, so two receivers indexing instances of
+    one series at the same moment both get their attributes in (on PostgreSQL the second
+    waits for the first's commit; on SQLite transactions never overlap).
     """
-    row = c.execute(
-        "SELECT state, attributes FROM series WHERE series_uid = ?", (series_uid,)
-    ).fetchone()
-    ran = c.execute(
-        "SELECT 1 FROM case_inputs ci JOIN jobs j ON j.id = ci.job_id "
-        "WHERE ci.series_uid = ? AND j.state IN (?, ?, ?)",
-        (series_uid, JobState.RUNNING, JobState.DONE, JobState.FAILED),
+    new = c.execute(
+        "INSERT INTO series (series_uid, study_uid, patient_id, attributes, state, "
+        "last_received_at, last_association, released_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL) "
+        "ON CONFLICT (series_uid) DO NOTHING RETURNING series_uid",
+        (
+            series_uid,
+            study_uid,
+            patient_id,
+            json.dumps(merge_attributes({}, attributes)),
+            SeriesState.RECEIVING,
+            now,
+            association_id,
+        ),
     ).fetchone()
     state = SeriesState.RECEIVING
-    if row is not None and ran is not None and late_policy == "ignore":
-        state = SeriesState.IGNORED
+    if new is None:
+        row = c.execute(
+            "SELECT attributes FROM series WHERE series_uid = ?" + for_update, (series_uid,)
+        ).fetchone()
+        ran = c.execute(
+            "SELECT 1 AS one FROM case_inputs ci JOIN jobs j ON j.id = ci.job_id "
+            "WHERE ci.series_uid = ? AND j.state IN (?, ?, ?)",
+            (series_uid, JobState.RUNNING, JobState.DONE, JobState.FAILED),
+        ).fetchone()
+        if ran is not None and late_policy == "ignore":
+            state = SeriesState.IGNORED
+        merged = merge_attributes(json.loads(row["attributes"]), attributes)
+        c.execute(
+            "UPDATE series SET state = ?, attributes = ?, last_received_at = ?, "
+            "last_association = ?, released_at = NULL WHERE series_uid = ?",
+            (state, json.dumps(merged), now, association_id, series_uid),
+        )
+    # Locks in one order everywhere: series, then the study's cases, then jobs. Every case of
+    # the study is locked, waiting ones too, so a case being queued at this moment is seen
+    # with its new job once that commits.
+    cases = []
+    if state is not SeriesState.IGNORED:
+        cases = c.execute(
+            "SELECT id, state FROM cases WHERE study_uid = ? ORDER BY id" + for_update,
+            (study_uid,),
+        ).fetchall()
     c.execute(
         "UPDATE jobs SET state = ?, updated_at = ? WHERE state = ? AND id IN "
         "(SELECT job_id FROM case_inputs WHERE series_uid = ?)",
         (JobState.SUPERSEDED, now, JobState.PENDING, series_uid),
     )
-    merged = merge_attributes(json.loads(row["attributes"]) if row else {}, attributes)
-    c.execute(
-        """INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, NULL)
-           ON CONFLICT(series_uid) DO UPDATE SET state = excluded.state,
-           attributes = excluded.attributes, last_received_at = excluded.last_received_at,
-           last_association = excluded.last_association, released_at = NULL""",
-        (series_uid, study_uid, patient_id, json.dumps(merged), state, now, association_id),
-    )
-    if state is SeriesState.IGNORED:
-        return
-    for case in c.execute(
-        "SELECT id FROM cases WHERE study_uid = ? AND state != ?", (study_uid, CaseState.WAITING)
-    ).fetchall():
+    for case in cases:
+        if case["state"] == CaseState.WAITING:
+            continue
         superseded = c.execute(
             "UPDATE jobs SET state = ?, updated_at = ? WHERE case_id = ? AND state = ?",
             (JobState.SUPERSEDED, now, case["id"], JobState.PENDING),
@@ -207,7 +237,7 @@ def note_arrival(
             )
 
 
-def series_purged(c: sqlite3.Connection, series_uid: str) -> None:
+def series_purged(c: Transaction, series_uid: str) -> None:
     """Retention removed the series' instances (inside ``c``'s open transaction)."""
     c.execute(
         "UPDATE series SET state = ? WHERE series_uid = ? AND state = ?",
@@ -215,12 +245,32 @@ def series_purged(c: sqlite3.Connection, series_uid: str) -> None:
     )
 
 
+def owner_is_gone(owner: str) -> bool:
+    """Whether lease ``owner`` (``host:pid:thread``, as
+    :func:`dicom_node.pipeline.worker.default_owner` writes it) was a process of this host
+    that no longer runs, or this very process (at start, before it claimed anything)."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
 # Jobs that use a series s (as any role): the series-level job of s and every case run it fed.
 _USES = "SELECT ci.job_id FROM case_inputs ci WHERE ci.series_uid = s.series_uid"
 
 
-class SqliteCaseStore(SqliteConnection):
-    """:class:`CaseStore` in the node's SQLite database."""
+class SqlCaseStore(Store):
+    """:class:`CaseStore` in the node's database."""
 
     # -- assemble --------------------------------------------------------------------------
 
@@ -262,19 +312,21 @@ class SqliteCaseStore(SqliteConnection):
         now = time.time() if now is None else now
         with self._tx() as c:
             state = c.execute(
-                "SELECT state FROM series WHERE series_uid = ?", (series_uid,)
+                "SELECT state FROM series WHERE series_uid = ?" + self._for_update,
+                (series_uid,),
             ).fetchone()
             if state is None or state["state"] != SeriesState.RECEIVING:
                 return
             for route in routes:
-                cur = c.execute(
+                job = c.execute(
                     "INSERT INTO jobs (series_uid, route, state, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?) RETURNING id",
                     (series_uid, route, JobState.PENDING, now, now),
-                )
+                ).fetchone()
                 c.execute(
-                    "INSERT INTO case_inputs (job_id, role, series_uid) VALUES (?, 'image', ?)",
-                    (cur.lastrowid, series_uid),
+                    "INSERT INTO case_inputs (job_id, role, series_uid, position) "
+                    "VALUES (?, 'image', ?, 0)",
+                    (job["id"], series_uid),
                 )
             queued = routes or in_case
             c.execute(
@@ -287,8 +339,8 @@ class SqliteCaseStore(SqliteConnection):
         now = time.time() if now is None else now
         with self._tx() as c:
             c.execute(
-                "INSERT OR IGNORE INTO cases (study_uid, route, state, waiting_since, "
-                "updated_at) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO cases (study_uid, route, state, waiting_since, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (study_uid, route) DO NOTHING",
                 (study_uid, route, CaseState.WAITING, now, now),
             )
 
@@ -332,15 +384,18 @@ class SqliteCaseStore(SqliteConnection):
         """
         now = time.time() if now is None else now
         with self._tx() as c:
-            case = c.execute("SELECT route, state FROM cases WHERE id = ?", (case_id,)).fetchone()
+            case = c.execute(
+                "SELECT route, state FROM cases WHERE id = ?" + self._for_update, (case_id,)
+            ).fetchone()
             if case is None or case["state"] != CaseState.WAITING:
                 return None
-            cur = c.execute(
-                "INSERT INTO jobs (series_uid, route, state, created_at, updated_at, case_id) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (inputs[reference], case["route"], JobState.PENDING, now, now, case_id),
+            job_id = int(
+                c.execute(
+                    "INSERT INTO jobs (series_uid, route, state, created_at, updated_at, "
+                    "case_id) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                    (inputs[reference], case["route"], JobState.PENDING, now, now, case_id),
+                ).fetchone()["id"]
             )
-            job_id = cur.lastrowid
             for position, (role, series_uid) in enumerate(inputs.items()):
                 c.execute(
                     "INSERT INTO case_inputs (job_id, role, series_uid, position) "
@@ -388,21 +443,47 @@ class SqliteCaseStore(SqliteConnection):
     # -- work ------------------------------------------------------------------------------
 
     def recover_after_restart(self) -> int:
-        """Return jobs that were running when the node died to the queue; return how many."""
+        """Return jobs that were running when the node died to the queue; return how many.
+
+        Called at start, before this process claims any job. On SQLite the node is the
+        database's only process (its ``storage_dir`` lock), so every running job was its own.
+        On PostgreSQL other processes and hosts run jobs too: only jobs whose lease owner was
+        a process of this host that is gone (or had this process's id) are returned; the
+        lease of any other job expires by itself if its worker died.
+        """
         with self._tx() as c:
-            cur = c.execute(
-                "UPDATE jobs SET state = ?, lease_until = NULL, owner = NULL WHERE state = ?",
-                (JobState.PENDING, JobState.RUNNING),
-            )
-            return cur.rowcount
+            if self.backend == "sqlite":
+                cur = c.execute(
+                    "UPDATE jobs SET state = ?, lease_until = NULL, owner = NULL WHERE state = ?",
+                    (JobState.PENDING, JobState.RUNNING),
+                )
+                return cur.rowcount
+            rows = c.execute(
+                "SELECT id, owner FROM jobs WHERE state = ? ORDER BY id" + self._for_update,
+                (JobState.RUNNING,),
+            ).fetchall()
+            recovered = 0
+            for row in rows:
+                if owner_is_gone(row["owner"] or ""):
+                    recovered += c.execute(
+                        "UPDATE jobs SET state = ?, lease_until = NULL, owner = NULL "
+                        "WHERE id = ? AND state = ?",
+                        (JobState.PENDING, row["id"], JobState.RUNNING),
+                    ).rowcount
+            return recovered
 
     def claim_job(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
-        """Lease the oldest pending job (or one whose lease expired) to ``owner``."""
+        """Lease the oldest pending job (or one whose lease expired) to ``owner``.
+
+        On PostgreSQL a job that another worker's claim holds at this moment is passed over
+        (``SKIP LOCKED``), so concurrent claims never get the same job and never wait.
+        """
         now = time.time() if now is None else now
         with self._tx() as c:
             row = c.execute(
-                """SELECT id, series_uid, route, attempts, case_id FROM jobs
-                   WHERE state = ? OR (state = ? AND lease_until < ?) ORDER BY id LIMIT 1""",
+                "SELECT id, series_uid, route, attempts, case_id FROM jobs "
+                "WHERE state = ? OR (state = ? AND lease_until < ?) ORDER BY id LIMIT 1"
+                + self._skip_locked,
                 (JobState.PENDING, JobState.RUNNING, now),
             ).fetchone()
             if row is None:
@@ -462,7 +543,9 @@ class SqliteCaseStore(SqliteConnection):
         """
         now = time.time() if now is None else now
         with self._tx() as c:
-            row = c.execute("SELECT state, owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = c.execute(
+                "SELECT state, owner FROM jobs WHERE id = ?" + self._for_update, (job_id,)
+            ).fetchone()
             if row is None or row["state"] != JobState.RUNNING or row["owner"] != owner:
                 return False
             c.execute(

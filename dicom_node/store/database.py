@@ -1,21 +1,25 @@
-"""The node's state in one embedded SQLite database, split by stage.
+"""The node's state in one database, SQLite (the embedded default) or PostgreSQL, split by
+stage.
 
 - :mod:`dicom_node.store.instances`: the instance index (:class:`InstanceIndex`).
 - :mod:`dicom_node.store.cases`: assembly of series and study-level cases, and the job queue
   with owned leases (:class:`CaseStore`).
-- :mod:`dicom_node.store.sends`: the send queue with persisted retries (:class:`SendStore`).
-- :mod:`dicom_node.store.schema`: the schema version (``PRAGMA user_version``) and migrations.
+- :mod:`dicom_node.store.sends`: the send queue with persisted retries and leased claims
+  (:class:`SendStore`).
+- :mod:`dicom_node.store.schema`: the schema version and migrations, on both backends.
+- :mod:`dicom_node.store.connection`: the connection base the stores' SQL runs on;
+  :mod:`dicom_node.store.sqlite` and :mod:`dicom_node.store.postgres` are its backends.
 
-:class:`Database` is the one SQLite implementation of all three, sharing one connection and
-one lock (WAL, synchronous=FULL), plus the audit trail's anchors (``audit_head``) and
-``status``. Stages may be typed against the Protocol they use, so another backend can take
-one stage's place later without touching the others.
+:class:`Database` implements all three on one backend, plus the audit trail's anchors
+(``audit_head``) and ``status``. ``Database(path)`` opens SQLite, ``Database(url)``
+PostgreSQL; :func:`open_database` takes the one the settings name (``database:``). Stages may
+be typed against the Protocol they use.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.store.cases import (
     Case,
@@ -24,10 +28,13 @@ from dicom_node.store.cases import (
     Job,
     JobState,
     SeriesState,
-    SqliteCaseStore,
+    SqlCaseStore,
 )
-from dicom_node.store.instances import InstanceIndex, InstanceRecord, SqliteInstanceIndex
-from dicom_node.store.sends import Send, SendState, SendStore, SqliteSendStore
+from dicom_node.store.instances import InstanceIndex, InstanceRecord, SqlInstanceIndex
+from dicom_node.store.sends import Send, SendState, SendStore, SqlSendStore
+
+if TYPE_CHECKING:
+    from dicom_node.config import Settings
 
 __all__ = [
     "Case",
@@ -42,11 +49,22 @@ __all__ = [
     "SendState",
     "SendStore",
     "SeriesState",
+    "open_database",
 ]
 
 
-class Database(SqliteInstanceIndex, SqliteCaseStore, SqliteSendStore):
-    """Thread-safe access to the node database (one connection guarded by a lock)."""
+def open_database(settings: Settings) -> Database:
+    """The node's database: PostgreSQL at ``settings.database`` when set, else SQLite at
+    ``<storage_dir>/node.sqlite3``; opened and migrated."""
+    return Database(settings.database or settings.database_path)
+
+
+class Database(SqlInstanceIndex, SqlCaseStore, SqlSendStore):
+    """Thread-safe access to the node database (``backend``: ``sqlite`` or ``postgresql``).
+
+    SQLite: one connection guarded by a lock. PostgreSQL: a pool of connections, one per
+    transaction.
+    """
 
     # -- audit anchors (dicom_node.audit) ---------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The instance index: every received instance and its spool file (table ``instances``).
 
-:class:`InstanceIndex` is what the receiver and retention need; :class:`SqliteInstanceIndex`
-keeps it in the node's SQLite database. Indexing an instance notes its arrival for assembly
+:class:`InstanceIndex` is what the receiver and retention need; :class:`SqlInstanceIndex`
+keeps it in the node's database (SQLite or PostgreSQL, :mod:`dicom_node.store.connection`).
+Indexing an instance notes its arrival for assembly
 (:func:`dicom_node.store.cases.note_arrival`) in the same transaction, so the index and the
 assembly state never disagree.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from dicom_node.store.cases import note_arrival, series_purged
-from dicom_node.store.sqlite import SqliteConnection
+from dicom_node.store.connection import Store
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ class InstanceIndex(Protocol):
     def instance_count(self) -> int: ...
 
 
-class SqliteInstanceIndex(SqliteConnection):
-    """:class:`InstanceIndex` in the node's SQLite database."""
+class SqlInstanceIndex(Store):
+    """:class:`InstanceIndex` in the node's database."""
 
     def record_instance(
         self,
@@ -73,10 +74,16 @@ class SqliteInstanceIndex(SqliteConnection):
         now = time.time() if now is None else now
         with self._tx() as c:
             existed = c.execute(
-                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+                "SELECT 1 AS one FROM instances WHERE sop_instance_uid = ?" + self._for_update,
+                (sop_instance_uid,),
             ).fetchone()
             c.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, "
+                "path, received_at, association_id) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (sop_instance_uid) DO UPDATE SET "
+                "sop_class_uid = excluded.sop_class_uid, study_uid = excluded.study_uid, "
+                "series_uid = excluded.series_uid, path = excluded.path, "
+                "received_at = excluded.received_at, association_id = excluded.association_id",
                 (
                     sop_instance_uid,
                     sop_class_uid,
@@ -96,6 +103,7 @@ class SqliteInstanceIndex(SqliteConnection):
                 association_id=association_id,
                 late_policy=late_policy,
                 now=now,
+                for_update=self._for_update,
             )
         return existed is None
 

@@ -1,21 +1,26 @@
 """The send queue: one row per (job, destination, output), with persisted retries.
 
-:class:`SendStore` is what delivery needs; :class:`SqliteSendStore` keeps it in the node's
-SQLite database. Sends are queued by :func:`queue_sends` inside the transaction that marks
-their job done (:meth:`dicom_node.store.cases.SqliteCaseStore.finish_job`).
+:class:`SendStore` is what delivery needs; :class:`SqlSendStore` keeps it in the node's
+database (SQLite or PostgreSQL). Sends are queued by :func:`queue_sends` inside the
+transaction that marks their job done (:meth:`dicom_node.store.cases.SqlCaseStore.finish_job`).
+
+A sender claims the sends it is about to send (:meth:`SqlSendStore.claim_sends`): they are
+leased to it (``owner``, ``lease_until``) as a job is to a worker, so two sender processes
+never send the same row at once; the lease ends with the outcome (``send_done``,
+``send_failed``, which only the owner may record) or runs out, and then any sender may take
+the send again.
 """
 
 from __future__ import annotations
 
 import enum
-import sqlite3
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from dicom_node.store.sqlite import SqliteConnection
+from dicom_node.store.connection import Store, Transaction
 
 
 class SendState(enum.StrEnum):
@@ -40,17 +45,28 @@ class SendStore(Protocol):
     def due_sends(
         self, now: float | None = None, limit: int = 64, destination: str | None = None
     ) -> list[Send]: ...
-    def send_done(self, send_id: int, now: float | None = None) -> None: ...
+    def claim_sends(
+        self, destination: str, owner: str, lease_s: float, limit: int, now: float | None = None
+    ) -> list[Send]: ...
+    def send_done(
+        self, send_id: int, now: float | None = None, *, owner: str | None = None
+    ) -> bool: ...
     def send_failed(
-        self, send_id: int, error: str, *, next_attempt_at: float | None, now: float | None = None
-    ) -> SendState: ...
+        self,
+        send_id: int,
+        error: str,
+        *,
+        next_attempt_at: float | None,
+        now: float | None = None,
+        owner: str | None = None,
+    ) -> SendState | None: ...
     def retry_failed_sends(self, destination: str | None = None) -> int: ...
     def waiting_destinations(self, now: float | None = None) -> dict[str, float]: ...
     def sends_due_now(self, destination: str | None = None, now: float | None = None) -> int: ...
 
 
 def queue_sends(
-    c: sqlite3.Connection,
+    c: Transaction,
     job_id: int,
     outputs: Sequence[tuple[str, Path, str]],
     destinations: Mapping[str, Collection[str]],
@@ -63,15 +79,29 @@ def queue_sends(
             if kind not in kinds:
                 continue
             c.execute(
-                "INSERT OR IGNORE INTO sends (job_id, destination, path, "
-                "sop_instance_uid, state, next_attempt_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO sends (job_id, destination, path, sop_instance_uid, state, "
+                "next_attempt_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (job_id, destination, sop_instance_uid) DO NOTHING",
                 (job_id, dest, str(path), sop_uid, SendState.PENDING, now, now),
             )
 
 
-class SqliteSendStore(SqliteConnection):
-    """:class:`SendStore` in the node's SQLite database (table ``sends``)."""
+_SEND_COLUMNS = "id, job_id, destination, path, sop_instance_uid, attempts"
+
+
+def _send(r: Any) -> Send:
+    return Send(
+        r["id"],
+        r["job_id"],
+        r["destination"],
+        Path(r["path"]),
+        r["sop_instance_uid"],
+        r["attempts"],
+    )
+
+
+class SqlSendStore(Store):
+    """:class:`SendStore` in the node's database (table ``sends``)."""
 
     def due_sends(
         self, now: float | None = None, limit: int = 64, destination: str | None = None
@@ -80,30 +110,53 @@ class SqliteSendStore(SqliteConnection):
         now = time.time() if now is None else now
         where = "" if destination is None else " AND destination = ?"
         rows = self._query(
-            "SELECT id, job_id, destination, path, sop_instance_uid, attempts FROM sends "
+            f"SELECT {_SEND_COLUMNS} FROM sends "
             f"WHERE state = ? AND next_attempt_at <= ?{where} ORDER BY destination, id LIMIT ?",
             (SendState.PENDING, now, *(() if destination is None else (destination,)), limit),
         )
-        return [
-            Send(
-                r["id"],
-                r["job_id"],
-                r["destination"],
-                Path(r["path"]),
-                r["sop_instance_uid"],
-                r["attempts"],
-            )
-            for r in rows
-        ]
+        return [_send(r) for r in rows]
 
-    def send_done(self, send_id: int, now: float | None = None) -> None:
+    def claim_sends(
+        self, destination: str, owner: str, lease_s: float, limit: int, now: float | None = None
+    ) -> list[Send]:
+        """Lease up to ``limit`` due sends of ``destination`` to ``owner`` for ``lease_s``.
+
+        Due: pending, next attempt reached, and not leased (or the lease ran out). Oldest
+        first. On PostgreSQL sends that another sender's claim holds at this moment are passed
+        over (``SKIP LOCKED``). The outcome is recorded with ``owner``
+        (:meth:`send_done`, :meth:`send_failed`).
+        """
         now = time.time() if now is None else now
         with self._tx() as c:
-            c.execute(
+            rows = c.execute(
+                f"SELECT {_SEND_COLUMNS} FROM sends WHERE state = ? AND destination = ? "
+                "AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?) "
+                "ORDER BY id LIMIT ?" + self._skip_locked,
+                (SendState.PENDING, destination, now, now, limit),
+            ).fetchall()
+            for r in rows:
+                c.execute(
+                    "UPDATE sends SET owner = ?, lease_until = ? WHERE id = ?",
+                    (owner, now + lease_s, r["id"]),
+                )
+        return [_send(r) for r in rows]
+
+    def send_done(
+        self, send_id: int, now: float | None = None, *, owner: str | None = None
+    ) -> bool:
+        """Record a delivered send; with ``owner``, only while it holds the send's lease.
+
+        Returns False (and changes nothing) when ``owner`` lost the lease.
+        """
+        now = time.time() if now is None else now
+        mine, params = _owned_by(owner)
+        with self._tx() as c:
+            cur = c.execute(
                 "UPDATE sends SET state = ?, attempts = attempts + 1, updated_at = ?, "
-                "last_error = NULL WHERE id = ?",
-                (SendState.DONE, now, send_id),
+                f"last_error = NULL, owner = NULL, lease_until = NULL WHERE id = ?{mine}",
+                (SendState.DONE, now, send_id, *params),
             )
+            return cur.rowcount == 1
 
     def send_failed(
         self,
@@ -112,22 +165,34 @@ class SqliteSendStore(SqliteConnection):
         *,
         next_attempt_at: float | None,
         now: float | None = None,
-    ) -> SendState:
-        """Record a failed attempt; ``next_attempt_at`` None means give up (dead letter)."""
+        owner: str | None = None,
+    ) -> SendState | None:
+        """Record a failed attempt; ``next_attempt_at`` None means give up (dead letter).
+
+        Returns the send's new state, or None (and changes nothing) when ``owner`` was given
+        and no longer holds the send's lease.
+        """
         now = time.time() if now is None else now
         state = SendState.FAILED if next_attempt_at is None else SendState.PENDING
+        mine, params = _owned_by(owner)
         with self._tx() as c:
-            c.execute(
+            cur = c.execute(
                 "UPDATE sends SET state = ?, attempts = attempts + 1, next_attempt_at = ?, "
-                "updated_at = ?, last_error = ? WHERE id = ?",
-                (state, next_attempt_at or now, now, error[:500], send_id),
+                "updated_at = ?, last_error = ?, owner = NULL, lease_until = NULL "
+                f"WHERE id = ?{mine}",
+                (state, next_attempt_at or now, now, error[:500], send_id, *params),
             )
+            if cur.rowcount != 1 and owner is not None:
+                return None
         return state
 
     def retry_failed_sends(self, destination: str | None = None) -> int:
         """Put dead-lettered sends back in the queue (``dicom-node retry``)."""
         with self._tx() as c:
-            sql = "UPDATE sends SET state = ?, attempts = 0, next_attempt_at = 0 WHERE state = ?"
+            sql = (
+                "UPDATE sends SET state = ?, attempts = 0, next_attempt_at = 0, owner = NULL, "
+                "lease_until = NULL WHERE state = ?"
+            )
             params: tuple[Any, ...] = (SendState.PENDING, SendState.FAILED)
             if destination is not None:
                 sql += " AND destination = ?"
@@ -183,11 +248,12 @@ class SqliteSendStore(SqliteConnection):
             if r["state"] == SendState.PENDING:
                 d["next_attempt_at"] = float(r["next_at"])
                 d["next_attempt_in_s"] = round(max(0.0, float(r["next_at"]) - now), 1)
-        # The most recent error of sends not yet delivered (waiting or dead-lettered); SQLite
-        # takes the bare column last_error from the row that has MAX(updated_at).
+        # The most recent error of sends not yet delivered (waiting or dead-lettered).
         errors = self._query(
-            "SELECT destination, last_error, MAX(updated_at) AS at FROM sends "
-            "WHERE state != ? AND last_error IS NOT NULL GROUP BY destination",
+            "SELECT destination, last_error, updated_at AS at FROM (SELECT destination, "
+            "last_error, updated_at, ROW_NUMBER() OVER (PARTITION BY destination "
+            "ORDER BY updated_at DESC, id DESC) AS n FROM sends "
+            "WHERE state != ? AND last_error IS NOT NULL) latest WHERE n = 1",
             (SendState.DONE,),
         )
         for r in errors:
@@ -195,3 +261,10 @@ class SqliteSendStore(SqliteConnection):
             d["last_error"] = r["last_error"]
             d["last_error_at"] = float(r["at"])
         return {"sends": {r["state"]: r["n"] for r in counts}, "destinations": destinations}
+
+
+def _owned_by(owner: str | None) -> tuple[str, tuple[str, ...]]:
+    """The extra ``WHERE`` of an outcome that only ``owner``'s lease may record."""
+    if owner is None:
+        return "", ()
+    return " AND owner = ? AND state = ?", (owner, SendState.PENDING)

@@ -1,14 +1,17 @@
-"""The one SQLite connection that the stores share (WAL, synchronous=FULL, one lock).
+"""SQLite, the embedded default: one connection that the stores share (WAL, synchronous=FULL,
+one lock).
 
-Every state change is one transaction (``BEGIN IMMEDIATE``), so a node killed at any instant
-restarts into a consistent state. Opening migrates the schema (:mod:`dicom_node.store.schema`).
+Every state change is one transaction (``BEGIN IMMEDIATE``, so it is the only writer from its
+start: a read-then-write needs no row locks, and ``FOR UPDATE`` is left out). A node killed at
+any instant restarts into a consistent state. Opening migrates the schema
+(:mod:`dicom_node.store.schema`).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,11 +20,16 @@ from dicom_node.store.schema import migrate
 
 
 class SqliteConnection:
-    """Base of the SQLite stores: the connection, its lock and transaction helpers."""
+    """The SQLite backend of :class:`~dicom_node.store.connection.Store`."""
+
+    backend = "sqlite"
+    for_update = ""
+    skip_locked = ""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.location = str(path)
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
@@ -36,7 +44,7 @@ class SqliteConnection:
             self._conn.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -46,6 +54,6 @@ class SqliteConnection:
                 raise
             self._conn.execute("COMMIT")
 
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return list(self._conn.execute(sql, params))
