@@ -397,6 +397,15 @@ def all_records(db: ChainDatabase, upto: int | None = None) -> Iterator[tuple[in
         after = page[-1][0]
 
 
+def _connection_lost(exc: BaseException) -> bool:
+    """The database connection broke (PostgreSQL restarted, a session was ended)."""
+    if not type(exc).__module__.startswith("psycopg"):
+        return False
+    import psycopg
+
+    return isinstance(exc, psycopg.OperationalError)
+
+
 def _describe(exc: BaseException) -> str:
     """First line of a database error, without parameters (never the record itself)."""
     text = str(exc).strip().splitlines()
@@ -513,32 +522,41 @@ class DatabaseChain:
 
     def append(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            with self.db._tx() as c:
-                # A new chain (or a head row removed): create it first; a no-op otherwise, and
-                # one of two racing inserts waits for the other, then does nothing.
-                c.execute(
-                    "INSERT INTO audit_head (name, seq, hash) VALUES (?, 0, ?) "
-                    "ON CONFLICT (name) DO NOTHING",
-                    (HEAD, GENESIS),
-                )
-                head = c.execute(
-                    "SELECT seq, hash FROM audit_head WHERE name = ?" + self.db._for_update,
-                    (HEAD,),
-                ).fetchone()
-                digest, line = seal(body, int(head["seq"]) + 1, str(head["hash"]), self.key)
-                c.execute(
-                    "INSERT INTO audit_records (seq, record) VALUES (?, ?)", (body["seq"], line)
-                )
-                c.execute(
-                    "UPDATE audit_head SET seq = ?, hash = ? WHERE name = ?",
-                    (body["seq"], digest, HEAD),
-                )
+            try:
+                line = self._append(body)
+            except Exception as exc:
+                if not _connection_lost(exc):
+                    raise
+                # A pooled connection that died with a database restart: once more on a
+                # fresh one. Safe: the record is sealed again after the head as it is now.
+                line = self._append(body)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the record is not stored
             log.error("audit.write_failed", error=type(exc).__name__)
             raise AuditWriteError(
                 f"cannot write the audit trail to the database ({_describe(exc)})"
             ) from exc
         return json.loads(line)  # type: ignore[no-any-return]
+
+    def _append(self, body: dict[str, Any]) -> str:
+        """One transaction: lock the head, seal the record after it, store it, move the head."""
+        with self.db._tx() as c:
+            # A new chain (or a head row removed): create it first; a no-op otherwise, and one
+            # of two racing inserts waits for the other, then does nothing.
+            c.execute(
+                "INSERT INTO audit_head (name, seq, hash) VALUES (?, 0, ?) "
+                "ON CONFLICT (name) DO NOTHING",
+                (HEAD, GENESIS),
+            )
+            head = c.execute(
+                "SELECT seq, hash FROM audit_head WHERE name = ?" + self.db._for_update, (HEAD,)
+            ).fetchone()
+            digest, line = seal(body, int(head["seq"]) + 1, str(head["hash"]), self.key)
+            c.execute("INSERT INTO audit_records (seq, record) VALUES (?, ?)", (body["seq"], line))
+            c.execute(
+                "UPDATE audit_head SET seq = ?, hash = ? WHERE name = ?",
+                (body["seq"], digest, HEAD),
+            )
+        return line
 
     def head(self) -> tuple[int, str] | None:
         return self.db.audit_mark(HEAD)

@@ -342,3 +342,35 @@ def test_cli_verify_names_database_records_by_seq(
     assert "seq 3: sequence: sequence gap: expected 2, found 3 (records removed)" in out
     assert "seq 5: head: the chain ends at seq 4 but the database's chain head is seq 5" in out
     assert "database audit chain: 3 record(s), 3 keyed, 3 problem(s), head at seq 5" in out
+
+
+def test_a_database_that_is_down_refuses_the_record(tmp_path: Path, postgres_server: Any) -> None:
+    import psycopg
+
+    url = postgres_server.create_database()
+    name = url.rsplit("/", 1)[1]
+    settings = node_settings(tmp_path, url)
+    settings.storage_dir.mkdir(parents=True)
+    database = open_database(settings)
+    log = fill(open_audit_log(settings, database), 2)
+
+    def connections(allowed: bool) -> None:
+        with psycopg.connect(postgres_server.url(), autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {allowed}')
+            if not allowed:  # and every session of the node is cut
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (name,),
+                )
+
+    connections(allowed=False)
+    try:
+        with pytest.raises(AuditWriteError, match="cannot write the audit trail to the database"):
+            fill(log, 1)
+    finally:
+        connections(allowed=True)
+    fill(log, 1)  # the database is back: the chain goes on, nothing of the failed record
+    key = load_key(settings.audit_key_file, create=False)
+    report = verify_database(database, key)
+    assert report.ok and report.records == 3
+    database.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,6 +292,8 @@ def test_processes_of_one_database_chain_export_each_record_once(
         wait_for(lambda: len(repository.sequence_numbers()) >= 15, 20, "delivery by the other")
         assert repository.sequence_numbers() == list(range(1, 16))
         assert other.position == 15
+        time.sleep(1.5)  # more than an exporter's idle wait: nothing is sent twice later
+        assert repository.sequence_numbers() == list(range(1, 16))
     finally:
         for exporter in exporters:
             exporter.stop()
