@@ -242,7 +242,7 @@ def open_audit_log(settings: Settings, db: Database) -> AuditLog:
     PostgreSQL: :class:`DatabaseChain` (one chain for every process and host of the node);
     SQLite: :class:`FileChain` (``<storage_dir>/audit.jsonl``, the head in the database).
     """
-    if getattr(db, "backend", "sqlite") == "postgresql":
+    if db.backend == "postgresql":
         return AuditLog(chain=DatabaseChain(db, settings.audit_key_file))
     return AuditLog(settings.audit_path, settings.audit_key_file, head=db)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import hmac
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,13 +94,15 @@ def _check(
     *,
     check_head: bool,
     in_database: bool = False,
+    head_now: Callable[[], int] | None = None,
 ) -> Report:
     report = Report()
 
     def problem(line: int | None, seq: int | None, check: Check, message: str) -> None:
         report.problems.append(Problem(line, seq, check, message, in_database))
 
-    prev, seq, found_head, head_line = GENESIS, 0, False, None
+    prev, seq, found_head, beyond_head = GENESIS, 0, False, False
+    limit = head[0] if head is not None else 0
     for entry in entries:
         report.records += 1
         lineno = entry.line
@@ -168,16 +170,19 @@ def _check(
                     Check.HEAD,
                     "differs from the chain head kept in the database (rewritten)",
                 )
-        elif found_head and in_database and head_line is None:
+        elif head_now is not None and seq > limit and not beyond_head:
             # The database chain moves its head in the transaction of each record: a record
-            # after the head means the head was moved back.
-            head_line = where
-            problem(
-                lineno,
-                where,
-                Check.HEAD,
-                f"after the chain head (seq {head[0] if head else 0}): the head was moved back",
-            )
+            # above the head as it is now (read again: appends go on while we read) was
+            # stored before a head that was then moved back.
+            limit = head_now()
+            if seq > limit:
+                beyond_head = True
+                problem(
+                    lineno,
+                    where,
+                    Check.HEAD,
+                    f"after the chain head (seq {limit}): the head was moved back",
+                )
         prev = stored
     scope = "chain" if in_database else "log"
     if head is not None and not found_head and head[0] > 0:
@@ -240,7 +245,12 @@ def verify_database(db: ChainDatabase, key: bytes | None) -> Report:
     entries = (
         _Entry(None, seq, line.encode("utf-8", errors="replace")) for seq, line in all_records(db)
     )
-    return _check(entries, key, head, check_head=True, in_database=True)
+
+    def head_now() -> int:
+        mark = db.audit_mark(HEAD)
+        return mark[0] if mark is not None else 0
+
+    return _check(entries, key, head, check_head=True, in_database=True, head_now=head_now)
 
 
 def decode(lines: Iterable[str]) -> list[dict[str, Any]]:

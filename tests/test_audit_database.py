@@ -232,6 +232,25 @@ def test_many_threads_keep_one_chain(db: Database, settings: Settings) -> None:
     assert problems(db, settings) == []
 
 
+def test_verify_while_records_are_appended(db: Database, settings: Settings) -> None:
+    log = fill(chain_log(db, settings), 1)
+    stop = threading.Event()
+
+    def append() -> None:
+        while not stop.is_set():
+            fill(log, 1)
+
+    writer = threading.Thread(target=append)
+    writer.start()
+    try:
+        reports = [verify_database(db, log.chain.key) for _ in range(5)]  # type: ignore[attr-defined]
+    finally:
+        stop.set()
+        writer.join()
+    assert [r.problems for r in reports] == [[]] * 5  # records appended meanwhile are no problem
+    assert reports[-1].records > 1
+
+
 def _append_from_a_process(
     tmp_path: str, url: str, n: int, tag: str, start: Any, done: Any
 ) -> None:
