@@ -444,6 +444,20 @@ class DatabaseChain:
     def __init__(self, db: ChainDatabase, key_file: Path) -> None:
         self.db = db
         self.key_file = key_file
+        try:
+            self.key = self._key()
+            self._alerts = self._check_head()
+        except StartupError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a database error: the node cannot start
+            raise StartupError(
+                f"cannot open the audit chain in the database ({_describe(exc)}); check that "
+                "the node's database role may write audit_head and audit_records"
+            ) from exc
+
+    def _key(self) -> bytes:
+        """The key of ``key_file``, checked against the one the chain is written with."""
+        db, key_file = self.db, self.key_file
         has_records = bool(db._query("SELECT seq FROM audit_records LIMIT 1"))
         if has_records and not key_file.exists():
             raise StartupError(
@@ -453,7 +467,6 @@ class DatabaseChain:
             )
         key = load_key(key_file, create=True)
         assert key is not None
-        self.key = key
         with db._tx() as c:
             c.execute(
                 "INSERT INTO audit_head (name, seq, hash) VALUES (?, 0, ?) "
@@ -467,7 +480,7 @@ class DatabaseChain:
                 "audit chain is written with; copy the key file from the host that wrote the "
                 "chain first (every process that writes one chain needs the same key)"
             )
-        self._alerts = self._check_head()
+        return key
 
     def _check_head(self) -> list[dict[str, Any]]:
         """Compare the head with the last record; create the head of a new chain."""

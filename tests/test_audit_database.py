@@ -393,3 +393,12 @@ def test_a_database_that_is_down_refuses_the_record(tmp_path: Path, postgres_ser
     report = verify_database(database, key)
     assert report.ok and report.records == 3
     database.close()
+
+
+def test_a_chain_that_cannot_be_opened_stops_the_start(db: Database, settings: Settings) -> None:
+    execute(db, "ALTER TABLE audit_head RENAME TO audit_head_away")
+    try:
+        with pytest.raises(StartupError, match="cannot open the audit chain in the database"):
+            chain_log(db, settings)
+    finally:
+        execute(db, "ALTER TABLE audit_head_away RENAME TO audit_head")

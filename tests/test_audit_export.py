@@ -220,9 +220,13 @@ def test_udp_delivery(tmp_path: Path, parts: tuple[AuditLog, Database]) -> None:
 
 
 @pytest.mark.peers
-def test_a_node_exports_its_trail_and_keeps_the_head(tmp_path: Path) -> None:
-    from dicom_node.audit import HEAD, load_key, verify
+def test_a_node_exports_its_trail_and_keeps_the_head(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    """SQLite: the node's trail is audit.jsonl; PostgreSQL: the database chain."""
+    from dicom_node.audit import HEAD, load_key, verify, verify_database
     from dicom_node.pipeline.node import Node
+    from dicom_node.store.database import open_database
 
     port = free_port()
     repository = RSyslog(tmp_path, "tcp", port)
@@ -233,6 +237,7 @@ def test_a_node_exports_its_trail_and_keeps_the_head(tmp_path: Path) -> None:
             "bind_address": "127.0.0.1",
             "storage_dir": str(tmp_path / "var"),
             "device": "cpu",
+            "database": database_url,
             "audit": {
                 "key_file": str(tmp_path / "keys" / "audit.key"),
                 "syslog": {"host": "127.0.0.1", "port": port, "transport": "tcp"},
@@ -246,13 +251,19 @@ def test_a_node_exports_its_trail_and_keeps_the_head(tmp_path: Path) -> None:
         wait_for(lambda: repository.sequence_numbers() == [1, 2], 20, "start and stop exported")
     finally:
         repository.stop()
-    db = Database(settings.database_path)
-    head = db.audit_mark(HEAD)
-    db.close()
-    assert head is not None and head[0] == 2
-    key = load_key(tmp_path / "keys" / "audit.key", create=False)
-    assert not (settings.storage_dir / "audit.key").exists()
-    assert verify(settings.audit_path, key, head, check_head=True).ok
+    db = open_database(settings)
+    try:
+        head = db.audit_mark(HEAD)
+        assert head is not None and head[0] == 2
+        key = load_key(tmp_path / "keys" / "audit.key", create=False)
+        assert not (settings.storage_dir / "audit.key").exists()
+        if database_url is None:
+            assert verify(settings.audit_path, key, head, check_head=True).ok
+        else:
+            assert not settings.audit_path.exists()
+            assert verify_database(db, key).ok
+    finally:
+        db.close()
 
 
 @pytest.mark.peers
