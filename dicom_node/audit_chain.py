@@ -375,10 +375,12 @@ class ChainDatabase(HeadStore, Protocol):
     def _query(self, sql: str, params: tuple[Any, ...] = ...) -> list[Any]: ...
 
 
-def records_after(db: ChainDatabase, after: int, limit: int = PAGE) -> list[tuple[int, str]]:
-    """``(seq, record line)`` of the stored records above ``after``, in order, at most ``limit``."""
+def records_after(db: ChainDatabase, after: int, limit: int | None = None) -> list[tuple[int, str]]:
+    """``(seq, record line)`` of the stored records above ``after``, in order, at most
+    ``limit`` (default :data:`PAGE`)."""
     rows = db._query(
-        "SELECT seq, record FROM audit_records WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+        "SELECT seq, record FROM audit_records WHERE seq > ? ORDER BY seq LIMIT ?",
+        (after, limit or PAGE),
     )
     return [(int(row["seq"]), str(row["record"])) for row in rows]
 

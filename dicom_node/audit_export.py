@@ -341,4 +341,5 @@ class SyslogExporter:
                 continue
             if stopping:
                 return
-            self.audit.appended.wait(1.0)
+            if not sent:  # else more may be pending (a database chain is read page by page)
+                self.audit.appended.wait(1.0)

@@ -402,3 +402,25 @@ def test_a_chain_that_cannot_be_opened_stops_the_start(db: Database, settings: S
             chain_log(db, settings)
     finally:
         execute(db, "ALTER TABLE audit_head_away RENAME TO audit_head")
+
+
+def test_the_chain_is_read_page_by_page(
+    db: Database, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dicom_node.audit_chain as audit_chain
+    from dicom_node.audit import export_chain
+
+    log = fill(chain_log(db, settings), 10)
+    monkeypatch.setattr(audit_chain, "PAGE", 3)
+    reader = log.chain.reader()
+    assert [r["seq"] for r in reader.pending(0)] == [1, 2, 3]
+    assert [r["seq"] for r in reader.pending(0)] == [4, 5, 6]  # from where it stopped
+    assert [r["seq"] for r in reader.pending(7)] == [8, 9, 10]  # or from a later position
+    assert reader.pending(0) == []
+    key = load_key(settings.audit_key_file, create=False)
+    report = verify_database(db, key)
+    assert report.ok and report.records == 10
+    if settings.database is not None:  # the node's chain: export it, every page
+        exported = export_chain(settings, tmp_path / "export.jsonl")
+        assert (exported.records, exported.first, exported.last) == (10, 1, 10)
+        assert verify(tmp_path / "export.jsonl", key).ok
