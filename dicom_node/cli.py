@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from pydantic import ValidationError
@@ -22,6 +23,9 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.log import configure_logging
 from dicom_node.outputs.kinds import OutputKind
 from dicom_node.training.cli import add_evaluate_parser, add_train_parser
+
+if TYPE_CHECKING:
+    from dicom_node.audit_verify import Report
 
 log = structlog.get_logger(__name__)
 
@@ -243,6 +247,13 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     """
     from dicom_node.audit import HEAD, load_key, verify, verify_database
 
+    if args.file is not None and args.key is not None:
+        # A file and its key: nothing of the node is needed (e.g. an auditor's copy).
+        where, head = str(args.file), None
+        key_file = args.key
+        key = load_key(key_file, create=False)
+        report = verify(args.file, key)
+        return _print_report(report, where, key, key_file, head)
     settings = load_settings(args.config)
     key_file = args.key if args.key is not None else settings.audit_key_file
     key = load_key(key_file, create=False)
@@ -271,6 +282,13 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             finally:
                 db.close()
         report = verify(settings.audit_path, key, head, check_head=settings.database_path.exists())
+    return _print_report(report, where, key, key_file, head)
+
+
+def _print_report(
+    report: Report, where: str, key: bytes | None, key_file: Path, head: tuple[int, str] | None
+) -> int:
+    """Each problem, the notes and a summary line; the exit status (1: any problem)."""
     for problem in report.problems:
         print(problem)
     for note in report.notes:

@@ -331,6 +331,14 @@ def test_cli_verify_export_and_verify_file(
     assert verify(out, key).ok
     assert main(["audit", "verify", "--config", str(config), "--file", str(out)]) == 0
     assert f"{out}: 8 record(s), 8 keyed, chain intact" in capsys.readouterr().out
+    # An auditor's copy: the file and the key are enough, no node config.
+    missing = tmp_path / "no-such-config.yaml"
+    key_file = str(settings.audit_key_file)
+    assert main(["audit", "verify", "--config", str(missing), "--file", str(out)]) == 2
+    assert "cannot read the config file" in capsys.readouterr().err
+    argv = ["audit", "verify", "--config", str(missing), "--file", str(out), "--key", key_file]
+    assert main(argv) == 0
+    assert "8 record(s), 8 keyed, chain intact" in capsys.readouterr().out
     assert main(["audit", "export", "--config", str(config), str(out)]) == 2  # never overwrites
     assert "exists" in capsys.readouterr().err
 
