@@ -1,7 +1,8 @@
 """No access without its audit record: a full disk under the audit log refuses, never Success.
 
 Real associations on loopback; the audit log's write is made to fail as on a full disk
-(ENOSPC), after half the record reached the file.
+(ENOSPC), after half the record reached the file; and on PostgreSQL, where the trail is the
+database chain, its table is taken away under the running receiver.
 """
 
 from __future__ import annotations
