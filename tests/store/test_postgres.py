@@ -192,3 +192,20 @@ def test_two_receivers_indexing_one_series_at_once_keep_both_attributes(
     attrs = json.loads(info["attributes"])
     assert set(attrs["ImageType"].split("\\")) == {"ORIGINAL", "AXIAL", "LOCALIZER"}
     assert len(receivers[0].series_instances("1.2")) == 2
+
+
+def test_the_pool_replaces_connections_the_server_closed(
+    postgres_url: str, open_db: Callable[[], Database]
+) -> None:
+    """After the server ended every session (a restart, an administrator), the next
+    transaction runs on a new connection instead of failing on a dead one."""
+    db = open_db()
+    pending_jobs(db, 1)
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        ended = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert ended is not None and ended[0] >= 1
+    job = db.claim_job("w", lease_s=60)
+    assert job is not None and db.job_state(job.id) is JobState.RUNNING
