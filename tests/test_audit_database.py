@@ -371,9 +371,14 @@ def test_cli_verify_names_database_records_by_seq(
     assert "database audit chain: 3 record(s), 3 keyed, 3 problem(s), head at seq 5" in out
 
 
-def test_a_database_that_is_down_refuses_the_record(tmp_path: Path, postgres_server: Any) -> None:
+def test_a_database_that_is_down_refuses_the_record(
+    tmp_path: Path, postgres_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import psycopg
 
+    import dicom_node.store.postgres as postgres
+
+    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT_S", 2)  # the pool waits 6 s, not 30 s
     url = postgres_server.create_database()
     name = url.rsplit("/", 1)[1]
     settings = node_settings(tmp_path, url)
