@@ -69,6 +69,7 @@ lint: install
 bench: install peers
 	$(BIN)/python -m benchmarks.receive
 	$(BIN)/python -m benchmarks.la_lge
+	$(BIN)/python -m benchmarks.audit_chain
 
 # The long fuzz run (10,000 inputs, about 6 min): crashes, hangs, refused C-ECHOs, RSS.
 fuzz: install

@@ -6,9 +6,13 @@ framing), plain TCP (RFC 6587 octet counting) or UDP (RFC 5426). The structured 
 message carries the record's sequence number, hash and HMAC, so the repository holds a copy of
 the chain anchors too.
 
-The log itself is the spool: a thread sends every record after the last one the repository
-took, and keeps that position in the node database (``audit_head``, name
-``export:<host>:<port>``). A repository that is down gets every record once it is back, in
+The chain itself is the spool (the file or the database table, read through its
+:class:`~dicom_node.audit_chain.ChainReader`): a thread sends every record after the last one
+the repository took, and keeps that position in the node database (``audit_head``, name
+``export:<host>:<port>``). When several processes append to one database chain, each may run
+an exporter; only the one holding the lease ``lease:<host>:<port>`` sends.
+
+A repository that is down gets every record once it is back, in
 order; with TCP or TLS a record is counted as sent when the kernel took it and the connection
 was still open (RFC 5425 has no acknowledgements: a repository host that dies without closing
 its connections can lose what was in flight). UDP gives no delivery guarantee at all.
@@ -17,19 +21,20 @@ its connections can lose what was in flight). UDP gives no delivery guarantee at
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import select
 import socket
 import ssl
 import threading
+import time
+import uuid
 import xml.etree.ElementTree as ET
-from pathlib import Path
 from typing import Any
 
 import structlog
 
-from dicom_node.audit import AuditLog, HeadStore
+from dicom_node.audit import AuditLog
+from dicom_node.audit_chain import HeadStore
 from dicom_node.config import SyslogSettings
 
 log = structlog.get_logger(__name__)
@@ -42,6 +47,8 @@ MSGID = "IHE+RFC-3881"
 #: Private enterprise number for structured data; 32473 is the example number of RFC 5612.
 SD_ID = "dicomnode@32473"
 BOM = b"\xef\xbb\xbf"
+#: Lease on a repository's export when several processes append to one chain (seconds).
+LEASE_S = 30.0
 
 
 def _code(parent: ET.Element, tag: str, code: dict[str, str] | None) -> None:
@@ -198,7 +205,8 @@ class SyslogExporter:
     settings
         ``audit.syslog``.
     audit
-        The node's audit log (its file is the spool; ``appended`` wakes the exporter).
+        The node's audit log (its chain is the spool; ``appended`` wakes the exporter, which
+        also looks every second for records of other processes).
     marks
         Where the export position is kept (the node database).
     source_id
@@ -220,14 +228,16 @@ class SyslogExporter:
         self.marks = marks
         self.source_id = source_id
         self.name = f"export:{settings.host}:{settings.port}"
+        self.lease_name = f"lease:{settings.host}:{settings.port}"
         self.retry_s, self.max_retry_s = retry_s, max_retry_s
         self.hostname = socket.gethostname()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: _Connection | None = None
-        self._offset = 0
-        self._seq = 0  # implied numbering of records written before sequence numbers
-        self._retry: list[dict[str, Any]] = []  # read from the log, not yet taken
+        self._reader = audit.chain.reader()
+        self._retry: list[dict[str, Any]] = []  # read from the chain, not yet taken
+        self._owner = f"{self.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lease_until = 0.0  # of a shared chain: this exporter sends until then
 
     @property
     def position(self) -> int:
@@ -247,27 +257,12 @@ class SyslogExporter:
             self._thread.join(timeout_s)
         if self._conn is not None:
             self._conn.close()
-
-    def _pending(self, path: Path, after: int) -> list[dict[str, Any]]:
-        """Whole records of the log after sequence number ``after``, read from the last offset."""
-        if not path.exists():
-            return []
-        with path.open("rb") as fh:
-            fh.seek(self._offset)
-            data = fh.read()
-        end = data.rfind(b"\n") + 1
-        out = []
-        for line in data[:end].splitlines():
-            self._offset += len(line) + 1
+        if self._lease_until:
             try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # damaged: `audit verify` reports it
-            self._seq = int(record.get("seq", self._seq + 1))
-            record.setdefault("seq", self._seq)
-            if self._seq > after:
-                out.append(record)
-        return out
+                self.audit.chain.release_lease(self.lease_name, self._owner)
+            except Exception as exc:  # noqa: BLE001 - the lease then ends by itself
+                log.warning("audit.export_lease_kept", error=type(exc).__name__)
+            self._lease_until = 0.0
 
     def send_pending(self) -> int:
         """Send every record after the export position; return how many were sent.
@@ -276,10 +271,15 @@ class SyslogExporter:
         ------
         OSError
             When the repository cannot be reached; the position stays at the last record sent.
+
+        Sends nothing while another process holds this repository's lease (a chain that
+        several processes append to).
         """
+        if not self._hold_lease():
+            return 0  # another process of the node exports to this repository
         after = self.position
         sent = 0
-        pending = self._pending(self.audit.path, after)
+        pending = self._reader.pending(after)
         records = self._retry + pending
         self._retry = []
         for i, record in enumerate(records):
@@ -297,6 +297,26 @@ class SyslogExporter:
             sent += 1
         return sent
 
+    def _hold_lease(self, now: float | None = None) -> bool:
+        """Take or renew the lease on this repository's export.
+
+        Only its holder sends, so several processes that append to one chain never send a
+        record twice at once; a holder that dies is replaced after the lease
+        (:meth:`~dicom_node.audit_chain.DatabaseChain.take_lease`; a file chain has one
+        writer and always grants it).
+        """
+        now = time.time() if now is None else now
+        if now < self._lease_until - LEASE_S / 2:
+            return True
+        held = self.audit.chain.take_lease(
+            self.lease_name, self._owner, int(now), int(now + LEASE_S)
+        )
+        if held and self._lease_until <= now:  # (re)gained: read again from the position
+            self._reader = self.audit.chain.reader()
+            self._retry = []
+        self._lease_until = now + LEASE_S if held else 0.0
+        return held
+
     def _run(self) -> None:
         delay = self.retry_s
         while True:
@@ -307,11 +327,12 @@ class SyslogExporter:
                 delay = self.retry_s
                 if sent:
                     log.info("audit.exported", records=sent, position=self.position)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - repository or database away: retry later
+                error = exc.strerror or str(exc) if isinstance(exc, OSError) else None
                 log.warning(
                     "audit.export_failed",
                     repository=self.name,
-                    error=exc.strerror or str(exc),
+                    error=error or type(exc).__name__,
                     retry_in_s=delay,
                 )
                 if stopping or self._stop.wait(delay):
@@ -320,4 +341,5 @@ class SyslogExporter:
                 continue
             if stopping:
                 return
-            self.audit.appended.wait(1.0)
+            if not sent:  # else more may be pending (a database chain is read page by page)
+                self.audit.appended.wait(1.0)

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from pydantic import ValidationError
@@ -22,6 +23,9 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.log import configure_logging
 from dicom_node.outputs.kinds import OutputKind
 from dicom_node.training.cli import add_evaluate_parser, add_train_parser
+
+if TYPE_CHECKING:
+    from dicom_node.audit_verify import Report
 
 log = structlog.get_logger(__name__)
 
@@ -236,32 +240,90 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """Check every record; print each failed check with its line, sequence and reason."""
-    from dicom_node.audit import HEAD, load_key, verify
-    from dicom_node.store.database import Database
+    """Check every record; print each failed check with its line (or seq) and reason.
 
+    The chain the config uses (the database chain with PostgreSQL, ``audit.jsonl`` with
+    SQLite), or with ``--file`` a JSON-lines file (``audit.jsonl`` or an ``audit export``).
+    """
+    from dicom_node.audit import HEAD, load_key, verify, verify_database
+
+    if args.file is not None and args.key is not None:
+        # A file and its key: nothing of the node is needed (e.g. an auditor's copy).
+        where, head = str(args.file), None
+        key_file = args.key
+        key = load_key(key_file, create=False)
+        report = verify(args.file, key)
+        return _print_report(report, where, key, key_file, head)
     settings = load_settings(args.config)
-    key = load_key(settings.audit_key_file, create=False)
+    key_file = args.key if args.key is not None else settings.audit_key_file
+    key = load_key(key_file, create=False)
     head = None
-    if settings.database_path.exists():
-        db = Database(settings.database_path)
+    if args.file is not None:
+        where = str(args.file)
+        report = verify(args.file, key)
+    elif settings.database is not None:
+        from dicom_node.store.database import open_database
+
+        where = "database audit chain"
+        db = open_database(settings)
         try:
+            report = verify_database(db, key)
             head = db.audit_mark(HEAD)
         finally:
             db.close()
-    report = verify(settings.audit_path, key, head, check_head=settings.database_path.exists())
+    else:
+        from dicom_node.store.database import Database
+
+        where = str(settings.audit_path)
+        if settings.database_path.exists():
+            db = Database(settings.database_path)
+            try:
+                head = db.audit_mark(HEAD)
+            finally:
+                db.close()
+        report = verify(settings.audit_path, key, head, check_head=settings.database_path.exists())
+    return _print_report(report, where, key, key_file, head)
+
+
+def _print_report(
+    report: Report, where: str, key: bytes | None, key_file: Path, head: tuple[int, str] | None
+) -> int:
+    """Each problem, the notes and a summary line; the exit status (1: any problem)."""
     for problem in report.problems:
         print(problem)
     for note in report.notes:
         print(f"note: {note}")
     if key is None:
-        print(f"note: no key file at {settings.audit_key_file}: HMACs not checked")
+        print(f"note: no key file at {key_file}: HMACs not checked")
     print(
-        f"{settings.audit_path}: {report.records} record(s), {report.keyed} keyed, "
+        f"{where}: {report.records} record(s), {report.keyed} keyed, "
         + ("chain intact" if report.ok else f"{len(report.problems)} problem(s)")
         + (f", head at seq {head[0]}" if head else "")
     )
     return 0 if report.ok else 1
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    """Write the audit chain, up to its head now, as a JSON-lines file like ``audit.jsonl``.
+
+    The file verifies with ``audit verify --file FILE`` and the key. It is written beside its
+    final name and renamed when complete; an existing file is never overwritten.
+    """
+    from dicom_node.audit import export_chain
+
+    settings = load_settings(args.config)
+    exported = export_chain(settings, Path(args.file))
+    print(
+        f"{args.file}: {exported.records} record(s)"
+        + (
+            f", seq {exported.first}..{exported.last}, last hash {exported.last_hash}"
+            if exported.records
+            else ""
+        )
+        + f" (from the {exported.source}); check it with "
+        f"`dicom-node audit verify --file {args.file}`"
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,8 +392,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="audit trail tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    p = with_config(audit_sub.add_parser("verify", help="check the audit log's hash chain"))
+    p = with_config(
+        audit_sub.add_parser(
+            "verify",
+            help="check the audit chain the config uses (database or audit.jsonl), or --file",
+        )
+    )
+    p.add_argument(
+        "--file",
+        type=Path,
+        help="verify this JSON-lines file instead (audit.jsonl or a file of `audit export`)",
+    )
+    p.add_argument(
+        "--key", type=Path, help="the HMAC key file (default: audit.key_file of the config)"
+    )
     p.set_defaults(func=cmd_audit_verify)
+    p = with_config(
+        audit_sub.add_parser(
+            "export", help="write the audit chain (up to its head now) to a new JSON-lines file"
+        )
+    )
+    p.add_argument("file", help="the file to write (must not exist)")
+    p.set_defaults(func=cmd_audit_export)
 
     add_train_parser(sub)
     add_evaluate_parser(sub)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import dicom_node.audit as audit_module
+import dicom_node.audit_chain as audit_chain
 from dicom_node.audit import (
     HEAD,
     AuditAction,
@@ -185,10 +185,10 @@ def test_a_full_disk_leaves_no_torn_record(
     before = path.read_bytes()
 
     def half_then_full(fd: int, data: bytes) -> int:
-        audit_module.os.write(fd, data[: len(data) // 2])
+        audit_chain.os.write(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(audit_module, "_write", half_then_full)
+    monkeypatch.setattr(audit_chain, "_write", half_then_full)
     with pytest.raises(AuditWriteError, match="No space left"):
         fill(log, 1)
     assert path.read_bytes() == before and db.audit_mark(HEAD) is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,9 +220,13 @@ def test_udp_delivery(tmp_path: Path, parts: tuple[AuditLog, Database]) -> None:
 
 
 @pytest.mark.peers
-def test_a_node_exports_its_trail_and_keeps_the_head(tmp_path: Path) -> None:
-    from dicom_node.audit import HEAD, load_key, verify
+def test_a_node_exports_its_trail_and_keeps_the_head(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    """SQLite: the node's trail is audit.jsonl; PostgreSQL: the database chain."""
+    from dicom_node.audit import HEAD, load_key, verify, verify_database
     from dicom_node.pipeline.node import Node
+    from dicom_node.store.database import open_database
 
     port = free_port()
     repository = RSyslog(tmp_path, "tcp", port)
@@ -232,6 +237,7 @@ def test_a_node_exports_its_trail_and_keeps_the_head(tmp_path: Path) -> None:
             "bind_address": "127.0.0.1",
             "storage_dir": str(tmp_path / "var"),
             "device": "cpu",
+            "database": database_url,
             "audit": {
                 "key_file": str(tmp_path / "keys" / "audit.key"),
                 "syslog": {"host": "127.0.0.1", "port": port, "transport": "tcp"},
@@ -245,10 +251,63 @@ def test_a_node_exports_its_trail_and_keeps_the_head(tmp_path: Path) -> None:
         wait_for(lambda: repository.sequence_numbers() == [1, 2], 20, "start and stop exported")
     finally:
         repository.stop()
-    db = Database(settings.database_path)
-    head = db.audit_mark(HEAD)
-    db.close()
-    assert head is not None and head[0] == 2
-    key = load_key(tmp_path / "keys" / "audit.key", create=False)
-    assert not (settings.storage_dir / "audit.key").exists()
-    assert verify(settings.audit_path, key, head, check_head=True).ok
+    db = open_database(settings)
+    try:
+        head = db.audit_mark(HEAD)
+        assert head is not None and head[0] == 2
+        key = load_key(tmp_path / "keys" / "audit.key", create=False)
+        assert not (settings.storage_dir / "audit.key").exists()
+        if database_url is None:
+            assert verify(settings.audit_path, key, head, check_head=True).ok
+        else:
+            assert not settings.audit_path.exists()
+            assert verify_database(db, key).ok
+    finally:
+        db.close()
+
+
+@pytest.mark.peers
+def test_processes_of_one_database_chain_export_each_record_once(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Two processes' worth of chain, database and exporter (one PostgreSQL chain): only the
+    lease holder sends; when it stops, the other goes on from the stored position."""
+    from dicom_node.audit import DatabaseChain
+    from dicom_node.store.database import open_database
+
+    settings = parse_settings({"storage_dir": str(tmp_path / "var"), "database": postgres_url})
+    settings.storage_dir.mkdir(parents=True)
+    port = free_port()
+    repository = RSyslog(tmp_path, "tcp", port)
+    repository.start()
+    syslog = SyslogSettings("127.0.0.1", port, "tcp")
+    dbs = [open_database(settings), open_database(settings)]
+    logs = [AuditLog(chain=DatabaseChain(db, settings.audit_key_file)) for db in dbs]
+    exporters = [
+        SyslogExporter(syslog, log, db, "DICOMNODE", retry_s=0.2, max_retry_s=0.5)
+        for log, db in zip(logs, dbs, strict=True)
+    ]
+    try:
+        for exporter in exporters:
+            exporter.start()
+        for _ in range(3):
+            fill(logs[0], 2)
+            fill(logs[1], 2)
+        wait_for(lambda: len(repository.sequence_numbers()) >= 12, 20, "delivery")
+        assert repository.sequence_numbers() == list(range(1, 13))  # once each, in order
+        holder = next(e for e in exporters if e._lease_until)
+        other = exporters[1 - exporters.index(holder)]
+        assert not other._lease_until
+        holder.stop()  # gives the lease back
+        fill(logs[0], 3)
+        wait_for(lambda: len(repository.sequence_numbers()) >= 15, 20, "delivery by the other")
+        assert repository.sequence_numbers() == list(range(1, 16))
+        assert other.position == 15
+        time.sleep(1.5)  # more than an exporter's idle wait: nothing is sent twice later
+        assert repository.sequence_numbers() == list(range(1, 16))
+    finally:
+        for exporter in exporters:
+            exporter.stop()
+        repository.stop()
+        for db in dbs:
+            db.close()

@@ -25,9 +25,9 @@ from dicom_node.audit import (
     AuditAction,
     AuditEvent,
     AuditEventType,
-    AuditLog,
     AuditOutcome,
     Participants,
+    open_audit_log,
 )
 from dicom_node.audit_export import SyslogExporter
 from dicom_node.config import Route, Settings
@@ -132,7 +132,7 @@ class Node:
         prepare_storage(settings.storage_dir)
         self._lock_file = self._take_lock()
         self.db = open_database(settings)
-        self.audit = AuditLog(settings.audit_path, settings.audit_key_file, head=self.db)
+        self.audit = open_audit_log(settings, self.db)  # the file, or the database's chain
         self.wake = threading.Event()  # scheduler: an association ended
         self.work = threading.Event()  # workers: a job was queued
         self.stopping = threading.Event()
