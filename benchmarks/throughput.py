@@ -160,7 +160,9 @@ def throughput(args: argparse.Namespace, work: Path) -> str:
     from dicom_node.models.random_package import make_random_package
 
     random_model = work / "model" / "random-ct"
-    make_random_package(random_model)
+    # One structure, as an organ model would have: a random network's speckled masks give
+    # one ragged outline per slice and structure, which is what the SR costs.
+    make_random_package(random_model, name="random-ct", structures=("heart",))
     started = time.perf_counter()
     schedule = build_schedule(work, args.duration, args.dx_per_hour, args.ct_per_hour)
     print(
@@ -291,6 +293,14 @@ def report(
         rows,
     )
     half = [s for s in run.samples if s.t >= duration / 2 and s.t <= duration]
+    at_end = [s for s in run.samples if s.t <= duration]
+    after = [s for s in run.samples if s.t > duration]
+    drain = "-"
+    if at_end and after and after[-1].t > at_end[-1].t:
+        backlog = at_end[-1].pending + at_end[-1].running
+        if backlog >= 5:
+            rate = (after[-1].done - at_end[-1].done) / (after[-1].t - at_end[-1].t) * 3600
+            drain = f"{rate:.0f} (backlog {backlog})"
     waiting = [s.pending + s.running for s in run.samples if s.t <= duration]
     out += "\n\n" + table(
         ["queue (jobs pending + running)", "value"],
@@ -302,6 +312,7 @@ def report(
                 "drained after the senders stopped (s)",
                 f"{drained_at - duration:.1f}" if not math.isnan(drained_at) else "not drained",
             ],
+            ["jobs done per hour while draining (capacity, when a backlog was left)", drain],
         ],
     )
     every = max(1, int(round(args.duration / 12 / args.sample_s)))
