@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=180.0, help="seconds (default 180)")
     parser.add_argument("--senders", type=int, default=3, help="sender threads (default 3)")
     parser.add_argument(
-        "--dx-per-hour", type=float, default=2400.0, help="radiographs offered (default 2400)"
+        "--dx-per-hour", type=float, default=2000.0, help="radiographs offered (default 2000)"
     )
     parser.add_argument(
         "--ct-per-hour", type=float, default=60.0, help="CT series offered (default 60)"
