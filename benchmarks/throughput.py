@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import socket
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -39,10 +41,11 @@ from pydicom.uid import generate_uid
 
 from benchmarks.receive import CXR_ANATOMY, BenchmarkError, machine, table
 from tests.conftest import NodeProcess, StoreSCP, free_port, node_settings, storescu
-from tests.factories import JSRT, ct_series, jsrt_cases, jsrt_dx, write_files
+from tests.factories import JSRT, REPO, ct_series, jsrt_cases, jsrt_dx, write_files
 
 CT_SHAPE = (24, 256, 256)  # slices, rows, columns
 DRAIN_TIMEOUT_S = 300.0
+NODE_START_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -151,6 +154,27 @@ def results_at(folder: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def start_node(node: NodeProcess, timeout_s: float = NODE_START_TIMEOUT_S) -> NodeProcess:
+    """``dicom-node serve`` until its port answers: the tests' start with a longer limit (the
+    warm-up of two models on a loaded machine takes more than their 60 s)."""
+    node.proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node", "serve", "--config", str(node.config)],
+        cwd=REPO,
+        stdout=node.log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if node.proc.poll() is not None:
+            raise BenchmarkError(f"node exited with {node.proc.returncode}: see {node.log}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", node.port)) == 0:
+                return node
+        time.sleep(0.2)
+    node.stop()
+    raise BenchmarkError(f"node did not listen within {timeout_s:g} s")
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
@@ -182,7 +206,7 @@ def throughput(args: argparse.Namespace, work: Path) -> str:
         {"name": "ct", "match": {"Modality": ["CT"]}, "model": str(random_model)}
         | {"send_to": ["pacs"]},
     ]
-    node = NodeProcess(folder, settings).start()
+    node = start_node(NodeProcess(folder, settings))
     database = node.storage / "node.sqlite3"
     run = Run(schedule)
     stop = threading.Event()
