@@ -10,7 +10,9 @@ associations:
    <dicom_node.models.inference.Segmenter.warm_up>`), on the node's device. A network that
    cannot run its own input size, or does not give one channel per structure, fails here, at
    start, instead of at the first study;
-2. the SEG and SR of one synthetic 64 x 64 image (no patient data; nothing written to disk
+2. a one-input package that accepts the synthetic image below (its Modality) segments it
+   the way a study is (preprocessing, orientation, postprocessing);
+3. the SEG and SR of one synthetic 64 x 64 image (no patient data; nothing written to disk
    but the one temporary input file) are built and encoded with the package's structures,
    by the same writers the worker uses: a DX radiograph for a 2D package of CR or DX
    images (the projection path: TID 1410, the cardiothoracic ratio), else a CT slice.
@@ -18,6 +20,7 @@ associations:
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +35,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from dicom_node.errors import InputError
 from dicom_node.imaging.series import ImageSeries, load_series
-from dicom_node.models.inference import Segmenter
+from dicom_node.models.inference import InferenceReport, Segmenter
 from dicom_node.models.package import ModelPackage
 from dicom_node.outputs.kinds import OutputKind
 from dicom_node.outputs.measurements import measure
@@ -60,6 +64,11 @@ def warm_up(segmenter: Segmenter) -> float:
         path = Path(folder) / "slice.dcm"
         synthetic_image(segmenter.package).save_as(path, enforce_file_format=True)
         series = load_series([path])
+        package = segmenter.package
+        if len(package.inputs) == 1 and series.modality in package.modalities:
+            # Outside the package's applicability, say: step 1 has run the network.
+            with contextlib.suppress(InputError):
+                segmenter.segment(series, None, InferenceReport())
         build_outputs(series, segmenter)
     return time.perf_counter() - started
 

@@ -59,7 +59,9 @@ def test_start_runs_each_routes_model_once(tmp_path: Path, random_package: Path)
     warmed = [e for e in logs if e["event"] == "model.warmed_up"]
     assert sorted(e["model"] for e in warmed) == ["random-chest", "random-other"]
     assert all(e["seconds"] > 0 and e["device"] == "cpu" for e in warmed)
-    assert sorted(calls) == ["random-chest", "random-other"]  # one forward pass each
+    # Each model ran (zeros, then the synthetic radiograph), the shared one not twice as often.
+    assert set(calls) == {"random-chest", "random-other"}
+    assert calls.count("random-chest") == calls.count("random-other") >= 1
     started = next(i for i, e in enumerate(logs) if e["event"] == "node.started")
     assert all(logs.index(e) < started for e in warmed)  # before the node accepts studies
 
