@@ -206,7 +206,11 @@ def throughput(args: argparse.Namespace, work: Path) -> str:
         {"name": "ct", "match": {"Modality": ["CT"]}, "model": str(random_model)}
         | {"send_to": ["pacs"]},
     ]
-    node = start_node(NodeProcess(folder, settings))
+    try:
+        node = start_node(NodeProcess(folder, settings))
+    except BaseException:
+        scp.stop()
+        raise
     database = node.storage / "node.sqlite3"
     run = Run(schedule)
     stop = threading.Event()
