@@ -182,6 +182,18 @@ def _role(value: Any) -> str:
     return value
 
 
+_MODALITY_RE = re.compile(r"^[A-Z0-9_ ]{1,16}$")
+
+
+def _modality(value: Any) -> str:
+    """A Modality (0008,0060) code: upper-case letters, digits, ``_`` (a CS value)."""
+    if not isinstance(value, str) or not _MODALITY_RE.match(value) or not value.strip():
+        raise problem(
+            f"must be a Modality (0008,0060) code such as DX or CR, got {check.got(value)}"
+        )
+    return value.strip()
+
+
 def _keys(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
@@ -194,6 +206,7 @@ Seconds = Annotated[float, BeforeValidator(check.number(0))]
 PositiveSeconds = Annotated[float, BeforeValidator(check.number(0, above=True))]
 StrictBool = Annotated[bool, BeforeValidator(check.boolean)]
 Count = Annotated[int, BeforeValidator(check.integer(1))]
+Modality = Annotated[str, BeforeValidator(_modality)]
 
 
 @dataclass(frozen=True)
@@ -630,6 +643,9 @@ class Settings:
     tls: TLSSettings | None = None
     stable_after_s: Seconds = 10.0
     release_grace_s: Seconds = 1.0
+    #: Modalities whose series are complete as soon as the association that sent them is
+    #: released (no ``release_grace_s``): projection images, each segmented on its own.
+    complete_at_release: tuple[Modality, ...] = ("CR", "DX", "MG", "IO", "PX")
     #: Default of ``routes[].study_timeout_s``: seconds after a study's first series before a
     #: study-level case runs without its optional roles, or fails for a missing required one.
     study_timeout_s: PositiveSeconds = 600.0

@@ -36,7 +36,7 @@ import structlog
 import torch
 from monai.inferers import sliding_window_inference
 
-from dicom_node.errors import InputError
+from dicom_node.errors import InputError, ModelPackageError
 from dicom_node.imaging.series import ImageSeries
 from dicom_node.models.applicability import check_image
 from dicom_node.models.orientation import Reorientation, frame_datasets, reorientations
@@ -194,6 +194,34 @@ class Segmenter:
         self.network = load_network(package, self.device)
         self._cpu_network: torch.nn.Module | None = None
         self._cpu_lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Run the network once on zeros of its input size (a 2D image, or one 3D patch) on
+        its device, so that the first study does not pay torch's first-call costs.
+
+        Raises
+        ------
+        ModelPackageError
+            When the network's output has not one channel per structure of the package
+            (a network that cannot run its input size raises its own error).
+        """
+        shape = (1, self.package.in_channels, *self.package.input_size)
+
+        def forward(network: torch.nn.Module, device: torch.device, batch: int) -> np.ndarray:
+            with torch.inference_mode(), self._autocast(device):
+                probs = self._activate(network(torch.zeros(shape, device=device)))
+                return probs.cpu().numpy()  # type: ignore[no-any-return]
+
+        probs = self._run(forward, InferenceReport())
+        expected = (1, len(self.package.structures), *self.package.input_size)
+        if probs.shape != expected:
+            raise ModelPackageError(
+                f"model {self.package.name}: its network gives {probs.shape[1:]} "
+                f"(channels, size) for an input of {shape[1:]}, where the package's "
+                f"{len(self.package.structures)} structures need "
+                f"{expected[1:]}; check model.yaml (structures, network, output) against "
+                "model.pt"
+            )
 
     def _network_on_cpu(self) -> torch.nn.Module:
         """A CPU copy of the network for the out-of-memory fallback (made once)."""

@@ -2,7 +2,13 @@
 
 A series is complete when nothing arrived for it for ``stable_after_s``, or sooner: once the
 association that sent its last instance was released and ``release_grace_s`` passed without a
-new instance (peers that send one study over several associations get that grace). Each
+new instance (peers that send one study over several associations get that grace). A series
+whose Modality is one of ``complete_at_release`` (default CR, DX, MG, IO, PX: projection
+images) is complete at that release, without the grace: each of its images is segmented on
+its own, so an image that a later association adds cannot change the results of those that
+came before; with ``late_instances: reprocess`` it makes the series run again (same output
+UIDs for the images already done, so a destination replaces those results). The node wakes
+the assembler when an association is released, so such a series is queued at once. Each
 matching series-level route makes one job; a series no route matches is marked unrouted.
 
 A study-level route (``trigger: study``) opens a case for the study when a complete series
@@ -42,11 +48,8 @@ class Assembler:
     def tick(self, now: float | None = None) -> int:
         """Queue every series and case that is complete at ``now``; return how many jobs."""
         now = time.time() if now is None else now
-        ready = self.db.complete_series(
-            self.settings.stable_after_s, self.settings.release_grace_s, now
-        )
         queued = 0
-        for series_uid, attributes in ready:
+        for series_uid, attributes in self._complete(now):
             routes = routes_for(self.settings.routes, attributes)
             cases = [r for r in self._study_routes if fills_a_role(r, attributes)]
             self.db.queue_series(series_uid, [r.name for r in routes], now, in_case=bool(cases))
@@ -67,6 +70,19 @@ class Assembler:
         for case in self.db.waiting_cases():
             queued += self._case(case, now)
         return queued
+
+    def _complete(self, now: float) -> list[tuple[str, dict[str, str]]]:
+        """Series complete at ``now``: quiet, released + grace, or released and of a modality
+        that is complete at release."""
+        stable, grace = self.settings.stable_after_s, self.settings.release_grace_s
+        ready = dict(self.db.complete_series(stable, grace, now))
+        at_release = set(self.settings.complete_at_release)
+        if at_release and grace > 0:
+            for series_uid, attributes in self.db.complete_series(stable, 0.0, now):
+                modalities = set(attributes.get("Modality", "").split("\\"))
+                if series_uid not in ready and modalities <= at_release:
+                    ready[series_uid] = attributes
+        return list(ready.items())
 
     def _case(self, case: Case, now: float) -> int:
         """Queue ``case`` when ready, fail it at its timeout; return 1 when a job was made."""

@@ -174,6 +174,7 @@ class Node:
         resumed = self.db.recover_after_restart()
         for route in self.settings.routes:  # fail at start, not at the first study
             check_roles(route, self.worker.segmenter(route.model).package.roles)
+        self.worker.warm_up()  # each model once: the first study as fast as the next
         address = self.settings.bind_address
         if self.settings.metrics_port is not None:
             try:

@@ -28,7 +28,7 @@ import torch
 
 from dicom_node.audit import AuditAction, AuditEvent, AuditLog, AuditOutcome, Participants
 from dicom_node.config import Route, Settings
-from dicom_node.errors import InputError, ModelPackageError
+from dicom_node.errors import InputError, ModelPackageError, StartupError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.models.inference import DeviceSlots, Segmenter
 from dicom_node.models.package import load_package
@@ -39,6 +39,7 @@ from dicom_node.pipeline.segment import (
     segment_series,
     write_outputs,
 )
+from dicom_node.pipeline.warmup import warm_up
 from dicom_node.redact import describe
 from dicom_node.store.database import CaseStore, Database, Job, JobState
 
@@ -77,6 +78,38 @@ class Worker:
                     slots=self.slots,
                 )
             return self._segmenters[model]
+
+    def warm_up(self) -> None:
+        """Load each route's model and run it once (:func:`~dicom_node.pipeline.warmup.warm_up`),
+        so that the first study is as fast as the next; logs ``model.warmed_up`` per model.
+
+        Raises
+        ------
+        StartupError
+            When a model cannot run: naming the route, the package and the error.
+        """
+        done: set[Path] = set()
+        for route in self.settings.routes:
+            if route.model in done:
+                continue
+            done.add(route.model)
+            segmenter = self.segmenter(route.model)
+            try:
+                seconds = warm_up(segmenter)
+            except Exception as exc:  # noqa: BLE001 - any failure of the model: refuse to start
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise StartupError(
+                    f"routes: {route.name}: the model package {route.model} fails on a "
+                    f"synthetic input at start ({type(exc).__name__}: {first}); fix or "
+                    "replace the package"
+                ) from exc
+            log.info(
+                "model.warmed_up",
+                model=segmenter.package.name,
+                version=segmenter.package.version,
+                device=str(self.device),
+                seconds=round(seconds, 3),
+            )
 
     def run_once(self, owner: str | None = None) -> bool:
         """Claim and run one job as ``owner``; return False when the queue had none.

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from dicom_node.models.package import ModelPackage, Postprocess
-from dicom_node.models.postprocess import postprocess
+from dicom_node.models.postprocess import fill_frame_holes, postprocess
 from dicom_node.models.random_package import make_random_package
 
 
@@ -73,3 +74,35 @@ def test_empty_masks_and_no_steps(package: ModelPackage, tmp_path: Path) -> None
     )
     with pytest.raises(ValueError, match="expected masks"):
         postprocess(masks[..., :1], package)
+
+
+def frames_with_holes() -> list[np.ndarray]:
+    """Masks whose holes touch the box of the mask, the image edge, or nest in each other."""
+    rng = np.random.default_rng(7)
+    frames = [ring_and_speck(), np.zeros((9, 9), dtype=bool), np.ones((9, 9), dtype=bool)]
+    edge = np.zeros((30, 30), dtype=bool)
+    edge[:, :10] = True
+    edge[5:8, 0:3] = False  # open to the image edge: not a hole
+    edge[12:15, 3:6] = False  # closed: a hole
+    frames.append(edge)
+    nested = np.zeros((40, 40), dtype=bool)
+    nested[2:38, 2:38] = True
+    nested[6:34, 6:34] = False
+    nested[12:28, 12:28] = True
+    nested[16:24, 16:24] = False
+    frames.append(nested)
+    diagonal = np.zeros((12, 12), dtype=bool)  # background joined only diagonally: a hole
+    diagonal[2:9, 2:9] = True
+    diagonal[5, 5] = False
+    diagonal[4, 4] = False
+    frames.append(diagonal)
+    for density in (0.3, 0.5, 0.7):
+        frames.append(rng.random((64, 96)) < density)
+        frames.append(ndimage.gaussian_filter(rng.random((128, 128)), 3) > 0.5)
+    return frames
+
+
+@pytest.mark.parametrize("index", range(len(frames_with_holes())))
+def test_fill_frame_holes_is_scipy_binary_fill_holes(index: int) -> None:
+    frame = frames_with_holes()[index]
+    assert np.array_equal(fill_frame_holes(frame), ndimage.binary_fill_holes(frame))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from matplotlib.path import Path as PolygonPath
+from scipy import ndimage
+from shapely import LineString
+from skimage.measure import find_contours
 
 from dicom_node.outputs.contours import MAX_POINTS, horizontal_line, largest_part, outline
 
@@ -74,3 +77,33 @@ def test_empty_and_invalid() -> None:
 def test_horizontal_line_spans_the_outer_edges() -> None:
     line = horizontal_line(10, 19, 7.0)
     assert line.tolist() == [[10.0, 7.5], [20.0, 7.5]]  # 10 columns wide
+
+
+def whole_image_outline(mask: np.ndarray) -> np.ndarray:
+    """The outline traced over the whole padded image, as before :func:`outline` worked on
+    the part's bounding box: the reference the box must reproduce point for point."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, count + 1))
+    part = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)) + 1)
+    traced = max(find_contours(np.pad(part, 1).astype(np.float32), 0.5), key=len)
+    line = LineString(traced)
+    tolerance = 0.5
+    points = np.asarray(line.simplify(tolerance, preserve_topology=False).coords)
+    while len(points) > MAX_POINTS:
+        tolerance *= 2
+        points = np.asarray(line.simplify(tolerance, preserve_topology=False).coords)
+    scoord = points[:, ::-1] - 0.5
+    if not np.array_equal(scoord[0], scoord[-1]):
+        scoord = np.vstack([scoord, scoord[:1]])
+    return np.asarray(scoord, dtype=np.float32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_outline_on_the_bounding_box_is_the_whole_image_outline(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    size = (96, 160)
+    mask = ndimage.gaussian_filter(rng.random(size), 1 + seed) > 0.5  # blobs, some at edges
+    mask |= rng.random(size) < 0.02  # specks and ragged edges
+    if seed % 2:
+        mask[:, :3] = True  # a part along the image's left edge
+    assert np.array_equal(outline(mask), whole_image_outline(mask))
