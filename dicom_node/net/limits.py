@@ -29,7 +29,6 @@ import copy
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -63,11 +62,6 @@ class PeerLimitExceeded(OSError):
 def free_disk_bytes(path: Path) -> int:
     """Bytes free for this process on the file system that holds ``path``."""
     return shutil.disk_usage(path).free
-
-
-def incoming_temp_dir() -> Path:
-    """Where pynetdicom writes a data set while it arrives (``STORE_RECV_CHUNKED_DATASET``)."""
-    return Path(tempfile.gettempdir())
 
 
 def _in_progress_file(assoc: Association) -> Any:
@@ -172,7 +166,9 @@ class BoundedSocket(AssociationSocket):
         if size > self.limits.max_instance_bytes:
             self._abort(f"data set passed limits.max_instance_bytes ({size} bytes received)")
         # Below the watermark a finished C-STORE is refused (0xA700); an unfinished data set
-        # is cut only below half of it, the floor that keeps the disk from filling up.
+        # is cut only below half of it, the floor that keeps the disk from filling up. The
+        # file is in <storage_dir>/incoming (net.incoming): both are one file system unless
+        # incoming is a mount of its own, and then both are watched.
         floor = self.limits.min_free_disk_bytes // 2
         for folder in (Path(fh.name).parent, self.storage_dir):
             if free_disk_bytes(folder) < floor:
