@@ -64,11 +64,6 @@ def register(ae: ApplicationEntity, folder: Path) -> None:
     _folders[ae] = folder
 
 
-def folder_of(ae: ApplicationEntity) -> Path | None:
-    """The incoming folder registered for ``ae``, or None (the system temp folder)."""
-    return _folders.get(ae)
-
-
 def clean(folder: Path) -> int:
     """Remove the files a killed or stopped receiver left in ``folder``; return how many.
 

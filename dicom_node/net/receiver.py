@@ -15,6 +15,7 @@ import time
 import uuid
 import weakref
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ RECEIVE_STEPS: dict[str, str] = {
     "header": "header read (dcmread; values over 64 KiB stay on disk)",
     "validate": "UIDs, SOP match, pixel data length, routing attributes",
     "audit": "audit record (first instance of a study on an association)",
-    "fsync": "fsync of the received file",
+    "fsync": "fsync of the received file: the wait left after the checks, which it overlaps",
     "rename": "rename into the spool, fsync of its folder",
     "index": "index transaction, its commit included",
     "total": "the whole handler",
@@ -244,6 +245,14 @@ class Receiver:
         self.server: LimitedServer | None = None
         self.admission = Admission(settings.limits, settings.allowed_callers)
         self.access = AccessControl(settings, audit)
+        self._fsyncs = self._fsync_pool()
+
+    def _fsync_pool(self) -> ThreadPoolExecutor:
+        """Threads for the fsyncs of received files, started when a handler starts so that
+        they overlap its header read and checks (os.fsync releases the GIL); made on demand."""
+        return ThreadPoolExecutor(
+            max_workers=self.settings.limits.max_associations, thread_name_prefix="fsync"
+        )
 
     def _ae(self) -> AE:
         limits = self.settings.limits
@@ -339,6 +348,9 @@ class Receiver:
             self.server.shutdown()
             self.server = None
             self.access.unwatch_crashes()
+        # Its threads end when their fsyncs do; a later start() gets a fresh pool.
+        self._fsyncs.shutdown(wait=False)
+        self._fsyncs = self._fsync_pool()
 
     # -- handlers ------------------------------------------------------------------------------
 
@@ -457,6 +469,9 @@ class Receiver:
         state = self._assoc(event)
         limits = self.settings.limits
         src = Path(event.dataset_path)
+        # The file is complete (pynetdicom flushed each fragment). Its fsync runs beside the
+        # checks below and is waited for before the rename; a refused file is not waited for.
+        synced = self._fsyncs.submit(fsync_file, src)
         if net_limits.free_disk_bytes(self.settings.storage_dir) < limits.min_free_disk_bytes:
             log.warning("store.disk_low", association_id=state.id)
             return self._refuse(
@@ -503,7 +518,7 @@ class Receiver:
         path = instance_path(self.settings.spool_dir, study_uid, series_uid, sop_uid)
         try:
             # Durable before it is indexed: the index never names a file a crash could lose.
-            fsync_file(src)
+            synced.result()
             laps.lap("fsync")
             rename_durably(src, path)
             laps.lap("rename")

@@ -6,16 +6,21 @@ while it arrives, as in test_limits.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
+from pynetdicom import dimse_messages
 from pynetdicom.dsutils import encode
 
+from dicom_node.net import incoming
+from dicom_node.net import receiver as receiver_module
 from dicom_node.net.status import StoreStatus
 from dicom_node.store.spool import instance_path
 from tests.conftest import wait_for
@@ -166,3 +171,32 @@ def test_a_node_whose_temp_folder_is_unusable_still_receives(
         assoc.release()
         assert indexed(node) == {ds.SOPInstanceUID for ds in sent}
     assert os.path.isfile(not_a_folder)
+
+
+def test_elsewhere_pynetdicom_keeps_the_system_temp_folder(tmp_path: Path) -> None:
+    # Outside a registered receiver's DUL threads (here: the test's own thread, e.g. an SCU
+    # receiving a C-STORE), the replacement leaves NamedTemporaryFile as it was.
+    incoming.install()
+    assert dimse_messages.NamedTemporaryFile is not tempfile.NamedTemporaryFile
+    with dimse_messages.NamedTemporaryFile(suffix=".dcm") as fh:
+        assert Path(fh.name).parent == Path(tempfile.gettempdir())
+
+
+def test_no_success_when_the_received_file_cannot_be_made_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fsync runs beside the checks; its failure must still decide the answer.
+    def failing_fsync(path: Path) -> None:
+        time.sleep(0.2)  # ends after the header read and checks
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(receiver_module, "fsync_file", failing_fsync)
+    with running_receiver(tmp_path) as node:
+        assoc = store_association(node.settings.port)
+        rsp = assoc.send_c_store(ct_instance(pixel_bytes=4096))
+        assert rsp.Status == StoreStatus.OUT_OF_RESOURCES
+        assert rsp.ErrorComment == "cannot write the instance to disk"
+        assoc.release()
+        assert indexed(node) == set()
+        assert list(node.settings.spool_dir.rglob("*.dcm")) == []
+        assert files_in(node.settings.storage_dir / "incoming") == []
