@@ -469,9 +469,6 @@ class Receiver:
         state = self._assoc(event)
         limits = self.settings.limits
         src = Path(event.dataset_path)
-        # The file is complete (pynetdicom flushed each fragment). Its fsync runs beside the
-        # checks below and is waited for before the rename; a refused file is not waited for.
-        synced = self._fsyncs.submit(fsync_file, src)
         if net_limits.free_disk_bytes(self.settings.storage_dir) < limits.min_free_disk_bytes:
             log.warning("store.disk_low", association_id=state.id)
             return self._refuse(
@@ -483,6 +480,9 @@ class Receiver:
             return self._refuse(
                 StoreStatus.OUT_OF_RESOURCES, "instance larger than max_instance_bytes"
             )
+        # The file is complete (pynetdicom flushed each fragment). Its fsync runs beside the
+        # checks below and is waited for before the rename; a refused file is not waited for.
+        synced = self._fsyncs.submit(fsync_file, src)
         laps.lap("limits")
         try:
             # Header and short values only: long values (pixel data) stay on disk.
