@@ -3,10 +3,13 @@
 Run with ``make bench`` (``.venv/bin/python -m benchmarks.receive``). Two parts:
 
 (a) Receive throughput. One synthetic CT series (300 slices of 512 x 512, 16 bit, written
-    once) is sent with DCMTK ``storescu`` to DCMTK ``storescp`` and to a ``dicom-node`` whose
-    ``routes`` are empty (it stores and indexes, nothing else competes for the CPU). Each
-    repetition uses a fresh receiver and alternates which one goes first; the time is
-    storescu's wall time, from start to exit (all C-STORE responses received, released).
+    once) is sent with DCMTK ``storescu`` to DCMTK ``storescp``, to a bare pynetdicom SCP with
+    the node's settings that only answers Success (``benchmarks.bare_scp``: the floor of the
+    node's stack) and to a ``dicom-node`` whose ``routes`` are empty (it stores and indexes,
+    nothing else competes for the CPU). Each repetition uses fresh receivers and rotates which
+    one goes first; the time is storescu's wall time, from start to exit (all C-STORE
+    responses received, released). The node's C-STORE handler times its steps
+    (``dicom_node_receive_step_seconds``, read from its metrics port after the send).
 
 (b) Latency to results. A node with a route to the shipped ``cxr-anatomy`` model receives
     JSRT radiographs (when ``../shared/data`` is there), and one with a random 2D model
@@ -49,6 +52,7 @@ from tests.conftest import (
     require_tool,
     storescu,
     wait_for,
+    wait_port,
 )
 from tests.factories import JSRT, REPO, ct_series, jsrt_cases, jsrt_dx, write_files
 
@@ -156,7 +160,54 @@ def runs(values: Sequence[float]) -> str:
 # -- (a) receive throughput ------------------------------------------------------------------
 
 
+class BareSCP:
+    """``benchmarks.bare_scp`` as a process: pynetdicom with the node's settings, answering
+    Success to every C-STORE and keeping nothing."""
+
+    def __init__(self, folder: Path, port: int, ae_title: str = "DICOMNODE") -> None:
+        self.folder = folder
+        self.port = port
+        self.ae_title = ae_title
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> BareSCP:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.bare_scp", str(self.port), str(self.folder)],
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        wait_port(self.port, 60)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def step_seconds(metrics_port: int) -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) of each step of ``dicom_node_receive_step_seconds``."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as rsp:
+        text = rsp.read().decode()
+    out: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "dicom_node_receive_step_seconds":
+            continue
+        for sample in family.samples:
+            step = sample.labels.get("step", "")
+            if sample.name.endswith("_sum"):
+                out.setdefault(step, [0.0, 0.0])[0] = sample.value
+            elif sample.name.endswith("_count"):
+                out.setdefault(step, [0.0, 0.0])[1] = sample.value
+    return {step: (v[0], v[1]) for step, v in out.items()}
+
+
 def throughput(work: Path, repeat: int, n_slices: int) -> str:
+    from dicom_node.net.receiver import RECEIVE_STEPS
+
     started = time.perf_counter()
     series = ct_series(n_slices=n_slices, rows=THROUGHPUT_SIZE, cols=THROUGHPUT_SIZE, shuffle=False)
     files = write_files(series, work / "ct")
@@ -168,7 +219,9 @@ def throughput(work: Path, repeat: int, n_slices: int) -> str:
         flush=True,
     )
 
-    times: dict[str, list[float]] = {"storescp": [], "node": []}
+    times: dict[str, list[float]] = {"storescp": [], "bare": [], "node": []}
+    # ms per instance of each handler step, one dict per node repetition
+    steps: list[dict[str, float]] = []
 
     def to_storescp(i: int) -> None:
         scp = StoreSCP(work / f"scp-{i}", free_port()).start()
@@ -181,6 +234,14 @@ def throughput(work: Path, repeat: int, n_slices: int) -> str:
         if got != len(files):
             raise BenchmarkError(f"storescp stored {got} of {len(files)} files")
 
+    def to_bare(i: int) -> None:
+        scp = BareSCP(work / f"bare-{i}", free_port()).start()
+        try:
+            times["bare"].append(send(scp.port, files, ae_title=scp.ae_title))
+        finally:
+            scp.stop()
+        shutil.rmtree(scp.folder)
+
     def to_node(i: int) -> None:
         folder = work / f"node-a{i}"
         settings = node_settings(
@@ -191,38 +252,50 @@ def throughput(work: Path, repeat: int, n_slices: int) -> str:
             routes=[],
             stable_after_s=3600,
             log_level="info",
+            metrics_port=free_port(),
         )
         node = NodeProcess(folder, settings).start()
         try:
             times["node"].append(send(node.port, files, ae_title=settings["ae_title"]))
+            measured = step_seconds(settings["metrics_port"])
         finally:
             node.stop()
         got = len(list((node.storage / "spool").rglob("*.dcm")))
         shutil.rmtree(folder)
         if got != len(files):
             raise BenchmarkError(f"the node stored {got} of {len(files)} files")
+        instances = measured.get("total", (0.0, 0.0))[1]
+        if instances != len(files):
+            raise BenchmarkError(f"the node timed {instances} of {len(files)} C-STOREs")
+        steps.append({step: 1000 * total / instances for step, (total, _) in measured.items()})
 
+    receivers = (to_storescp, to_bare, to_node)
     for i in range(repeat):
-        order = (to_storescp, to_node) if i % 2 == 0 else (to_node, to_storescp)
-        for step in order:
-            step(i)
+        # Each repetition starts with another receiver, so none always goes first.
+        for k in range(len(receivers)):
+            receivers[(i + k) % len(receivers)](i)
         print(
             f"(a) repetition {i + 1}/{repeat}: storescp {times['storescp'][-1]:.2f} s, "
-            f"node {times['node'][-1]:.2f} s",
+            f"bare pynetdicom {times['bare'][-1]:.2f} s, node {times['node'][-1]:.2f} s",
             flush=True,
         )
 
-    base = statistics.median(times["storescp"])
+    median = {name: statistics.median(values) for name, values in times.items()}
     rows = []
-    for name, label in (("storescp", "DCMTK storescp"), ("node", "dicom-node (no routes)")):
-        med = statistics.median(times[name])
+    for name, label in (
+        ("storescp", "DCMTK storescp"),
+        ("bare", "bare pynetdicom SCP (answers Success)"),
+        ("node", "dicom-node (no routes)"),
+    ):
+        med = median[name]
         rows.append(
             [
                 label,
                 f"{med:.2f}",
                 f"{len(files) / med:.0f}",
                 f"{nbytes / 1e6 / med:.1f}",
-                f"{med / base:.2f}",
+                f"{med / median['storescp']:.2f}",
+                f"{med / median['bare']:.2f}",
                 runs(times[name]),
             ]
         )
@@ -230,13 +303,55 @@ def throughput(work: Path, repeat: int, n_slices: int) -> str:
         f"### (a) Receive throughput: {len(files)} CT slices {THROUGHPUT_SIZE}x"
         f"{THROUGHPUT_SIZE}, {nbytes / 1e6:.1f} MB, one association, median of {repeat}"
     )
-    return (
+    out = (
         title
         + "\n\n"
         + table(
-            ["receiver", "median s", "instances/s", "MB/s", "time vs storescp", "runs (s)"], rows
+            [
+                "receiver",
+                "median s",
+                "instances/s",
+                "MB/s",
+                "time vs storescp",
+                "time vs bare",
+                "runs (s)",
+            ],
+            rows,
         )
     )
+    storescp_ratio = median["storescp"] / median["node"]
+    bare_ratio = median["bare"] / median["node"]
+    out += (
+        f"\n\nThroughput ratios (goal, issue 10): node / storescp {storescp_ratio:.2f} "
+        f"(goal >= 0.5), node / bare pynetdicom {bare_ratio:.2f} (goal >= 0.9)."
+    )
+
+    per_instance = {name: 1000 * med / len(files) for name, med in median.items()}
+    step_ms = {step: statistics.median(s.get(step, 0.0) for s in steps) for step in RECEIVE_STEPS}
+    node_ms = per_instance["node"]
+    step_rows = [
+        [f"{step}: {RECEIVE_STEPS[step]}", f"{step_ms[step]:.2f}", f"{step_ms[step] / node_ms:.0%}"]
+        for step in RECEIVE_STEPS
+        if step != "total"
+    ]
+    handler = step_ms["total"]
+    step_rows += [
+        ["the C-STORE handler in all", f"{handler:.2f}", f"{handler / node_ms:.0%}"],
+        [
+            "outside the handler: pynetdicom (PDUs, temp file, response), storescu, loopback",
+            f"{node_ms - handler:.2f}",
+            f"{(node_ms - handler) / node_ms:.0%}",
+        ],
+        ["the node, storescu's wall time per instance", f"{node_ms:.2f}", "100%"],
+        ["for comparison: bare pynetdicom SCP, per instance", f"{per_instance['bare']:.2f}", ""],
+        ["for comparison: DCMTK storescp, per instance", f"{per_instance['storescp']:.2f}", ""],
+    ]
+    out += (
+        "\n\n### (a) Where the node's time goes: ms per instance, median of the repetitions "
+        "(the node's histogram dicom_node_receive_step_seconds, sum / instances)\n\n"
+        + table(["step", "ms per instance", "share of the node's time"], step_rows)
+    )
+    return out
 
 
 # -- (b) end of send to results --------------------------------------------------------------

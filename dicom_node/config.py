@@ -684,6 +684,11 @@ class Settings:
         return self.storage_dir / "outbox"
 
     @property
+    def incoming_dir(self) -> Path:
+        """Where C-STORE data sets are written while they arrive (the spool's file system)."""
+        return self.storage_dir / "incoming"
+
+    @property
     def database_path(self) -> Path:
         return self.storage_dir / "node.sqlite3"
 

@@ -56,6 +56,13 @@ class NodeMetrics:
             ["status"],
             registry=r,
         )
+        self.receive_step_seconds = Histogram(
+            "dicom_node_receive_step_seconds",
+            "Time of each step of the C-STORE handler (RECEIVE_STEPS), per received instance",
+            ["step"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2),
+            registry=r,
+        )
         self.jobs = Counter(
             "dicom_node_jobs", "Finished job attempts", ["route", "outcome"], registry=r
         )

@@ -6,6 +6,7 @@ its final name is complete, whatever instant the process was killed at.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -31,6 +32,55 @@ def durable_copy(src: Path, path: Path) -> None:
     _durable(path, fill)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush the data and metadata of the file ``path`` to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rename_durably(src: Path, path: Path) -> None:
+    """Rename the durable (fsync'ed) file ``src`` to ``path`` and fsync the folder.
+
+    ``src`` should be on the same file system (the receiver's ``<storage_dir>/incoming``): a
+    rename, never a copy, so a reader sees the old file or the whole new one. A folder created
+    on the way is made durable in its parent. On another file system (``EXDEV``) the file is
+    copied (:func:`durable_copy`) and ``src`` removed.
+    """
+    created = _make_folders(path.parent)
+    try:
+        os.replace(src, path)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        durable_copy(src, path)
+        src.unlink(missing_ok=True)
+        return
+    for folder in (path.parent, *created):
+        _fsync_folder(folder)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and missing parents; return the parents whose entries are new."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+    return [new.parent for new in missing]
+
+
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _durable(path: Path, fill: Callable[[BinaryIO], object]) -> None:
     """Have ``fill`` write a temp file beside ``path``, fsync it, rename it over ``path``, and
     fsync the folder: a reader sees the old file or the whole new one, never a part."""
@@ -45,11 +95,7 @@ def _durable(path: Path, fill: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_folder(path.parent)
 
 
 def instance_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:

@@ -39,7 +39,7 @@ def running_receiver(tmp_path: Path, **limits: Any) -> Iterator[Receiver]:
         },
         base=tmp_path,
     )
-    settings.storage_dir.mkdir(parents=True)
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_path)
     node = Receiver(settings, db, AuditLog(settings.audit_path))
     node.start()

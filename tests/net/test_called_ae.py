@@ -15,7 +15,7 @@ from dicom_node.audit import AuditLog, read_events
 from dicom_node.config import parse_settings
 from dicom_node.net.receiver import Receiver
 from dicom_node.store.database import Database
-from tests.conftest import PEER_ENV, free_port, require_tool
+from tests.conftest import PEER_ENV, free_port, require_tool, wait_for
 
 
 @pytest.fixture
@@ -59,14 +59,15 @@ def test_a_wrong_called_ae_title_is_rejected_and_audited(receiver: Receiver) -> 
     rj = assoc.acceptor.primitive
     # rejected-permanent (1), service-user (1), called-AE-title-not-recognized (7): PS3.8 9.3.4
     assert (rj.result, rj.result_source, rj.diagnostic) == (1, 1, 7)
-    [alert] = alerts(receiver)
+    [alert] = wait_for(lambda: alerts(receiver), 5, "the Security Alert")
     assert alert["called_ae"] == "ANY-SCP" and alert["calling_ae"] == "MODALITY"
     assert alert["details"]["reason"].startswith("called AE title not recognized: 'ANY-SCP'")
 
 
 def test_the_wrong_caller_is_audited_as_such(receiver: Receiver) -> None:
     assert associate(receiver.settings.port, "DICOMNODE", calling="INTRUDER").is_rejected
-    [alert] = alerts(receiver)
+    # pynetdicom sends the A-ASSOCIATE-RJ before EVT_REJECTED, whose handler audits it.
+    [alert] = wait_for(lambda: alerts(receiver), 5, "the Security Alert")
     assert alert["details"]["reason"] == "calling AE title not in allowed_callers"
 
 

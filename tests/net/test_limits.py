@@ -5,7 +5,6 @@ Real loopback sockets; a second "host" is another loopback address (127.0.0.2, .
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -127,8 +126,8 @@ def test_per_peer_cap_with_a_reserve_for_c_echo(tmp_path: Path) -> None:
 
 def test_a_never_completed_data_set_does_not_grow_memory(tmp_path: Path) -> None:
     announced = 50 * 1024 * 1024
-    before_files = set(Path(tempfile.gettempdir()).glob("*.dcm"))
     with running_receiver(tmp_path, max_instance_bytes=200 * 1024 * 1024) as node:
+        incoming = node.settings.storage_dir / "incoming"
         assoc = store_association(node.settings.port)
         assert assoc.is_established
         cx = assoc.accepted_contexts[0].context_id
@@ -147,13 +146,15 @@ def test_a_never_completed_data_set_does_not_grow_memory(tmp_path: Path) -> None
             peak = max(peak, vm_rss_bytes())
             time.sleep(0.05)
         growth = peak - rss_before
+        # On disk, in the node's storage (under its watermark), not in memory or /tmp.
+        (partial,) = list(incoming.iterdir())
+        assert partial.stat().st_size >= announced
         print(f"RSS growth while {sent >> 20} MiB of a data set stayed open: {growth >> 20} MiB")
         assert growth < 20 * 1024 * 1024
         assoc.abort()
         wait_for(lambda: node.server.open_connections == 0, 10, "slot freed")
         # The partial data set written by pynetdicom is removed when the connection ends.
-        left = set(Path(tempfile.gettempdir()).glob("*.dcm")) - before_files
-        assert not [p for p in left if p.exists()]
+        assert list(incoming.iterdir()) == []
 
 
 def test_an_instance_over_max_instance_bytes_is_refused(tmp_path: Path) -> None:
@@ -193,3 +194,34 @@ def test_below_the_disk_watermark_stores_are_refused_echo_served_and_resumed(
         assert "Status" not in assoc.send_c_store(ct_instance())
         wait_for(lambda: not assoc.is_established, 5, "the association cut")
         assert indexed(node) == {first.SOPInstanceUID}
+
+
+def test_a_data_set_is_cut_when_the_disk_fills_while_it_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    free = {"bytes": 10 * 1024 * 1024}
+    monkeypatch.setattr(net_limits, "free_disk_bytes", lambda path: free["bytes"])
+    with running_receiver(tmp_path, min_free_disk_bytes=1024 * 1024) as node:
+        incoming = node.settings.storage_dir / "incoming"
+        assoc = store_association(node.settings.port)
+        cx = assoc.accepted_contexts[0].context_id
+        sock = assoc.dul.socket.socket
+        sock.sendall(c_store_command(cx, CTImageStorage, generate_uid()))
+        chunk = p_data_pdu(cx, 0x00, bytes(512 * 1024))
+        sock.sendall(chunk)
+        # Its first fragment written: the free space was checked when the data set started.
+        wait_for(
+            lambda: [p for p in incoming.iterdir() if p.stat().st_size >= 512 * 1024],
+            5,
+            "the first fragment written",
+        )
+        free["bytes"] = 10  # the disk fills while the data set arrives
+        for _ in range(16):  # 8 MiB more: the space is checked again within 1 MiB + 1 PDU
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+            time.sleep(0.05)
+        wait_for(lambda: not assoc.is_established, 5, "the association cut")
+        wait_for(lambda: list(incoming.iterdir()) == [], 5, "the partial data set removed")
+        assert indexed(node) == set()

@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.pixels.utils import get_expected_length
 from pynetdicom import AE, StoragePresentationContexts
 
 from dicom_node.net.receiver import (
@@ -80,6 +81,23 @@ def test_ybr_partial_422_and_odd_one_bit_frames() -> None:
     assert expected_pixel_bytes(one_bit) is None
     del one_bit.Rows
     assert expected_pixel_bytes(one_bit) is None
+
+
+@pytest.mark.parametrize("bits", [1, 8, 16, 32, 64])
+@pytest.mark.parametrize(
+    ("samples", "photometric"),
+    [(1, "MONOCHROME2"), (1, "PALETTE COLOR"), (3, "RGB"), (3, "YBR_FULL"), (3, "YBR_FULL_422")],
+)
+@pytest.mark.parametrize("frames", [1, 7])
+def test_expected_length_is_pydicoms(
+    bits: int, samples: int, photometric: str, frames: int
+) -> None:
+    # The receiver computes the common cases itself; it must agree with pydicom everywhere.
+    ds = Dataset()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 5, 13, frames
+    ds.SamplesPerPixel, ds.BitsAllocated = samples, bits
+    ds.PhotometricInterpretation = photometric
+    assert expected_pixel_bytes(ds) == get_expected_length(ds, unit="bytes")
 
 
 @pytest.fixture

@@ -1,10 +1,19 @@
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from dicom_node.store.spool import clean_stale_temp_files, durable_write, instance_path
+from dicom_node.store.spool import (
+    clean_stale_temp_files,
+    durable_write,
+    fsync_file,
+    instance_path,
+    rename_durably,
+)
 
 
 def test_instance_path_only_from_valid_uids(tmp_path: Path) -> None:
@@ -28,3 +37,39 @@ def test_stale_temp_files_are_cleaned(tmp_path: Path) -> None:
     (tmp_path / "x" / "keep.dcm").write_bytes(b"whole")
     assert clean_stale_temp_files(tmp_path) == 1
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["keep.dcm"]
+
+
+def test_rename_durably_moves_the_very_file_and_creates_its_folders(tmp_path: Path) -> None:
+    src = tmp_path / "incoming" / "rx-1.dcm"
+    src.parent.mkdir()
+    src.write_bytes(b"received")
+    inode = src.stat().st_ino
+    fsync_file(src)
+    target = tmp_path / "spool" / "1.2" / "1.2.3" / "1.2.3.4.dcm"
+    rename_durably(src, target)
+    assert not src.exists()
+    assert target.read_bytes() == b"received" and target.stat().st_ino == inode
+    # A resend replaces the earlier copy whole.
+    src.write_bytes(b"sent again")
+    rename_durably(src, target)
+    assert target.read_bytes() == b"sent again"
+    assert [p.name for p in target.parent.iterdir()] == ["1.2.3.4.dcm"]
+
+
+def test_rename_durably_copies_across_file_systems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "elsewhere.dcm"
+    src.write_bytes(b"received")
+    real_replace = os.replace
+
+    def cross_device(a: Any, b: Any) -> None:
+        if Path(a) == src:  # the final rename of the copy's temp file still works
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    target = tmp_path / "spool" / "x.dcm"
+    rename_durably(src, target)
+    assert target.read_bytes() == b"received" and not src.exists()
+    assert [p.name for p in target.parent.iterdir()] == ["x.dcm"]

@@ -1,0 +1,70 @@
+"""A bare pynetdicom Storage SCP: the floor of the node's receive stack (benchmarks.receive).
+
+The node's pynetdicom settings (``Receiver._ae``: maximum PDU 1 MiB, the same storage contexts
+and transfer syntaxes, the same timeouts, ``STORE_RECV_CHUNKED_DATASET``, so each data set is
+written to a file as it arrives, in ``FOLDER``), and a C-STORE handler that only answers
+Success: nothing checked, kept or indexed (pynetdicom removes the file after the handler).
+Runs until SIGTERM or SIGINT.
+
+    python -m benchmarks.bare_scp PORT FOLDER [--ae-title DICOMNODE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.net.syntaxes import ACCEPTED
+
+
+def bare_ae(ae_title: str) -> AE:
+    """An AE with the settings of :meth:`dicom_node.net.receiver.Receiver._ae` (defaults)."""
+    ae = AE(ae_title=ae_title)
+    ae.maximum_pdu_size = 1024 * 1024
+    ae.network_timeout = ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.add_supported_context(Verification)
+    for cx in AllStoragePresentationContexts:
+        if cx.abstract_syntax is not None:
+            ae.add_supported_context(cx.abstract_syntax, list(ACCEPTED))
+    return ae
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bare_scp", description=__doc__)
+    parser.add_argument("port", type=int)
+    parser.add_argument("folder", type=Path, help="where data sets are written while they arrive")
+    parser.add_argument("--ae-title", default="DICOMNODE")
+    args = parser.parse_args(argv)
+    args.folder.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(args.folder)  # one SCP per process: the process-wide temp folder
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+    def on_store(event: Any) -> int:
+        return 0x0000
+
+    ae = bare_ae(args.ae_title)
+    server = ae.start_server(
+        ("127.0.0.1", args.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    assert server is not None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
