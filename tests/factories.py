@@ -11,6 +11,7 @@ import datetime as dt
 import io
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ from pydicom.uid import (
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLSLossless,
     MRImageStorage,
     UltrasoundImageStorage,
     generate_uid,
@@ -31,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DICOM_NODE_SHARED_DATA", REPO.parent / "shared" / "data"))
 JSRT = SHARED_DATA / "jsrt"
 JSRT_SPACING_MM = 0.35  # README of shared/data/jsrt: 1024 px over the 2048 px at 0.175 mm
+JSRT_STRUCTURES = ("right_lung", "left_lung", "heart", "right_clavicle", "left_clavicle")
 BUSI = SHARED_DATA / "busi"
 
 # Patient data that must never appear in operational logs (see tests of logging).
@@ -142,6 +146,49 @@ def jsrt_dx(case: str, **kwargs: object) -> Dataset:
 def jsrt_mask(case: str, structure: str) -> np.ndarray:
     """The expert mask of ``structure`` for ``case`` as a boolean array."""
     return np.asarray(Image.open(JSRT / "masks" / structure / f"{case}.png").convert("L")) > 127
+
+
+@dataclass(frozen=True)
+class DxVariant:
+    """How a radiograph is sent: polarity, bits, transfer syntax (with the DCMTK ``storescu``
+    option that proposes it) and, for a non-square detector, the columns kept."""
+
+    name: str
+    monochrome1: bool = False
+    bits_stored: int = 12
+    syntax: str | None = None  # None: Explicit VR Little Endian
+    storescu_flag: str | None = None
+    columns: tuple[int, int] | None = None  # [first, last) columns of the 1024 kept
+
+
+#: The encodings of issue 8 item 5, as radiographs arrive from CR plates and DR detectors.
+DX_VARIANTS = (
+    DxVariant("MONOCHROME2, 12-bit"),
+    DxVariant("MONOCHROME1, 12-bit", monochrome1=True),
+    DxVariant("MONOCHROME2, 16-bit", bits_stored=16),
+    DxVariant("JPEG-LS lossless, MONOCHROME1, 12-bit", True, 12, JPEGLSLossless, "-xt"),
+    DxVariant("JPEG 2000 lossless, 16-bit", False, 16, JPEG2000Lossless, "-xv"),
+    DxVariant("non-square 1024 x 880, MONOCHROME1, 12-bit", True, 12, columns=(72, 952)),
+)
+
+
+def jsrt_dx_variant(case: str, variant: DxVariant) -> tuple[Dataset, np.ndarray]:
+    """The JSRT radiograph ``case`` as ``variant`` sends it, and its expert masks
+    ``(structures, rows, cols)`` on the same pixels (cropped alike), structures in the order
+    of :data:`JSRT_STRUCTURES`."""
+    png = np.asarray(Image.open(JSRT / "images" / f"{case}.png").convert("L"))
+    masks = np.stack([jsrt_mask(case, s) for s in JSRT_STRUCTURES])
+    if variant.columns is not None:
+        first, last = variant.columns
+        png, masks = png[:, first:last], masks[:, :, first:last]
+    ds = dx_from_array(
+        np.ascontiguousarray(png),
+        monochrome1=variant.monochrome1,
+        bits_stored=variant.bits_stored,
+    )
+    if variant.syntax is not None:
+        ds.compress(variant.syntax)
+    return ds, masks
 
 
 def ct_series(

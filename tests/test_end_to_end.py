@@ -312,11 +312,11 @@ def test_default_model_on_a_real_radiograph(
     storescp: StoreSCP,
     node_factory: Callable[..., NodeProcess],
 ) -> None:
-    """The shipped model, over the network, on a held-out JSRT case sent as MONOCHROME1 DX:
-    the SEG lands on the expert masks (no flip, no shift), and the SR carries the areas and the
-    cardiothoracic ratio."""
+    """The shipped model, over the network, on a held-out JSRT case (the first of the test
+    part, which chose nothing) sent as MONOCHROME1 DX: the SEG lands on the expert masks (no
+    flip, no shift), and the SR carries the areas and the cardiothoracic ratio."""
     require_shared_data()
-    case = json.loads((DEFAULT_MODEL / "split.json").read_text())["validation"][0]
+    case = json.loads((DEFAULT_MODEL / "split.json").read_text())["test"][0]
     source = jsrt_dx(case, monochrome1=True)
     node = node_factory(DEFAULT_MODEL, storescp.port).start()
     assert storescu(node.port, write_files([source], tmp_path / "study")).returncode == 0

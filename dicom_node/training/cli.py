@@ -41,6 +41,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     from dicom_node.training.metrics import format_table
 
+    if "test_cases" in result.metrics:
+        print(f"validation ({result.metrics['validation_cases']} cases, chose the epoch):")
+        print(format_table(result.metrics["validation"]))
+        print(f"test ({result.metrics['test_cases']} cases, chose nothing):")
     print(format_table(result.metrics["structures"]))
     print(f"package written to {result.package.path} (best epoch {result.best_epoch})")
     return 0
@@ -127,7 +131,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--split",
         choices=("validation", "test"),
         default="validation",
-        help="3D packages: the part of split.json to evaluate (test: the held-out cases)",
+        help="the part of split.json to evaluate (test: the held-out cases that chose nothing)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     _common(p)

@@ -4,8 +4,9 @@ Each image goes through the node's own inference path,
 :meth:`~dicom_node.models.inference.Segmenter.predict_image` (the shared preprocessing, the
 network, back to the full source grid), the package's threshold and its postprocessing; the
 masks are compared with the expert masks at full resolution. By default the cases are the
-validation cases of the package's ``split.json``; ``all_cases`` takes every case of the folder
-(then cases the model was trained on are included, and the figures are optimistic).
+validation cases of the package's ``split.json`` (``split="test"``: its test cases);
+``all_cases`` takes every case of the folder (then cases the model was trained on are
+included, and the figures are optimistic).
 
 Outputs: a table (:func:`~dicom_node.training.metrics.format_table`), ``metrics.json`` with the
 summary and every case, and PNG overlays of the best, median and worst case (by mean Jaccard):
@@ -26,6 +27,7 @@ import numpy as np
 import structlog
 import torch
 
+from dicom_node.errors import InputError
 from dicom_node.models.inference import (
     Segmenter,
     confidence_gate,
@@ -302,7 +304,10 @@ def evaluate(
         Where to write ``metrics.json``, ``metrics.txt`` and the overlays; nothing written
         when None.
     all_cases
-        Every case of the folder instead of the validation cases of the package's split.
+        Every case of the folder instead of the ``split`` part of the package's split.
+    split
+        ``validation`` (the cases that chose the epoch and postprocessing) or ``test`` (the
+        held-out cases that chose nothing) of the package's ``split.json``.
     cases
         Explicit case ids (overrides both).
     spacing_mm
@@ -331,9 +336,16 @@ def evaluate(
     data_dir = Path(data_dir)
     labels = [s.label for s in package.structures]
     if cases is None:
-        cases = (
-            list_cases(data_dir, labels) if all_cases else list(read_split(package.path).validation)
-        )
+        if all_cases:
+            cases = list_cases(data_dir, labels)
+        else:
+            recorded = read_split(package.path)
+            cases = list(recorded.test if split == "test" else recorded.validation)
+            if not cases:
+                raise InputError(
+                    f"{package.path}: split.json has no {split} cases; evaluate another part "
+                    "(--split validation) or every case (--all-cases)"
+                )
     if spacing_mm is None:
         spacing_mm = float(package.metrics.get("spacing_mm", 1.0))
         if "spacing_mm" not in package.metrics:

@@ -15,7 +15,8 @@ structures overlap). AdamW with linear warm-up and cosine decay per step. Valida
 held-out cases after every epoch; the best epoch's weights are kept. Afterwards the candidate
 postprocessing steps are measured on the validation cases at full resolution and kept per
 structure only where they improve the mean Jaccard; the package is written and checked with
-:func:`~dicom_node.models.package.load_package`.
+:func:`~dicom_node.models.package.load_package`. With a test part (``test_fraction``) the
+test cases are evaluated once, last, after every choice is made; they choose nothing.
 """
 
 from __future__ import annotations
@@ -588,8 +589,10 @@ def finish_package(
     Measures the postprocessing candidates on the validation cases and keeps, per structure,
     the combination that improves the mean Jaccard or HD95 (see
     :func:`~dicom_node.training.evaluate.select_postprocessing`);
-    evaluates the package on the validation cases as ``evaluate`` does; writes ``model.yaml``
-    with the figures and the model card.
+    evaluates the package on the validation cases as ``evaluate`` does, then (once, choosing
+    nothing) on the test cases of the split if it has any; writes ``model.yaml`` with the
+    figures (``metrics.structures``: the test figures when there is a test part, as for 3D
+    packages, with the validation figures under ``metrics.validation``) and the model card.
     """
     settings = config.training
     package = load_package(out)
@@ -627,19 +630,37 @@ def finish_package(
         package,
         data_dir,
         out / "validation" if overlays else None,
+        cases=run.split.validation,
         spacing_mm=settings.spacing_mm,
         device=device,
         progress=progress,
     )
-    metrics = {
+    # Every choice is made: the test part (if any) is evaluated once, and chooses nothing.
+    test_eval = (
+        evaluate(
+            package,
+            data_dir,
+            out / "test" if overlays else None,
+            cases=run.split.test,
+            spacing_mm=settings.spacing_mm,
+            device=device,
+            progress=progress,
+        )
+        if run.split.test
+        else None
+    )
+    metrics: dict[str, Any] = {
         "validation_cases": len(run.split.validation),
         "spacing_mm": settings.spacing_mm,
         "best_epoch": run.best_epoch,
-        "structures": {
-            label: {k: round(v, 4) for k, v in result_eval.summary[label].items()}
-            for label in result_eval.summary
-        },
+        "structures": _rounded(result_eval.summary),
     }
+    if test_eval is not None:  # as 3D packages: structures are the test figures
+        metrics.update(
+            validation=metrics.pop("structures"),
+            test_cases=len(run.split.test),
+            structures=_rounded(test_eval.summary),
+        )
     model["metrics"] = metrics
     model["training"] = {
         "data": str(Path(data_dir).name),
@@ -666,6 +687,7 @@ def finish_package(
         summary=result_eval.summary,
         postprocess_comparison=comparison,
         init=run.init,
+        test_summary=None if test_eval is None else test_eval.summary,
     )
     log.info("package written", model=package.name, best_epoch=run.best_epoch)
     return TrainResult(
@@ -675,6 +697,10 @@ def finish_package(
         seconds=run.seconds,
         metrics=metrics,
     )
+
+
+def _rounded(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {label: {k: round(v, 4) for k, v in summary[label].items()} for label in summary}
 
 
 def build_network_from(model: dict[str, Any], out: Path) -> torch.nn.Module:

@@ -1,69 +1,170 @@
-"""The shipped default model still reaches its model card's figures on real validation cases.
+"""The shipped default model: its split keeps the test part apart, nothing was chosen on it,
+and it still reaches its model card's figures on real cases.
 
-The training run that wrote ``config/models/cxr-anatomy`` recorded every validation case's
-figures in ``validation/metrics.json`` and their means in ``model.yaml`` and the model card.
-Here five of those held-out cases are segmented again through the node's inference path and
-must reproduce them within a small tolerance (other CPUs and BLAS libraries round differently).
+The training run that wrote ``config/models/cxr-anatomy`` drew a test part first (its own
+seed), chose the epoch and the postprocessing on the validation cases only, and then
+evaluated the test part once: every case's figures are in ``validation/metrics.json`` and
+``test/metrics.json``, their means in ``model.yaml`` and the model card. Here a few of those
+cases are segmented again through the node's inference path and must reproduce them within a
+small tolerance (other CPUs and BLAS libraries round differently).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dicom_node.models.package import load_package
 from dicom_node.training.card import CARD_FILE
-from dicom_node.training.data import read_split
+from dicom_node.training.data import list_cases, make_split, read_findings, read_split
 from dicom_node.training.evaluate import METRICS_FILE, evaluate
+from dicom_node.training.train import load_train_config
 from tests.factories import JSRT
 
-PACKAGE = Path(__file__).resolve().parents[2] / "config" / "models" / "cxr-anatomy"
-N_CASES = 5
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "config" / "models" / "cxr-anatomy"
+STAGE_CONFIGS = (REPO / "config" / "train-cxr-base.yaml", REPO / "config" / "train-cxr.yaml")
+N_CASES = 4
 JACCARD_TOLERANCE = 0.01
 HD95_TOLERANCE_MM = 1.0
 
 needs_jsrt = pytest.mark.skipif(
     not (JSRT / "images").is_dir(),
     reason=f"JSRT radiographs not found at {JSRT}: the shipped model is checked against real "
-    "validation cases from ../shared/data/jsrt (or set DICOM_NODE_SHARED_DATA)",
+    "held-out cases from ../shared/data/jsrt (or set DICOM_NODE_SHARED_DATA)",
 )
 
 
-@pytest.fixture(scope="module")
-def recorded() -> dict:
-    return json.loads((PACKAGE / "validation" / METRICS_FILE).read_text())
+def _recorded(part: str) -> dict:
+    return json.loads((PACKAGE / part / METRICS_FILE).read_text())
 
 
-def test_package_is_complete_and_consistent(recorded: dict) -> None:
+def _training() -> dict:
+    """The ``training:`` record of ``model.yaml`` (what ``dicom-node train`` wrote)."""
+    return yaml.safe_load((PACKAGE / "model.yaml").read_text())["training"]
+
+
+def test_package_is_complete_and_consistent() -> None:
     package = load_package(PACKAGE)
     assert package.name == "cxr-anatomy"
     assert set(package.modalities) == {"CR", "DX"}
     assert package.weights.stat().st_size < 30e6
     assert (PACKAGE / CARD_FILE).is_file()
-    validation = read_split(PACKAGE).validation
-    assert recorded["cases"] == list(validation)
+    split = read_split(PACKAGE)
+    validation, test = _recorded("validation"), _recorded("test")
+    assert validation["cases"] == list(split.validation)
+    assert test["cases"] == list(split.test)
+    # model.yaml: the test figures are the package's figures, the validation ones beside them
+    assert package.metrics["test_cases"] == len(split.test)
+    assert package.metrics["validation_cases"] == len(split.validation)
     for label, figures in package.metrics["structures"].items():
-        assert figures["jaccard"] == pytest.approx(recorded["summary"][label]["jaccard"], abs=1e-4)
+        assert figures["jaccard"] == pytest.approx(test["summary"][label]["jaccard"], abs=1e-4)
+    for label, figures in package.metrics["validation"].items():
+        assert figures["jaccard"] == pytest.approx(
+            validation["summary"][label]["jaccard"], abs=1e-4
+        )
     card = (PACKAGE / CARD_FILE).read_text()
-    lungs = package.metrics["structures"]["lungs"]["jaccard"]
-    assert f"{lungs:.3f}" in card
+    test_section = card.split("## Held-out test figures", 1)[1].split("## Validation figures")[0]
+    for group in ("lungs", "heart", "clavicles"):
+        jaccard = package.metrics["structures"][group]["jaccard"]
+        assert f"| {group} | {jaccard:.3f} ± " in test_section
+
+
+def test_test_part_is_apart_from_training_and_validation() -> None:
+    """No test case in training or validation, in the shipped split and in the split that the
+    configs of both training stages draw (stage 1, the ``--init`` package, trained on the same
+    training part, so it never saw a test case either)."""
+    split = read_split(PACKAGE)
+    test = set(split.test)
+    assert len(test) >= 40
+    assert not test & set(split.train), sorted(test & set(split.train))
+    assert not test & set(split.validation), sorted(test & set(split.validation))
+    assert not set(split.train) & set(split.validation)
+    base = load_train_config(STAGE_CONFIGS[0]).model
+    assert _training()["init"] == f"{base['name']} {base['version']}"
+    for path in STAGE_CONFIGS:
+        s = load_train_config(path).training
+        assert (s.test_fraction, s.test_seed) == (split.test_fraction, split.test_seed), path
+        assert (s.validation_fraction, s.split_seed) == (split.validation_fraction, split.seed)
 
 
 @needs_jsrt
-def test_shipped_model_reproduces_its_figures_on_validation_cases(recorded: dict) -> None:
-    validation = list(read_split(PACKAGE).validation)
-    step = max(1, len(validation) // N_CASES)
-    cases = validation[::step][:N_CASES]
+def test_recorded_split_is_the_one_the_config_draws() -> None:
+    """The test part was drawn first with its own seed from all cases of the folder: the
+    config redraws exactly the recorded parts (so no case moved between them by hand)."""
+    split = read_split(PACKAGE)
+    settings = load_train_config(STAGE_CONFIGS[1]).training
+    labels = [s.label for s in load_package(PACKAGE).structures]
+    cases = list_cases(JSRT, labels)
+    assert set(split.train) | set(split.validation) | set(split.test) == set(cases)
+    drawn = make_split(
+        cases,
+        read_findings(JSRT, settings.finding_pattern, cases),
+        validation_fraction=settings.validation_fraction,
+        seed=settings.split_seed,
+        test_fraction=settings.test_fraction,
+        test_seed=settings.test_seed,
+    )
+    assert drawn.test == split.test
+    assert (drawn.train, drawn.validation) == (split.train, split.validation)
+
+
+def test_card_choices_were_measured_on_validation_cases_only() -> None:
+    """The postprocessing table of the card was measured on the validation cases: for each
+    structure, the row of the kept combination is the validation mean Jaccard of
+    ``validation/metrics.json`` (evaluated on exactly ``split.validation``), not the test one;
+    and the best epoch was chosen by validation Dice (``history.json``)."""
+    package = load_package(PACKAGE)
+    card = (PACKAGE / CARD_FILE).read_text()
+    validation, test = _recorded("validation"), _recorded("test")
+    labels = [s.label for s in package.structures]
+    rows = {}
+    for line in card.splitlines():
+        found = re.match(r"^\| ([a-z_+]+) \| (\d\.\d{5} / .*)\|$", line)
+        if found:
+            cells = [c.strip() for c in found.group(2).split("|")]
+            rows[found.group(1)] = [float(c.split(" / ")[0]) for c in cells]
+    assert "none" in rows, "postprocessing table missing from the card"
+    for i, structure in enumerate(package.structures):
+        kept = "+".join(p.value for p in structure.postprocess) or "none"
+        measured = rows[kept][i]
+        assert measured == pytest.approx(validation["summary"][labels[i]]["jaccard"], abs=2e-5), (
+            structure.label
+        )
+        assert measured != pytest.approx(test["summary"][labels[i]]["jaccard"], abs=2e-5)
+    history = json.loads((PACKAGE / "history.json").read_text())
+    scores = [sum(h["val_dice"].values()) / len(h["val_dice"]) for h in history]
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i)) + 1
+    assert _training()["best_epoch"] == best == package.metrics["best_epoch"]
+
+
+def test_dicom_path_figures_are_the_test_cases() -> None:
+    """``test/dicom_path.json`` (``benchmarks.heldout_cxr``) scored exactly the test part, and
+    its figures are the card's DICOM-path figures."""
+    doc = json.loads((PACKAGE / "test" / "dicom_path.json").read_text())
+    assert doc["cases"] == list(read_split(PACKAGE).test)
+    card = (PACKAGE / CARD_FILE).read_text()
+    for group in ("lungs", "heart", "clavicles"):
+        assert f"{doc['summary'][group]['jaccard']:.3f}" in card, group
+
+
+@needs_jsrt
+@pytest.mark.parametrize("part", ["validation", "test"])
+def test_shipped_model_reproduces_its_figures(part: str) -> None:
+    recorded = _recorded(part)
+    split = read_split(PACKAGE)
+    chosen = list(split.validation if part == "validation" else split.test)
+    step = max(1, len(chosen) // N_CASES)
+    cases = chosen[::step][:N_CASES]
     result = evaluate(PACKAGE, JSRT, cases=cases)
     for case in cases:
         for label, figures in result.per_case[case].items():
             expected = recorded["per_case"][case][label]
             assert figures["jaccard"] == pytest.approx(
                 expected["jaccard"], abs=JACCARD_TOLERANCE
-            ), (
-                case,
-                label,
-            )
+            ), (case, label)
             assert figures["hd95_mm"] == pytest.approx(expected["hd95_mm"], abs=HD95_TOLERANCE_MM)

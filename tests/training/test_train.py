@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,9 +95,16 @@ def test_tiny_training_writes_a_loadable_complete_package(tiny_package: Path) ->
     assert "Shiraishi" in card and "van Ginneken" in card and "Jaccard" in card
     split = read_split(tiny_package)
     assert not set(split.train) & set(split.validation)
-    assert set(split.train) | set(split.validation) == set(CASES)
-    overlays = sorted(p.name for p in (tiny_package / "validation").glob("overlay_*.png"))
-    assert overlays == ["overlay_best.png", "overlay_median.png", "overlay_worst.png"]
+    assert split.test and not set(split.test) & (set(split.train) | set(split.validation))
+    assert set(split.train) | set(split.validation) | set(split.test) == set(CASES)
+    for part in ("validation", "test"):
+        overlays = sorted(p.name for p in (tiny_package / part).glob("overlay_*.png"))
+        assert overlays == ["overlay_best.png", "overlay_median.png", "overlay_worst.png"]
+    # the test part is evaluated once, last; model.yaml holds its figures and the validation's
+    assert package.metrics["test_cases"] == len(split.test)
+    assert package.metrics["validation_cases"] == len(split.validation)
+    assert set(package.metrics["validation"]) >= set(STRUCTURES)
+    assert "## Held-out test figures" in card and "- test: 2 of 6 cases drawn first" in card
 
 
 @needs_jsrt
@@ -108,6 +117,57 @@ def test_evaluate_runs_on_the_package(tiny_package: Path, tiny_data: Path, tmp_p
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "metrics.txt").is_file()
     validation_only = evaluate(tiny_package, tiny_data)
     assert validation_only.cases == list(read_split(tiny_package).validation)
+    test_only = evaluate(tiny_package, tiny_data, split="test")
+    assert test_only.cases == list(read_split(tiny_package).test)
+
+
+@needs_jsrt
+def test_test_cases_choose_nothing_and_are_evaluated_once(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No test-part case is trained on, nor used to choose the epoch (the validation loader),
+    the postprocessing or anything else before the final evaluation of the test part."""
+    import dicom_node.training.train as train_module
+
+    seen: list[tuple[str, tuple[str, ...]]] = []
+    cached, choose, evaluate_ = (
+        train_module.CachedCases,
+        train_module.select_postprocessing,
+        train_module.evaluate,
+    )
+
+    def spy_cached(data_dir: Path, cases: Sequence[str], *args: Any, **kw: Any) -> Any:
+        seen.append(("cache", tuple(cases)))
+        return cached(data_dir, cases, *args, **kw)
+
+    def spy_choose(package: Any, data_dir: Path, cases: Sequence[str], *a: Any, **kw: Any) -> Any:
+        seen.append(("postprocessing", tuple(cases)))
+        return choose(package, data_dir, cases, *a, **kw)
+
+    def spy_evaluate(*args: Any, **kw: Any) -> Any:
+        seen.append(("evaluate", tuple(kw["cases"])))
+        return evaluate_(*args, **kw)
+
+    monkeypatch.setattr(train_module, "CachedCases", spy_cached)
+    monkeypatch.setattr(train_module, "select_postprocessing", spy_choose)
+    monkeypatch.setattr(train_module, "evaluate", spy_evaluate)
+    out = tmp_path / "pkg"
+    train(tiny_data, parse_train_config(tiny_config(1)), out, progress=False, overlays=False)
+    split = read_split(out)
+    test = set(split.test)
+    assert len(test) == 2
+    assert [step for step, _ in seen] == [
+        "cache",
+        "cache",
+        "postprocessing",
+        "evaluate",
+        "evaluate",
+    ]
+    before_test = seen[:-1]
+    assert all(not set(cases) & test for _, cases in before_test), seen
+    assert seen[0][1] == split.train and seen[1][1] == split.validation
+    assert seen[2][1] == seen[3][1] == split.validation
+    assert seen[-1] == ("evaluate", split.test)
 
 
 @needs_jsrt
