@@ -17,7 +17,7 @@ PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb 
 OHIF_VERSION := 3.13.2
 OHIF_DIR := .cache/ohif/$(OHIF_VERSION)
 
-.PHONY: install serve test test-viewer ohif lint bench fuzz peers clean
+.PHONY: install serve test test-viewer ohif lint bench bench-workers fuzz peers clean
 
 install: $(STAMP)
 
@@ -69,6 +69,10 @@ lint: install
 bench: install peers
 	$(BIN)/python -m benchmarks.receive
 	$(BIN)/python -m benchmarks.la_lge
+
+# 1 versus 2 worker processes on a private PostgreSQL (jobs/s; docs/benchmarks.md).
+bench-workers: install peers
+	$(BIN)/python -m benchmarks.workers
 
 # The long fuzz run (10,000 inputs, about 6 min): crashes, hangs, refused C-ECHOs, RSS.
 fuzz: install

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -78,11 +79,21 @@ def remove_empty_parents(path: Path, stop: Path) -> None:
         parent = parent.parent
 
 
-def clean_stale_temp_files(root: Path) -> int:
-    """Remove temp files left by a write that was killed half-way; return how many."""
+def clean_stale_temp_files(root: Path, older_than_s: float = 0.0) -> int:
+    """Remove temp files left by a write that was killed half-way; return how many.
+
+    ``older_than_s``: keep files modified more recently than that. A folder shared by several
+    processes (PostgreSQL roles) may hold another live process's write in progress.
+    """
     count = 0
+    cutoff = time.time() - older_than_s
     if root.is_dir():
         for tmp in root.rglob(".incoming-*.tmp"):
+            try:
+                if older_than_s > 0 and tmp.stat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
+                continue  # renamed by its writer meanwhile
             tmp.unlink(missing_ok=True)
             count += 1
     return count
