@@ -146,6 +146,7 @@ class NodeProcess:
         self.role = role
         self.module = "dicom_node"  # tests.slow_node: the same node, with slow model runs
         self.env: dict[str, str] = {}  # added to this process's environment
+        self._offset = 0  # where this run's lines start in the log
         self.config = folder / "node.yaml"
         self.log = folder / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -167,7 +168,12 @@ class NodeProcess:
 
     def start(self) -> NodeProcess:
         """Start it; return once it listens (a role without a DICOM port: once it started)."""
-        offset = self.log.stat().st_size if self.log.exists() else 0
+        return self.spawn().ready()
+
+    def spawn(self) -> NodeProcess:
+        """Start the process and return at once; :meth:`ready` waits for it (start several
+        processes at once: spawn each, then wait for each)."""
+        self._offset = self.log.stat().st_size if self.log.exists() else 0
         command = [sys.executable, "-m", self.module, "serve", "--config", str(self.config)]
         if self.role != "all":
             command += ["--role", self.role]
@@ -178,8 +184,13 @@ class NodeProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
         )
+        return self
+
+    def ready(self, timeout_s: float = 60) -> NodeProcess:
+        """Wait until the spawned process listens (or, without a DICOM port, has started)."""
+        assert self.proc is not None
         listens = self.role in ("all", "receiver")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"node exited with {self.proc.returncode}:\n{self.log.read_text()}")
@@ -187,12 +198,14 @@ class NodeProcess:
                 with socket.socket() as s:
                     if s.connect_ex(("127.0.0.1", self.port)) == 0:
                         return self
-            elif f"({self.role}) running as" in self.log.read_bytes()[offset:].decode(
+            elif f"({self.role}) running as" in self.log.read_bytes()[self._offset :].decode(
                 errors="replace"
             ):
                 return self
             time.sleep(0.1)
-        pytest.fail(f"node ({self.role}) did not start within 60 s:\n{self.log.read_text()}")
+        pytest.fail(
+            f"node ({self.role}) did not start within {timeout_s} s:\n{self.log.read_text()}"
+        )
 
     def kill9(self) -> None:
         assert self.proc is not None
