@@ -186,3 +186,16 @@ def test_recovery_on_postgresql_leaves_live_and_remote_workers_jobs_alone(
         assert {j["state"] for j in sqlite.jobs()} == {JobState.PENDING}
     finally:
         sqlite.close()
+
+
+def test_the_role_comes_from_the_environment_when_no_flag_is_given(
+    tmp_path: Path,
+    random_package: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """systemd's ``Environment=DICOM_NODE_ROLE=%i``: the flag's default."""
+    config = write_config(tmp_path, random_package)
+    monkeypatch.setenv(ROLE_ENV, "sender")
+    assert main(["serve", "--config", str(config)]) == 2
+    assert_one_line(capsys.readouterr().err, "--role sender: roles in separate processes")
