@@ -49,6 +49,7 @@ SERIES = 20
 WARM_UP_SERIES = 6
 IMAGE_SIZE = 1024
 DONE_TIMEOUT_S = 600.0
+START_TIMEOUT_S = 300.0  # a loaded 2-core machine takes minutes to import torch
 
 
 @dataclass
@@ -140,7 +141,9 @@ def one_run(
             )
             if config.torch_threads is not None:
                 node.env["OMP_NUM_THREADS"] = str(config.torch_threads)
-            nodes.append(node.start())  # returns once its model is loaded
+            nodes.append(node.spawn())
+        for node in nodes:
+            node.ready(timeout_s=START_TIMEOUT_S)  # its model is loaded
         warm(db, warm_up, nodes)
         timed = set(series)
         started = time.time()  # the workers stamp updated_at with time.time() too
@@ -215,16 +218,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                     one_run(work, server, model, files, config)
     except (BenchmarkError, pytest.fail.Exception) as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
+        if configs[0].rates:
+            report(configs, args.series, started)  # the runs that finished
         return 1
     finally:
         server.stop()
+    report(configs, args.series, started)
+    return 0
 
+
+def report(configs: list[Config], series: int, started: float) -> None:
+    """The table: median jobs/s of each configuration, ratio to the first."""
     base = statistics.median(configs[0].rates)
     rows = [
         [
             c.label,
-            f"{statistics.median(c.rates):.2f}",
-            f"{statistics.median(c.rates) / base:.2f}",
+            f"{statistics.median(c.rates):.2f}" if c.rates else "-",
+            f"{statistics.median(c.rates) / base:.2f}" if c.rates else "-",
             runs(c.rates),
             "; ".join("/".join(map(str, s)) for s in c.shares),
         ]
@@ -232,8 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     print()
     print(
-        f"### Worker processes on PostgreSQL: {args.series} radiographs {IMAGE_SIZE}x"
-        f"{IMAGE_SIZE} (random 2D U-Net, CPU), median of {args.repeat}\n"
+        f"### Worker processes on PostgreSQL: {series} radiographs {IMAGE_SIZE}x"
+        f"{IMAGE_SIZE} (random 2D U-Net, CPU), median of {max(len(c.rates) for c in configs)}\n"
     )
     print(
         table(
@@ -245,7 +255,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\n- load average at end: {Path('/proc/loadavg').read_text().split()[:3]}; "
         f"whole run {time.perf_counter() - started:.0f} s"
     )
-    return 0
 
 
 if __name__ == "__main__":
