@@ -66,7 +66,13 @@ class PostgresServer:
         self._names = itertools.count(1)
         self._as_user: list[str] = []
         if os.geteuid() == 0:
-            user = pwd.getpwnam(SUPERUSER)
+            try:
+                user = pwd.getpwnam(SUPERUSER)
+            except KeyError:
+                raise RuntimeError(
+                    f"no user {SUPERUSER!r} to run PostgreSQL as (it refuses root); "
+                    "Debian's postgresql package creates it"
+                ) from None
             self._as_user = [
                 "setpriv",
                 f"--reuid={user.pw_uid}",

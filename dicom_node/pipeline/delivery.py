@@ -72,7 +72,10 @@ class Delivery:
         db: Database,
         audit: AuditLog,
         metrics: NodeMetrics | None = None,
+        owner: str | None = None,
     ) -> None:
+        """``owner`` (default: host and process) names this delivery's claims of sends; each
+        destination's thread claims as ``<owner>-<destination>``."""
         self.settings = settings
         self.metrics = metrics or NodeMetrics()
         self.db = db
@@ -85,7 +88,7 @@ class Delivery:
         self._wake = {name: threading.Event() for name in settings.destinations}
         self._threads: dict[str, threading.Thread] = {}
         self._last_probe: dict[str, float] = {}  # destination -> time.monotonic() of last echo
-        self._owner = f"{socket.gethostname()}:{os.getpid()}:deliver"
+        self._owner = owner or f"{socket.gethostname()}:{os.getpid()}:deliver"
 
     # -- threads -----------------------------------------------------------------------------
 

@@ -36,7 +36,11 @@ POOL_SIZE = 12
 
 @functools.lru_cache(maxsize=1024)
 def to_psycopg(sql: str) -> str:
-    """``sql`` with ``?`` placeholders in psycopg's ``%s`` style (literal ``%`` doubled)."""
+    """``sql`` with ``?`` placeholders in psycopg's ``%s`` style (literal ``%`` doubled).
+
+    Every ``?`` is a placeholder: the stores' SQL has none inside its string literals (values
+    always travel as parameters).
+    """
     return sql.replace("%", "%%").replace("?", "%s")
 
 
@@ -80,6 +84,9 @@ class PostgresConnection:
             max_size=max(1, pool_size),
             kwargs={"autocommit": True, "row_factory": dict_row, "application_name": "dicom-node"},
             timeout=CONNECT_TIMEOUT_S * 3,
+            # A pooled connection is checked as it is handed out, so after a restart of the
+            # server the next transaction gets a new one instead of failing on the old.
+            check=ConnectionPool.check_connection,
             open=True,
             name="dicom-node",
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +179,11 @@ def arrive(
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    return Database(tmp_path / "node.sqlite3")
+def db(tmp_path: Path, database_url: str | None) -> Iterator[Database]:
+    """The store on both backends: SQLite in ``tmp_path``, then a fresh PostgreSQL database."""
+    database = Database(database_url or tmp_path / "node.sqlite3")
+    yield database
+    database.close()
 
 
 def test_a_case_is_ready_when_every_required_role_arrived_and_the_study_is_quiet(
@@ -203,10 +207,12 @@ def test_a_case_is_ready_when_every_required_role_arrived_and_the_study_is_quiet
 def test_a_missing_required_role_fails_visibly_at_the_study_timeout(
     tmp_path: Path,
     db: Database,
+    database_url: str | None,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("DICOM_NODE_STORAGE_DIR", raising=False)
+    monkeypatch.delenv("DICOM_NODE_DATABASE", raising=False)
     assembler = Assembler(brain_settings(tmp_path), db)
     arrive(db, "1.1", "AX T1", now=100.0)
     arrive(db, "1.3", "AX FLAIR", now=100.0)
@@ -224,7 +230,9 @@ def test_a_missing_required_role_fails_visibly_at_the_study_timeout(
     assert db.jobs() == []
     # ... and `dicom-node status` prints it.
     config = tmp_path / "node.yaml"
-    config.write_text(f"storage_dir: {tmp_path}\n")
+    config.write_text(
+        f"storage_dir: {tmp_path}\n" + (f"database: {database_url}\n" if database_url else "")
+    )
     assert main(["status", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "cases: failed 1" in out

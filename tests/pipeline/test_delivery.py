@@ -1,5 +1,7 @@
 """Delivery in-process against DCMTK storescp: backoff, catching up when a peer answers, and
-one thread per destination (a silent or slow destination holds only its own)."""
+one thread per destination (a silent or slow destination holds only its own); on both
+backends (``database_url``), and two deliveries on one PostgreSQL database send each result
+once."""
 
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ pytestmark = pytest.mark.peers
 LONG_BACKOFF_S = 600.0
 
 
-def make(tmp_path: Path, port: int, **send: Any) -> tuple[Settings, Database, Delivery]:
+def make(
+    tmp_path: Path, port: int, database: str | None, **send: Any
+) -> tuple[Settings, Database, Delivery]:
     settings = parse_settings(
         {
             "storage_dir": str(tmp_path / "var"),
@@ -39,7 +43,7 @@ def make(tmp_path: Path, port: int, **send: Any) -> tuple[Settings, Database, De
             },
         }
     )
-    db = Database(settings.database_path)
+    db = Database(database or settings.database_path)
     return settings, db, Delivery(settings, db, AuditLog(settings.audit_path))
 
 
@@ -93,9 +97,9 @@ def run_until_delivered(delivery: Delivery, scp: StoreSCP, n: int, timeout_s: fl
 
 
 def test_echo_makes_waiting_sends_due_when_the_peer_is_back(
-    tmp_path: Path, files: list[Path], pacs: StoreSCP
+    tmp_path: Path, files: list[Path], pacs: StoreSCP, database_url: str | None
 ) -> None:
-    _, db, delivery = make(tmp_path, pacs.port, echo_interval_s=0.5)
+    _, db, delivery = make(tmp_path, pacs.port, database_url, echo_interval_s=0.5)
     queue(db, files)
     assert delivery.tick() == 0  # peer down: every send waits LONG_BACKOFF_S
     assert db.status()["sends"] == {"pending": 3}
@@ -107,9 +111,11 @@ def test_echo_makes_waiting_sends_due_when_the_peer_is_back(
 
 
 def test_a_successful_send_makes_the_others_due(
-    tmp_path: Path, files: list[Path], pacs: StoreSCP
+    tmp_path: Path, files: list[Path], pacs: StoreSCP, database_url: str | None
 ) -> None:
-    _, db, delivery = make(tmp_path, pacs.port, echo_interval_s=0)  # no echo: only sends
+    _, db, delivery = make(
+        tmp_path, pacs.port, database_url, echo_interval_s=0
+    )  # no echo: only sends
     queue(db, files[:2], "1.2.3")
     delivery.tick()
     assert db.waiting_destinations()  # the first two wait
@@ -166,13 +172,13 @@ def two_destinations(tmp_path: Path, slow_port: int, fast_port: int, **slow: Any
 
 
 def test_a_slow_destination_holds_only_its_own_thread(
-    tmp_path: Path, files: list[Path], pacs: StoreSCP
+    tmp_path: Path, files: list[Path], pacs: StoreSCP, database_url: str | None
 ) -> None:
     """The slow destination's C-STORE is held the whole time the other one gets its results."""
     slow = HeldSCP().start()
     pacs.start()
     settings = two_destinations(tmp_path, slow.port, pacs.port, timeout_s=60)
-    db = Database(settings.database_path)
+    db = Database(database_url or settings.database_path)
     delivery = Delivery(settings, db, AuditLog(settings.audit_path))
     try:
         queue(db, files, destinations=("slow", "pacs"))
@@ -198,7 +204,7 @@ def test_a_slow_destination_holds_only_its_own_thread(
 
 
 def test_a_silent_destination_fails_after_its_connect_timeout_and_waits_its_backoff(
-    tmp_path: Path, files: list[Path], pacs: StoreSCP
+    tmp_path: Path, files: list[Path], pacs: StoreSCP, database_url: str | None
 ) -> None:
     """TCP accepted, no A-ASSOCIATE-AC ever: the attempt ends at connect_timeout_s, is retried
     later, and the other destination is served meanwhile."""
@@ -209,7 +215,7 @@ def test_a_silent_destination_fails_after_its_connect_timeout_and_waits_its_back
         settings = two_destinations(
             tmp_path, silent.getsockname()[1], pacs.port, connect_timeout_s=1
         )
-        db = Database(settings.database_path)
+        db = Database(database_url or settings.database_path)
         delivery = Delivery(settings, db, AuditLog(settings.audit_path))
         try:
             queue(db, files, destinations=("slow", "pacs"))
@@ -228,10 +234,10 @@ def test_a_silent_destination_fails_after_its_connect_timeout_and_waits_its_back
 
 
 def test_sends_to_a_destination_removed_from_the_config_are_dead_lettered_at_start(
-    tmp_path: Path, files: list[Path], pacs: StoreSCP
+    tmp_path: Path, files: list[Path], pacs: StoreSCP, database_url: str | None
 ) -> None:
     """Even those still waiting for their backoff: no thread would ever serve them."""
-    settings, db, delivery = make(tmp_path, pacs.port)
+    settings, db, delivery = make(tmp_path, pacs.port, database_url)
     queue(db, files[:1], "1.2.3", destinations=("gone",))
     queue(db, files[1:2], "1.2.4", destinations=("gone",))
     db.send_failed(2, "down", next_attempt_at=time.time() + LONG_BACKOFF_S)
@@ -244,3 +250,53 @@ def test_sends_to_a_destination_removed_from_the_config_are_dead_lettered_at_sta
         assert {s["last_error"] for s in gone} == {"destination 'gone' is not configured"}
     finally:
         delivery.stop()
+
+
+def test_two_deliveries_on_one_postgresql_database_send_each_result_once(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sender processes' deliveries (distinct owners) drain one queue in small batches at
+    the same time: every result reaches the destination exactly once."""
+    from dicom_node.pipeline import delivery as delivery_module
+
+    monkeypatch.setattr(delivery_module, "BATCH", 2)
+
+    class SteadySCP(HeldSCP):
+        """Records every C-STORE; each takes 50 ms, so both deliveries get batches."""
+
+        def _on_store(self, event: Any) -> int:
+            time.sleep(0.05)
+            return super()._on_store(event)
+
+    peer = SteadySCP().start()
+    peer.release.set()
+    settings = parse_settings(
+        {
+            "storage_dir": str(tmp_path / "var"),
+            "destinations": {"pacs": {"ae_title": "SLOW", "host": "127.0.0.1", "port": peer.port}},
+        }
+    )
+    ct = ct_series(n_slices=16)
+    files = write_files(ct, tmp_path / "out")
+    first, second = Database(postgres_url), Database(postgres_url)
+    for i in range(0, len(files), 2):
+        queue(first, files[i : i + 2], series_uid=f"1.2.3.{i}")
+    deliveries = [
+        Delivery(settings, db, AuditLog(tmp_path / f"audit-{name}.jsonl"), owner=name)
+        for name, db in (("a", first), ("b", second))
+    ]
+    try:
+        for delivery in deliveries:
+            delivery.start()
+        wait_for(lambda: first.status()["sends"] == {"done": 16}, 60, "every send done")
+        owners = {s["owner"] for s in first.sends()}
+    finally:
+        for delivery in deliveries:
+            delivery.stop()
+        peer.stop()
+        first.close()
+        second.close()
+    assert sorted(peer.stored) == sorted(str(ds.SOPInstanceUID) for ds in ct)  # once each
+    assert owners == {None}  # every lease ended with its outcome
+    audited = [len((tmp_path / f"audit-{n}.jsonl").read_text().splitlines()) for n in "ab"]
+    assert sum(audited) == 16 and min(audited) > 0, audited  # both sent, none twice

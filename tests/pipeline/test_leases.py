@@ -1,4 +1,4 @@
-"""Job leases have an owner and are renewed while the job runs."""
+"""Job leases have an owner and are renewed while the job runs (on both backends)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ def queued_job(db: Database, path: Path = Path("/spool/1.dcm")) -> None:
     db.queue_series("1.2.3", ["r"], now=101.0)
 
 
-def test_only_the_owner_renews_finishes_or_fails_a_job(tmp_path: Path) -> None:
-    db = Database(tmp_path / "node.sqlite3")
+def test_only_the_owner_renews_finishes_or_fails_a_job(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    db = Database(database_url or tmp_path / "node.sqlite3")
     queued_job(db)
     first = db.claim_job("a", 10, now=102.0)
     assert first is not None and first.owner == "a" and first.inputs == {"image": "1.2.3"}
@@ -66,6 +68,7 @@ def test_a_job_longer_than_its_lease_runs_once_and_delivers_once(
     random_package: Path,
     storescp: StoreSCP,
     monkeypatch: pytest.MonkeyPatch,
+    database_url: str | None,
 ) -> None:
     settings = parse_settings(
         {
@@ -87,7 +90,7 @@ def test_a_job_longer_than_its_lease_runs_once_and_delivers_once(
             ],
         }
     )
-    db = Database(settings.database_path)
+    db = Database(database_url or settings.database_path)
     audit = AuditLog(settings.audit_path)
     ct = ct_series(n_slices=2)
     paths = write_files(ct, tmp_path / "in")
@@ -149,7 +152,10 @@ def test_a_job_longer_than_its_lease_runs_once_and_delivers_once(
 
 
 def test_a_lost_lease_is_logged_and_the_stale_result_not_sent(
-    tmp_path: Path, random_package: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    random_package: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: str | None,
 ) -> None:
     """A worker whose lease was taken over (it stalled past it) delivers nothing."""
     settings = parse_settings(
@@ -166,7 +172,7 @@ def test_a_lost_lease_is_logged_and_the_stale_result_not_sent(
             ],
         }
     )
-    db = Database(settings.database_path)
+    db = Database(database_url or settings.database_path)
     ct = ct_series(n_slices=2)
     for i, path in enumerate(write_files(ct, tmp_path / "in")):
         db.record_instance(

@@ -200,3 +200,64 @@ def test_version_2_keeps_the_order_of_a_jobs_inputs_and_adds_send_leases(tmp_pat
     db.close()
     assert {"owner", "lease_until"} <= set(columns(path, "sends"))
     assert columns(path, "audit_records") == ["seq", "record"]
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def test_a_new_postgresql_database_is_created_at_the_current_version(postgres_url: str) -> None:
+    import psycopg
+
+    db = Database(postgres_url)
+    assert db.backend == "postgresql" and db.migrated == list(range(1, SCHEMA_VERSION + 1))
+    db.close()
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        types = dict(
+            conn.execute(
+                "SELECT table_name || '.' || column_name, data_type || "
+                "CASE WHEN is_identity = 'YES' THEN ' identity' ELSE '' END "
+                "FROM information_schema.columns WHERE table_schema = 'public'"
+            ).fetchall()
+        )
+    assert types["jobs.id"] == "bigint identity" and types["sends.id"] == "bigint identity"
+    assert types["instances.received_at"] == "double precision"
+    assert types["case_inputs.position"] == "bigint"
+    assert types["audit_records.seq"] == "bigint" and types["audit_records.record"] == "text"
+    assert types["sends.lease_until"] == "double precision" and types["sends.owner"] == "text"
+    reopened = Database(postgres_url)
+    assert reopened.migrated == []
+    reopened.close()
+
+
+def test_nodes_starting_together_migrate_a_postgresql_database_once(postgres_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def open_and_close(_: int) -> list[int]:
+        db = Database(postgres_url)
+        db.close()
+        return db.migrated
+
+    with ThreadPoolExecutor(4) as pool:
+        applied = list(pool.map(open_and_close, range(4)))
+    assert sorted(v for versions in applied for v in versions) == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_a_postgresql_database_of_a_newer_node_is_refused(postgres_url: str) -> None:
+    import psycopg
+
+    Database(postgres_url).close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(DicomNodeError, match="newer than this dicom-node knows"):
+        Database(postgres_url)
+
+
+def test_an_unreachable_postgresql_names_it_without_the_password() -> None:
+    from tests.conftest import free_port
+
+    url = f"postgresql://node:s3cret@127.0.0.1:{free_port()}/state"
+    with pytest.raises(DicomNodeError) as exc:
+        Database(url)
+    assert "cannot connect" in str(exc.value) and "s3cret" not in str(exc.value)
+    assert f"postgresql://node:***@127.0.0.1:{url.rsplit(':', 1)[1]}" in str(exc.value)
