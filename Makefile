@@ -17,7 +17,7 @@ PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb 
 OHIF_VERSION := 3.13.2
 OHIF_DIR := .cache/ohif/$(OHIF_VERSION)
 
-.PHONY: install serve test test-viewer ohif lint bench bench-throughput fuzz peers clean
+.PHONY: install serve test test-viewer ohif lint bench bench-throughput bench-workers fuzz peers clean
 
 install: $(STAMP)
 
@@ -75,6 +75,10 @@ bench: install peers
 # Sustained throughput for 10 minutes (issue 10's figure): DX + CT senders, one node, SQLite.
 bench-throughput: install peers
 	$(BIN)/python -m benchmarks.throughput --duration 600
+
+# 1 versus 2 worker processes on a private PostgreSQL (jobs/s; docs/benchmarks.md).
+bench-workers: install peers
+	$(BIN)/python -m benchmarks.workers
 
 # The long fuzz run (10,000 inputs, about 6 min): crashes, hangs, refused C-ECHOs, RSS.
 fuzz: install

@@ -40,9 +40,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.pipeline.node import Node
+    from dicom_node.pipeline.roles import default_role, parse_role
 
+    role = parse_role(args.role) if args.role is not None else default_role()
     settings = _settings(args)
-    node = Node(settings)
+    node = Node(settings, role)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -51,14 +53,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info(
             "node.started",
             version=__version__,
+            role=str(role),
             ae_title=settings.ae_title,
-            port=settings.port,
+            port=settings.port if role.receives else None,
             storage_dir=str(settings.storage_dir),
         )
     else:
+        doing = (
+            f"listening as {settings.ae_title} on port {settings.port}"
+            if role.receives
+            else f"running as {role}"
+        )
         print(
-            f"dicom-node {__version__} listening as {settings.ae_title} on port "
-            f"{settings.port}; storage in {settings.storage_dir}",
+            f"dicom-node {__version__} ({role}) {doing}; storage in {settings.storage_dir}",
             file=sys.stderr,
             flush=True,
         )
@@ -344,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = with_config(sub.add_parser("serve", help="run the node"))
+    p.add_argument(
+        "--role",
+        help="the stages this process runs: all (default), receiver (DICOM port, assembly, "
+        "retention), worker (models) or sender (delivery); receiver/worker/sender share a "
+        "PostgreSQL database and storage_dir. Default: $DICOM_NODE_ROLE, else all",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = with_config(sub.add_parser("process", help="segment DICOM files from a folder, no network"))

@@ -134,16 +134,29 @@ def storescu(
 
 
 class NodeProcess:
-    """``dicom-node serve`` as a real process (so tests can kill -9 it and read its logs)."""
+    """``dicom-node serve`` as a real process (so tests can kill -9 it and read its logs).
 
-    def __init__(self, folder: Path, settings: dict[str, Any]) -> None:
+    ``role`` is its ``--role``; the processes of a scaled-out node share ``storage_dir`` and
+    ``database`` (a PostgreSQL URL) in their settings, each with its own config and log here.
+    """
+
+    def __init__(self, folder: Path, settings: dict[str, Any], role: str = "all") -> None:
         self.folder = folder
         self.settings = settings
+        self.role = role
+        self.module = "dicom_node"  # tests.slow_node: the same node, with slow model runs
+        self.env: dict[str, str] = {}  # added to this process's environment
+        self._offset = 0  # where this run's lines start in the log
         self.config = folder / "node.yaml"
         self.log = folder / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None
         folder.mkdir(parents=True, exist_ok=True)
         self.config.write_text(yaml.safe_dump(settings))
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return int(self.proc.pid)
 
     @property
     def port(self) -> int:
@@ -154,21 +167,45 @@ class NodeProcess:
         return Path(self.settings["storage_dir"])
 
     def start(self) -> NodeProcess:
+        """Start it; return once it listens (a role without a DICOM port: once it started)."""
+        return self.spawn().ready()
+
+    def spawn(self) -> NodeProcess:
+        """Start the process and return at once; :meth:`ready` waits for it (start several
+        processes at once: spawn each, then wait for each)."""
+        self._offset = self.log.stat().st_size if self.log.exists() else 0
+        command = [sys.executable, "-m", self.module, "serve", "--config", str(self.config)]
+        if self.role != "all":
+            command += ["--role", self.role]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config)],
+            command,
             cwd=REPO,
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
         )
-        deadline = time.monotonic() + 60
+        return self
+
+    def ready(self, timeout_s: float = 60) -> NodeProcess:
+        """Wait until the spawned process listens (or, without a DICOM port, has started)."""
+        assert self.proc is not None
+        listens = self.role in ("all", "receiver")
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"node exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
+            if listens:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                        return self
+            elif f"({self.role}) running as" in self.log.read_bytes()[self._offset :].decode(
+                errors="replace"
+            ):
+                return self
             time.sleep(0.1)
-        pytest.fail(f"node did not listen within 60 s:\n{self.log.read_text()}")
+        pytest.fail(
+            f"node ({self.role}) did not start within {timeout_s} s:\n{self.log.read_text()}"
+        )
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -233,10 +270,12 @@ def node_settings(tmp_path: Path, model: Path, pacs_port: int, **overrides: Any)
 def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     nodes: list[NodeProcess] = []
 
-    def make(model: Path, pacs_port: int, **overrides: Any) -> NodeProcess:
+    def make(model: Path, pacs_port: int, role: str = "all", **overrides: Any) -> NodeProcess:
+        """A node process; pass ``storage_dir`` and ``database`` to share them between roles."""
         node = NodeProcess(
             tmp_path / f"node{len(nodes)}",
             node_settings(tmp_path / f"node{len(nodes)}", model, pacs_port, **overrides),
+            role,
         )
         nodes.append(node)
         return node

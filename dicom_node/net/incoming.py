@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -64,17 +65,24 @@ def register(ae: ApplicationEntity, folder: Path) -> None:
     _folders[ae] = folder
 
 
-def clean(folder: Path) -> int:
+def clean(folder: Path, older_than_s: float = 0.0) -> int:
     """Remove the files a killed or stopped receiver left in ``folder``; return how many.
 
-    Run before the receiver listens: no data set is arriving then, and the folder is the
-    node's own (one node per ``storage_dir``, held by its lock file).
+    Run before the receiver listens: no data set of this process is arriving then. On SQLite
+    the folder is the node's own (one node per ``storage_dir``, held by its lock file). On
+    PostgreSQL several receivers may share ``storage_dir`` (roles): ``older_than_s`` then
+    keeps files modified more recently, which may be another receiver's data set still
+    arriving (a live one is written to at least every ``limits.idle_timeout_s``).
     """
     count = 0
+    cutoff = time.time() - older_than_s
     if folder.is_dir():
         for path in folder.iterdir():
-            if path.is_file() or path.is_symlink():
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    count += 1
+            with contextlib.suppress(FileNotFoundError):
+                if not (path.is_file() or path.is_symlink()):
+                    continue
+                if older_than_s > 0 and path.lstat().st_mtime > cutoff:
+                    continue
+                path.unlink()
+                count += 1
     return count

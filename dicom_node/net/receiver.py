@@ -55,7 +55,12 @@ from dicom_node.net.limits import (
 from dicom_node.net.status import StoreStatus
 from dicom_node.net.syntaxes import ACCEPTED
 from dicom_node.store.database import Database
-from dicom_node.store.spool import fsync_file, instance_path, rename_durably
+from dicom_node.store.spool import (
+    SHARED_STALE_TEMP_S,
+    fsync_file,
+    instance_path,
+    rename_durably,
+)
 from dicom_node.uids import is_valid_uid
 
 log = structlog.get_logger(__name__)
@@ -290,7 +295,10 @@ class Receiver:
         never held in memory; what a killed process left there is removed first.
         """
         _config.STORE_RECV_CHUNKED_DATASET = True
-        stale = incoming.clean(self.settings.incoming_dir)
+        stale = incoming.clean(
+            self.settings.incoming_dir,
+            SHARED_STALE_TEMP_S if self.settings.database is not None else 0.0,
+        )
         if stale:
             log.info("receiver.stale_incoming_removed", files=stale)
         handlers: list[Any] = [

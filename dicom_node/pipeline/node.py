@@ -4,7 +4,12 @@ Threads: the receiver's association threads (thin: write + index), one scheduler
 runs the assembler and retention ticks, ``workers`` worker threads that run jobs, and one
 delivery thread per destination (``pipeline/delivery.py``), so a slow destination delays only
 its own results. Every stage hands over through the database, so a node killed at any instant
-restarts into a consistent state: ``start`` returns running jobs to the queue and resumes sends.
+restarts into a consistent state: ``start`` returns its dead predecessor's running jobs to the
+queue and resumes sends.
+
+A process runs the stages of its :class:`~dicom_node.pipeline.roles.Role` only: ``all`` is
+every stage (the one-host node); ``receiver``, ``worker`` and ``sender`` split it over
+processes and hosts that share one PostgreSQL database and one storage folder.
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ from dicom_node.net.receiver import Receiver
 from dicom_node.pipeline.assembler import Assembler
 from dicom_node.pipeline.delivery import Delivery
 from dicom_node.pipeline.retention import Retention
+from dicom_node.pipeline.roles import Role, check_role
 from dicom_node.pipeline.worker import Worker
 from dicom_node.store.database import open_database
-from dicom_node.store.spool import clean_stale_temp_files
+from dicom_node.store.spool import SHARED_STALE_TEMP_S, clean_stale_temp_files
 
 log = structlog.get_logger(__name__)
 
@@ -127,8 +133,26 @@ def listen_error(what: str, address: str, port: int, exc: OSError) -> StartupErr
 
 
 class Node:
-    def __init__(self, settings: Settings) -> None:
+    """The stages of ``role`` over one database and one storage folder.
+
+    Parameters
+    ----------
+    settings
+        The node configuration.
+    role
+        Which stages this process runs (default: all of them).
+
+    Raises
+    ------
+    StartupError
+        The role needs what the config lacks, or storage_dir is in use or not writable.
+    """
+
+    def __init__(self, settings: Settings, role: Role = Role.ALL) -> None:
         self.settings = settings
+        self.role = role
+        self.shared = settings.database is not None  # PostgreSQL: several processes
+        check_role(role, settings, "postgresql" if self.shared else "sqlite")
         prepare_storage(settings.storage_dir)
         self._lock_file = self._take_lock()
         self.db = open_database(settings)
@@ -136,45 +160,74 @@ class Node:
         self.wake = threading.Event()  # scheduler: an association ended
         self.work = threading.Event()  # workers: a job was queued
         self.stopping = threading.Event()
-        self.device = _device(settings.device)
         self.metrics = NodeMetrics(self.db)
-        self.receiver = Receiver(
-            settings, self.db, self.audit, on_release=self.wake, metrics=self.metrics
-        )
-        self.assembler = Assembler(settings, self.db)
-        self.delivery = Delivery(settings, self.db, self.audit, self.metrics)
-        self.retention = Retention(settings, self.db, self.audit)
-        self.worker = Worker(settings, self.db, self.audit, self.device, self.metrics)
-        self.audit_export = (
-            SyslogExporter(settings.audit.syslog, self.audit, self.db, settings.ae_title)
-            if settings.audit.syslog is not None
-            else None
-        )
+        self.receiver: Receiver | None = None
+        self.assembler: Assembler | None = None
+        self.retention: Retention | None = None
+        self.worker: Worker | None = None
+        self.delivery: Delivery | None = None
+        self.audit_export: SyslogExporter | None = None
+        self.device: torch.device | None = None
+        if role.receives:
+            self.receiver = Receiver(
+                settings, self.db, self.audit, on_release=self.wake, metrics=self.metrics
+            )
+            self.assembler = Assembler(settings, self.db)
+            self.retention = Retention(settings, self.db, self.audit)
+            if settings.audit.syslog is not None:  # one exporter: where the scheduler runs
+                self.audit_export = SyslogExporter(
+                    settings.audit.syslog, self.audit, self.db, settings.ae_title
+                )
+        if role.works:
+            self.device = _device(settings.device)
+            self.worker = Worker(settings, self.db, self.audit, self.device, self.metrics)
+        if role.sends:
+            self.delivery = Delivery(settings, self.db, self.audit, self.metrics)
         self._threads: list[threading.Thread] = []
 
     def _take_lock(self) -> IO[str]:
+        """Lock ``storage_dir/node.lock``: exclusively on SQLite, shared on PostgreSQL.
+
+        SQLite is one process per storage folder, so a second node there is refused. On
+        PostgreSQL the role processes of a deployment share the folder (the database
+        coordinates them), so each takes a shared lock: several of them start, but none
+        starts beside a SQLite node on the same folder, nor a SQLite node beside them.
+        """
         path = self.settings.storage_dir / "node.lock"
         fh = path.open("a+")
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.close()
-            raise DicomNodeError(
-                f"{self.settings.storage_dir} is in use by another dicom-node process; "
-                "give each node its own storage_dir"
+            if self.shared:
+                raise StartupError(
+                    f"{self.settings.storage_dir} is in use by a dicom-node on SQLite; stop it, "
+                    "or give this PostgreSQL deployment its own storage_dir"
+                ) from None
+            raise StartupError(
+                f"{self.settings.storage_dir} is in use by another dicom-node process; give "
+                "each node its own storage_dir (several processes on one storage folder need "
+                "database: postgresql://... and serve --role)"
             ) from None
-        fh.truncate(0)
-        fh.write(str(os.getpid()))
-        fh.flush()
+        if not self.shared:
+            fh.truncate(0)
+            fh.write(str(os.getpid()))
+            fh.flush()
         return fh
 
     def start(self) -> None:
-        clean_stale_temp_files(self.settings.spool_dir)
-        clean_stale_temp_files(self.settings.outbox_dir)
-        resumed = self.db.recover_after_restart()
-        for route in self.settings.routes:  # fail at start, not at the first study
-            check_roles(route, self.worker.segmenter(route.model).package.roles)
-        self.worker.warm_up()  # each model once: the first study as fast as the next
+        stale_after_s = SHARED_STALE_TEMP_S if self.shared else 0.0
+        resumed = 0
+        if self.worker is not None:
+            clean_stale_temp_files(self.settings.outbox_dir, stale_after_s)
+            # SQLite: the exclusive lock proves every running job's owner is dead. PostgreSQL:
+            # only this host's dead processes' jobs; other hosts' wait for their lease.
+            resumed = self.db.recover_after_restart()
+            for route in self.settings.routes:  # fail at start, not at the first study
+                check_roles(route, self.worker.segmenter(route.model).package.roles)
+            self.worker.warm_up()  # each model once: the first study as fast as the next
+        if self.receiver is not None:
+            clean_stale_temp_files(self.settings.spool_dir, stale_after_s)
         address = self.settings.bind_address
         if self.settings.metrics_port is not None:
             try:
@@ -183,10 +236,11 @@ class Node:
                 raise listen_error(
                     "metrics_port", address, self.settings.metrics_port, exc
                 ) from None
-        try:
-            self.receiver.start()
-        except OSError as exc:
-            raise listen_error("port", address, self.settings.port, exc) from None
+        if self.receiver is not None:
+            try:
+                self.receiver.start()
+            except OSError as exc:
+                raise listen_error("port", address, self.settings.port, exc) from None
         self.audit.record(
             AuditEvent.APPLICATION_ACTIVITY,
             AuditAction.EXECUTE,
@@ -196,15 +250,19 @@ class Node:
         )
         if self.audit_export is not None:
             self.audit_export.start()
-        self._spawn("scheduler", self._schedule)
-        self.delivery.start()
-        for i in range(self.settings.workers):
-            self._spawn(f"worker-{i}", self._work)
+        if self.assembler is not None:
+            self._spawn("scheduler", self._schedule)
+        if self.delivery is not None:
+            self.delivery.start()
+        if self.worker is not None:
+            for i in range(self.settings.workers):
+                self._spawn(f"worker-{i}", self._work)
         log.info(
             "node.started",
+            role=str(self.role),
             resumed_jobs=resumed,
             database=self.db.location,
-            device=str(self.device),
+            device=str(self.device) if self.device is not None else None,
             routes=[r.name for r in self.settings.routes],
         )
 
@@ -214,6 +272,7 @@ class Node:
         self._threads.append(thread)
 
     def _schedule(self) -> None:
+        assert self.assembler is not None and self.retention is not None
         next_retention = 0.0
         while not self.stopping.is_set():
             self.wake.wait(TICK_S)
@@ -230,6 +289,7 @@ class Node:
                     log.exception("stage.error", stage=type(stage).__name__)
 
     def _work(self) -> None:
+        assert self.worker is not None
         while not self.stopping.is_set():
             try:
                 ran = self.worker.run_once()
@@ -239,17 +299,19 @@ class Node:
             if not ran:
                 self.work.wait(TICK_S)
                 self.work.clear()
-            else:
+            elif self.delivery is not None:
                 self.delivery.wake()  # results are queued: send them now
 
     def stop(self) -> None:
         self.stopping.set()
         self.wake.set()
         self.work.set()
-        self.receiver.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
         for thread in self._threads:
             thread.join(timeout=30)
-        self.delivery.stop()
+        if self.delivery is not None:
+            self.delivery.stop()
         self.audit.record(
             AuditEvent.APPLICATION_ACTIVITY,
             AuditAction.EXECUTE,
@@ -261,4 +323,4 @@ class Node:
             self.audit_export.stop()
         self.db.close()
         self._lock_file.close()
-        log.info("node.stopped")
+        log.info("node.stopped", role=str(self.role))

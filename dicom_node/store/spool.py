@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -124,11 +125,26 @@ def remove_empty_parents(path: Path, stop: Path) -> None:
         parent = parent.parent
 
 
-def clean_stale_temp_files(root: Path) -> int:
-    """Remove temp files left by a write that was killed half-way; return how many."""
+#: On a shared storage folder (PostgreSQL), temp files younger than this may be another
+#: process's write in progress: a start removes only older ones.
+SHARED_STALE_TEMP_S = 3600.0
+
+
+def clean_stale_temp_files(root: Path, older_than_s: float = 0.0) -> int:
+    """Remove temp files left by a write that was killed half-way; return how many.
+
+    ``older_than_s``: keep files modified more recently than that. A folder shared by several
+    processes (PostgreSQL roles) may hold another live process's write in progress.
+    """
     count = 0
+    cutoff = time.time() - older_than_s
     if root.is_dir():
         for tmp in root.rglob(".incoming-*.tmp"):
+            try:
+                if older_than_s > 0 and tmp.stat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
+                continue  # renamed by its writer meanwhile
             tmp.unlink(missing_ok=True)
             count += 1
     return count

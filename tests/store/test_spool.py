@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,14 @@ def test_rename_durably_copies_across_file_systems(
     rename_durably(src, target)
     assert target.read_bytes() == b"received" and not src.exists()
     assert [p.name for p in target.parent.iterdir()] == ["x.dcm"]
+
+
+def test_on_a_shared_folder_only_old_temp_files_are_cleaned(tmp_path: Path) -> None:
+    """Another process's write in progress (a recent temp file) survives a start beside it."""
+    old = tmp_path / ".incoming-old.tmp"
+    fresh = tmp_path / ".incoming-fresh.tmp"
+    old.write_bytes(b"killed half-way")
+    fresh.write_bytes(b"being written")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert clean_stale_temp_files(tmp_path, older_than_s=3600) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [fresh.name]

@@ -1,0 +1,101 @@
+"""The deployment files against the CLI: the compose file and the systemd units run real roles.
+
+No Docker engine runs here (nor in CI): the compose file is checked as YAML against the
+command line it calls, the image it builds and the shape docs/deployment.md describes.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dicom_node.cli import build_parser
+from dicom_node.pipeline.roles import Role
+from tests.conftest import REPO
+
+COMPOSE = REPO / "deploy" / "compose.yaml"
+
+
+def compose() -> dict[str, Any]:
+    doc = yaml.safe_load(COMPOSE.read_text())  # merges the x-node anchor into each service
+    assert isinstance(doc, dict)
+    return doc
+
+
+def node_services(doc: dict[str, Any]) -> dict[str, Role]:
+    """Each service that runs ``dicom-node serve`` -> its role, checked by the CLI's parser."""
+    roles = {}
+    for name, service in doc["services"].items():
+        command = service.get("command")
+        if not command:
+            continue
+        args = build_parser().parse_args(command)
+        assert args.command == "serve", name
+        assert args.config == Path("/etc/dicom-node/node.yaml"), name
+        roles[name] = Role(args.role)
+    return roles
+
+
+def dockerfile_env(name: str) -> str:
+    match = re.search(rf"\b{name}=(\S+)", (REPO / "Dockerfile").read_text())
+    assert match is not None, name
+    return match.group(1)
+
+
+def test_compose_runs_one_receiver_two_workers_and_a_sender_on_postgresql() -> None:
+    doc = compose()
+    roles = node_services(doc)
+    assert sorted(roles.values()) == sorted(
+        [Role.RECEIVER, Role.WORKER, Role.WORKER, Role.SENDER]
+    ), roles
+    db = doc["services"]["db"]
+    assert db["image"].startswith("postgres:")
+    storage = dockerfile_env("DICOM_NODE_STORAGE_DIR")
+    volumes = set()
+    for name in roles:
+        service = doc["services"][name]
+        assert (
+            service["build"]["context"] == ".." and service["build"]["dockerfile"] == "Dockerfile"
+        )
+        assert (COMPOSE.parent / service["build"]["context"] / "Dockerfile").is_file()
+        env = service["environment"]
+        assert env["DICOM_NODE_DATABASE"].startswith("postgresql://")
+        assert "@db:" in env["DICOM_NODE_DATABASE"], "the database is the db service"
+        assert "PGPASSWORD" in env and "password" not in env["DICOM_NODE_DATABASE"].lower()
+        assert env["DICOM_NODE_STORAGE_DIR"] == storage
+        assert "db" in service["depends_on"]
+        mounts = [v for v in service["volumes"] if v.split(":")[1] == storage]
+        assert len(mounts) == 1, (name, service["volumes"])
+        volumes.add(mounts[0].split(":")[0])
+        published = service.get("ports", [])
+        if roles[name] is Role.RECEIVER:
+            assert published == ["11112:11112"]
+        else:
+            assert published == [], f"{name} ({roles[name]}) has no DICOM port to publish"
+            assert "echo" not in service["healthcheck"]["test"], "only a receiver answers C-ECHO"
+    assert len(volumes) == 1, f"every node must share one storage volume, got {volumes}"
+    assert volumes <= set(doc["volumes"])
+
+
+def test_systemd_template_unit_takes_a_role_and_the_plain_unit_stays_all() -> None:
+    template = (REPO / "systemd" / "dicom-node@.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.+)$", template, re.M)
+    assert exec_start is not None
+    argv = shlex.split(exec_start.group(1))
+    assert argv[0].endswith("/dicom-node") and "%i" in argv
+    for role in (Role.RECEIVER, Role.WORKER, Role.SENDER):
+        args = build_parser().parse_args([a.replace("%i", role.value) for a in argv[1:]])
+        assert (args.command, Role(args.role)) == ("serve", role)
+    assert "RequiresMountsFor=/var/lib/dicom-node" in template
+    assert "Environment=DICOM_NODE_STORAGE_DIR=/var/lib/dicom-node" in template
+
+    plain = (REPO / "systemd" / "dicom-node.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.+)$", plain, re.M)
+    assert exec_start is not None
+    args = build_parser().parse_args(shlex.split(exec_start.group(1))[1:])
+    assert args.command == "serve" and args.role is None  # DICOM_NODE_ROLE, else all
+    assert "DICOM_NODE_ROLE" not in plain
