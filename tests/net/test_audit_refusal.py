@@ -21,7 +21,7 @@ from dicom_node.config import parse_settings
 from dicom_node.net.receiver import Receiver
 from dicom_node.net.status import StoreStatus
 from dicom_node.store.database import Database
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 from tests.factories import ct_series
 
 
@@ -154,6 +154,13 @@ def test_the_database_chain_refuses_what_it_cannot_record(database_receiver: Rec
     series = ct_series(3, 16, 16)
     assoc = associate(receiver.settings.port)
     assert assoc.is_established  # type: ignore[attr-defined]
+    # The A-ASSOCIATE-AC goes out before the node's handler writes the association's record:
+    # wait for it, then take the table away.
+    wait_for(
+        lambda: database_events(receiver) == ["User Authentication"],
+        10,
+        "the association's User Authentication record",
+    )
     audit_table(receiver, present=False)  # the table goes after the association was audited
     try:
         statuses = [assoc.send_c_store(ds).Status for ds in series]  # type: ignore[attr-defined]
