@@ -484,18 +484,23 @@ class DatabaseChain:
             )
         return key
 
+    def _locked_head(self, c: Any) -> Any:
+        """The head row, created for a new chain (or a removed head) and locked until ``c``
+        ends; of two racing creations one waits for the other, then does nothing."""
+        c.execute(
+            "INSERT INTO audit_head (name, seq, hash) VALUES (?, 0, ?) "
+            "ON CONFLICT (name) DO NOTHING",
+            (HEAD, GENESIS),
+        )
+        return c.execute(
+            "SELECT seq, hash FROM audit_head WHERE name = ?" + self.db._for_update, (HEAD,)
+        ).fetchone()
+
     def _check_head(self) -> list[dict[str, Any]]:
         """Compare the head with the last record; create the head of a new chain."""
         alerts: list[dict[str, Any]] = []
         with self.db._tx() as c:
-            c.execute(
-                "INSERT INTO audit_head (name, seq, hash) VALUES (?, 0, ?) "
-                "ON CONFLICT (name) DO NOTHING",
-                (HEAD, GENESIS),
-            )
-            head = c.execute(
-                "SELECT seq, hash FROM audit_head WHERE name = ?" + self.db._for_update, (HEAD,)
-            ).fetchone()
+            head = self._locked_head(c)
             last = c.execute(
                 "SELECT seq, record FROM audit_records ORDER BY seq DESC LIMIT 1"
             ).fetchone()
@@ -555,16 +560,7 @@ class DatabaseChain:
     def _append(self, body: dict[str, Any]) -> str:
         """One transaction: lock the head, seal the record after it, store it, move the head."""
         with self.db._tx() as c:
-            # A new chain (or a head row removed): create it first; a no-op otherwise, and one
-            # of two racing inserts waits for the other, then does nothing.
-            c.execute(
-                "INSERT INTO audit_head (name, seq, hash) VALUES (?, 0, ?) "
-                "ON CONFLICT (name) DO NOTHING",
-                (HEAD, GENESIS),
-            )
-            head = c.execute(
-                "SELECT seq, hash FROM audit_head WHERE name = ?" + self.db._for_update, (HEAD,)
-            ).fetchone()
+            head = self._locked_head(c)
             digest, line = seal(body, int(head["seq"]) + 1, str(head["hash"]), self.key)
             c.execute("INSERT INTO audit_records (seq, record) VALUES (?, ?)", (body["seq"], line))
             c.execute(
