@@ -133,6 +133,23 @@ def storescu(
     )
 
 
+def storescu_at_once(port: int, batches: list[list[Path]]) -> list[int]:
+    """Send each batch by its own ``storescu`` process (calling AE ``MODALITY<i>``), all at
+    once, so the node serves several associations together; their exit codes."""
+    exe = require_tool("storescu")
+    procs = [
+        subprocess.Popen(
+            [exe, "-aet", f"MODALITY{i}", "-aec", "DICOMNODE", "127.0.0.1", str(port)]
+            + [str(f) for f in files],
+            env=PEER_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i, files in enumerate(batches)
+    ]
+    return [p.wait(timeout=120) for p in procs]
+
+
 class NodeProcess:
     """``dicom-node serve`` as a real process (so tests can kill -9 it and read its logs).
 

@@ -375,31 +375,12 @@ def test_concurrent_senders(
     random_package: Path,
 ) -> None:
     """Three modalities sending at once: every instance indexed, every series segmented."""
-    import subprocess
-
-    from tests.conftest import PEER_ENV, require_tool
+    from tests.conftest import storescu_at_once
 
     node = node_factory(random_package, storescp.port).start()
     series = [ct_series(n_slices=8, seed=i) for i in range(3)]
-    procs = [
-        subprocess.Popen(
-            [
-                require_tool("storescu"),
-                "-aet",
-                f"MODALITY{i}",
-                "-aec",
-                "DICOMNODE",
-                "127.0.0.1",
-                str(node.port),
-                *map(str, write_files(s, tmp_path / f"ct{i}")),
-            ],
-            env=PEER_ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for i, s in enumerate(series)
-    ]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    batches = [write_files(s, tmp_path / f"ct{i}") for i, s in enumerate(series)]
+    assert storescu_at_once(node.port, batches) == [0, 0, 0]
     found = results(storescp, n=6)
     assert len(found) == 2  # by modality: SEG and SR
     assert node.status()["instances"] == 24

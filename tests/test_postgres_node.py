@@ -13,7 +13,7 @@ import pytest
 from pydicom import dcmread
 
 from dicom_node.outputs.validate import dciodvfy_errors
-from tests.conftest import PEER_ENV, REPO, NodeProcess, StoreSCP, require_tool, wait_for
+from tests.conftest import REPO, NodeProcess, StoreSCP, storescu_at_once, wait_for
 from tests.factories import ct_series, write_files
 
 pytestmark = pytest.mark.peers
@@ -32,25 +32,8 @@ def test_a_node_on_postgresql_segments_three_concurrent_studies(
     url = postgres_url.replace("postgres@", f"postgres:{PASSWORD}@", 1)
     node = node_factory(random_package, storescp.port, database=url, release_grace_s=0.3).start()
     series = [ct_series(n_slices=6, seed=i) for i in range(3)]
-    procs = [
-        subprocess.Popen(
-            [
-                require_tool("storescu"),
-                "-aet",
-                f"MODALITY{i}",
-                "-aec",
-                "DICOMNODE",
-                "127.0.0.1",
-                str(node.port),
-                *map(str, write_files(s, tmp_path / f"ct{i}")),
-            ],
-            env=PEER_ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for i, s in enumerate(series)
-    ]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    batches = [write_files(s, tmp_path / f"ct{i}") for i, s in enumerate(series)]
+    assert storescu_at_once(node.port, batches) == [0, 0, 0]
     wait_for(lambda: len(storescp.files()) >= 6, 120, "three SEGs and three SRs at the PACS")
 
     by_modality: dict[str, list[Path]] = {}
