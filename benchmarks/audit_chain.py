@@ -26,30 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.audit import (
-    AuditAction,
-    AuditEvent,
     AuditLog,
-    AuditOutcome,
-    Participants,
     open_audit_log,
 )
 from dicom_node.config import Settings, parse_settings
 from dicom_node.store.database import open_database
-
-WHO = Participants("MODALITY", "DICOMNODE", "127.0.0.1:5000")
-
-
-def fill(log: AuditLog, n: int) -> None:
-    for i in range(n):
-        log.record(
-            AuditEvent.INSTANCES_TRANSFERRED,
-            AuditAction.CREATE,
-            AuditOutcome.SUCCESS,
-            WHO,
-            patient_id=f"P{i}",
-            study_uid=f"1.2.3.{i}",
-            instances=300,
-        )
+from tests.factories import record_transfers
 
 
 def settings_for(folder: Path, url: str | None) -> Settings:
@@ -62,7 +44,7 @@ def _writer(folder: str, url: str | None, n: int, ready: Any, start: Any, done: 
     log = open_audit_log(settings, db)
     ready.put(os.getpid())
     start.wait(600)
-    fill(log, n)
+    record_transfers(log, n, instances=300)
     done.put(time.perf_counter())
     db.close()
 
@@ -83,7 +65,7 @@ def rate(url_for_run: Callable[[], str | None], n: int, processes: int, chain: s
             log = open_audit_log(settings, db)
         if processes == 1:
             began = time.perf_counter()
-            fill(log, n)
+            record_transfers(log, n, instances=300)
             elapsed = time.perf_counter() - began
             db.close()
             return n / elapsed

@@ -4,15 +4,21 @@ The node's pynetdicom settings (``Receiver._ae``: maximum PDU 1 MiB, the same st
 and transfer syntaxes, the same timeouts, ``STORE_RECV_CHUNKED_DATASET``, so each data set is
 written to a file as it arrives, in ``FOLDER``), and a C-STORE handler that only answers
 Success: nothing checked, kept or indexed (pynetdicom removes the file after the handler).
-Runs until SIGTERM or SIGINT.
 
-    python -m benchmarks.bare_scp PORT FOLDER [--ae-title DICOMNODE]
+With ``--durable`` the handler also does what the node's durability contract costs, and
+nothing else: fsync the received file, rename it into ``FOLDER/kept`` and fsync that folder,
+and commit one row per instance to a SQLite database (WAL, ``synchronous=FULL``, as the node's).
+No header is read and nothing is checked: the floor of a pynetdicom SCP that answers Success
+only once an instance is durable. Runs until SIGTERM or SIGINT.
+
+    python -m benchmarks.bare_scp PORT FOLDER [--ae-title DICOMNODE] [--durable]
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import sqlite3
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -24,6 +30,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.net.syntaxes import ACCEPTED
+from dicom_node.store.spool import fsync_file, rename_durably
 
 
 def bare_ae(ae_title: str) -> AE:
@@ -44,12 +51,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("port", type=int)
     parser.add_argument("folder", type=Path, help="where data sets are written while they arrive")
     parser.add_argument("--ae-title", default="DICOMNODE")
+    parser.add_argument(
+        "--durable", action="store_true", help="fsync, rename, fsync the folder, commit a row"
+    )
     args = parser.parse_args(argv)
     args.folder.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(args.folder)  # one SCP per process: the process-wide temp folder
     _config.STORE_RECV_CHUNKED_DATASET = True
+    kept = args.folder / "kept"
+    kept.mkdir(exist_ok=True)
+    db = sqlite3.connect(args.folder / "index.sqlite3", check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE IF NOT EXISTS instances (uid TEXT PRIMARY KEY, path TEXT)")
+    lock = threading.Lock()
 
     def on_store(event: Any) -> int:
+        if args.durable:
+            uid = str(event.request.AffectedSOPInstanceUID)
+            path = kept / f"{uid}.dcm"
+            fsync_file(Path(event.dataset_path))
+            rename_durably(Path(event.dataset_path), path)
+            with lock, db:
+                db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?)", (uid, str(path)))
         return 0x0000
 
     ae = bare_ae(args.ae_title)

@@ -28,6 +28,7 @@ from benchmarks.receive import (
     machine,
     outputs_of,
     received_files,
+    run_end,
     runs,
     send,
     stage_times,
@@ -126,10 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         section = latency(Path(tmp), args.repeat)
     print()
     print(section)
-    print(
-        f"\n- load average at end: {Path('/proc/loadavg').read_text().split()[:3]}; "
-        f"whole run {time.perf_counter() - started:.0f} s"
-    )
+    print(run_end(started))
     return 0
 
 

@@ -147,6 +147,15 @@ def machine() -> list[str]:
     ]
 
 
+def run_end(started: float) -> str:
+    """The last line of a benchmark's report: load average at the end, whole run's time
+    (``started``: ``time.perf_counter()`` at the start)."""
+    return (
+        f"\n- load average at end: {Path('/proc/loadavg').read_text().split()[:3]}; "
+        f"whole run {time.perf_counter() - started:.0f} s"
+    )
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -164,15 +173,19 @@ class BareSCP:
     """``benchmarks.bare_scp`` as a process: pynetdicom with the node's settings, answering
     Success to every C-STORE and keeping nothing."""
 
-    def __init__(self, folder: Path, port: int, ae_title: str = "DICOMNODE") -> None:
+    def __init__(
+        self, folder: Path, port: int, ae_title: str = "DICOMNODE", durable: bool = False
+    ) -> None:
         self.folder = folder
         self.port = port
         self.ae_title = ae_title
+        self.durable = durable  # --durable: fsync, rename, fsync the folder, commit a row
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> BareSCP:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.bare_scp", str(self.port), str(self.folder)],
+            [sys.executable, "-m", "benchmarks.bare_scp", str(self.port), str(self.folder)]
+            + (["--durable"] if self.durable else []),
             cwd=Path(__file__).resolve().parent.parent,
         )
         wait_port(self.port, 60)
@@ -219,7 +232,7 @@ def throughput(work: Path, repeat: int, n_slices: int) -> str:
         flush=True,
     )
 
-    times: dict[str, list[float]] = {"storescp": [], "bare": [], "node": []}
+    times: dict[str, list[float]] = {"storescp": [], "bare": [], "durable": [], "node": []}
     # ms per instance of each handler step, one dict per node repetition
     steps: list[dict[str, float]] = []
 
@@ -234,13 +247,20 @@ def throughput(work: Path, repeat: int, n_slices: int) -> str:
         if got != len(files):
             raise BenchmarkError(f"storescp stored {got} of {len(files)} files")
 
-    def to_bare(i: int) -> None:
-        scp = BareSCP(work / f"bare-{i}", free_port()).start()
+    def to_bare(i: int, durable: bool = False) -> None:
+        name = "durable" if durable else "bare"
+        scp = BareSCP(work / f"{name}-{i}", free_port(), durable=durable).start()
         try:
-            times["bare"].append(send(scp.port, files, ae_title=scp.ae_title))
+            times[name].append(send(scp.port, files, ae_title=scp.ae_title))
         finally:
             scp.stop()
+        kept = len(list((scp.folder / "kept").iterdir()))
         shutil.rmtree(scp.folder)
+        if kept != (len(files) if durable else 0):
+            raise BenchmarkError(f"the {name} SCP kept {kept} of {len(files)} files")
+
+    def to_durable(i: int) -> None:
+        to_bare(i, durable=True)
 
     def to_node(i: int) -> None:
         folder = work / f"node-a{i}"
@@ -269,14 +289,15 @@ def throughput(work: Path, repeat: int, n_slices: int) -> str:
             raise BenchmarkError(f"the node timed {instances} of {len(files)} C-STOREs")
         steps.append({step: 1000 * total / instances for step, (total, _) in measured.items()})
 
-    receivers = (to_storescp, to_bare, to_node)
+    receivers = (to_storescp, to_bare, to_durable, to_node)
     for i in range(repeat):
         # Each repetition starts with another receiver, so none always goes first.
         for k in range(len(receivers)):
             receivers[(i + k) % len(receivers)](i)
         print(
             f"(a) repetition {i + 1}/{repeat}: storescp {times['storescp'][-1]:.2f} s, "
-            f"bare pynetdicom {times['bare'][-1]:.2f} s, node {times['node'][-1]:.2f} s",
+            f"bare pynetdicom {times['bare'][-1]:.2f} s, durable bare "
+            f"{times['durable'][-1]:.2f} s, node {times['node'][-1]:.2f} s",
             flush=True,
         )
 
@@ -285,6 +306,7 @@ def throughput(work: Path, repeat: int, n_slices: int) -> str:
     for name, label in (
         ("storescp", "DCMTK storescp"),
         ("bare", "bare pynetdicom SCP (answers Success)"),
+        ("durable", "durable bare SCP (fsync, rename, fsync folder, SQLite commit)"),
         ("node", "dicom-node (no routes)"),
     ):
         med = median[name]
@@ -323,7 +345,10 @@ def throughput(work: Path, repeat: int, n_slices: int) -> str:
     bare_ratio = median["bare"] / median["node"]
     out += (
         f"\n\nThroughput ratios (goal, issue 10): node / storescp {storescp_ratio:.2f} "
-        f"(goal >= 0.5), node / bare pynetdicom {bare_ratio:.2f} (goal >= 0.9)."
+        f"(goal >= 0.5), node / bare pynetdicom {bare_ratio:.2f} (goal >= 0.9); "
+        f"bare pynetdicom / storescp {median['storescp'] / median['bare']:.2f} (the stack's "
+        f"ceiling for the first ratio), node / durable bare "
+        f"{median['durable'] / median['node']:.2f} (what the node's checks and index cost)."
     )
 
     per_instance = {name: 1000 * med / len(files) for name, med in median.items()}
@@ -344,6 +369,11 @@ def throughput(work: Path, repeat: int, n_slices: int) -> str:
         ],
         ["the node, storescu's wall time per instance", f"{node_ms:.2f}", "100%"],
         ["for comparison: bare pynetdicom SCP, per instance", f"{per_instance['bare']:.2f}", ""],
+        [
+            "for comparison: durable bare SCP, per instance",
+            f"{per_instance['durable']:.2f}",
+            "",
+        ],
         ["for comparison: DCMTK storescp, per instance", f"{per_instance['storescp']:.2f}", ""],
     ]
     out += (
@@ -624,10 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print()
     print("\n\n".join(sections))
-    print(
-        f"\n- load average at end: {Path('/proc/loadavg').read_text().split()[:3]}; "
-        f"whole run {time.perf_counter() - started:.0f} s"
-    )
+    print(run_end(started))
     return 0
 
 

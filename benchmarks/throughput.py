@@ -39,7 +39,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from benchmarks.receive import CXR_ANATOMY, BenchmarkError, machine, table
+from benchmarks.receive import CXR_ANATOMY, BenchmarkError, machine, run_end, table
 from tests.conftest import NodeProcess, StoreSCP, free_port, node_settings, storescu
 from tests.factories import JSRT, REPO, ct_series, jsrt_cases, jsrt_dx, write_files
 
@@ -390,10 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print()
     print(section)
-    print(
-        f"\n- load average at end: {Path('/proc/loadavg').read_text().split()[:3]}; "
-        f"whole run {time.perf_counter() - started:.0f} s"
-    )
+    print(run_end(started))
     return 0
 
 

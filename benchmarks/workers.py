@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.receive import BenchmarkError, machine, runs, table
+from benchmarks.receive import BenchmarkError, machine, run_end, runs, table
 from dicom_node.config import parse_settings
 from dicom_node.models.random_package import make_random_package
 from dicom_node.store.database import Database, JobState, open_database
@@ -251,10 +251,7 @@ def report(configs: list[Config], series: int, started: float) -> None:
             rows,
         )
     )
-    print(
-        f"\n- load average at end: {Path('/proc/loadavg').read_text().split()[:3]}; "
-        f"whole run {time.perf_counter() - started:.0f} s"
-    )
+    print(run_end(started))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ Relative paths in the file (``storage_dir``, route ``model``, the ``tls``, ``aut
 
 Environment overrides (for containers and systemd): ``DICOM_NODE_AE_TITLE``,
 ``DICOM_NODE_PORT``, ``DICOM_NODE_STORAGE_DIR``, ``DICOM_NODE_LOG_FORMAT``,
-``DICOM_NODE_DATABASE``. A relative
+``DICOM_NODE_DATABASE``, ``DICOM_NODE_METRICS_PORT`` (one port per role process on a host).
+A relative
 ``DICOM_NODE_STORAGE_DIR`` is taken relative to the current directory, as any path typed in a
 shell.
 """
@@ -794,6 +795,7 @@ def parse_settings(doc: Any, base: Path | None = None) -> Settings:
             ("DICOM_NODE_STORAGE_DIR", "storage_dir", str),
             ("DICOM_NODE_LOG_FORMAT", "log_format", str),
             ("DICOM_NODE_DATABASE", "database", str),
+            ("DICOM_NODE_METRICS_PORT", "metrics_port", int),
         ):
             if var in env:
                 try:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -29,6 +30,8 @@ from pydicom.uid import (
     UltrasoundImageStorage,
     generate_uid,
 )
+
+from dicom_node.audit import AuditAction, AuditEvent, AuditLog, AuditOutcome, Participants
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DICOM_NODE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -470,3 +473,23 @@ def sr_numbers(sr: Dataset) -> dict[str, float]:
 def sr_texts(sr: Dataset) -> list[str]:
     """TEXT content items of an SR, in document order."""
     return [str(i.TextValue) for i in sr_content_items(sr) if i.get("ValueType") == "TEXT"]
+
+
+#: The peers named in the audit records of :func:`record_transfers`.
+AUDIT_PEERS = Participants("MODALITY", "DICOMNODE", "127.0.0.1:5000")
+
+
+def record_transfers(log: AuditLog, n: int, **details: Any) -> AuditLog:
+    """Append ``n`` instances-transferred records to ``log`` (patient ``P<i>``, study
+    ``1.2.3.<i>``, ``details`` such as ``instances=3``); return ``log``."""
+    for i in range(n):
+        log.record(
+            AuditEvent.INSTANCES_TRANSFERRED,
+            AuditAction.CREATE,
+            AuditOutcome.SUCCESS,
+            AUDIT_PEERS,
+            patient_id=f"P{i}",
+            study_uid=f"1.2.3.{i}",
+            **details,
+        )
+    return log

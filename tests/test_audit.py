@@ -12,12 +12,8 @@ import pytest
 import dicom_node.audit_chain as audit_chain
 from dicom_node.audit import (
     HEAD,
-    AuditAction,
-    AuditEvent,
     AuditLog,
-    AuditOutcome,
     Check,
-    Participants,
     _digest,
     load_key,
     read_events,
@@ -26,22 +22,11 @@ from dicom_node.audit import (
 from dicom_node.cli import main
 from dicom_node.errors import AuditWriteError, StartupError
 from dicom_node.store.database import Database
-
-WHO = Participants("MODALITY", "DICOMNODE", "127.0.0.1:5000")
+from tests.factories import record_transfers
 
 
 def fill(log: AuditLog, n: int = 2) -> AuditLog:
-    for i in range(n):
-        log.record(
-            AuditEvent.INSTANCES_TRANSFERRED,
-            AuditAction.CREATE,
-            AuditOutcome.SUCCESS,
-            WHO,
-            patient_id=f"P{i}",
-            study_uid="1.2.3",
-            instances=3,
-        )
-    return log
+    return record_transfers(log, n, instances=3)
 
 
 @pytest.fixture

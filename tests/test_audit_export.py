@@ -12,11 +12,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.audit import (
-    AuditAction,
-    AuditEvent,
     AuditLog,
-    AuditOutcome,
-    Participants,
     read_events,
 )
 from dicom_node.audit_export import BOM, SyslogExporter, audit_message, syslog_message
@@ -24,25 +20,12 @@ from dicom_node.config import SyslogSettings, parse_settings
 from dicom_node.errors import ConfigError
 from dicom_node.store.database import Database
 from tests.conftest import free_port, require_tool, wait_for
-
-WHO = Participants("MODALITY", "DICOMNODE", "127.0.0.1:5000")
-
-
-def fill(log: AuditLog, n: int) -> None:
-    for i in range(n):
-        log.record(
-            AuditEvent.INSTANCES_TRANSFERRED,
-            AuditAction.CREATE,
-            AuditOutcome.SUCCESS,
-            WHO,
-            patient_id=f"P{i}",
-            study_uid=f"1.2.3.{i}",
-        )
+from tests.factories import record_transfers
 
 
 def test_the_payload_is_a_dicom_audit_message(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit.jsonl")
-    fill(log, 1)
+    record_transfers(log, 1)
     [record] = read_events(log.path)
     root = ET.fromstring(audit_message(record, "DICOMNODE"))
     assert root.tag == "AuditMessage"
@@ -181,16 +164,16 @@ def test_a_repository_that_is_down_gets_every_record_later(
     exporter = SyslogExporter(settings, log, db, "DICOMNODE", retry_s=0.2, max_retry_s=0.5)
     exporter.start()
     try:
-        fill(log, 5)  # the repository is down
+        record_transfers(log, 5)  # the repository is down
         wait_for(lambda: len(exporter._retry) == 5, 10, "the exporter to try and fail")
         assert exporter.position == 0
         repository.start()
         wait_for(lambda: repository.sequence_numbers() == [1, 2, 3, 4, 5], 20, "delivery")
-        fill(log, 3)
+        record_transfers(log, 3)
         wait_for(lambda: len(repository.sequence_numbers()) == 8, 10, "live delivery")
 
         repository.stop()  # down again, for a while
-        fill(log, 4)
+        record_transfers(log, 4)
         wait_for(lambda: exporter._retry, 10, "the exporter to see the repository gone")
         repository.start()
         wait_for(lambda: len(repository.sequence_numbers()) >= 12, 20, "delivery after restart")
@@ -212,7 +195,7 @@ def test_udp_delivery(tmp_path: Path, parts: tuple[AuditLog, Database]) -> None:
         bound = f":{port:04X} "
         wait_for(lambda: bound in Path("/proc/net/udp").read_text(), 10, "rsyslogd to listen")
         exporter.start()
-        fill(log, 3)
+        record_transfers(log, 3)
         wait_for(lambda: repository.sequence_numbers() == [1, 2, 3], 10, "UDP delivery")
     finally:
         exporter.stop()
@@ -291,15 +274,15 @@ def test_processes_of_one_database_chain_export_each_record_once(
         for exporter in exporters:
             exporter.start()
         for _ in range(3):
-            fill(logs[0], 2)
-            fill(logs[1], 2)
+            record_transfers(logs[0], 2)
+            record_transfers(logs[1], 2)
         wait_for(lambda: len(repository.sequence_numbers()) >= 12, 20, "delivery")
         assert repository.sequence_numbers() == list(range(1, 13))  # once each, in order
         holder = next(e for e in exporters if e._lease_until)
         other = exporters[1 - exporters.index(holder)]
         assert not other._lease_until
         holder.stop()  # gives the lease back
-        fill(logs[0], 3)
+        record_transfers(logs[0], 3)
         wait_for(lambda: len(repository.sequence_numbers()) >= 15, 20, "delivery by the other")
         assert repository.sequence_numbers() == list(range(1, 16))
         assert other.position == 15

@@ -198,8 +198,13 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DICOM_NODE_PORT", "10400")
     monkeypatch.setenv("DICOM_NODE_AE_TITLE", "FROMENV")
-    s = parse_settings(base(tmp_path))
-    assert (s.port, s.ae_title) == (10400, "FROMENV")
+    monkeypatch.setenv("DICOM_NODE_METRICS_PORT", "9102")
+    s = parse_settings({**base(tmp_path), "metrics_port": 9100})
+    assert (s.port, s.ae_title, s.metrics_port) == (10400, "FROMENV", 9102)
+    monkeypatch.setenv("DICOM_NODE_METRICS_PORT", "0")
+    with pytest.raises(ConfigError, match="metrics_port"):
+        parse_settings(base(tmp_path))
+    monkeypatch.delenv("DICOM_NODE_METRICS_PORT")
     monkeypatch.setenv("DICOM_NODE_PORT", "many")
     with pytest.raises(ConfigError, match="DICOM_NODE_PORT"):
         parse_settings(base(tmp_path))

@@ -148,18 +148,10 @@ class Delivery:
         """Dead-letter pending sends whose destination is not (any more) in the config.
 
         Sends are queued only for configured destinations, so this matters only after a
-        destination was removed from the config: at start (and in each :meth:`tick`).
+        destination was removed from the config: at start (and in each :meth:`tick`). Sends
+        another sender process holds a lease on are left to it.
         """
-        dropped = 0
-        for send in self.db.due_sends(now=math.inf, limit=1_000_000):
-            if send.destination not in self.settings.destinations:
-                self.db.send_failed(
-                    send.id,
-                    f"destination {send.destination!r} is not configured",
-                    next_attempt_at=None,
-                )
-                dropped += 1
-        return dropped
+        return self.db.dead_letter_unconfigured(self.settings.destinations)
 
     def deliver(self, name: str, now: float | None = None) -> int:
         """Send what is due for destination ``name`` (one batch); return how many were stored."""

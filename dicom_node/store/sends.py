@@ -61,6 +61,9 @@ class SendStore(Protocol):
         owner: str | None = None,
     ) -> SendState | None: ...
     def retry_failed_sends(self, destination: str | None = None) -> int: ...
+    def dead_letter_unconfigured(
+        self, configured: Collection[str], now: float | None = None
+    ) -> int: ...
     def waiting_destinations(self, now: float | None = None) -> dict[str, float]: ...
     def sends_due_now(self, destination: str | None = None, now: float | None = None) -> int: ...
 
@@ -185,6 +188,41 @@ class SqlSendStore(Store):
             if cur.rowcount != 1 and owner is not None:
                 return None
         return state
+
+    def dead_letter_unconfigured(
+        self, configured: Collection[str], now: float | None = None
+    ) -> int:
+        """Dead-letter the pending sends whose destination is not in ``configured``; how many.
+
+        Even those waiting for their backoff (no thread of this process would ever serve
+        them), but not those another sender holds a live lease on: on PostgreSQL a process
+        whose config has that destination may be sending them right now.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            names = [
+                r["destination"]
+                for r in c.execute(
+                    "SELECT DISTINCT destination FROM sends WHERE state = ?", (SendState.PENDING,)
+                ).fetchall()
+                if r["destination"] not in configured
+            ]
+            dropped = 0
+            for name in sorted(names):
+                dropped += c.execute(
+                    "UPDATE sends SET state = ?, attempts = attempts + 1, updated_at = ?, "
+                    "last_error = ?, owner = NULL, lease_until = NULL WHERE state = ? "
+                    "AND destination = ? AND (lease_until IS NULL OR lease_until < ?)",
+                    (
+                        SendState.FAILED,
+                        now,
+                        f"destination {name!r} is not configured",
+                        SendState.PENDING,
+                        name,
+                        now,
+                    ),
+                ).rowcount
+        return dropped
 
     def retry_failed_sends(self, destination: str | None = None) -> int:
         """Put dead-lettered sends back in the queue (``dicom-node retry``)."""

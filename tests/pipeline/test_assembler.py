@@ -242,3 +242,14 @@ def test_a_radiograph_by_c_store_is_queued_at_release_not_after_the_grace(
     finally:
         receiver.stop()
         db.close()
+
+
+def test_the_scheduler_wakes_when_a_release_grace_ends_not_at_the_next_tick() -> None:
+    from dicom_node.pipeline.node import TICK_S, next_wait
+
+    ends = [10.05, 10.5, 9.0]
+    assert next_wait(ends, 10.0) == pytest.approx(0.05)  # the nearest grace end
+    assert ends == [10.05, 10.5], "a grace end already past is dropped"
+    assert next_wait(ends, 10.06) == pytest.approx(TICK_S)  # the next one is a tick away
+    assert next_wait(ends, 10.45) == pytest.approx(0.05)
+    assert next_wait(ends, 10.5) == pytest.approx(TICK_S) and ends == []

@@ -238,18 +238,27 @@ def test_a_silent_destination_fails_after_its_connect_timeout_and_waits_its_back
 def test_sends_to_a_destination_removed_from_the_config_are_dead_lettered_at_start(
     tmp_path: Path, files: list[Path], pacs: StoreSCP, database_url: str | None
 ) -> None:
-    """Even those still waiting for their backoff: no thread would ever serve them."""
+    """Even those still waiting for their backoff: no thread would ever serve them. But not
+    one another sender process holds a live lease on (its config may still have it)."""
     settings, db, delivery = make(tmp_path, pacs.port, database_url)
+    queue(db, files[2:], "1.2.6", destinations=("gone",))
+    (leased,) = db.claim_sends("gone", "otherhost:7:deliver-gone", 600, 10)
     queue(db, files[:1], "1.2.3", destinations=("gone",))
     queue(db, files[1:2], "1.2.4", destinations=("gone",))
-    db.send_failed(2, "down", next_attempt_at=time.time() + LONG_BACKOFF_S)
+    db.send_failed(db.sends()[-1]["id"], "down", next_attempt_at=time.time() + LONG_BACKOFF_S)
     pacs.start()
     queue(db, files[2:], "1.2.5")
     delivery.start()
     try:
-        wait_for(lambda: db.status()["sends"] == {"failed": 2, "done": 1}, 30, "sends settled")
-        gone = [s for s in db.sends() if s["destination"] == "gone"]
-        assert {s["last_error"] for s in gone} == {"destination 'gone' is not configured"}
+        wait_for(
+            lambda: db.status()["sends"] == {"failed": 2, "done": 1, "pending": 1},
+            30,
+            "sends settled",
+        )
+        gone = {s["id"]: s for s in db.sends() if s["destination"] == "gone"}
+        assert gone.pop(leased.id)["state"] == "pending"
+        assert {s["last_error"] for s in gone.values()} == {"destination 'gone' is not configured"}
+        assert db.send_done(leased.id, owner="otherhost:7:deliver-gone")
     finally:
         delivery.stop()
 
