@@ -34,7 +34,7 @@ def durable_copy(src: Path, path: Path) -> None:
 
 
 def fsync_file(path: Path) -> None:
-    """Flush the data and metadata of the file ``path`` to disk."""
+    """Flush the data and metadata of the file ``path`` to disk (a folder too: its entries)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -60,7 +60,7 @@ def rename_durably(src: Path, path: Path) -> None:
         src.unlink(missing_ok=True)
         return
     for folder in (path.parent, *created):
-        _fsync_folder(folder)
+        fsync_file(folder)
 
 
 def _make_folders(folder: Path) -> list[Path]:
@@ -72,14 +72,6 @@ def _make_folders(folder: Path) -> list[Path]:
     for new in reversed(missing):
         new.mkdir(exist_ok=True)
     return [new.parent for new in missing]
-
-
-def _fsync_folder(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _durable(path: Path, fill: Callable[[BinaryIO], object]) -> None:
@@ -96,7 +88,7 @@ def _durable(path: Path, fill: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    fsync_file(path.parent)
 
 
 def instance_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:

@@ -26,7 +26,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,12 @@ from dicom_node.training.data import (
     make_split,
     read_findings,
 )
-from dicom_node.training.evaluate import evaluate, select_min_confidence, select_postprocessing
+from dicom_node.training.evaluate import (
+    EvaluationResult,
+    evaluate,
+    select_min_confidence,
+    select_postprocessing,
+)
 from dicom_node.training.metrics import batch_dice
 from dicom_node.training.progress import ProgressLines, format_seconds
 from dicom_node.training.volumes import VolumeAugment
@@ -353,6 +358,20 @@ def _validate(
     return float(np.mean(losses)), dice.cpu().numpy()
 
 
+def draw_split(data_dir: Path, labels: list[str], settings: TrainSettings) -> Split:
+    """The split ``settings`` draws from every case of ``data_dir`` with masks for ``labels``:
+    the test part first with its own seed, then validation; the same at every run."""
+    cases = list_cases(data_dir, labels)
+    return make_split(
+        cases,
+        read_findings(data_dir, settings.finding_pattern, cases),
+        validation_fraction=settings.validation_fraction,
+        seed=settings.split_seed,
+        test_fraction=settings.test_fraction,
+        test_seed=settings.test_seed,
+    )
+
+
 def train(
     data_dir: Path | str,
     train_config: Path | str | TrainConfig,
@@ -430,15 +449,7 @@ def train(
     network.to(device)
 
     labels = [s.label for s in package.structures]
-    cases = list_cases(data_dir, labels)
-    split = make_split(
-        cases,
-        read_findings(data_dir, settings.finding_pattern, cases),
-        validation_fraction=settings.validation_fraction,
-        seed=settings.split_seed,
-        test_fraction=settings.test_fraction,
-        test_seed=settings.test_seed,
-    )
+    split = draw_split(data_dir, labels, settings)
     split.write(out)
     log.info(
         "split",
@@ -626,29 +637,21 @@ def finish_package(
             model["output"] = {**dict(model.get("output") or {}), "min_confidence": gate}
             write_model_yaml(out, model)
             package = load_package(out)
-    result_eval = evaluate(
-        package,
-        data_dir,
-        out / "validation" if overlays else None,
-        cases=run.split.validation,
-        spacing_mm=settings.spacing_mm,
-        device=device,
-        progress=progress,
-    )
-    # Every choice is made: the test part (if any) is evaluated once, and chooses nothing.
-    test_eval = (
-        evaluate(
+
+    def evaluate_part(part: str, cases: Sequence[str]) -> EvaluationResult:
+        return evaluate(
             package,
             data_dir,
-            out / "test" if overlays else None,
-            cases=run.split.test,
+            out / part if overlays else None,
+            cases=cases,
             spacing_mm=settings.spacing_mm,
             device=device,
             progress=progress,
         )
-        if run.split.test
-        else None
-    )
+
+    result_eval = evaluate_part("validation", run.split.validation)
+    # Every choice is made: the test part (if any) is evaluated once, and chooses nothing.
+    test_eval = evaluate_part("test", run.split.test) if run.split.test else None
     metrics: dict[str, Any] = {
         "validation_cases": len(run.split.validation),
         "spacing_mm": settings.spacing_mm,

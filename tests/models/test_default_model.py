@@ -20,9 +20,9 @@ import yaml
 
 from dicom_node.models.package import load_package
 from dicom_node.training.card import CARD_FILE
-from dicom_node.training.data import list_cases, make_split, read_findings, read_split
+from dicom_node.training.data import list_cases, read_split
 from dicom_node.training.evaluate import METRICS_FILE, evaluate
-from dicom_node.training.train import load_train_config
+from dicom_node.training.train import draw_split, load_train_config
 from tests.factories import JSRT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,14 +101,7 @@ def test_recorded_split_is_the_one_the_config_draws() -> None:
     labels = [s.label for s in load_package(PACKAGE).structures]
     cases = list_cases(JSRT, labels)
     assert set(split.train) | set(split.validation) | set(split.test) == set(cases)
-    drawn = make_split(
-        cases,
-        read_findings(JSRT, settings.finding_pattern, cases),
-        validation_fraction=settings.validation_fraction,
-        seed=settings.split_seed,
-        test_fraction=settings.test_fraction,
-        test_seed=settings.test_seed,
-    )
+    drawn = draw_split(JSRT, labels, settings)
     assert drawn.test == split.test
     assert (drawn.train, drawn.validation) == (split.train, split.validation)
 
