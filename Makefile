@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Real peers from Debian's packages, used by the tests and benchmarks.
 PEERS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl chromium:chromium rsyslogd:rsyslog
 # Peers that are files, not commands: Orthanc's DICOMweb plugin (the STOW-RS destination of
-# tests/test_dicomweb.py and the OHIF viewer tests).
+# tests/send/test_dicomweb.py and the OHIF viewer tests).
 # rsyslog's TLS driver (the audit repository of the audit export tests).
 # PostgreSQL's server programs (tests/postgres.py runs a throwaway cluster from them).
 PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb \
@@ -83,7 +83,7 @@ bench-workers: install peers
 # The long fuzz run (10,000 inputs, about 6 min): crashes, hangs, refused C-ECHOs, RSS.
 fuzz: install
 	DICOM_NODE_FUZZ_PDUS=6000 DICOM_NODE_FUZZ_DATA_SETS=4000 \
-	  $(BIN)/python -m pytest -q -s -p no:cacheprovider -p no:logging --timeout 1800 tests/net/test_fuzz.py
+	  $(BIN)/python -m pytest -q -s -p no:cacheprovider -p no:logging --timeout 1800 tests/receive/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .cache

@@ -25,11 +25,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dicom_node.audit import (
+from dicom_node.audit.log import (
     AuditLog,
     open_audit_log,
 )
-from dicom_node.config import Settings, parse_settings
+from dicom_node.config.settings import Settings, parse_settings
 from dicom_node.store.database import open_database
 from tests.factories import record_transfers
 
@@ -58,7 +58,7 @@ def rate(url_for_run: Callable[[], str | None], n: int, processes: int, chain: s
         settings.storage_dir.mkdir(parents=True)
         db = open_database(settings)
         if chain == "database" and url is None:  # the database chain on SQLite
-            from dicom_node.audit import DatabaseChain
+            from dicom_node.audit.log import DatabaseChain
 
             log = AuditLog(chain=DatabaseChain(db, settings.audit_key_file))
         else:

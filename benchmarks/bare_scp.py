@@ -29,12 +29,12 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.net.syntaxes import ACCEPTED
-from dicom_node.store.spool import fsync_file, rename_durably
+from dicom_node.common.syntaxes import ACCEPTED
+from dicom_node.store.files import fsync_file, rename_durably
 
 
 def bare_ae(ae_title: str) -> AE:
-    """An AE with the settings of :meth:`dicom_node.net.receiver.Receiver._ae` (defaults)."""
+    """An AE with the settings of :meth:`dicom_node.receive.receiver.Receiver._ae` (defaults)."""
     ae = AE(ae_title=ae_title)
     ae.maximum_pdu_size = 1024 * 1024
     ae.network_timeout = ae.acse_timeout = 30

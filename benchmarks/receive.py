@@ -219,7 +219,7 @@ def step_seconds(metrics_port: int) -> dict[str, tuple[float, float]]:
 
 
 def throughput(work: Path, repeat: int, n_slices: int) -> str:
-    from dicom_node.net.receiver import RECEIVE_STEPS
+    from dicom_node.receive.receiver import RECEIVE_STEPS
 
     started = time.perf_counter()
     series = ct_series(n_slices=n_slices, rows=THROUGHPUT_SIZE, cols=THROUGHPUT_SIZE, shuffle=False)
@@ -519,7 +519,7 @@ def run_setup(setup: Setup, work: Path, repeat: int) -> None:
 
 
 def latency(work: Path, repeat: int) -> str:
-    from dicom_node.models.random_package import make_random_package
+    from dicom_node.testing.random_package import make_random_package
 
     repeat = max(repeat, LATENCY_REPEAT_MIN)
     random_model = work / "model" / "random-chest"

@@ -181,7 +181,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def throughput(args: argparse.Namespace, work: Path) -> str:
-    from dicom_node.models.random_package import make_random_package
+    from dicom_node.testing.random_package import make_random_package
 
     random_model = work / "model" / "random-ct"
     # One structure, as an organ model would have: a random network's speckled masks give

@@ -37,9 +37,9 @@ import numpy as np
 import pytest
 
 from benchmarks.receive import BenchmarkError, machine, run_end, runs, table
-from dicom_node.config import parse_settings
-from dicom_node.models.random_package import make_random_package
+from dicom_node.config.settings import parse_settings
 from dicom_node.store.database import Database, JobState, open_database
+from dicom_node.testing.random_package import make_random_package
 from tests.conftest import NodeProcess, node_settings
 from tests.factories import dx_from_array, write_files
 from tests.postgres import PostgresServer, postgres_bin

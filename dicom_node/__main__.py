@@ -1,3 +1,3 @@
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 
 raise SystemExit(main())

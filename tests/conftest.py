@@ -69,7 +69,7 @@ def wait_port(port: int, timeout_s: float = 20) -> None:
 @pytest.fixture(scope="session")
 def random_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small randomly initialised chest model package (routing never depends on weights)."""
-    from dicom_node.models.random_package import make_random_package
+    from dicom_node.testing.random_package import make_random_package
 
     folder = tmp_path_factory.mktemp("model") / "random-cxr"
     make_random_package(folder)

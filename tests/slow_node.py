@@ -13,8 +13,8 @@ import sys
 import time
 from typing import Any
 
-from dicom_node.cli import main
-from dicom_node.pipeline import worker
+from dicom_node.app.cli import main
+from dicom_node.work import worker
 
 SLEEP_ENV = "DICOM_NODE_TEST_JOB_SLEEP_S"
 

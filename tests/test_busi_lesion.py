@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from dicom_node.config import load_settings
+from dicom_node.config.settings import load_settings
 from dicom_node.outputs.diameters import measure_diameters
 from dicom_node.outputs.seg import read_seg_masks, source_frame_keys
-from dicom_node.outputs.validate import dciodvfy_errors
+from dicom_node.testing.dciodvfy import dciodvfy_errors
 from dicom_node.training.data import read_split
 from tests.conftest import (
     REPO,

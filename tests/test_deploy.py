@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from dicom_node.cli import build_parser
-from dicom_node.pipeline.roles import Role
+from dicom_node.app.cli import build_parser
+from dicom_node.app.roles import Role
 from tests.conftest import REPO
 
 COMPOSE = REPO / "deploy" / "compose.yaml"

@@ -19,9 +19,9 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
 from dicom_node.imaging.series import load_series
 from dicom_node.models.inference import Segmenter
-from dicom_node.models.package import load_package
 from dicom_node.outputs.seg import read_seg_masks, source_frame_keys
-from dicom_node.outputs.validate import dciodvfy_errors
+from dicom_node.package.manifest import load_package
+from dicom_node.testing.dciodvfy import dciodvfy_errors
 from tests.conftest import NodeProcess, StoreSCP, free_port, require_shared_data, storescu, wait_for
 from tests.factories import (
     ACCESSION_NUMBER,
@@ -218,7 +218,7 @@ def test_kill_while_job_runs(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Killed in the middle of inference: the job runs again and sends one SEG and one SR."""
-    from dicom_node.models.random_package import make_random_package
+    from dicom_node.testing.random_package import make_random_package
 
     slow = tmp_path_factory.mktemp("slow") / "slow"
     make_random_package(slow, input_size=(512, 512), channels=(32, 64, 128, 256))

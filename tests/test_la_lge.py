@@ -28,15 +28,15 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import JPEGLSLossless
 
-from dicom_node.config import load_settings
+from dicom_node.assemble.routing import routes_for
+from dicom_node.config.settings import load_settings
 from dicom_node.imaging.series import load_series
 from dicom_node.models.inference import Segmenter, masks_from_probabilities
-from dicom_node.models.package import load_package
 from dicom_node.models.postprocess import postprocess
 from dicom_node.models.preprocess import volume_placement
 from dicom_node.outputs.seg import read_seg_masks
-from dicom_node.outputs.validate import dciodvfy_errors
-from dicom_node.pipeline.routing import routes_for
+from dicom_node.package.manifest import load_package
+from dicom_node.testing.dciodvfy import dciodvfy_errors
 from tests.conftest import REPO, NodeProcess, StoreSCP, require_shared_data, storescu
 from tests.factories import write_files
 from tests.la_mri import (

@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
-from dicom_node.models.random_package import CHEST_STRUCTURES, KNOWN_STRUCTURES
+from dicom_node.testing.random_package import CHEST_STRUCTURES, KNOWN_STRUCTURES
 from tests.conftest import NodeProcess, free_port, wait_for
 from tests.factories import JSRT, ct_series, jsrt_dx
 from tests.orthanc import OrthancProcess

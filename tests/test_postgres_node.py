@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from pydicom import dcmread
 
-from dicom_node.outputs.validate import dciodvfy_errors
+from dicom_node.testing.dciodvfy import dciodvfy_errors
 from tests.conftest import REPO, NodeProcess, StoreSCP, storescu_at_once, wait_for
 from tests.factories import ct_series, write_files
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
 from dicom_node.imaging.pixels import number_of_frames
 
 

@@ -14,7 +14,7 @@ pyjpegls decode JPEG, JPEG-LS, JPEG 2000 and RLE) and returns
   (ITU-R BT.601: ``0.299 R + 0.587 G + 0.114 B``), which stands for the image where one
   grayscale value per pixel is needed.
 
-What cannot be decoded faithfully is refused with :class:`~dicom_node.errors.InputError`:
+What cannot be decoded faithfully is refused with :class:`~dicom_node.common.errors.InputError`:
 float pixel data, 1-bit images, Bits Allocated other than 8, 16 or 32, other photometric
 interpretations.
 """
@@ -29,7 +29,7 @@ import pydicom
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 from pydicom.pixels import pixel_array as decode_pixel_array
 
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
 
 #: Photometric Interpretation (0028,0004) values of grayscale images.
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")

@@ -10,7 +10,7 @@ outside the secondary volume take ``default``.
 
 This is only meaningful when both series share one patient coordinate system: the same Frame
 of Reference UID (0020,0052), or a site that says its inputs are registered. The caller
-checks that (:func:`dicom_node.pipeline.segment.segment_case`).
+checks that (:func:`dicom_node.work.segment.segment_case`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
 from dicom_node.imaging.series import ImageSeries
 
 #: Positions and spacings that agree within this (mm) are the same grid: no resampling.

@@ -34,7 +34,7 @@ import pydicom
 import structlog
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
 from dicom_node.imaging.frames import FrameGeometry, frame_geometries, frame_modality_luts
 from dicom_node.imaging.header import drop_implausible_spacings
 from dicom_node.imaging.pixels import (

@@ -6,14 +6,14 @@ One code path for CPU and GPU: the network runs under :func:`torch.inference_mod
 * 2D models run on each frame (projection image or slice), batched ``batch_size`` at a time,
   prepared by :func:`~dicom_node.models.preprocess.prepare_image`.
 * Projection images are first brought to the package's ``input.orientation`` from their
-  Patient Orientation (0020,0020) (:mod:`dicom_node.models.orientation`), and the results
+  Patient Orientation (0020,0020) (:mod:`dicom_node.package.orientation`), and the results
   mapped back exactly onto the stored grid; images outside the package's ``applicability``
-  are refused (:mod:`dicom_node.models.applicability`).
+  are refused (:mod:`dicom_node.package.applicability`).
 * 3D models run :func:`monai.inferers.sliding_window_inference` with ``roi_size`` the package's
   ``input.size`` on the volume resampled to ``input.spacing_mm``, then resample back.
 * Multi-input packages (``inputs``) get a channel stack on the reference input's grid
   (:func:`~dicom_node.models.preprocess.stack_inputs`, made by
-  :func:`dicom_node.pipeline.segment.segment_case`); one-input packages their series' pixels.
+  :func:`dicom_node.work.segment.segment_case`); one-input packages their series' pixels.
 
 On a CUDA device, forward passes take one of ``gpu_slots`` (:class:`DeviceSlots`, one per node,
 shared by every worker thread and model), so that at most that many model runs share the GPU;
@@ -36,11 +36,9 @@ import structlog
 import torch
 from monai.inferers import sliding_window_inference
 
-from dicom_node.errors import InputError, ModelPackageError
+from dicom_node.common.errors import InputError, ModelPackageError
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.applicability import check_image
-from dicom_node.models.orientation import Reorientation, frame_datasets, reorientations
-from dicom_node.models.package import Activation, ColorMode, ModelPackage
+from dicom_node.models.networks import load_network
 from dicom_node.models.postprocess import postprocess
 from dicom_node.models.preprocess import (
     VolumePlacement,
@@ -51,7 +49,9 @@ from dicom_node.models.preprocess import (
     restore_probabilities,
     restore_volume,
 )
-from dicom_node.models.unet import load_network
+from dicom_node.package.applicability import check_image
+from dicom_node.package.manifest import Activation, ColorMode, ModelPackage
+from dicom_node.package.orientation import Reorientation, frame_datasets, reorientations
 
 log = structlog.get_logger(__name__)
 
@@ -149,7 +149,7 @@ def confidence_gate(masks: np.ndarray, probs: np.ndarray, package: ModelPackage)
 
 def check_applicability(series: ImageSeries, package: ModelPackage) -> tuple[str, ...]:
     """Notes on what was assumed about ``series`` (see
-    :func:`~dicom_node.models.applicability.check_image`), each once.
+    :func:`~dicom_node.package.applicability.check_image`), each once.
 
     Raises
     ------
@@ -428,7 +428,7 @@ class Segmenter:
         if stack is None and len(self.package.inputs) > 1:
             raise ValueError(
                 f"model {self.package.name} has inputs {', '.join(self.package.roles)}; give "
-                "it their channel stack (dicom_node.pipeline.segment.segment_case)"
+                "it their channel stack (dicom_node.work.segment.segment_case)"
             )
         if self.package.dims == 3:
             probs = self._predict_3d(series, stack, report)

@@ -31,9 +31,9 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.package import ColorMode, ModelPackage, Normalization, NormalizationKind
+from dicom_node.package.manifest import ColorMode, ModelPackage, Normalization, NormalizationKind
 
 
 def normalize(image: np.ndarray, normalization: Normalization) -> np.ndarray:

@@ -22,7 +22,7 @@ from scipy import ndimage
 from shapely import LineString
 from skimage.measure import find_contours
 
-from dicom_node.models.postprocess import fill_frame_holes
+from dicom_node.imaging.masks import fill_frame_holes
 
 #: Most points of one outline, the closing point included.
 MAX_POINTS = 200

@@ -1,7 +1,7 @@
 """Measurements on the masks of one series: area, volume and the cardiothoracic ratio.
 
 What is measured follows the model package's ``measurements`` list
-(:class:`~dicom_node.models.package.Measurement`):
+(:class:`~dicom_node.package.manifest.Measurement`):
 
 * ``area``: per structure on a single image (a projection radiograph or a single slice), the
   pixel count times the row and column spacing, in cm2. The spacing is the one
@@ -33,10 +33,10 @@ import structlog
 
 from dicom_node.imaging.series import ImageSeries
 from dicom_node.imaging.ultrasound import calibration_for
-from dicom_node.models.applicability import non_human_reason, view_position
-from dicom_node.models.orientation import format_orientation, reorientations
-from dicom_node.models.package import Measurement, ModelPackage
 from dicom_node.outputs.diameters import Diameters, measure_diameters
+from dicom_node.package.applicability import non_human_reason, view_position
+from dicom_node.package.manifest import Measurement, ModelPackage
+from dicom_node.package.orientation import format_orientation, reorientations
 
 log = structlog.get_logger(__name__)
 
@@ -382,7 +382,7 @@ def ratio_not_applicable(ds: pydicom.Dataset) -> str | None:
     that view): a lateral view has no transverse diameters, and an AP view magnifies the
     heart (it lies further from the detector), so its ratio overstates the PA one; neither is
     reported. Nor is the ratio of an image without View Position (0018,5101), or of an
-    animal (:func:`~dicom_node.models.applicability.non_human_reason`).
+    animal (:func:`~dicom_node.package.applicability.non_human_reason`).
     """
     animal = non_human_reason(ds)
     if animal is not None:

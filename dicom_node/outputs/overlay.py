@@ -28,11 +28,11 @@ from pydicom.pixels import apply_voi
 from scipy.ndimage import binary_erosion
 
 import dicom_node
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
+from dicom_node.common.uids import derive_uid
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.package import ModelPackage
 from dicom_node.outputs.seg import default_series_number
-from dicom_node.uids import derive_uid
+from dicom_node.package.manifest import ModelPackage
 
 #: The burned-in warning on every overlay image.
 LABEL = "AI RESULT - NOT FOR DIAGNOSIS"

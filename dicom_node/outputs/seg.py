@@ -40,12 +40,12 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 
 import dicom_node
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
+from dicom_node.common.uids import derive_uid
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.package import ModelPackage, Structure
 from dicom_node.outputs.charset import UTF8, set_output_character_set
 from dicom_node.outputs.measurements import check_masks
-from dicom_node.uids import derive_uid
+from dicom_node.package.manifest import ModelPackage, Structure
 
 log = structlog.get_logger(__name__)
 
@@ -242,7 +242,7 @@ def build_seg(
         Its structures describe the segments; name and version identify the algorithm.
     series_uid, sop_uid
         Series Instance UID (0020,000E) and SOP Instance UID (0008,0018), from
-        :func:`dicom_node.uids.output_uids`.
+        :func:`dicom_node.common.uids.output_uids`.
     series_number
         Series Number (0020,0011); default :data:`SEG_SERIES_NUMBER_OFFSET` + the source's.
     instance_number

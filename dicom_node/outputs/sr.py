@@ -68,9 +68,8 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 import dicom_node
+from dicom_node.common.uids import derive_uid
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.orientation import Reorientation, reorientations
-from dicom_node.models.package import ModelPackage, Structure
 from dicom_node.outputs.charset import UTF8, set_output_character_set
 from dicom_node.outputs.contours import horizontal_line, outline
 from dicom_node.outputs.measurements import (
@@ -90,7 +89,8 @@ from dicom_node.outputs.seg import (
     frame_segment_number,
     keeps_empty_frames,
 )
-from dicom_node.uids import derive_uid
+from dicom_node.package.manifest import ModelPackage, Structure
+from dicom_node.package.orientation import Reorientation, reorientations
 
 log = structlog.get_logger(__name__)
 
@@ -615,7 +615,7 @@ def build_sr(
         From :func:`dicom_node.outputs.measurements.measure`.
     series_uid, sop_uid
         Series Instance UID (0020,000E) and SOP Instance UID (0008,0018), from
-        :func:`dicom_node.uids.output_uids`.
+        :func:`dicom_node.common.uids.output_uids`.
     series_number
         Series Number (0020,0011); default :data:`SR_SERIES_NUMBER_OFFSET` + the source's.
     instance_number

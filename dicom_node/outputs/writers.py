@@ -1,4 +1,4 @@
-"""Output writers: one per :class:`~dicom_node.outputs.kinds.OutputKind`, behind one interface.
+"""Output writers: one per :class:`~dicom_node.common.output_kinds.OutputKind`, one interface.
 
 A writer takes the :class:`SegmentationContext` of one result (the source images, the masks,
 the package, the measurements, the output UIDs) and returns the datasets of its kind.
@@ -17,14 +17,14 @@ from typing import Protocol
 import numpy as np
 from pydicom.dataset import Dataset
 
+from dicom_node.common.output_kinds import OutputKind
+from dicom_node.common.uids import output_uids
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.package import ModelPackage
-from dicom_node.outputs.kinds import OutputKind
 from dicom_node.outputs.measurements import Measurements
 from dicom_node.outputs.overlay import build_overlays
 from dicom_node.outputs.seg import build_seg
 from dicom_node.outputs.sr import build_sr
-from dicom_node.uids import output_uids
+from dicom_node.package.manifest import ModelPackage
 
 
 @dataclass
@@ -47,7 +47,7 @@ class SegmentationContext:
         Instance Number (0020,0013) of this result's objects in their output series.
     case_key
         What the output series UIDs derive from: the reference series' UID for a one-input
-        case, else every role and its series (:func:`dicom_node.uids.case_key`).
+        case, else every role and its series (:func:`dicom_node.common.uids.case_key`).
     source_instances
         SOP Instance UIDs of every input image; the output SOP Instance UIDs derive from them.
     secondary
@@ -69,7 +69,7 @@ class SegmentationContext:
 
     def uids(self, kind: OutputKind) -> tuple[str, str]:
         """``(series_uid, sop_instance_uid)`` of the output of ``kind``
-        (:func:`dicom_node.uids.output_uids`)."""
+        (:func:`dicom_node.common.uids.output_uids`)."""
         series_uid, sop_uid = output_uids(
             self.case_key,
             self.package.name,

@@ -247,7 +247,7 @@ def series_purged(c: Transaction, series_uid: str) -> None:
 
 def owner_is_gone(owner: str) -> bool:
     """Whether lease ``owner`` (``host:pid:thread``, as
-    :func:`dicom_node.pipeline.worker.default_owner` writes it) was a process of this host
+    :func:`dicom_node.work.worker.default_owner` writes it) was a process of this host
     that no longer runs, or this very process (at start, before it claimed anything)."""
     host, _, rest = owner.partition(":")
     pid_text = rest.partition(":")[0]

@@ -34,7 +34,7 @@ from dicom_node.store.instances import InstanceIndex, InstanceRecord, SqlInstanc
 from dicom_node.store.sends import Send, SendState, SendStore, SqlSendStore
 
 if TYPE_CHECKING:
-    from dicom_node.config import Settings
+    from dicom_node.config.settings import Settings
 
 __all__ = [
     "Case",
@@ -66,7 +66,7 @@ class Database(SqlInstanceIndex, SqlCaseStore, SqlSendStore):
     transaction.
     """
 
-    # -- audit anchors (dicom_node.audit) ---------------------------------------------------
+    # -- audit anchors (dicom_node.audit.log) ---------------------------------------------------
 
     def audit_mark(self, name: str) -> tuple[int, str] | None:
         """``(seq, hash)`` stored under ``name`` in ``audit_head``, or None."""

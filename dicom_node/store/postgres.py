@@ -24,8 +24,8 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from dicom_node.configcheck import redact_url
-from dicom_node.errors import DicomNodeError
+from dicom_node.common.errors import DicomNodeError
+from dicom_node.config.checks import redact_url
 from dicom_node.store.schema import migrate_postgres
 
 #: Seconds to wait for the server (first connection, and a free pooled one).

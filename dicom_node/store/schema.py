@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dicom_node.errors import DicomNodeError
+from dicom_node.common.errors import DicomNodeError
 
 if TYPE_CHECKING:
     import psycopg

@@ -30,7 +30,7 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 
-from dicom_node.errors import ConfigError
+from dicom_node.common.errors import ConfigError
 
 KEYS = ("image", "label")
 

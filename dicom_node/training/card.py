@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dicom_node.models.package import ModelPackage
+from dicom_node.package.manifest import ModelPackage
 from dicom_node.training.augment import AugmentConfig
 from dicom_node.training.metrics import format_table
 

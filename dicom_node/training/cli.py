@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dicom_node.log import configure_logging
+from dicom_node.common.log import configure_logging
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -43,9 +43,9 @@ import structlog
 import torch
 from PIL import Image
 
-from dicom_node.errors import InputError
-from dicom_node.models.package import ColorMode, ModelPackage
+from dicom_node.common.errors import InputError
 from dicom_node.models.preprocess import Placement, prepare_image, to_input_grid
+from dicom_node.package.manifest import ColorMode, ModelPackage
 
 log = structlog.get_logger(__name__)
 

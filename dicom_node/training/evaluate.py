@@ -27,15 +27,15 @@ import numpy as np
 import structlog
 import torch
 
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
 from dicom_node.models.inference import (
     Segmenter,
     confidence_gate,
     masks_from_probabilities,
     select_device,
 )
-from dicom_node.models.package import ModelPackage, Postprocess, load_package
 from dicom_node.models.postprocess import postprocess
+from dicom_node.package.manifest import ModelPackage, Postprocess, load_package
 from dicom_node.training.data import list_cases, read_image, read_masks, read_split
 from dicom_node.training.metrics import (
     GROUPS,

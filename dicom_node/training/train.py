@@ -15,7 +15,7 @@ structures overlap). AdamW with linear warm-up and cosine decay per step. Valida
 held-out cases after every epoch; the best epoch's weights are kept. Afterwards the candidate
 postprocessing steps are measured on the validation cases at full resolution and kept per
 structure only where they improve the mean Jaccard; the package is written and checked with
-:func:`~dicom_node.models.package.load_package`. With a test part (``test_fraction``) the
+:func:`~dicom_node.package.manifest.load_package`. With a test part (``test_fraction``) the
 test cases are evaluated once, last, after every choice is made; they choose nothing.
 """
 
@@ -38,11 +38,11 @@ import yaml
 from monai.losses import DiceLoss
 from monai.utils import set_determinism
 
-from dicom_node import yamlfile
-from dicom_node.errors import ConfigError
+from dicom_node.common.errors import ConfigError
+from dicom_node.config import yamlfile
 from dicom_node.models.inference import select_device
-from dicom_node.models.package import MODEL_FILE, ModelPackage, Postprocess, load_package
-from dicom_node.models.unet import build_network, load_network
+from dicom_node.models.networks import build_network, load_network
+from dicom_node.package.manifest import MODEL_FILE, ModelPackage, Postprocess, load_package
 from dicom_node.training import card
 from dicom_node.training.augment import AugmentConfig, build_augmentation
 from dicom_node.training.data import (

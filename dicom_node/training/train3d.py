@@ -30,8 +30,8 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from dicom_node.models.inference import Segmenter, masks_from_probabilities, select_device
-from dicom_node.models.package import ModelPackage, Postprocess, load_package
 from dicom_node.models.postprocess import postprocess
+from dicom_node.package.manifest import ModelPackage, Postprocess, load_package
 from dicom_node.training import card
 from dicom_node.training.data import Split, read_split
 from dicom_node.training.evaluate import (
@@ -102,7 +102,7 @@ def train_volumes(
     progress: bool,
 ) -> TrainResult:
     """Train a 3D model on a NIfTI folder and write the package ``out`` (see the module)."""
-    from dicom_node.models.unet import load_network
+    from dicom_node.models.networks import load_network
     from dicom_node.training.train import (
         HISTORY_FILE,
         WEIGHTS_FILE,

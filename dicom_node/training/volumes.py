@@ -42,14 +42,14 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from dicom_node.errors import InputError
-from dicom_node.models.package import ModelPackage
+from dicom_node.common.errors import InputError
 from dicom_node.models.preprocess import (
     VolumePlacement,
     prepare_volume_array,
     resample_to_model,
     volume_placement,
 )
+from dicom_node.package.manifest import ModelPackage
 from dicom_node.training.data import Split
 
 log = structlog.get_logger(__name__)
@@ -211,7 +211,7 @@ class VolumeAugment:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(doc) - known)
         if unknown:
-            from dicom_node.errors import ConfigError
+            from dicom_node.common.errors import ConfigError
 
             raise ConfigError(f"augment: unknown keys {unknown} for 3D; known: {sorted(known)}")
         if "gamma" in doc:

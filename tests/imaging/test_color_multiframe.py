@@ -16,7 +16,7 @@ from pydicom.pixels import apply_color_lut, pixel_array
 from pydicom.tag import Tag
 from pydicom.uid import MRImageStorage, generate_uid
 
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
 from dicom_node.imaging.pixels import BT601
 from dicom_node.imaging.series import ImageSeries, load_series
 from tests.conftest import require_shared_data

@@ -19,7 +19,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
 from dicom_node.imaging.series import ImageSeries, load_series
 from tests.factories import JSRT, ct_series, dx_from_array, jsrt_cases, jsrt_dx
 

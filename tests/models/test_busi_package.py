@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from dicom_node.models.package import Measurement, load_package
+from dicom_node.package.manifest import Measurement, load_package
 from dicom_node.training.card import CARD_FILE
 from dicom_node.training.data import read_split
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from dicom_node.errors import ModelPackageError
+from dicom_node.common.errors import ModelPackageError
 from dicom_node.models.inference import confidence_gate
-from dicom_node.models.package import load_package
+from dicom_node.package.manifest import load_package
 from dicom_node.training.train import parse_train_config
 
 PACKAGE = Path(__file__).resolve().parents[2] / "config" / "models" / "busi-lesion"

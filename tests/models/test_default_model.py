@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicom_node.models.package import load_package
+from dicom_node.package.manifest import load_package
 from dicom_node.training.card import CARD_FILE
 from dicom_node.training.data import list_cases, read_split
 from dicom_node.training.evaluate import METRICS_FILE, evaluate

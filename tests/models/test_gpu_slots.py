@@ -13,8 +13,8 @@ import torch
 
 from dicom_node.imaging.series import load_series
 from dicom_node.models.inference import DeviceSlots, InferenceReport, Segmenter
-from dicom_node.models.random_package import make_random_package
-from dicom_node.pipeline.segment import segment_series
+from dicom_node.testing.random_package import make_random_package
+from dicom_node.work.segment import segment_series
 from tests.conftest import wait_for
 from tests.factories import ct_series, write_files
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
 from dicom_node.imaging.series import ImageSeries, load_series
 from dicom_node.models.inference import Segmenter, masks_from_probabilities, select_device
-from dicom_node.models.package import ModelPackage
-from dicom_node.models.random_package import make_random_package
+from dicom_node.package.manifest import ModelPackage
+from dicom_node.testing.random_package import make_random_package
 from tests.factories import ct_series, dx_from_array
 from tests.imaging.test_series import write
 from tests.models.test_preprocess import ct_with_box, iou

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dicom_node.models.package import ModelPackage, Postprocess
-from dicom_node.models.postprocess import fill_frame_holes, postprocess
-from dicom_node.models.random_package import make_random_package
+from dicom_node.imaging.masks import fill_frame_holes
+from dicom_node.models.postprocess import postprocess
+from dicom_node.package.manifest import ModelPackage, Postprocess
+from dicom_node.testing.random_package import make_random_package
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
 from dicom_node.imaging.series import ImageSeries, load_series
-from dicom_node.models.package import ModelPackage, Normalization, NormalizationKind
 from dicom_node.models.preprocess import (
     Placement,
     normalize,
@@ -21,7 +20,8 @@ from dicom_node.models.preprocess import (
     restore_volume,
     to_input_grid,
 )
-from dicom_node.models.random_package import make_random_package
+from dicom_node.package.manifest import ModelPackage, Normalization, NormalizationKind
+from dicom_node.testing.random_package import make_random_package
 from tests.factories import JSRT, ct_series, dx_from_array, jsrt_cases, jsrt_mask
 from tests.imaging.test_series import write
 

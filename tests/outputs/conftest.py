@@ -1,7 +1,7 @@
 """Fixtures of the output tests: model packages, a JSRT DX series with its expert masks, a CT.
 
 Packages are written in the ``model.yaml`` format and loaded with
-:func:`dicom_node.models.package.load_package`; the weights file is an empty placeholder, as
+:func:`dicom_node.package.manifest.load_package`; the weights file is an empty placeholder, as
 no network runs here. Series are built directly as :class:`ImageSeries` from the factories.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.package import ModelPackage, load_package
+from dicom_node.package.manifest import ModelPackage, load_package
 from tests.factories import JSRT, JSRT_SPACING_MM, ct_series, jsrt_dx, jsrt_mask
 
 #: A normal chest (no nodule) of the JSRT set.

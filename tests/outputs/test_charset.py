@@ -10,10 +10,10 @@ import pytest
 from pydicom.data import get_charset_files
 
 from dicom_node.models.inference import Segmenter
-from dicom_node.models.random_package import make_random_package
 from dicom_node.outputs.charset import UTF8, has_non_ascii_text, set_output_character_set
-from dicom_node.outputs.validate import dciodvfy_errors, dciodvfy_path
-from dicom_node.pipeline.segment import SegmentationResult, segment_series
+from dicom_node.testing.dciodvfy import dciodvfy_errors, dciodvfy_path
+from dicom_node.testing.random_package import make_random_package
+from dicom_node.work.segment import SegmentationResult, segment_series
 from tests.conftest import require_shared_data
 from tests.factories import SHARED_DATA
 

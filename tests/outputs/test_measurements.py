@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.package import Measurement, ModelPackage
 from dicom_node.outputs.measurements import (
     Extent,
     cardiothoracic_ratio,
     column_extent,
     measure,
 )
+from dicom_node.package.manifest import Measurement, ModelPackage
 from tests.factories import dx_from_array
 from tests.outputs.conftest import (
     CHEST_STRUCTURES,

@@ -8,8 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicom_node.common.uids import output_uids
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.package import ModelPackage
 from dicom_node.outputs.overlay import (
     LABEL,
     build_overlay,
@@ -19,8 +19,8 @@ from dicom_node.outputs.overlay import (
     scale_factor,
     window_to_8bit,
 )
-from dicom_node.outputs.validate import dciodvfy_errors, dciodvfy_path
-from dicom_node.uids import output_uids
+from dicom_node.package.manifest import ModelPackage
+from dicom_node.testing.dciodvfy import dciodvfy_errors, dciodvfy_path
 from tests.factories import PATIENT_NAME, dx_from_array
 from tests.outputs.conftest import projection_series
 
@@ -186,7 +186,7 @@ def test_one_overlay_per_slice_with_deterministic_uids(
 def test_mismatched_masks_are_refused(
     ct_case: tuple[ImageSeries, np.ndarray], ct_package: ModelPackage
 ) -> None:
-    from dicom_node.errors import InputError
+    from dicom_node.common.errors import InputError
 
     series, masks = ct_case
     with pytest.raises(InputError, match="do not fit"):

@@ -11,17 +11,17 @@ import pydicom
 import pytest
 
 import dicom_node
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
+from dicom_node.common.uids import output_uids
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.package import ModelPackage
 from dicom_node.outputs.seg import (
     build_seg,
     code_string,
     read_seg_masks,
     source_frame_keys,
 )
-from dicom_node.outputs.validate import ValidatorNotFoundError, dciodvfy_errors, dciodvfy_path
-from dicom_node.uids import output_uids
+from dicom_node.package.manifest import ModelPackage
+from dicom_node.testing.dciodvfy import ValidatorNotFoundError, dciodvfy_errors, dciodvfy_path
 from tests.factories import SHARED_DATA, dx_from_array
 from tests.outputs.conftest import projection_series
 

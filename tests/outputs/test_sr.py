@@ -11,13 +11,13 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
+from dicom_node.common.uids import output_uids
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.package import ModelPackage
 from dicom_node.outputs.measurements import Measurements, measure
 from dicom_node.outputs.seg import build_seg, frame_segment_number
 from dicom_node.outputs.sr import CARDIOTHORACIC_RATIO, PRIVATE_SCHEME, build_sr
-from dicom_node.outputs.validate import dciodvfy_errors, dciodvfy_path
-from dicom_node.uids import output_uids
+from dicom_node.package.manifest import ModelPackage
+from dicom_node.testing.dciodvfy import dciodvfy_errors, dciodvfy_path
 from tests.factories import SHARED_DATA
 
 REFERENCE = SHARED_DATA / "reference"

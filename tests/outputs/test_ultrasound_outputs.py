@@ -16,12 +16,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.imaging.series import ImageSeries, load_series
-from dicom_node.models.package import ModelPackage
 from dicom_node.outputs.diameters import measure_diameters
 from dicom_node.outputs.measurements import measure
 from dicom_node.outputs.seg import build_seg
 from dicom_node.outputs.sr import build_sr
-from dicom_node.outputs.validate import dciodvfy_errors
+from dicom_node.package.manifest import ModelPackage
+from dicom_node.testing.dciodvfy import dciodvfy_errors
 from tests.factories import sr_numbers, sr_texts, us_from_array, us_region, write_files
 from tests.outputs.conftest import MakePackage
 

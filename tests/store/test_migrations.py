@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dicom_node.audit import AuditLog
-from dicom_node.config import parse_settings
-from dicom_node.errors import DicomNodeError
-from dicom_node.pipeline.delivery import Delivery
-from dicom_node.pipeline.worker import Worker
+from dicom_node.audit.log import AuditLog
+from dicom_node.common.errors import DicomNodeError
+from dicom_node.config.settings import parse_settings
+from dicom_node.send.delivery import Delivery
 from dicom_node.store.database import Database
 from dicom_node.store.schema import SCHEMA_VERSION
+from dicom_node.work.worker import Worker
 from tests.conftest import StoreSCP
 from tests.factories import ct_series, write_files
 

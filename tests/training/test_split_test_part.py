@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dicom_node.errors import InputError
+from dicom_node.common.errors import InputError
 from dicom_node.training.data import list_cases, make_split, read_findings, read_masks
 
 CASES = [f"benign_{i:03d}" for i in range(40)] + [f"normal_{i:03d}" for i in range(20)]

@@ -14,9 +14,9 @@ import torch
 import yaml
 from PIL import Image
 
-from dicom_node.errors import ConfigError, InputError
-from dicom_node.models.package import load_package
-from dicom_node.models.unet import build_network
+from dicom_node.common.errors import ConfigError, InputError
+from dicom_node.models.networks import build_network
+from dicom_node.package.manifest import load_package
 from dicom_node.training.augment import AugmentConfig, build_augmentation
 from dicom_node.training.data import make_split, read_split
 from dicom_node.training.evaluate import evaluate
@@ -174,7 +174,7 @@ def test_test_cases_choose_nothing_and_are_evaluated_once(
 def test_evaluate_command_prints_progress_on_stderr(
     tiny_package: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dicom_node.cli import main
+    from dicom_node.app.cli import main
 
     args = ["evaluate", "--model", str(tiny_package), "--data", str(tiny_data), "--all-cases"]
     assert main(args) == 0

@@ -11,8 +11,8 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from dicom_node.errors import InputError
-from dicom_node.models.package import load_package
+from dicom_node.common.errors import InputError
+from dicom_node.package.manifest import load_package
 from dicom_node.training.cli import cmd_evaluate
 from dicom_node.training.data import read_split
 from dicom_node.training.evaluate import evaluate

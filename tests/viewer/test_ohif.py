@@ -20,12 +20,12 @@ import pydicom
 import pytest
 from PIL import Image
 
+from dicom_node.common.uids import output_uids
 from dicom_node.imaging.series import ImageSeries
-from dicom_node.models.package import ModelPackage
 from dicom_node.outputs.measurements import measure
 from dicom_node.outputs.seg import build_seg
 from dicom_node.outputs.sr import build_sr
-from dicom_node.uids import output_uids
+from dicom_node.package.manifest import ModelPackage
 from tests.conftest import require_shared_data, wait_for
 from tests.factories import JSRT, dx_from_array, jsrt_mask, write_files
 from tests.outputs.conftest import (

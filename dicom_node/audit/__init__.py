@@ -1,0 +1,1 @@
+"""The audit trail: records, chains (file, database), verification and syslog export."""

@@ -1,0 +1,1 @@
+"""What every stage shares: errors, UIDs, redaction, logging, metrics, TLS, DIMSE vocabulary."""

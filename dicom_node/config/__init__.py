@@ -1,0 +1,1 @@
+"""Settings: typed, validated configuration from YAML and the environment."""

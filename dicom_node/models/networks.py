@@ -1,0 +1,103 @@
+"""The network of a model package: a MONAI U-Net built from ``model.yaml`` and its weights.
+
+``network`` in ``model.yaml`` holds the keyword arguments of :class:`monai.networks.nets.UNet`
+other than ``spatial_dims``, ``in_channels`` and ``out_channels``, which follow from ``dims``,
+``input.color`` (1 channel for gray, 3 for rgb) and the structures (see
+:attr:`ModelPackage.in_channels` and :attr:`ModelPackage.out_channels`).
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import structlog
+import torch
+from monai.networks.nets import UNet
+
+from dicom_node.common.errors import ModelPackageError
+from dicom_node.package.manifest import ModelPackage
+
+log = structlog.get_logger(__name__)
+
+#: Keyword arguments of UNet that the package format sets itself.
+RESERVED_KEYS = ("spatial_dims", "in_channels", "out_channels")
+
+
+def build_network(package: ModelPackage) -> torch.nn.Module:
+    """Return a randomly initialised U-Net with the architecture ``package`` describes.
+
+    Raises
+    ------
+    ModelPackageError
+        When ``network`` sets a reserved key or arguments that UNet does not accept.
+    """
+    reserved = [key for key in RESERVED_KEYS if key in package.network]
+    if reserved:
+        raise ModelPackageError(
+            f"{package.path}: network: {', '.join(reserved)} must not be set; they follow "
+            "from dims, input.color and the structures"
+        )
+    try:
+        return UNet(
+            spatial_dims=package.dims,
+            in_channels=package.in_channels,
+            out_channels=package.out_channels,
+            **package.network,
+        )
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ModelPackageError(
+            f"{package.path}: network: not valid arguments of monai.networks.nets.UNet: {exc}"
+        ) from exc
+
+
+def _state_dict(raw: Any, package: ModelPackage) -> dict[str, torch.Tensor]:
+    if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise ModelPackageError(
+            f"{package.weights}: expected a state_dict (a mapping of names to tensors) saved "
+            "with torch.save"
+        )
+    # fp16 (or bf16) weights are kept small on disk; the network computes in fp32.
+    return {str(k): v.float() if v.is_floating_point() else v for k, v in raw.items()}
+
+
+def load_network(package: ModelPackage, device: torch.device) -> torch.nn.Module:
+    """Build the network of ``package``, load its weights and move it to ``device``.
+
+    The weights file (``weights`` in ``model.yaml``) is a ``state_dict`` saved with
+    :func:`torch.save`; it is read with ``weights_only=True`` so that it cannot run code.
+    Floating-point tensors stored in fp16 are cast to fp32. The network is returned in eval
+    mode.
+
+    Raises
+    ------
+    ModelPackageError
+        When the weights cannot be read or do not fit the architecture.
+    """
+    network = build_network(package)
+    try:
+        raw = torch.load(package.weights, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise ModelPackageError(
+            f"{package.weights}: cannot be read as torch weights ({exc})"
+        ) from exc
+    state = _state_dict(raw, package)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelPackageError(
+            f"{package.weights}: the weights do not fit the network in model.yaml "
+            f"(dims, network, structures): {exc}"
+        ) from exc
+    network.to(device)
+    network.eval()
+    log.info(
+        "model loaded",
+        model=package.name,
+        version=package.version,
+        device=str(device),
+        parameters=sum(p.numel() for p in network.parameters()),
+    )
+    return network

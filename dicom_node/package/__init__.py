@@ -1,0 +1,1 @@
+"""The model-package contract: manifest, orientation, applicability."""

@@ -1,0 +1,481 @@
+"""Model packages: a folder with ``model.yaml`` and weights, everything the node needs to run it.
+
+A package says what it accepts (modalities, 2D or 3D), how its input is prepared (size or patch,
+spacing, intensity normalisation), what it outputs (multi-label sigmoid or exclusive softmax),
+and how each output channel is described in DICOM (label, coded category and type from
+pydicom's code dictionaries, display colour, postprocessing). See ``docs/model-package.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from dicom_node.common.errors import ModelPackageError
+from dicom_node.config import yamlfile
+from dicom_node.package.orientation import parse_orientation
+
+MODEL_FILE = "model.yaml"
+
+
+class Activation(enum.Enum):
+    """How network outputs become masks."""
+
+    SIGMOID = "sigmoid"  # multi-label: one independent channel per structure, overlaps allowed
+    SOFTMAX = "softmax"  # exclusive: channel 0 is background, channel i is structure i
+
+
+class NormalizationKind(enum.Enum):
+    """Intensity normalisation applied before the network (``input.normalization.kind``)."""
+
+    PERCENTILE = "percentile"  # clip to [lower, upper] percentiles, scale to [0, 1]
+    WINDOW = "window"  # clip to center +- width / 2, scale to [0, 1]
+    ZSCORE = "zscore"  # subtract mean, divide by standard deviation
+
+
+class ColorMode(enum.Enum):
+    """What the network sees of each pixel (``input.color``)."""
+
+    GRAY = "gray"  # one channel: modality values, or the luminance of colour images
+    RGB = "rgb"  # three channels R, G, B in 0..255 (grayscale images repeat their value)
+
+
+class Postprocess(enum.Enum):
+    """Per-structure postprocessing steps (``structures[].postprocess``)."""
+
+    LARGEST_COMPONENT = "largest_component"
+    FILL_HOLES = "fill_holes"
+
+
+class Measurement(enum.Enum):
+    """Measurements the SR reports (``measurements``)."""
+
+    AREA = "area"  # per structure, 2D images, cm2
+    VOLUME = "volume"  # per structure, 3D series, ml
+    #: per structure, 2D images, mm: the longest diameter and the longest diameter
+    #: perpendicular to it (breast lesions, as radiologists measure them)
+    DIAMETERS = "diameters"
+    CARDIOTHORACIC_RATIO = "cardiothoracic_ratio"  # needs heart and both lungs
+
+
+@dataclass(frozen=True)
+class Normalization:
+    kind: NormalizationKind
+    lower: float = 0.5
+    upper: float = 99.5
+    center: float = 0.0
+    width: float = 1.0
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One output channel of the model and its DICOM segment description."""
+
+    label: str  # machine name, e.g. "right_lung"
+    name: str  # Segment Label (0062,0005), e.g. "Right lung"
+    category: Code  # Segmented Property Category Code Sequence (0062,0003)
+    type: Code  # Segmented Property Type Code Sequence (0062,000F)
+    type_modifier: Code | None  # Segmented Property Type Modifier Code Sequence (0062,0011)
+    color_rgb: tuple[int, int, int]
+    postprocess: tuple[Postprocess, ...] = ()
+    #: Anatomic Region Sequence (0008,2218) of the segment, e.g. SCT Breast for a breast lesion
+    anatomic_region: Code | None = None
+
+
+@dataclass(frozen=True)
+class Applicability:
+    """What a model is valid for (``applicability``); an empty tuple accepts anything.
+
+    Attributes
+    ----------
+    views
+        View Position (0018,5101) values, e.g. ``("PA", "AP")``.
+    body_parts
+        Body Part Examined (0018,0015) values, e.g. ``("CHEST",)``.
+    species
+        Patient Species Description (0010,2201) values; ``"human"`` stands for human patients
+        (images without species attributes, or Homo sapiens).
+    """
+
+    views: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    species: tuple[str, ...] = ()
+
+
+#: The one input role of a package without ``inputs`` (and of a route without ``inputs``).
+DEFAULT_ROLE = "image"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of the model (``inputs[]``): a named role, one channel group of the network.
+
+    Attributes
+    ----------
+    role
+        The role name, e.g. ``t1``; routes fill it with a series of the case.
+    required
+        False: the case may lack this role; its channel(s) are then zeros (after
+        normalisation), as the model must have been trained to expect.
+    """
+
+    role: str
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A validated model package. Construct with :func:`load_package`."""
+
+    path: Path
+    name: str
+    version: str
+    dims: int  # 2: runs per image/slice, batched; 3: runs on volumes by sliding window
+    modalities: tuple[str, ...]
+    input_size: tuple[int, ...]  # 2D: (rows, cols) of the network input; 3D: patch (z, y, x)
+    spacing_mm: tuple[float, ...] | None  # 3D: resample to this (z, y, x) spacing first
+    normalization: Normalization
+    activation: Activation
+    threshold: float
+    network: dict[str, Any]  # keyword arguments of monai.networks.nets.UNet (less dims/ch)
+    weights: Path
+    structures: tuple[Structure, ...]
+    measurements: tuple[Measurement, ...] = ()
+    #: 2D models: Patient Orientation (0020,0020) the model was trained in, e.g. ("L", "F");
+    #: projection images are brought to it before inference. None: images used as stored.
+    orientation: tuple[str, str] | None = None
+    applicability: Applicability = field(default_factory=Applicability)
+    description: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    color: ColorMode = ColorMode.GRAY  # input.color: gray (1 channel) or rgb (3 channels)
+    #: output.min_confidence: a structure found on an image whose mean probability inside its
+    #: final mask is below this is dropped (not found); None keeps everything. Chosen on the
+    #: validation cases (training.evaluate.select_min_confidence).
+    min_confidence: float | None = None
+    #: ``inputs``: the roles in channel order; without it one required role ``image``.
+    inputs: tuple[InputSpec, ...] = (InputSpec(DEFAULT_ROLE),)
+    #: ``reference``: the role whose grid the others are resampled onto and the SEG is on.
+    reference: str = DEFAULT_ROLE
+    #: ``registered``: the site guarantees the inputs are registered (patient coordinates
+    #: agree) even without a shared Frame of Reference UID (0020,0052).
+    registered: bool = False
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The input role names in channel order."""
+        return tuple(spec.role for spec in self.inputs)
+
+    @property
+    def channels_per_input(self) -> int:
+        """Network channels of each input: 3 for ``input.color: rgb``, else 1."""
+        return 3 if self.color is ColorMode.RGB else 1
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the network: one group of :attr:`channels_per_input` per role."""
+        return len(self.inputs) * self.channels_per_input
+
+    @property
+    def out_channels(self) -> int:
+        n = len(self.structures)
+        return n + 1 if self.activation is Activation.SOFTMAX else n
+
+
+def resolve_code(value: Any, key: str) -> Code:
+    """Return a :class:`Code` from ``"SCT.Lung"`` (pydicom's dictionaries) or a mapping.
+
+    A mapping is ``{value: ..., scheme: ..., meaning: ...}``.
+    """
+    if isinstance(value, str):
+        scheme, _, keyword = value.partition(".")
+        try:
+            return getattr(getattr(codes, scheme), keyword)  # type: ignore[no-any-return]
+        except AttributeError as exc:
+            raise ModelPackageError(
+                f"{key}: {value!r} is not in pydicom's code dictionaries; use SCHEME.Keyword "
+                "(e.g. SCT.Lung) or {value, scheme, meaning}"
+            ) from exc
+    if isinstance(value, dict) and {"value", "scheme", "meaning"} <= value.keys():
+        return Code(str(value["value"]), str(value["scheme"]), str(value["meaning"]))
+    raise ModelPackageError(
+        f"{key}: expected SCHEME.Keyword or {{value, scheme, meaning}}, got {value!r}"
+    )
+
+
+def _require(doc: dict[str, Any], key: str, where: str) -> Any:
+    if key not in doc:
+        raise ModelPackageError(f"{where}: missing key {key!r}")
+    return doc[key]
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ModelPackageError(f"{key}: expected a mapping, got {value!r}")
+    return value
+
+
+def _float(doc: dict[str, Any], name: str, default: float, key: str) -> float:
+    value = doc.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ModelPackageError(f"{key}.{name}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _enum(cls: type[enum.Enum], value: Any, key: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in cls)  # type: ignore[attr-defined]
+        raise ModelPackageError(f"{key}: {value!r} is not one of {allowed}") from None
+
+
+def _structure(doc: Any, index: int, where: str) -> Structure:
+    key = f"{where}: structures[{index}]"
+    if not isinstance(doc, dict):
+        raise ModelPackageError(f"{key}: expected a mapping, got {doc!r}")
+    color = doc.get("color", [255, 0, 0])
+    if (
+        not isinstance(color, list)
+        or len(color) != 3
+        or not all(isinstance(c, int) and 0 <= c <= 255 for c in color)
+    ):
+        raise ModelPackageError(f"{key}.color: expected [r, g, b] in 0..255, got {color!r}")
+    modifier = doc.get("type_modifier")
+    region = doc.get("anatomic_region")
+    return Structure(
+        label=str(_require(doc, "label", key)),
+        name=str(doc.get("name", doc["label"])),
+        category=resolve_code(_require(doc, "category", key), f"{key}.category"),
+        type=resolve_code(_require(doc, "type", key), f"{key}.type"),
+        type_modifier=None if modifier is None else resolve_code(modifier, f"{key}.type_modifier"),
+        color_rgb=(color[0], color[1], color[2]),
+        postprocess=tuple(
+            _enum(Postprocess, p, f"{key}.postprocess") for p in doc.get("postprocess", [])
+        ),
+        anatomic_region=(
+            None if region is None else resolve_code(region, f"{key}.anatomic_region")
+        ),
+    )
+
+
+def _orientation(inp: dict[str, Any], dims: int, where: str) -> tuple[str, str] | None:
+    value = inp.get("orientation")
+    if value is None:
+        return None
+    key = f"{where}: input.orientation"
+    if dims != 2:
+        raise ModelPackageError(f"{key}: only 2D models of projection images have one; remove it")
+    letters = (
+        parse_orientation(value)
+        if isinstance(value, list) and all(isinstance(v, str) and len(v) == 1 for v in value)
+        else None
+    )
+    if letters is None:
+        raise ModelPackageError(
+            f"{key}: expected two Patient Orientation (0020,0020) letters of A, P, R, L, H, F "
+            f"on different body axes, e.g. [L, F] for a PA chest radiograph, got {value!r}"
+        )
+    return letters
+
+
+def _strings(doc: dict[str, Any], name: str, key: str) -> tuple[str, ...]:
+    value = doc.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ModelPackageError(
+            f"{key}.{name}: expected a list of non-empty strings, got {value!r}"
+        )
+    return tuple(v.strip().upper() for v in value)
+
+
+def _applicability(doc: dict[str, Any], where: str) -> Applicability:
+    key = f"{where}: applicability"
+    app = _mapping(doc.get("applicability") or {}, key)
+    unknown = set(app) - {"views", "body_parts", "species"}
+    if unknown:
+        raise ModelPackageError(
+            f"{key}: unknown key(s) {', '.join(sorted(unknown))}; known: views, body_parts, species"
+        )
+    return Applicability(
+        views=_strings(app, "views", key),
+        body_parts=_strings(app, "body_parts", key),
+        species=tuple(s.lower() for s in _strings(app, "species", key)),
+    )
+
+
+_ROLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+
+
+def _inputs(doc: dict[str, Any], where: str) -> tuple[tuple[InputSpec, ...], str, bool]:
+    """``inputs``, ``reference`` and ``registered`` of ``model.yaml``."""
+    registered = doc.get("registered", False)
+    if not isinstance(registered, bool):
+        raise ModelPackageError(f"{where}: registered: expected true or false, got {registered!r}")
+    value = doc.get("inputs")
+    if value is None:
+        specs: tuple[InputSpec, ...] = (InputSpec(DEFAULT_ROLE),)
+    else:
+        if not isinstance(value, list) or not value:
+            raise ModelPackageError(
+                f"{where}: inputs: expected a non-empty list of {{role: name}} in channel "
+                f"order, got {value!r}"
+            )
+        found = []
+        for i, item in enumerate(value):
+            key = f"{where}: inputs[{i}]"
+            item = _mapping(item, key)
+            unknown = set(item) - {"role", "required"}
+            if unknown:
+                raise ModelPackageError(
+                    f"{key}: unknown key(s) {', '.join(sorted(unknown))}; known: role, required"
+                )
+            role = item.get("role")
+            if not isinstance(role, str) or not _ROLE_RE.match(role):
+                raise ModelPackageError(
+                    f"{key}.role: expected a name of letters, digits, _ or - starting with a "
+                    f"letter (e.g. t1c), got {role!r}"
+                )
+            required = item.get("required", True)
+            if not isinstance(required, bool):
+                raise ModelPackageError(f"{key}.required: expected true or false, got {required!r}")
+            found.append(InputSpec(role, required))
+        specs = tuple(found)
+    roles = [spec.role for spec in specs]
+    if len(set(roles)) != len(roles):
+        raise ModelPackageError(f"{where}: inputs: role names must be unique, got {roles}")
+    reference = doc.get("reference", roles[0])
+    if reference not in roles:
+        raise ModelPackageError(
+            f"{where}: reference: {reference!r} is not one of the inputs' roles {roles}"
+        )
+    if not next(s for s in specs if s.role == reference).required:
+        raise ModelPackageError(
+            f"{where}: reference: the reference input {reference!r} must be required; the SEG "
+            "is made on its grid"
+        )
+    return specs, str(reference), registered
+
+
+def load_package(path: Path | str) -> ModelPackage:
+    """Read and validate the model package in folder ``path``.
+
+    Raises
+    ------
+    ModelPackageError
+        When ``model.yaml`` or the weights are missing, or a key is invalid; the message names
+        the file and the key.
+    """
+    folder = Path(path)
+    model_file = folder / MODEL_FILE
+    if not model_file.is_file():
+        raise ModelPackageError(
+            f"{folder}: no {MODEL_FILE}; a model package is a folder with {MODEL_FILE} and weights"
+        )
+    where = str(model_file)
+    try:
+        doc = yamlfile.safe_load(model_file.read_text())
+    except yaml.YAMLError as exc:
+        raise ModelPackageError(f"{where}: not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ModelPackageError(f"{where}: expected a mapping at the top level")
+
+    dims = _require(doc, "dims", where)
+    if isinstance(dims, bool) or dims not in (2, 3):
+        raise ModelPackageError(f"{where}: dims: must be 2 or 3, got {dims!r}")
+    inp = _mapping(_require(doc, "input", where), f"{where}: input")
+    size = _require(inp, "size", f"{where}: input")
+    if (
+        not isinstance(size, list)
+        or len(size) != dims
+        or not all(isinstance(s, int) and s > 0 for s in size)
+    ):
+        raise ModelPackageError(
+            f"{where}: input.size: expected {dims} positive integers, got {size!r}"
+        )
+    spacing = inp.get("spacing_mm")
+    if spacing is not None and (
+        not isinstance(spacing, list)
+        or len(spacing) != dims
+        or not all(isinstance(s, int | float) and s > 0 for s in spacing)
+    ):
+        raise ModelPackageError(
+            f"{where}: input.spacing_mm: expected {dims} positive numbers, got {spacing!r}"
+        )
+    norm_key = f"{where}: input.normalization"
+    norm_doc = _mapping(inp.get("normalization", {"kind": "percentile"}), norm_key)
+    norm = Normalization(
+        kind=_enum(NormalizationKind, norm_doc.get("kind"), f"{norm_key}.kind"),
+        lower=_float(norm_doc, "lower", 0.5, norm_key),
+        upper=_float(norm_doc, "upper", 99.5, norm_key),
+        center=_float(norm_doc, "center", 0.0, norm_key),
+        width=_float(norm_doc, "width", 1.0, norm_key),
+    )
+    color = _enum(ColorMode, inp.get("color", "gray"), f"{where}: input.color")
+    if color is ColorMode.RGB and dims != 2:
+        raise ModelPackageError(f"{where}: input.color: rgb is supported for 2D models only")
+    out = _mapping(doc.get("output", {}), f"{where}: output")
+    threshold = _float(out, "threshold", 0.5, f"{where}: output")
+    if not 0.0 < threshold < 1.0:
+        raise ModelPackageError(f"{where}: output.threshold: must be in (0, 1), got {threshold}")
+    min_confidence = out.get("min_confidence")
+    if min_confidence is not None and (
+        isinstance(min_confidence, bool)
+        or not isinstance(min_confidence, int | float)
+        or not 0.0 <= min_confidence < 1.0
+    ):
+        raise ModelPackageError(
+            f"{where}: output.min_confidence: a mean probability in [0, 1), got {min_confidence!r}"
+        )
+    structures_doc = _require(doc, "structures", where)
+    if not isinstance(structures_doc, list) or not structures_doc:
+        raise ModelPackageError(f"{where}: structures: expected a non-empty list")
+    structures = tuple(_structure(s, i, where) for i, s in enumerate(structures_doc))
+    labels = [s.label for s in structures]
+    if len(set(labels)) != len(labels):
+        raise ModelPackageError(f"{where}: structures: labels must be unique, got {labels}")
+    weights = folder / str(doc.get("weights", "model.pt"))
+    if not weights.is_file():
+        raise ModelPackageError(f"{where}: weights: file {weights} does not exist")
+    modalities = doc.get("modalities", [])
+    if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
+        raise ModelPackageError(f"{where}: modalities: expected a list of strings")
+    measurements = tuple(
+        _enum(Measurement, m, f"{where}: measurements") for m in doc.get("measurements", [])
+    )
+    inputs, reference, registered = _inputs(doc, where)
+    network = doc.get("network", {})
+    if not isinstance(network, dict):
+        raise ModelPackageError(f"{where}: network: expected a mapping")
+    return ModelPackage(
+        path=folder,
+        name=str(_require(doc, "name", where)),
+        version=str(_require(doc, "version", where)),
+        dims=dims,
+        modalities=tuple(modalities),
+        input_size=tuple(size),
+        spacing_mm=None if spacing is None else tuple(float(s) for s in spacing),
+        normalization=norm,
+        activation=_enum(
+            Activation, out.get("activation", "sigmoid"), f"{where}: output.activation"
+        ),
+        threshold=threshold,
+        min_confidence=None if min_confidence is None else float(min_confidence),
+        network=dict(network),
+        weights=weights,
+        structures=structures,
+        measurements=measurements,
+        orientation=_orientation(inp, dims, where),
+        applicability=_applicability(doc, where),
+        description=str(doc.get("description", "")),
+        metrics=dict(_mapping(doc.get("metrics") or {}, f"{where}: metrics")),
+        color=color,
+        inputs=inputs,
+        reference=reference,
+        registered=registered,
+    )

@@ -1,0 +1,402 @@
+"""Bounds on what one peer can hold: connection slots, time, memory and disk.
+
+pynetdicom reads each PDU with blocking ``recv()`` calls on a socket without a timeout, counts
+every open connection (even one that never sent an A-ASSOCIATE-RQ) against
+``AE.maximum_associations``, and ends an association on its ACSE or network timeout only once
+the DUL thread comes back from ``recv()``. So a peer that sends part of a PDU and then nothing,
+or drips it, holds a slot for ever. This module bounds every read and every slot:
+
+- :class:`BoundedSocket` reads a PDU under a deadline: at most ``idle_timeout_s`` between two
+  reads, and after the first ``idle_timeout_s`` at least ``min_bytes_per_s``; a PDU longer
+  than the node's maximum PDU length, or a data set past ``max_instance_bytes`` or past the
+  free-disk watermark, ends the connection (A-ABORT, then close).
+- :class:`LimitedServer` closes a new connection at once beyond ``max_connections`` open
+  connections or ``max_associations_per_peer`` from one host, and frees each slot the moment
+  the association thread ends.
+- :class:`Admission` decides, at the A-ASSOCIATE-RQ, whether an association fits: at most
+  ``max_associations`` in all, of which ``reserved_associations`` only for C-ECHO-only
+  associations and ``allowed_callers``; at most ``max_associations_per_peer`` per calling AE
+  title. A refusal is an A-ASSOCIATE-RJ (rejected-transient, service-provider (presentation),
+  local-limit-exceeded: PS3.8 9.3.4).
+
+See docs/security.md, "Connections and memory".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pynetdicom.association import Association
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from dicom_node.common.tls import HANDSHAKE_TIMEOUT_S, handshake_failure
+from dicom_node.config.settings import Limits
+
+log = structlog.get_logger(__name__)
+
+#: A-ASSOCIATE-RJ: Result rejected-transient (2), Source service-provider (presentation) (3),
+#: Reason local-limit-exceeded (2); PS3.8 9.3.4.
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+
+#: Slack over the negotiated maximum PDU length for the PDU header and for an A-ASSOCIATE-RQ,
+#: whose length the maximum does not bound.
+PDU_SLACK_BYTES = 64 * 1024
+
+
+#: A data set still arriving has the free disk space checked again after this many bytes, so
+#: each connection writes at most this plus one PDU (about 2 MiB) past the last check.
+DISK_CHECK_BYTES = 1024 * 1024
+
+
+class PeerLimitExceeded(OSError):
+    """A peer passed one of the :class:`~dicom_node.config.settings.Limits`; its connection ends."""
+
+
+def free_disk_bytes(path: Path) -> int:
+    """Bytes free for this process on the file system that holds ``path``."""
+    return shutil.disk_usage(path).free
+
+
+def _in_progress_file(assoc: Association) -> Any:
+    """The temp file of the data set being received on ``assoc``, or None."""
+    message = getattr(assoc.dimse, "message", None)
+    return getattr(message, "_data_set_file", None)
+
+
+def discard_partial_data_sets(assoc: Association) -> int:
+    """Remove the temp files of data sets ``assoc`` left unfinished or unserved; how many."""
+    paths: list[Path] = []
+    message = getattr(assoc.dimse, "message", None)
+    fh = getattr(message, "_data_set_file", None)
+    if fh is not None:
+        with contextlib.suppress(OSError):
+            fh.close()
+        paths.append(Path(fh.name))
+    while True:
+        try:
+            _, primitive = assoc.dimse.msg_queue.get(block=False)
+        except Exception:  # noqa: BLE001 - queue.Empty: nothing left
+            break
+        path = getattr(primitive, "_dataset_path", None)
+        if isinstance(path, Path):
+            paths.append(path)
+    removed = 0
+    for path in paths:
+        if path.exists():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class BoundedSocket(AssociationSocket):
+    """An :class:`AssociationSocket` whose reads end under the node's :class:`Limits`.
+
+    Set ``limits``, ``max_pdu_bytes`` and ``storage_dir`` after construction (see
+    :meth:`LimitedRequestHandler._create_association`).
+    """
+
+    limits: Limits
+    max_pdu_bytes: int
+    storage_dir: Path
+    #: (the data set's file, its size) at the last free-space check
+    _disk_checked: tuple[Any, int] | None = None
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read ``nr_bytes`` or fewer (peer closed); raise :class:`PeerLimitExceeded` or
+        :class:`TimeoutError` when the peer passes a limit (the DUL then closes the connection).
+        """
+        if nr_bytes > self.max_pdu_bytes:
+            self._abort(f"PDU of {nr_bytes} bytes announced; the maximum is {self.max_pdu_bytes}")
+        self._check_incoming_data_set()
+        try:
+            out = self._bounded_recv(nr_bytes)
+        except OSError:
+            self._wake_acceptor()
+            raise
+        if len(out) < nr_bytes:
+            self._wake_acceptor()  # the peer closed
+        return out
+
+    def _bounded_recv(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        assert sock is not None
+        limits = self.limits
+        start = time.monotonic()
+        out = bytearray()
+        while len(out) < nr_bytes:
+            # The peer must have sent len(out) bytes by start + idle + len(out) / rate, and
+            # never wait more than idle_timeout_s between two reads.
+            deadline = start + limits.idle_timeout_s + len(out) / limits.min_bytes_per_s
+            wait = min(limits.idle_timeout_s, deadline - time.monotonic())
+            if wait <= 0:
+                log.warning("connection.too_slow", peer=self._peer(), received=len(out))
+                raise TimeoutError("peer below limits.min_bytes_per_s")
+            sock.settimeout(wait)
+            try:
+                chunk = sock.recv(min(65536, nr_bytes - len(out)))
+            except TimeoutError:
+                log.warning("connection.stalled", peer=self._peer(), received=len(out))
+                raise
+            if not chunk:
+                break
+            out.extend(chunk)
+        return out
+
+    def _wake_acceptor(self) -> None:
+        """Before an A-ASSOCIATE-RQ, end the association thread's wait for it at once.
+
+        pynetdicom's acceptor waits ``acse_timeout`` for the request even after the connection
+        is gone; a None on its queue is what it reads as "timed out", and it then closes.
+        """
+        assoc = self.assoc
+        if assoc.is_acceptor and assoc.requestor.primitive is None:
+            assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+
+    def _check_incoming_data_set(self) -> None:
+        """End the connection when the data set being received passes a size or disk bound.
+
+        Runs before every read; the free space is asked for when a data set starts and then
+        after each further :data:`DISK_CHECK_BYTES` of it (not for each read: two
+        ``statvfs`` per read were a tenth of the DUL thread's time per instance).
+        """
+        fh = _in_progress_file(self.assoc)
+        if fh is None or fh.closed:
+            return
+        size = os.fstat(fh.fileno()).st_size
+        if size > self.limits.max_instance_bytes:
+            self._abort(f"data set passed limits.max_instance_bytes ({size} bytes received)")
+        checked = self._disk_checked
+        if checked is not None and checked[0] is fh and size - checked[1] < DISK_CHECK_BYTES:
+            return
+        self._disk_checked = (fh, size)
+        # Below the watermark a finished C-STORE is refused (0xA700); an unfinished data set
+        # is cut only below half of it, the floor that keeps the disk from filling up. The
+        # file is in <storage_dir>/incoming (net.incoming): both are one file system unless
+        # incoming is a mount of its own, and then both are watched.
+        floor = self.limits.min_free_disk_bytes // 2
+        for folder in (Path(fh.name).parent, self.storage_dir):
+            if free_disk_bytes(folder) < floor:
+                self._abort("free disk space below half of limits.min_free_disk_bytes")
+
+    def _abort(self, reason: str) -> None:
+        """Send an A-ABORT (service-provider, reason not specified) and raise."""
+        log.warning("connection.limit_exceeded", peer=self._peer(), reason=reason)
+        pdu = A_ABORT_RQ()
+        pdu.source = 0x02
+        pdu.reason_diagnostic = 0x00
+        with contextlib.suppress(OSError):
+            assert self.socket is not None
+            self.socket.settimeout(1.0)
+            self.socket.sendall(pdu.encode())
+        raise PeerLimitExceeded(reason)
+
+    def _peer(self) -> str:
+        info = self.assoc.requestor.address_info
+        return f"{info.address}:{info.port}" if info is not None else "?"
+
+
+class _ContextList(list):  # type: ignore[type-arg]
+    """The server's presentation contexts, copied cheaply for each new association.
+
+    pynetdicom deep-copies every supported context for each connection (171 of them: about
+    60 ms of CPU), which lets a burst of bare connections starve the node. Each association
+    only needs its own context objects and transfer syntax lists; the UIDs are immutable.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        out = []
+        for cx in self:
+            clone = copy.copy(cx)
+            clone._transfer_syntax = list(cx._transfer_syntax)
+            out.append(clone)
+        return out
+
+
+@dataclass
+class _Admitted:
+    host: str
+    calling_ae: str
+    reserved: bool
+
+
+class Admission:
+    """Counts admitted associations and decides whether a new one fits the limits."""
+
+    def __init__(self, limits: Limits, known_callers: tuple[str, ...] = ()) -> None:
+        self.limits = limits
+        self.known_callers = frozenset(known_callers)
+        self._lock = threading.Lock()
+        self._admitted: dict[int, _Admitted] = {}
+
+    def admit(self, assoc: Association, host: str, calling_ae: str, echo_only: bool) -> str | None:
+        """Admit ``assoc``; return None, or why it does not fit (no patient data).
+
+        C-ECHO-only associations and ``allowed_callers`` may use the reserved share; others
+        only ``max_associations - reserved_associations``.
+        """
+        limits = self.limits
+        privileged = echo_only or calling_ae in self.known_callers
+        with self._lock:
+            total = len(self._admitted)
+            same_ae = sum(1 for a in self._admitted.values() if a.calling_ae == calling_ae)
+            ceiling = limits.max_associations - (0 if privileged else limits.reserved_associations)
+            if total >= ceiling:
+                return f"too many associations ({total} of {ceiling} for this kind of caller)"
+            if same_ae >= limits.max_associations_per_peer and not echo_only:
+                return f"too many associations from this calling AE title ({same_ae})"
+            self._admitted[id(assoc)] = _Admitted(host, calling_ae, reserved=privileged)
+            return None
+
+    def release(self, assoc: Association) -> None:
+        """Forget ``assoc`` (its thread has ended); its slot is free at once."""
+        with self._lock:
+            self._admitted.pop(id(assoc), None)
+
+    @property
+    def admitted(self) -> int:
+        with self._lock:
+            return len(self._admitted)
+
+
+class LimitedRequestHandler(RequestHandler):
+    """Gives each association a :class:`BoundedSocket` and holds its slot until it ends."""
+
+    server: LimitedServer
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        assert sock is not None
+        # A thin subclass over the socket pynetdicom built (same state, bounded reads).
+        sock.__class__ = BoundedSocket
+        bounded: BoundedSocket = sock  # type: ignore[assignment]
+        bounded.limits = self.server.limits
+        bounded.max_pdu_bytes = int(self.ae.maximum_pdu_size or 0) + PDU_SLACK_BYTES
+        bounded.storage_dir = self.server.storage_dir
+        return assoc
+
+    def handle(self) -> None:
+        """Run the association to its end, then free its slot and its temp files."""
+        assoc = self._create_association()
+        from pynetdicom import evt
+
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        try:
+            assoc.start()
+            assoc.join()
+        finally:
+            self.server.admission.release(assoc)
+            if discard_partial_data_sets(assoc):
+                log.info("connection.partial_data_set_discarded", peer=self.client_address[0])
+
+
+class LimitedServer(ThreadedAssociationServer):
+    """A :class:`ThreadedAssociationServer` that bounds open connections, in all and per host.
+
+    Construct through :meth:`pynetdicom.ae.ApplicationEntity.make_server` with
+    ``server_class=LimitedServer, request_handler=LimitedRequestHandler``, then set
+    ``limits``, ``admission`` and ``storage_dir`` before ``serve_forever``.
+    """
+
+    # The association threads outlive shutdown(); never wait for them there.
+    daemon_threads = True
+    block_on_close = False
+    # socketserver's default backlog of 5 drops the handshakes of a burst of connections.
+    request_queue_size = 128
+    limits: Limits
+    admission: Admission
+    storage_dir: Path
+    #: Seconds a peer has to complete the TLS handshake (``tls.handshake_timeout_s``).
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
+    #: Called with the peer's ``"address:port"`` and the reason when a handshake fails.
+    on_refused: Callable[[str, str], None] | None = None
+
+    def configure(self, limits: Limits, admission: Admission, storage_dir: Path) -> None:
+        """Set the limits this server enforces."""
+        self.limits = limits
+        self.admission = admission
+        self.storage_dir = storage_dir
+        self.contexts = _ContextList(self.contexts)
+        self._conn_lock = threading.Lock()
+        self._per_host: dict[str, int] = {}
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Take a connection slot for ``client_address``'s host, or refuse (closed at once)."""
+        host = str(client_address[0])
+        with self._conn_lock:
+            total = sum(self._per_host.values())
+            mine = self._per_host.get(host, 0)
+            if total >= self.limits.max_connections:
+                reason = "limits.max_connections reached"
+            elif mine >= self.limits.max_associations_per_peer:
+                reason = "limits.max_associations_per_peer reached for this host"
+            else:
+                self._per_host[host] = mine + 1
+                return True
+        log.warning("connection.refused", peer=host, reason=reason)
+        return False
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection; its TLS handshake happens on the connection's own thread.
+
+        pynetdicom wraps the socket and shakes hands here, on the one thread that accepts, with
+        no timeout: a peer that connects and never says hello would stop every accept.
+        """
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        client.settimeout(self.limits.idle_timeout_s)
+        return client, address
+
+    def _free(self, host: str) -> None:
+        with self._conn_lock:
+            left = self._per_host.get(host, 0) - 1
+            if left > 0:
+                self._per_host[host] = left
+            else:
+                self._per_host.pop(host, None)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections holding a slot now."""
+        with self._conn_lock:
+            return sum(self._per_host.values())
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection on its own thread; its slot is freed when it ends.
+
+        With TLS the handshake comes first, bounded by ``handshake_timeout_s``; a handshake
+        that fails or stalls (plain TCP, another CA, an expired certificate, TLS below 1.2) is
+        reported to ``on_refused`` (the receiver audits it) and the connection closed.
+        """
+        connection = request
+        try:
+            if self.ssl_context is not None:
+                try:
+                    request.settimeout(self.handshake_timeout_s)
+                    connection = self.ssl_context.wrap_socket(request, server_side=True)
+                    connection.settimeout(self.limits.idle_timeout_s)
+                except (OSError, ValueError) as exc:
+                    if self.on_refused is not None:
+                        peer = f"{client_address[0]}:{client_address[1]}"
+                        self.on_refused(peer, handshake_failure(exc))
+                    return
+            super().process_request_thread(connection, client_address)
+        finally:
+            for sock in {id(request): request, id(connection): connection}.values():
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    sock.close()
+            self._free(str(client_address[0]))

@@ -1,0 +1,605 @@
+"""The receiver: a Verification and Storage SCP that stores each instance durably.
+
+Handlers stay thin: pynetdicom has written the data set as received into
+``<storage_dir>/incoming``; the handler reads its header, validates it, makes the file durable
+(fsync, rename into the spool, fsync of the folder), indexes it, and only then answers Success.
+Nothing heavy runs on an association thread; pixel data is not decoded here. Every bad input
+gets a failure status and the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+import uuid
+import weakref
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import Histogram
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.pixels.utils import get_expected_length
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.utils import make_target
+
+from dicom_node.audit.log import (
+    AuditAction,
+    AuditEvent,
+    AuditEventType,
+    AuditLog,
+    AuditOutcome,
+    Participants,
+)
+from dicom_node.common.errors import AuditWriteError, ConfigError
+from dicom_node.common.metrics import NodeMetrics
+from dicom_node.common.status import StoreStatus
+from dicom_node.common.syntaxes import ACCEPTED
+from dicom_node.common.uids import is_valid_uid
+from dicom_node.config.settings import ROUTING_KEYWORDS, Settings
+from dicom_node.receive import incoming
+from dicom_node.receive import limits as net_limits
+from dicom_node.receive.access import AccessControl
+from dicom_node.receive.limits import (
+    REJECT_LOCAL_LIMIT,
+    Admission,
+    LimitedRequestHandler,
+    LimitedServer,
+)
+from dicom_node.store.database import Database
+from dicom_node.store.files import (
+    SHARED_STALE_TEMP_S,
+    fsync_file,
+    instance_path,
+    rename_durably,
+)
+
+log = structlog.get_logger(__name__)
+
+#: Error Comment (0000,0902) is a Long String (LO): at most 64 characters.
+ERROR_COMMENT_MAX_CHARS = 64
+
+#: Values longer than this are not read into memory when a received instance is checked.
+DEFER_BYTES = 64 * 1024
+
+
+#: The steps of the C-STORE handler, timed for each instance in the histogram
+#: ``dicom_node_receive_step_seconds{step=...}`` (:class:`~dicom_node.common.metrics.NodeMetrics`).
+#: A refused instance ends its laps early; ``audit`` runs once per study and association.
+RECEIVE_STEPS: dict[str, str] = {
+    "limits": "free-space and size checks",
+    "header": "header read (dcmread; values over 64 KiB stay on disk)",
+    "validate": "UIDs, SOP match, pixel data length, routing attributes",
+    "audit": "audit record (first instance of a study on an association)",
+    "fsync": "fsync of the received file: the wait left after the checks, which it overlaps",
+    "rename": "rename into the spool, fsync of its folder",
+    "index": "index transaction, its commit included",
+    "total": "the whole handler",
+}
+
+
+class _Laps:
+    """Times the steps of one C-STORE handler into a histogram labelled by step."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._start = self._last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        """The step ``step`` (a key of :data:`RECEIVE_STEPS`) ends now."""
+        now = time.perf_counter()
+        self._histogram.labels(step).observe(now - self._last)
+        self._last = now
+
+    def end(self) -> None:
+        self._histogram.labels("total").observe(time.perf_counter() - self._start)
+
+
+class RejectedInstance(Exception):
+    """An instance the receiver refuses; carries the status to answer with."""
+
+    def __init__(self, status: StoreStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class _Association:
+    id: str
+    who: Participants
+    studies: Counter[tuple[str, str]] = field(default_factory=Counter)  # (patient, study) -> n
+
+
+def _participants(event: Event, called: str) -> Participants:
+    requestor = event.assoc.requestor
+    return Participants(
+        calling_ae=str(requestor.ae_title).strip(),
+        called_ae=called,
+        peer_address=f"{requestor.address}:{requestor.port}",
+    )
+
+
+def routing_attributes(ds: Dataset) -> dict[str, str]:
+    """The values of :data:`ROUTING_KEYWORDS` present in ``ds``, multi-values joined by '\\'."""
+    out = {}
+    for keyword in ROUTING_KEYWORDS:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+            out[keyword] = "\\".join(str(v) for v in value)
+        else:
+            out[keyword] = str(value)
+    return out
+
+
+def check_instance(ds: Dataset, request: Any) -> None:
+    """Validate a received dataset against its C-STORE request; raise RejectedInstance.
+
+    Checks that the UIDs that become paths are valid, that the dataset's SOP Class and
+    Instance UIDs match the request, and that native pixel data is not truncated.
+    """
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = ds.get(keyword)
+        if not is_valid_uid(value):
+            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"missing or invalid {keyword}")
+    if ds.SOPInstanceUID != request.AffectedSOPInstanceUID:
+        raise RejectedInstance(
+            StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOP Instance UID differs from the C-STORE request",
+        )
+    if ds.SOPClassUID != request.AffectedSOPClassUID:
+        raise RejectedInstance(
+            StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOP Class UID differs from the C-STORE request",
+        )
+    if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
+        expected = expected_pixel_bytes(ds)
+        length = pixel_data_bytes(ds)
+        if expected is not None and length < expected:
+            raise RejectedInstance(
+                StoreStatus.CANNOT_UNDERSTAND,
+                f"pixel data truncated ({length} of {expected} bytes)",
+            )
+
+
+def pixel_data_bytes(ds: Dataset) -> int:
+    """Length of Pixel Data (7FE0,0010) without reading it when its read was deferred."""
+    elem = ds.get_item(0x7FE00010, keep_deferred=True)
+    if isinstance(elem, RawDataElement) and elem.value is None:
+        return int(elem.length)
+    return len(ds.PixelData)
+
+
+def expected_pixel_bytes(ds: Dataset) -> int | None:
+    """Bytes of native (uncompressed) Pixel Data (7FE0,0010) that ``ds`` describes.
+
+    From Rows (0028,0010), Columns (0028,0011), Number of Frames (0028,0008), Samples per
+    Pixel (0028,0002), Bits Allocated (0028,0100) and Photometric Interpretation (0028,0004),
+    by :func:`pydicom.pixels.utils.get_expected_length`: 1-bit data is packed (the bits of all
+    frames together, rounded up to whole bytes); YBR_FULL_422 and YBR_PARTIAL_422 hold two
+    samples per pixel (4:2:2, two thirds of RGB). The padding byte of odd lengths is not
+    counted: longer data is accepted. None when the attributes do not tell (missing, or Bits
+    Allocated not a multiple of 8 other than 1).
+    """
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if min(rows, cols, frames, samples) < 1 or (bits != 1 and bits % 8):
+        return None
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric == "YBR_PARTIAL_422" and samples == 3 and bits == 8:
+        return rows * cols * frames * 2  # retired, native 4:2:2 like YBR_FULL_422
+    if bits != 1 and photometric != "YBR_FULL_422":
+        # What get_expected_length computes here, without building a Dataset (a tenth of the
+        # time: this runs for every received instance).
+        return rows * cols * frames * samples * (bits // 8)
+    header = Dataset()
+    header.Rows, header.Columns, header.NumberOfFrames = rows, cols, frames
+    header.SamplesPerPixel, header.BitsAllocated = samples, bits
+    header.PhotometricInterpretation = photometric
+    return int(get_expected_length(header, unit="bytes"))
+
+
+def refusal(status: StoreStatus, reason: str) -> Dataset:
+    """A C-STORE response status dataset: Status (0000,0900) and Error Comment (0000,0902).
+
+    The comment (LO, at most 64 characters, no patient data) tells the sender why.
+    """
+    rsp = Dataset()
+    rsp.Status = int(status)
+    rsp.ErrorComment = reason[:ERROR_COMMENT_MAX_CHARS]
+    return rsp
+
+
+class Receiver:
+    """Owns the listening AE: C-ECHO, C-STORE into the spool and index, association audit."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        audit: AuditLog,
+        on_release: threading.Event | None = None,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or NodeMetrics()
+        self.db = db
+        self.audit = audit
+        self.on_release = on_release
+        # Keyed by the Association itself, weakly: an association whose DUL thread died of a
+        # malformed PDU never fires EVT_CONN_CLOSE, and its entry must go with it (an id()
+        # key would also be reused by a later association and hand it a stale state).
+        self._assocs: weakref.WeakKeyDictionary[Any, _Association] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self.server: LimitedServer | None = None
+        self.admission = Admission(settings.limits, settings.allowed_callers)
+        self.access = AccessControl(settings, audit)
+        self._fsyncs = self._fsync_pool()
+
+    def _fsync_pool(self) -> ThreadPoolExecutor:
+        """Threads for the fsyncs of received files, started when a handler starts so that
+        they overlap its header read and checks (os.fsync releases the GIL); made on demand."""
+        return ThreadPoolExecutor(
+            max_workers=self.settings.limits.max_associations, thread_name_prefix="fsync"
+        )
+
+    def _ae(self) -> AE:
+        limits = self.settings.limits
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_pdu_size = 1024 * 1024
+        # Idle before the A-ASSOCIATE-RQ (ACSE) and between PDUs (network); reads inside a PDU
+        # are bounded by limits.BoundedSocket.
+        ae.network_timeout = limits.idle_timeout_s
+        ae.acse_timeout = limits.idle_timeout_s
+        ae.dimse_timeout = 60
+        # Connections are bounded by LimitedServer and associations by Admission; pynetdicom's
+        # own count (every open connection) must never be the tighter one.
+        ae.maximum_associations = limits.max_connections + 1
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, list(ACCEPTED))
+        if self.settings.allowed_callers:
+            ae.require_calling_aet = list(self.settings.allowed_callers)
+        # A-ASSOCIATE-RJ (rejected-permanent, service-user, "called AE title not recognized")
+        # unless the Called AE Title is ae_title; _on_requested admits called_ae_titles.
+        ae.require_called_aet = True
+        return ae
+
+    @property
+    def called_ae_titles(self) -> tuple[str, ...]:
+        """The Called AE Titles the node answers to: ``ae_title`` and ``called_ae_titles``."""
+        return (self.settings.ae_title, *self.settings.called_ae_titles)
+
+    def start(self) -> LimitedServer:
+        """Start listening on ``bind_address:port`` in background threads.
+
+        Incoming data sets are written to a file in ``<storage_dir>/incoming`` as they arrive
+        (``pynetdicom._config.STORE_RECV_CHUNKED_DATASET``, :mod:`dicom_node.receive.incoming`),
+        never held in memory; what a killed process left there is removed first.
+        """
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        stale = incoming.clean(
+            self.settings.incoming_dir,
+            SHARED_STALE_TEMP_S if self.settings.database is not None else 0.0,
+        )
+        if stale:
+            log.info("receiver.stale_incoming_removed", files=stale)
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+            *self.access.handlers(),
+        ]
+        ae = self._ae()
+        incoming.register(ae, self.settings.incoming_dir)
+        server = ae.make_server(
+            (self.settings.bind_address, self.settings.port),
+            evt_handlers=handlers,
+            ssl_context=self._ssl_context(),
+            server_class=LimitedServer,
+            request_handler=LimitedRequestHandler,
+        )
+        assert isinstance(server, LimitedServer)
+        server.configure(self.settings.limits, self.admission, self.settings.storage_dir)
+        if self.settings.tls is not None:
+            server.on_refused = self.access.refuse_connection
+            server.handshake_timeout_s = self.settings.tls.handshake_timeout_s
+        thread = threading.Thread(
+            target=make_target(server.serve_forever), name="AcceptorServer", daemon=True
+        )
+        thread.start()
+        ae._servers.append(server)
+        self.server = server
+        self.access.watch_crashes(server, on_dropped=self._dropped)
+        log.info("receiver.listening", port=self.settings.port, ae_title=self.settings.ae_title)
+        return server
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """TLS 1.2+ with the node's certificate; mutual TLS when ``tls.ca_file`` is set."""
+        tls = self.settings.tls
+        if tls is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        assert tls.cert_file is not None and tls.key_file is not None  # checked by the config
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+            if tls.ca_file is not None:
+                context.load_verify_locations(tls.ca_file)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"tls: cannot load the certificate, key or CA: {exc}") from exc
+        return context
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+            self.access.unwatch_crashes()
+        # Its threads end when their fsyncs do; a later start() gets a fresh pool.
+        self._fsyncs.shutdown(wait=False)
+        self._fsyncs = self._fsync_pool()
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    def _assoc(self, event: Event) -> _Association:
+        key = event.assoc
+        with self._lock:
+            state = self._assocs.get(key)
+            if state is None:
+                state = _Association(
+                    uuid.uuid4().hex[:12], _participants(event, self.settings.ae_title)
+                )
+                self._assocs[key] = state
+            return state
+
+    def _dropped(self, assoc: Any) -> None:
+        """Forget the state of an association pynetdicom dropped without any event."""
+        with self._lock:
+            self._assocs.pop(assoc, None)
+
+    def _on_echo(self, event: Event) -> int:
+        return 0x0000
+
+    def _on_requested(self, event: Event) -> None:
+        """Screen the request, then answer as the Called AE Title if in ``called_ae_titles``.
+
+        :class:`AccessControl` refuses invalid AE titles (PS3.8 rules, from the raw PDU) and
+        peers outside ``allowed_networks``. pynetdicom then compares the request's Called AE
+        Title with the acceptor's title (``require_called_aet``) and rejects any other,
+        before any data is exchanged.
+        """
+        if self.access.screen(event):
+            self.metrics.associations.labels("rejected").inc()
+            return
+        primitive = event.assoc.requestor.primitive
+        called = str(getattr(primitive, "called_ae_title", "")).strip()
+        if called and called in self.settings.called_ae_titles:
+            event.assoc.acceptor.ae_title = called
+        contexts = getattr(primitive, "presentation_context_definition_list", None) or []
+        echo_only = bool(contexts) and all(cx.abstract_syntax == Verification for cx in contexts)
+        calling = str(getattr(primitive, "calling_ae_title", "")).strip()
+        reason = self.admission.admit(
+            event.assoc, str(event.assoc.requestor.address), calling, echo_only
+        )
+        if reason is not None:
+            # A-ASSOCIATE-RJ rejected-transient, service-provider, local-limit-exceeded; kill()
+            # waits (at most acse_timeout) for the RJ to go out and the peer to close.
+            event.assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
+            self._record_rejection(event, f"local limit exceeded: {reason}")
+            event.assoc.kill()
+
+    def _rejection_reason(self, event: Event) -> str:
+        """Which check refused the association, for the audit trail and the log."""
+        primitive = event.assoc.requestor.primitive
+        calling = str(getattr(primitive, "calling_ae_title", "")).strip()
+        called = str(getattr(primitive, "called_ae_title", "")).strip()
+        if self.settings.allowed_callers and calling not in self.settings.allowed_callers:
+            return "calling AE title not in allowed_callers"
+        if called not in self.called_ae_titles:
+            return (
+                f"called AE title not recognized: {called!r} is neither ae_title nor in "
+                "called_ae_titles"
+            )
+        return "association refused (too many associations or user identity)"
+
+    def _on_accepted(self, event: Event) -> None:
+        state = self._assoc(event)
+        self.metrics.associations.labels("accepted").inc()
+        try:
+            self.audit.record(
+                AuditEvent.USER_AUTHENTICATION,
+                AuditAction.EXECUTE,
+                AuditOutcome.SUCCESS,
+                state.who,
+                event_type=AuditEventType.LOGIN,
+                association_id=state.id,
+            )
+        except AuditWriteError:
+            # No access without its audit record (docs/security.md): A-ABORT before any DIMSE.
+            log.error("association.aborted_unaudited", association_id=state.id)
+            event.assoc.abort()
+            return
+        log.info("association.accepted", association_id=state.id, calling_ae=state.who.calling_ae)
+
+    def _on_rejected(self, event: Event) -> None:
+        self._record_rejection(event, self._rejection_reason(event))
+
+    def _record_rejection(self, event: Event, reason: str) -> None:
+        """Audit (Security Alert) and log a refused association; ``reason`` has no PHI."""
+        called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "")).strip()
+        who = _participants(event, called or self.settings.ae_title)
+        self.access.forget(event)  # audited here, not again as an abort
+        self.metrics.associations.labels("rejected").inc()
+        self.audit.security_alert(who, reason)
+        log.warning(
+            "association.rejected",
+            calling_ae=who.calling_ae,
+            called_ae=who.called_ae,
+            peer=who.peer_address,
+            reason=reason,
+        )
+
+    def _on_store(self, event: Event) -> int | Dataset:
+        laps = _Laps(self.metrics.receive_step_seconds)
+        try:
+            return self._store(event, laps)
+        finally:
+            laps.end()
+
+    def _store(self, event: Event, laps: _Laps) -> int | Dataset:
+        """Check, keep (fsync, rename into the spool), index, and answer; see RECEIVE_STEPS.
+
+        The data set is already on disk: pynetdicom wrote it to ``<storage_dir>/incoming``
+        while it arrived (:mod:`dicom_node.receive.incoming`); it is renamed into the spool, not
+        copied, and pynetdicom's later removal of that path finds nothing (it ignores OSError).
+        """
+        state = self._assoc(event)
+        limits = self.settings.limits
+        src = Path(event.dataset_path)
+        if net_limits.free_disk_bytes(self.settings.storage_dir) < limits.min_free_disk_bytes:
+            log.warning("store.disk_low", association_id=state.id)
+            return self._refuse(
+                StoreStatus.OUT_OF_RESOURCES, "node storage below its free-space mark"
+            )
+        size = src.stat().st_size
+        if size > limits.max_instance_bytes:
+            log.warning("store.too_large", association_id=state.id, bytes=size)
+            return self._refuse(
+                StoreStatus.OUT_OF_RESOURCES, "instance larger than max_instance_bytes"
+            )
+        # The file is complete (pynetdicom flushed each fragment). Its fsync runs beside the
+        # checks below and is waited for before the rename; a refused file is not waited for.
+        synced = self._fsyncs.submit(fsync_file, src)
+        laps.lap("limits")
+        try:
+            # Header and short values only: long values (pixel data) stay on disk.
+            ds = dcmread(src, defer_size=DEFER_BYTES)
+            laps.lap("header")
+            check_instance(ds, event.request)
+            study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+            sop_uid = str(ds.SOPInstanceUID)
+            patient_id = str(ds.get("PatientID", ""))
+            attributes = routing_attributes(ds)
+        except RejectedInstance as exc:
+            log.warning(
+                "store.refused",
+                association_id=state.id,
+                reason=exc.reason,
+                status=f"0x{exc.status:04X}",
+            )
+            return self._refuse(exc.status, exc.reason)
+        except Exception as exc:  # noqa: BLE001 - network input: any decode failure is a refusal
+            log.warning("store.undecodable", association_id=state.id, error=type(exc).__name__)
+            return self._refuse(StoreStatus.CANNOT_UNDERSTAND, "dataset cannot be decoded")
+        laps.lap("validate")
+        with self._lock:
+            first = (patient_id, study_uid) not in state.studies
+        if first:
+            # Audited before the instance is kept and before the first Success of a study on
+            # this association; no record, no access: refused. The count follows at close.
+            try:
+                self._audit_received(state, patient_id, study_uid, phase="receiving")
+            except AuditWriteError:
+                return self._refuse(StoreStatus.OUT_OF_RESOURCES, "cannot write the audit trail")
+            laps.lap("audit")
+        path = instance_path(self.settings.spool_dir, study_uid, series_uid, sop_uid)
+        try:
+            # Durable before it is indexed: the index never names a file a crash could lose.
+            synced.result()
+            laps.lap("fsync")
+            rename_durably(src, path)
+            laps.lap("rename")
+        except OSError as exc:
+            log.error("store.write_failed", association_id=state.id, error=exc.strerror)
+            return self._refuse(StoreStatus.OUT_OF_RESOURCES, "cannot write the instance to disk")
+        try:
+            self.db.record_instance(
+                sop_instance_uid=sop_uid,
+                sop_class_uid=str(ds.SOPClassUID),
+                study_uid=study_uid,
+                series_uid=series_uid,
+                patient_id=patient_id,
+                attributes=attributes,
+                path=path,
+                association_id=state.id,
+                late_policy=self.settings.late_instances,
+            )
+        except Exception as exc:  # noqa: BLE001 - e.g. database busy: refuse, keep serving
+            log.error("store.index_failed", association_id=state.id, error=type(exc).__name__)
+            return self._refuse(StoreStatus.OUT_OF_RESOURCES, "cannot index the instance now")
+        laps.lap("index")
+        with self._lock:
+            state.studies[(patient_id, study_uid)] += 1
+        self.metrics.instances_received.inc()
+        return int(StoreStatus.SUCCESS)
+
+    def _audit_received(
+        self,
+        state: _Association,
+        patient_id: str,
+        study_uid: str,
+        *,
+        phase: str,
+        instances: int | None = None,
+    ) -> None:
+        """DICOM Instances Transferred (110104), action Create: instances of a study received."""
+        self.audit.record(
+            AuditEvent.INSTANCES_TRANSFERRED,
+            AuditAction.CREATE,
+            AuditOutcome.SUCCESS,
+            state.who,
+            patient_id=patient_id,
+            study_uid=study_uid,
+            association_id=state.id,
+            phase=phase,
+            instances=instances,
+        )
+
+    def _refuse(self, status: StoreStatus, reason: str) -> Dataset:
+        """The C-STORE response: ``status`` with Error Comment (0000,0902) saying why."""
+        self.metrics.instances_refused.labels(f"0x{status:04X}").inc()
+        return refusal(status, reason)
+
+    def _on_close(self, event: Event) -> None:
+        with self._lock:
+            state = self._assocs.pop(event.assoc, None)
+        if state is None:
+            return
+        for (patient_id, study_uid), count in state.studies.items():
+            try:
+                self._audit_received(
+                    state, patient_id, study_uid, phase="association closed", instances=count
+                )
+            except AuditWriteError:  # the transfer is on record ("receiving"); go on
+                log.error("association.close_unaudited", association_id=state.id)
+        if state.studies:
+            self.db.association_released(state.id)
+            if self.on_release is not None:
+                self.on_release.set()
+        log.info(
+            "association.closed",
+            association_id=state.id,
+            instances=sum(state.studies.values()),
+            studies=len(state.studies),
+        )

@@ -1,0 +1,1 @@
+"""Retain: purging received instances and results after delivery or a time."""

@@ -1,0 +1,1 @@
+"""Send: delivery of results to destinations and the senders per destination type."""

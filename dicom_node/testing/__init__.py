@@ -1,0 +1,1 @@
+"""Helpers that the tests and benchmarks share (never used by the running node)."""
