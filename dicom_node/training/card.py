@@ -11,17 +11,15 @@ from __future__ import annotations
 import datetime as dt
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from dicom_node.package.manifest import ModelPackage
 from dicom_node.training.augment import AugmentConfig
+from dicom_node.training.config import TrainConfig
+from dicom_node.training.data import Split
 from dicom_node.training.metrics import format_table
-
-if TYPE_CHECKING:
-    from dicom_node.training.data import Split
-    from dicom_node.training.train import TrainConfig
 
 CURVES_FILE = "training_curves.png"
 CARD_FILE = "MODEL_CARD.md"

@@ -10,18 +10,16 @@ included, and the figures are optimistic).
 
 Outputs: a table (:func:`~dicom_node.training.metrics.format_table`), ``metrics.json`` with the
 summary and every case, and PNG overlays of the best, median and worst case (by mean Jaccard):
-the expert outline dashed, the model's solid, in each structure's colour.
+the expert outline dashed, the model's solid, in each structure's colour. 3D packages are
+evaluated by :mod:`dicom_node.training.evaluate3d`; the result and the rule that chooses
+postprocessing are in :mod:`dicom_node.training.results`.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import structlog
@@ -37,57 +35,19 @@ from dicom_node.models.inference import (
 from dicom_node.models.postprocess import postprocess
 from dicom_node.package.manifest import ModelPackage, Postprocess, load_package
 from dicom_node.training.data import list_cases, read_image, read_masks, read_split
-from dicom_node.training.metrics import (
-    GROUPS,
-    METRICS,
-    case_metrics,
-    format_table,
-    summarize,
-)
+from dicom_node.training.evaluate3d import evaluate_volumes
+from dicom_node.training.metrics import case_metrics, summarize
 from dicom_node.training.progress import ProgressLines
+from dicom_node.training.results import (
+    EvaluationResult,
+    choose_from_measured,
+    postprocess_variants,
+    with_postprocess,
+    write_metrics,
+)
+from dicom_node.training.volumes import list_volume_cases
 
 log = structlog.get_logger(__name__)
-
-METRICS_FILE = "metrics.json"
-TABLE_FILE = "metrics.txt"
-
-
-@dataclass
-class EvaluationResult:
-    """Per-case and summary metrics of one evaluation."""
-
-    cases: list[str]
-    per_case: dict[str, dict[str, dict[str, float]]]
-    summary: dict[str, dict[str, float]]
-    spacing_mm: float
-    overlays: dict[str, Path]
-
-    @property
-    def table(self) -> str:
-        return format_table(self.summary)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready mapping; undefined values (NaN: HD95 with one empty mask) are null."""
-        return _no_nan(
-            {
-                "metrics": list(METRICS),
-                "groups": {k: list(v) for k, v in GROUPS.items()},
-                "spacing_mm": self.spacing_mm,
-                "cases": self.cases,
-                "summary": self.summary,
-                "per_case": self.per_case,
-            }
-        )
-
-
-def _no_nan(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_no_nan(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def predict_masks(segmenter: Segmenter, image: np.ndarray, *, raw: bool = False) -> np.ndarray:
@@ -150,25 +110,6 @@ def select_min_confidence(
     return best, table
 
 
-def _variants(candidates: Sequence[Postprocess]) -> list[tuple[Postprocess, ...]]:
-    out: list[tuple[Postprocess, ...]] = []
-    for n in range(len(candidates) + 1):
-        out.extend(itertools.combinations(candidates, n))
-    return out
-
-
-def with_postprocess(
-    package: ModelPackage, steps: dict[str, tuple[Postprocess, ...]]
-) -> ModelPackage:
-    """A copy of ``package`` whose structures have the postprocessing ``steps[label]``."""
-    return replace(
-        package,
-        structures=tuple(
-            replace(s, postprocess=steps.get(s.label, ())) for s in package.structures
-        ),
-    )
-
-
 def select_postprocessing(
     package: ModelPackage,
     data_dir: Path | str,
@@ -201,7 +142,7 @@ def select_postprocessing(
     data_dir = Path(data_dir)
     segmenter = Segmenter(package, device)
     labels = [s.label for s in package.structures]
-    variants = _variants(candidates)
+    variants = postprocess_variants(candidates)
     packages = {v: with_postprocess(package, dict.fromkeys(labels, v)) for v in variants}
     values: dict[tuple[Postprocess, ...], dict[str, list[dict[str, float]]]] = {
         v: {label: [] for label in labels} for v in variants
@@ -222,60 +163,6 @@ def select_postprocessing(
     return choose_from_measured(values, labels, min_gain=min_gain, min_gain_mm=min_gain_mm)
 
 
-def choose_from_measured(
-    values: dict[tuple[Postprocess, ...], dict[str, list[dict[str, float]]]],
-    labels: Sequence[str],
-    *,
-    min_gain: float,
-    min_gain_mm: float,
-) -> tuple[dict[str, list[str]], dict[str, dict[str, dict[str, float]]]]:
-    """The rule of :func:`select_postprocessing` applied to per-case metrics already measured:
-    ``values[variant][label]`` holds one :func:`case_metrics` dict per case, ``()`` being the
-    raw masks. Shared by 2D and 3D training."""
-    variants = list(values)
-    means = {
-        v: {
-            label: {
-                name: float(np.nanmean([m[name] for m in per[label]]))
-                for name in ("jaccard", "hd95_mm")
-            }
-            for label in labels
-        }
-        for v, per in values.items()
-    }
-    chosen: dict[str, list[str]] = {}
-    for label in labels:
-        base = means[()][label]
-
-        def delta(v: tuple[Postprocess, ...], lb: str = label) -> tuple[float, float]:
-            return (
-                means[v][lb]["jaccard"] - means[()][lb]["jaccard"],
-                means[v][lb]["hd95_mm"] - means[()][lb]["hd95_mm"],
-            )
-
-        improving = [
-            v
-            for v in variants
-            if v
-            and (
-                (delta(v)[0] > min_gain and delta(v)[1] <= min_gain_mm)
-                or (delta(v)[0] >= 0 and delta(v)[1] < -min_gain_mm)
-            )
-        ]
-        best = max(improving, key=lambda v: (delta(v)[0], -delta(v)[1], -len(v)), default=())
-        chosen[label] = [p.value for p in best]
-        log.info(
-            "postprocessing measured",
-            structure=label,
-            chosen=chosen[label],
-            jaccard_gain=round(delta(best)[0], 6),
-            hd95_gain_mm=round(-delta(best)[1], 3),
-            raw_jaccard=round(base["jaccard"], 4),
-        )
-    comparison = {("+".join(p.value for p in v) or "none"): per for v, per in means.items()}
-    return chosen, comparison
-
-
 def evaluate(
     package: ModelPackage | Path | str,
     data_dir: Path | str,
@@ -291,7 +178,7 @@ def evaluate(
     """Evaluate ``package`` on the cases of ``data_dir``.
 
     3D packages are evaluated on NIfTI volumes by
-    :func:`~dicom_node.training.train3d.evaluate_volumes`, on the ``split`` part of their
+    :func:`~dicom_node.training.evaluate3d.evaluate_volumes`, on the ``split`` part of their
     ``split.json`` (``test`` or ``validation``) unless ``all_cases``.
 
     Parameters
@@ -321,9 +208,6 @@ def evaluate(
     if not isinstance(package, ModelPackage):
         package = load_package(package)
     if package.dims == 3:
-        from dicom_node.training.train3d import evaluate_volumes
-        from dicom_node.training.volumes import list_volume_cases
-
         return evaluate_volumes(
             package,
             data_dir,
@@ -365,9 +249,7 @@ def evaluate(
     log.info("evaluated", model=package.name, n_cases=len(cases))
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / METRICS_FILE).write_text(json.dumps(result.to_json(), indent=1) + "\n")
-        (out / TABLE_FILE).write_text(result.table + "\n")
+        write_metrics(result, out)
         lines.print(f"evaluate: writing metrics and overlays to {out}")
         result.overlays = write_overlays(segmenter, data_dir, per_case, out)
     return result

@@ -1,49 +1,44 @@
-"""``dicom-node train`` and ``evaluate`` for 3D models (``dims: 3``) on NIfTI volumes.
+"""``dicom-node train`` for 3D models (``dims: 3``) on NIfTI volumes: what differs from 2D.
 
-The data layout, the three-part split and the cache are in :mod:`dicom_node.training.volumes`.
-Training draws random patches of ``input.size`` (a share of them centred on the structure),
-augments them (small rotation and scale, contrast, gamma, noise; never mirrored) and fits a
-MONAI U-Net with soft Dice + BCE, AdamW with warm-up and cosine decay, mixed precision on
-CUDA only (the same code on CPU). After each epoch the validation volumes are segmented on
-the model grid by sliding window (the node's own inference) and the best epoch by mean
-validation Dice is kept. Postprocessing is chosen on the validation cases at full
-resolution; the **test** cases are evaluated once, at the end, and chose nothing.
-
-Evaluation (:func:`evaluate_volumes`) runs :meth:`Segmenter.predict_volume` (normalise,
-resample to the model spacing, sliding window, back to the source grid), the package's
-threshold and postprocessing, and compares with the expert masks on the source grid:
-Dice, Jaccard, precision, recall, HD95 and ASD in mm (and in source voxels in the card).
+The data layout, the three-part split and the cache are in :mod:`dicom_node.training.volumes`;
+the loop is the one of :mod:`dicom_node.training.loop`. Training draws random patches of
+``input.size`` (a share of them centred on the structure), augments them (small rotation and
+scale, contrast, gamma, noise; never mirrored). Every ``validate_every`` epochs (and at the
+last) the validation volumes are segmented on the model grid by sliding window (the node's own
+inference) and the best epoch by mean validation Dice is kept. Postprocessing is chosen on the
+validation cases at full resolution; the **test** cases are evaluated once, at the end
+(:func:`~dicom_node.training.evaluate3d.evaluate_volumes`), and chose nothing.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import structlog
 import torch
 from monai.inferers import sliding_window_inference
 
-from dicom_node.models.inference import Segmenter, masks_from_probabilities, select_device
-from dicom_node.models.postprocess import postprocess
 from dicom_node.package.manifest import ModelPackage, Postprocess, load_package
 from dicom_node.training import card
-from dicom_node.training.data import Split, read_split
-from dicom_node.training.evaluate import (
-    METRICS_FILE,
-    TABLE_FILE,
-    EvaluationResult,
-    _variants,
-    choose_from_measured,
-    with_postprocess,
+from dicom_node.training.config import TrainConfig, TrainSettings
+from dicom_node.training.data import Split
+from dicom_node.training.evaluate3d import choose_postprocessing, evaluate_volumes
+from dicom_node.training.loop import (
+    LoopData,
+    LossFn,
+    Run,
+    RunRecord,
+    TrainResult,
+    training_record,
+    write_chosen_postprocess,
+    write_model_yaml,
 )
-from dicom_node.training.metrics import batch_dice, case_metrics, summarize
-from dicom_node.training.progress import ProgressLines, format_seconds
+from dicom_node.training.metrics import batch_dice
+from dicom_node.training.progress import format_seconds
+from dicom_node.training.results import METRICS_FILE, EvaluationResult, rounded
 from dicom_node.training.volumes import (
     CachedVolumes,
     PatchCases,
@@ -51,16 +46,16 @@ from dicom_node.training.volumes import (
     collate_patches,
     list_volume_cases,
     make_volume_split,
-    read_volume,
 )
-
-if TYPE_CHECKING:
-    from dicom_node.training.train import TrainConfig, TrainResult
 
 log = structlog.get_logger(__name__)
 
 #: Fraction of overlap of the sliding window during validation (as in inference).
 OVERLAP = 0.25
+
+#: The keys of a 3D ``history.json`` entry, in their order (validation figures last: an
+#: epoch without validation has none).
+HISTORY_KEYS = ("epoch", "train_loss", "lr", "seconds", "val_loss", "val_dice")
 
 
 def _validate(
@@ -68,7 +63,7 @@ def _validate(
     cache: CachedVolumes,
     package: ModelPackage,
     device: torch.device,
-    loss_fn: Any,
+    loss_fn: LossFn,
 ) -> tuple[float, np.ndarray]:
     """Mean loss and per-structure Dice over the validation volumes, on the model grid."""
     network.eval()
@@ -91,64 +86,27 @@ def _validate(
     return float(np.mean(losses)), dice.cpu().numpy()
 
 
-def train_volumes(
-    data_dir: Path,
-    config: TrainConfig,
-    out: Path,
-    *,
-    init: Path | str | None,
-    epochs: int | None,
-    max_minutes: float | None,
-    progress: bool,
-) -> TrainResult:
-    """Train a 3D model on a NIfTI folder and write the package ``out`` (see the module)."""
-    from dicom_node.models.networks import load_network
-    from dicom_node.training.train import (
-        HISTORY_FILE,
-        WEIGHTS_FILE,
-        TrainResult,
-        build_network_from,
-        optimisation,
-        save_weights,
-        seed_everything,
-        transfer_weights,
-    )
-
-    started = time.monotonic()
-    settings = config.training
-    augment = config.augment
-    assert isinstance(augment, VolumeAugment)
-    n_epochs = epochs or settings.epochs
-    budget_min = max_minutes if max_minutes is not None else settings.max_minutes
-    out.mkdir(parents=True, exist_ok=True)
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
-    seed_everything(settings.seed)
-    device = select_device()
-    init_package = load_package(init) if init is not None else None
-    network = build_network_from(config.model, out)
-    package = load_package(out)
-    if init_package is not None:
-        copied, total = transfer_weights(
-            network, load_network(init_package, torch.device("cpu")).state_dict()
-        )
-        log.info("initialised from package", init=init_package.name, copied=copied, total=total)
-    network.to(device)
-
-    split = make_volume_split(
+def draw_volume_split(data_dir: Path, settings: TrainSettings) -> Split:
+    """The split ``settings`` draws from every case of the NIfTI folder ``data_dir``: the
+    test part first (``test_seed``, else ``split_seed``), then validation; the same at every
+    run (see :func:`~dicom_node.training.volumes.make_volume_split`)."""
+    return make_volume_split(
         list_volume_cases(data_dir),
         test_fraction=settings.test_fraction,
         test_seed=settings.split_seed if settings.test_seed is None else settings.test_seed,
         validation_fraction=settings.validation_fraction,
         seed=settings.split_seed,
     )
-    split.write(out)
-    log.info(
-        "split",
-        n_train=len(split.train),
-        n_validation=len(split.validation),
-        n_test=len(split.test),
-    )
+
+
+def volume_loop_data(data_dir: Path, split: Split, run: Run) -> LoopData:
+    """The 3D part of the loop: batches of augmented patches of the cached training volumes,
+    shuffled by the run's seed; validation by sliding window over the cached validation
+    volumes (model grid) every ``validate_every`` epochs."""
+    config, package, device = run.config, run.package, run.device
+    settings = config.training
+    augment = config.augment
+    assert isinstance(augment, VolumeAugment)
     train_cache = CachedVolumes(data_dir, split.train, package)
     val_cache = CachedVolumes(data_dir, split.validation, package)
     dataset = PatchCases(
@@ -167,104 +125,17 @@ def train_volumes(
         generator=torch.Generator().manual_seed(settings.seed),
         collate_fn=collate_patches,
     )
-    steps = len(loader)
-    loss_fn, optimizer, schedule, scheduler = optimisation(network, settings, steps, n_epochs)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    labels = [s.label for s in package.structures]
-    planned = n_epochs
-    history: list[dict[str, Any]] = []
-    best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(network.state_dict())
-    epochs_done = ProgressLines("train", n_epochs, "epochs", every_n=1, enabled=progress)
-    for epoch in range(1, n_epochs + 1):
-        epoch_start = time.monotonic()
-        network.train()
-        losses: list[float] = []
-        batches = ProgressLines(
-            f"train: epoch {epoch}/{planned}", steps, "batches", by_count=False, enabled=progress
-        )
-        for batch in loader:
-            x, y = batch["image"].to(device), batch["label"].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = network(x)
-            loss = loss_fn(logits.float(), y)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(loss.item())
-            batches.update(len(losses))
-        validate = epoch % settings.validate_every == 0 or epoch >= planned
-        if validate:
-            val_loss, val_dice = _validate(network, val_cache, package, device, loss_fn)
-            score = float(val_dice.mean())
-            if score > best_score:
-                best_score, best_epoch = score, epoch
-                best_state = copy.deepcopy(network.state_dict())
-                save_weights(network, out / WEIGHTS_FILE)
-        seconds = time.monotonic() - epoch_start
-        entry: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "seconds": seconds,
-        }
-        if validate:
-            entry["val_loss"] = val_loss
-            entry["val_dice"] = {lb: float(d) for lb, d in zip(labels, val_dice, strict=True)}
-        history.append(entry)
-        epochs_done.total = planned
-        detail = f"loss {np.mean(losses):.3f}"
-        if validate:
-            detail += f", validation Dice {score:.4f}, best epoch {best_epoch}"
-        epochs_done.update(epoch, detail)
-        log.info(
-            "epoch",
-            epoch=epoch,
-            train_loss=round(float(np.mean(losses)), 4),
-            seconds=round(seconds, 1),
-        )
-        if epoch >= planned:
-            break
-        if budget_min is not None and epoch >= 2:
-            left_s = budget_min * 60 - (time.monotonic() - started)
-            typical_s = float(np.median([h["seconds"] for h in history[1:][-5:]]))
-            fits = min(n_epochs, max(epoch, epoch + int(left_s // typical_s)))
-            if fits != planned:
-                planned = fits
-                schedule.total_steps = max(planned * steps, schedule.warmup_steps + 1)
-            if planned <= epoch:
-                if not validate:
-                    val_loss, val_dice = _validate(network, val_cache, package, device, loss_fn)
-                    if float(val_dice.mean()) > best_score:
-                        best_score, best_epoch = float(val_dice.mean()), epoch
-                        best_state = copy.deepcopy(network.state_dict())
-                log.warning("stopping at the time budget", epoch=epoch, max_minutes=budget_min)
-                break
-    train_seconds = time.monotonic() - started
-    epochs_done.print(
-        f"train: loop done in {format_seconds(train_seconds)}; choosing postprocessing on the "
-        "validation cases, then evaluating the test cases"
-    )
-    network.load_state_dict(best_state)
-    save_weights(network, out / WEIGHTS_FILE)
-    (out / HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
-    _plot_curves(history, out / card.CURVES_FILE, best_epoch)
-    return finish_volume_package(
-        out,
-        config,
-        data_dir,
-        split,
-        history=history,
-        best_epoch=best_epoch,
-        epochs_planned=n_epochs,
-        epochs_fitted=planned,
-        seconds=train_seconds,
-        device=device,
-        init=init_package,
-        progress=progress,
-        result_type=TrainResult,
+
+    def validate(network: torch.nn.Module, loss_fn: LossFn) -> tuple[float, np.ndarray]:
+        return _validate(network, val_cache, package, device, loss_fn)
+
+    return LoopData(
+        loader=loader,
+        validate=validate,
+        validate_every=settings.validate_every,
+        history_keys=HISTORY_KEYS,
+        plot_curves=_plot_curves,
+        done_note="choosing postprocessing on the validation cases, then evaluating the test cases",
     )
 
 
@@ -289,115 +160,19 @@ def _plot_curves(history: list[dict[str, Any]], path: Path, best_epoch: int) -> 
     plt.close(fig)
 
 
-def predict_case_masks(
-    segmenter: Segmenter, pixels: np.ndarray, placement: Any, *, raw: bool = False
-) -> np.ndarray:
-    """Boolean masks ``(S, z, y, x)`` of one volume on its source grid, as the node makes
-    them (threshold, then the package's postprocessing over the volume unless ``raw``)."""
-    probs = segmenter.predict_volume(pixels, placement)
-    masks = masks_from_probabilities(probs, segmenter.package)
-    if not raw:
-        masks = postprocess(masks, segmenter.package, per_frame=False)
-    return np.moveaxis(masks, -1, 0)
-
-
-def choose_postprocessing(
-    package: ModelPackage,
-    data_dir: Path,
-    cases: Sequence[str],
-    candidates: Sequence[Postprocess],
-    *,
-    min_gain: float,
-    min_gain_mm: float,
-    device: torch.device,
-    progress: bool = False,
-) -> tuple[dict[str, list[str]], dict[str, dict[str, dict[str, float]]]]:
-    """The 3D counterpart of :func:`~dicom_node.training.evaluate.select_postprocessing`,
-    with the same rule, on the validation volumes at full resolution."""
-    segmenter = Segmenter(package, device)
-    labels = [s.label for s in package.structures]
-    variants = _variants(candidates)
-    packages = {v: with_postprocess(package, dict.fromkeys(labels, v)) for v in variants}
-    values: dict[tuple[Postprocess, ...], dict[str, list[dict[str, float]]]] = {
-        v: {label: [] for label in labels} for v in variants
-    }
-    lines = ProgressLines("postprocessing", len(cases), "cases", enabled=progress)
-    for case in cases:
-        volume = read_volume(data_dir, case, package)
-        raw = predict_case_masks(segmenter, volume.pixels, volume.placement, raw=True)
-        last = np.moveaxis(raw, 0, -1)
-        for v in variants:
-            pred = np.moveaxis(postprocess(last, packages[v], per_frame=False), -1, 0)
-            for label, m in case_metrics(pred, volume.masks, labels, volume.spacing_zyx).items():
-                values[v][label].append(m)
-        lines.update()
-    return choose_from_measured(values, labels, min_gain=min_gain, min_gain_mm=min_gain_mm)
-
-
-def evaluate_volumes(
-    package: ModelPackage,
-    data_dir: Path | str,
-    out_dir: Path | str | None = None,
-    *,
-    cases: Sequence[str] | None = None,
-    split: str = "test",
-    device: torch.device | None = None,
-    progress: bool = False,
-) -> EvaluationResult:
-    """Evaluate a 3D package on NIfTI cases: by default the **test** cases of its split
-    (``split`` ``validation`` for the cases that chose the epoch; explicit ``cases`` win).
-
-    Writes ``metrics.json`` and ``metrics.txt`` into ``out_dir`` when given.
-    """
-    data_dir = Path(data_dir)
-    if cases is None:
-        recorded: Split = read_split(package.path)
-        cases = list(recorded.test if split == "test" else recorded.validation)
-    labels = [s.label for s in package.structures]
-    segmenter = Segmenter(package, device or select_device())
-    per_case: dict[str, dict[str, dict[str, float]]] = {}
-    spacing = 1.0
-    lines = ProgressLines(f"evaluate ({split})", len(cases), "cases", enabled=progress)
-    for case in cases:
-        volume = read_volume(data_dir, case, package)
-        spacing = volume.spacing_zyx[0]
-        pred = predict_case_masks(segmenter, volume.pixels, volume.placement)
-        per_case[case] = case_metrics(pred, volume.masks, labels, volume.spacing_zyx)
-        lines.update()
-    result = EvaluationResult(list(cases), per_case, summarize(per_case.values()), spacing, {})
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / METRICS_FILE).write_text(json.dumps(result.to_json(), indent=1) + "\n")
-        (out / TABLE_FILE).write_text(result.table + "\n")
-    return result
-
-
-def _rounded(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {lb: {k: round(v, 4) for k, v in m.items()} for lb, m in summary.items()}
-
-
-def finish_volume_package(  # noqa: PLR0913 - what the run leaves, passed on
+def finish_volume_package(
     out: Path,
     config: TrainConfig,
     data_dir: Path,
-    split: Split,
+    run: RunRecord,
     *,
-    history: list[dict[str, Any]],
-    best_epoch: int,
-    epochs_planned: int,
-    epochs_fitted: int,
-    seconds: float,
     device: torch.device,
-    init: ModelPackage | None,
     progress: bool,
-    result_type: type[TrainResult],
 ) -> TrainResult:
     """Choose postprocessing on the validation cases, evaluate validation and test cases,
     write ``model.yaml`` with the figures and the model card."""
-    from dicom_node.training.train import write_model_yaml
-
     settings = config.training
+    split = run.split
     package = load_package(out)
     chosen, comparison = choose_postprocessing(
         package,
@@ -409,13 +184,7 @@ def finish_volume_package(  # noqa: PLR0913 - what the run leaves, passed on
         device=device,
         progress=progress,
     )
-    model = dict(config.model)
-    model["structures"] = [
-        {**s, **({"postprocess": chosen[s["label"]]} if chosen.get(s["label"]) else {})}
-        for s in config.model["structures"]
-    ]
-    write_model_yaml(out, model)
-    package = load_package(out)
+    model, package = write_chosen_postprocess(out, config, chosen)
     validation = evaluate_volumes(
         package,
         data_dir,
@@ -429,24 +198,14 @@ def finish_volume_package(  # noqa: PLR0913 - what the run leaves, passed on
     )
     metrics = {
         "voxel_mm": test.spacing_mm,
-        "best_epoch": best_epoch,
+        "best_epoch": run.best_epoch,
         "validation_cases": len(split.validation),
-        "validation": _rounded(validation.summary),
+        "validation": rounded(validation.summary),
         "test_cases": len(split.test),
-        "structures": _rounded(test.summary),
+        "structures": rounded(test.summary),
     }
     model["metrics"] = metrics
-    model["training"] = {
-        "data": str(Path(data_dir).name),
-        "split": "split.json",
-        "epochs_run": len(history),
-        "epochs_planned": epochs_planned,
-        "epochs_fitted_to_budget": epochs_fitted,
-        "best_epoch": best_epoch,
-        "seconds": round(seconds, 1),
-        "device": card.hardware(device),
-        "init": None if init is None else f"{init.name} {init.version}",
-    }
+    model["training"] = training_record(data_dir, run, device)
     write_model_yaml(out, model)
     package = load_package(out)
     write_volume_card(
@@ -454,19 +213,19 @@ def finish_volume_package(  # noqa: PLR0913 - what the run leaves, passed on
         package,
         config,
         split,
-        history,
-        best_epoch,
-        seconds,
+        run.history,
+        run.best_epoch,
+        run.seconds,
         device,
         validation,
         test,
         comparison,
     )
-    return result_type(
+    return TrainResult(
         package=package,
-        history=history,
-        best_epoch=best_epoch,
-        seconds=seconds,
+        history=run.history,
+        best_epoch=run.best_epoch,
+        seconds=run.seconds,
         metrics=metrics,
     )
 

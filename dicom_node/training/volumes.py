@@ -144,8 +144,9 @@ def read_volume(data_dir: Path | str, case: str, package: ModelPackage) -> Volum
         When the label map is not on the image's grid.
     """
     folder = Path(data_dir) / case
-    image = sitk.ReadImage(str(folder / IMAGE_FILE))
-    label = sitk.ReadImage(str(folder / LABEL_FILE))
+    # Any: the methods of SimpleITK's Image (SWIG) carry no type hints
+    image: Any = sitk.ReadImage(str(folder / IMAGE_FILE))
+    label: Any = sitk.ReadImage(str(folder / LABEL_FILE))
     if image.GetDimension() != 3:
         raise InputError(f"{folder / IMAGE_FILE}: expected a 3D volume")
     if label.GetSize() != image.GetSize() or not np.allclose(
@@ -153,9 +154,9 @@ def read_volume(data_dir: Path | str, case: str, package: ModelPackage) -> Volum
     ):
         raise InputError(f"{folder}: {LABEL_FILE} is not on the grid of {IMAGE_FILE}")
     placement = volume_placement(
-        image.GetSize(),  # type: ignore[arg-type]
-        image.GetSpacing(),  # type: ignore[arg-type]
-        image.GetOrigin(),  # type: ignore[arg-type]
+        image.GetSize(),
+        image.GetSpacing(),
+        image.GetOrigin(),
         image.GetDirection(),
         package,
     )

@@ -12,7 +12,7 @@ import yaml
 from dicom_node.common.errors import ModelPackageError
 from dicom_node.models.inference import confidence_gate
 from dicom_node.package.manifest import load_package
-from dicom_node.training.train import parse_train_config
+from dicom_node.training.config import parse_train_config
 
 PACKAGE = Path(__file__).resolve().parents[2] / "config" / "models" / "busi-lesion"
 

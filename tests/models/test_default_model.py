@@ -20,9 +20,11 @@ import yaml
 
 from dicom_node.package.manifest import load_package
 from dicom_node.training.card import CARD_FILE
+from dicom_node.training.config import load_train_config
 from dicom_node.training.data import list_cases, read_split
-from dicom_node.training.evaluate import METRICS_FILE, evaluate
-from dicom_node.training.train import draw_split, load_train_config
+from dicom_node.training.evaluate import evaluate
+from dicom_node.training.results import METRICS_FILE
+from dicom_node.training.train import draw_split
 from tests.factories import JSRT
 
 REPO = Path(__file__).resolve().parents[2]

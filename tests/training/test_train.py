@@ -18,14 +18,11 @@ from dicom_node.common.errors import ConfigError, InputError
 from dicom_node.models.networks import build_network
 from dicom_node.package.manifest import load_package
 from dicom_node.training.augment import AugmentConfig, build_augmentation
+from dicom_node.training.config import load_train_config, parse_train_config
 from dicom_node.training.data import make_split, read_split
 from dicom_node.training.evaluate import evaluate
-from dicom_node.training.train import (
-    load_train_config,
-    parse_train_config,
-    train,
-    transfer_weights,
-)
+from dicom_node.training.loop import transfer_weights
+from dicom_node.training.train import train
 from tests.factories import JSRT
 
 REPO = Path(__file__).resolve().parents[2]

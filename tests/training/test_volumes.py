@@ -14,9 +14,10 @@ import yaml
 from dicom_node.common.errors import InputError
 from dicom_node.package.manifest import load_package
 from dicom_node.training.cli import cmd_evaluate
+from dicom_node.training.config import parse_train_config
 from dicom_node.training.data import read_split
 from dicom_node.training.evaluate import evaluate
-from dicom_node.training.train import parse_train_config, train
+from dicom_node.training.train import train
 from dicom_node.training.volumes import (
     VolumeAugment,
     list_volume_cases,

@@ -1,0 +1,201 @@
+"""The training config: what ``dicom-node train --config TRAIN.yaml`` reads.
+
+The config (see ``config/train-cxr.yaml``) has four parts: ``model`` is the ``model.yaml`` of
+the package to produce (less ``weights`` and ``metrics``, which training writes), ``training``
+the optimisation settings (:class:`TrainSettings`), ``augment`` the augmentation ranges
+(:class:`~dicom_node.training.augment.AugmentConfig` for 2D models,
+:class:`~dicom_node.training.volumes.VolumeAugment` for 3D ones) and ``data`` what the model
+card says about the data (:class:`DataInfo`). The names of the files training writes into the
+package are here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dicom_node.common.errors import ConfigError
+from dicom_node.config import yamlfile
+from dicom_node.package.manifest import Postprocess
+from dicom_node.training.augment import AugmentConfig
+from dicom_node.training.volumes import VolumeAugment
+
+#: The package's weights (``weights:`` of the ``model.yaml`` training writes).
+WEIGHTS_FILE = "model.pt"
+#: One entry per epoch: losses, validation Dice per structure, learning rate, seconds.
+HISTORY_FILE = "history.json"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The ``training:`` part of the training config.
+
+    Attributes
+    ----------
+    seed
+        Seed of weights, batches and augmentation.
+    epochs
+        Number of epochs (the schedule is laid out over them).
+    max_minutes
+        Wall-clock budget: stop before an epoch that would end after it (best weights kept).
+    batch_size, learning_rate, weight_decay, warmup_epochs
+        AdamW and its schedule (linear warm-up, then cosine decay to 1% of the rate).
+    dice_weight, bce_weight
+        Weights of the soft Dice and binary cross-entropy terms of the loss.
+    validation_fraction, split_seed
+        The held-out fraction of cases and the seed of the split.
+    test_fraction, test_seed
+        Fraction of cases kept apart first as a test part, out of training and every choice
+        (0: none), and its own seed (None: ``split_seed``); evaluated once at the end, they
+        choose nothing (2D: stratified by finding; 3D: drawn from all cases).
+    finding_pattern
+        Without ``cases.csv``: a regular expression whose first group, searched in the case
+        id, is the finding that stratifies the split (e.g. ``^([a-z]+)_``).
+    spacing_mm
+        Pixel spacing of the training images (PNG has none), for HD95 in mm.
+    postprocess_candidates
+        Postprocessing steps to measure on the validation cases.
+    postprocess_min_gain, postprocess_min_gain_mm
+        Smallest gain of mean validation Jaccard, or of mean HD95 in mm, for which a step is
+        kept (a few pixels' worth of change is noise, not an improvement).
+    num_threads
+        CPU threads of torch (None: torch's default).
+    patch_samples, positive_fraction
+        3D: patches drawn per case per step, and the share centred on a structure voxel.
+    validate_every
+        3D: validate every this many epochs (and at the last).
+    min_confidence_candidates
+        Values of ``output.min_confidence`` to measure on the validation cases after the
+        postprocessing is chosen (empty: no gate); see
+        :func:`~dicom_node.training.evaluate.select_min_confidence`.
+    """
+
+    seed: int = 0
+    epochs: int = 100
+    max_minutes: float | None = None
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 2
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    validation_fraction: float = 0.2
+    split_seed: int = 0
+    test_fraction: float = 0.0
+    test_seed: int | None = None
+    finding_pattern: str | None = None
+    spacing_mm: float = 1.0
+    postprocess_candidates: tuple[str, ...] = ("largest_component", "fill_holes")
+    postprocess_min_gain: float = 0.0005
+    postprocess_min_gain_mm: float = 0.1
+    num_threads: int | None = None
+    # 3D models (dims: 3) only: patches, validation interval
+    patch_samples: int = 2
+    positive_fraction: float = 0.67
+    validate_every: int = 1
+    min_confidence_candidates: tuple[float, ...] = ()
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any] | None) -> TrainSettings:
+        doc = dict(doc or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(doc) - set(known))
+        if unknown:
+            raise ConfigError(f"training: unknown keys {unknown}; known keys are {sorted(known)}")
+        if "postprocess_candidates" in doc:
+            steps = doc["postprocess_candidates"] or []
+            allowed = [p.value for p in Postprocess]
+            bad = [s for s in steps if s not in allowed]
+            if bad:
+                raise ConfigError(f"training.postprocess_candidates: {bad} not in {allowed}")
+            doc["postprocess_candidates"] = tuple(steps)
+        if "min_confidence_candidates" in doc:
+            values = doc["min_confidence_candidates"] or []
+            if not all(isinstance(v, int | float) and 0 <= v < 1 for v in values):
+                raise ConfigError(
+                    f"training.min_confidence_candidates: numbers in [0, 1), got {values!r}"
+                )
+            doc["min_confidence_candidates"] = tuple(float(v) for v in values)
+        settings = cls(**doc)
+        if settings.epochs < 1 or settings.batch_size < 1:
+            raise ConfigError("training.epochs and training.batch_size must be >= 1")
+        if settings.learning_rate <= 0 or settings.spacing_mm <= 0:
+            raise ConfigError("training.learning_rate and training.spacing_mm must be > 0")
+        return settings
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """The ``data:`` part of the training config: what the model card says about the data."""
+
+    description: str = ""
+    citations: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any] | None) -> DataInfo:
+        doc = dict(doc or {})
+        unknown = sorted(set(doc) - {"description", "citations"})
+        if unknown:
+            raise ConfigError(f"data: unknown keys {unknown}; known: description, citations")
+        citations = doc.get("citations") or []
+        if not isinstance(citations, list) or not all(isinstance(c, str) for c in citations):
+            raise ConfigError("data.citations: expected a list of strings")
+        return cls(str(doc.get("description", "")), tuple(citations))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A parsed training config: the package to produce, the settings, the augmentation."""
+
+    model: dict[str, Any]
+    training: TrainSettings
+    augment: AugmentConfig | VolumeAugment
+    data: DataInfo = field(default_factory=DataInfo)
+    source: str = ""
+
+
+def load_train_config(path: Path | str) -> TrainConfig:
+    """Read a training config YAML file.
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing, not YAML, or a key is invalid; the message names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: training config not found")
+    try:
+        doc = yamlfile.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_train_config(doc, source=str(path))
+
+
+def parse_train_config(doc: Any, source: str = "<config>") -> TrainConfig:
+    """Validate a training config document (see the module docstring)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
+        raise ConfigError(
+            f"{source}: expected a mapping with model:, training:, augment: and data:"
+        )
+    unknown = sorted(set(doc) - {"model", "training", "augment", "data"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level keys {unknown}")
+    model = dict(doc["model"])
+    for key in ("weights", "metrics"):
+        if key in model:
+            raise ConfigError(f"{source}: model.{key} is written by training; remove it")
+    return TrainConfig(
+        model=model,
+        training=TrainSettings.from_dict(doc.get("training")),
+        augment=(
+            VolumeAugment.from_dict(doc.get("augment"))
+            if model.get("dims") == 3
+            else AugmentConfig.from_dict(doc.get("augment"))
+        ),
+        data=DataInfo.from_dict(doc.get("data")),
+        source=source,
+    )
