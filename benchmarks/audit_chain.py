@@ -25,10 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dicom_node.audit.log import (
-    AuditLog,
-    open_audit_log,
-)
+from dicom_node.audit.log import AuditLog, open_audit_log
 from dicom_node.config.settings import Settings, parse_settings
 from dicom_node.store.database import open_database
 from tests.factories import record_transfers
@@ -41,7 +38,7 @@ def settings_for(folder: Path, url: str | None) -> Settings:
 def _writer(folder: str, url: str | None, n: int, ready: Any, start: Any, done: Any) -> None:
     settings = settings_for(Path(folder), url)
     db = open_database(settings)
-    log = open_audit_log(settings, db)
+    log = open_audit_log(db, settings.audit_path, settings.audit_key_file)
     ready.put(os.getpid())
     start.wait(600)
     record_transfers(log, n, instances=300)
@@ -58,11 +55,11 @@ def rate(url_for_run: Callable[[], str | None], n: int, processes: int, chain: s
         settings.storage_dir.mkdir(parents=True)
         db = open_database(settings)
         if chain == "database" and url is None:  # the database chain on SQLite
-            from dicom_node.audit.log import DatabaseChain
+            from dicom_node.audit.database_chain import DatabaseChain
 
             log = AuditLog(chain=DatabaseChain(db, settings.audit_key_file))
         else:
-            log = open_audit_log(settings, db)
+            log = open_audit_log(db, settings.audit_path, settings.audit_key_file)
         if processes == 1:
             began = time.perf_counter()
             record_transfers(log, n, instances=300)

@@ -31,7 +31,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node.audit.log import AuditAction, AuditEvent, AuditLog, AuditOutcome, Participants
+from dicom_node.audit.events import AuditAction, AuditEvent, AuditOutcome, Participants
+from dicom_node.audit.log import AuditLog
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DICOM_NODE_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -252,7 +252,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     The chain the config uses (the database chain with PostgreSQL, ``audit.jsonl`` with
     SQLite), or with ``--file`` a JSON-lines file (``audit.jsonl`` or an ``audit export``).
     """
-    from dicom_node.audit.log import HEAD, load_key, verify, verify_database
+    from dicom_node.audit.chain import HEAD
+    from dicom_node.audit.keys import load_key
+    from dicom_node.audit.verify import verify, verify_database
 
     if args.file is not None and args.key is not None:
         # A file and its key: nothing of the node is needed (e.g. an auditor's copy).
@@ -316,10 +318,14 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     The file verifies with ``audit verify --file FILE`` and the key. It is written beside its
     final name and renamed when complete; an existing file is never overwritten.
     """
-    from dicom_node.audit.log import export_chain
+    from dicom_node.audit.archive import export_chain
+    from dicom_node.store.database import open_database
 
     settings = load_settings(args.config)
-    exported = export_chain(settings, Path(args.file))
+    shared = settings.database is not None  # PostgreSQL: the database's chain
+    exported = export_chain(
+        Path(args.file), settings.audit_path, (lambda: open_database(settings)) if shared else None
+    )
     print(
         f"{args.file}: {exported.records} record(s)"
         + (

@@ -28,15 +28,15 @@ import torch
 
 from dicom_node.app.roles import Role, check_role
 from dicom_node.assemble.assembler import Assembler
-from dicom_node.audit.export import SyslogExporter
-from dicom_node.audit.log import (
+from dicom_node.audit.events import (
     AuditAction,
     AuditEvent,
     AuditEventType,
     AuditOutcome,
     Participants,
-    open_audit_log,
 )
+from dicom_node.audit.export import SyslogExporter
+from dicom_node.audit.log import open_audit_log
 from dicom_node.common.errors import DicomNodeError, StartupError
 from dicom_node.common.metrics import NodeMetrics
 from dicom_node.config.settings import Route, Settings
@@ -170,7 +170,9 @@ class Node:
         prepare_storage(settings.storage_dir)
         self._lock_file = self._take_lock()
         self.db = open_database(settings)
-        self.audit = open_audit_log(settings, self.db)  # the file, or the database's chain
+        self.audit = open_audit_log(  # the file, or the database's chain
+            self.db, settings.audit_path, settings.audit_key_file
+        )
         self.wake = threading.Event()  # scheduler: an association ended
         self.work = threading.Event()  # workers: a job was queued
         self.stopping = threading.Event()

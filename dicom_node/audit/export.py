@@ -148,7 +148,8 @@ def audit_message(record: dict[str, Any], source_id: str) -> bytes:
             "ParticipantObjectIDTypeCode",
             {"code": "110180", "meaning": "Study Instance UID"},
         )
-    return ET.tostring(root, encoding="utf-8", xml_declaration=False)
+    xml: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=False)
+    return xml
 
 
 def syslog_message(record: dict[str, Any], source_id: str, hostname: str) -> bytes:
@@ -302,7 +303,7 @@ class SyslogExporter:
 
         Only its holder sends, so several processes that append to one chain never send a
         record twice at once; a holder that dies is replaced after the lease
-        (:meth:`~dicom_node.audit.chain.DatabaseChain.take_lease`; a file chain has one
+        (:meth:`~dicom_node.audit.database_chain.DatabaseChain.take_lease`; a file chain has one
         writer and always grants it).
         """
         now = time.time() if now is None else now

@@ -14,9 +14,9 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from dicom_node.audit.chain import GENESIS, HEAD, ChainDatabase, _digest, _mac, all_records
+from dicom_node.audit.chain import GENESIS, HEAD, digest, mac
+from dicom_node.audit.database_chain import ChainDatabase, all_records
 
 
 class Check(enum.StrEnum):
@@ -118,7 +118,7 @@ def _check(
         try:
             record = json.loads(entry.raw)
             stored = str(record.pop("hash"))
-            mac = record.pop("hmac", None)
+            stored_mac = record.pop("hmac", None)
         except (ValueError, KeyError, TypeError, AttributeError):
             problem(lineno, entry.row_seq, Check.JSON, "not a complete audit record (not JSON)")
             continue
@@ -146,15 +146,15 @@ def _check(
                 Check.CHAIN,
                 "does not follow the previous record (removed, inserted or reordered)",
             )
-        if _digest(record.get("prev", ""), record) != stored:
+        if digest(record.get("prev", ""), record) != stored:
             problem(lineno, where, Check.HASH, "content does not match its hash (edited)")
-        if mac is None:
+        if stored_mac is None:
             report.unkeyed += 1
             if report.keyed:
                 problem(lineno, where, Check.HMAC, "no HMAC after keyed records (inserted)")
         else:
             report.keyed += 1
-            if key is not None and not hmac.compare_digest(str(mac), _mac(key, stored)):
+            if key is not None and not hmac.compare_digest(str(stored_mac), mac(key, stored)):
                 problem(
                     lineno,
                     where,
@@ -251,15 +251,3 @@ def verify_database(db: ChainDatabase, key: bytes | None) -> Report:
         return mark[0] if mark is not None else 0
 
     return _check(entries, key, head, check_head=True, in_database=True, head_now=head_now)
-
-
-def decode(lines: Iterable[str]) -> list[dict[str, Any]]:
-    """Records of JSON lines, damaged ones left out."""
-    out = []
-    for line in lines:
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out

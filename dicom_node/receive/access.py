@@ -30,10 +30,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.audit.log import (
-    AuditLog,
-    Participants,
-)
+from dicom_node.audit.events import Participants
+from dicom_node.audit.log import AuditLog
 from dicom_node.config.settings import Settings
 
 log = structlog.get_logger(__name__)

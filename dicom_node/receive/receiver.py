@@ -32,14 +32,14 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.utils import make_target
 
-from dicom_node.audit.log import (
+from dicom_node.audit.events import (
     AuditAction,
     AuditEvent,
     AuditEventType,
-    AuditLog,
     AuditOutcome,
     Participants,
 )
+from dicom_node.audit.log import AuditLog
 from dicom_node.common.errors import AuditWriteError, ConfigError
 from dicom_node.common.metrics import NodeMetrics
 from dicom_node.common.status import StoreStatus

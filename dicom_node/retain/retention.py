@@ -12,7 +12,8 @@ import time
 
 import structlog
 
-from dicom_node.audit.log import AuditAction, AuditEvent, AuditLog, AuditOutcome, Participants
+from dicom_node.audit.events import AuditAction, AuditEvent, AuditOutcome, Participants
+from dicom_node.audit.log import AuditLog
 from dicom_node.config.settings import Settings
 from dicom_node.store.database import Database
 from dicom_node.store.files import remove_empty_parents

@@ -37,7 +37,8 @@ import time
 
 import structlog
 
-from dicom_node.audit.log import AuditAction, AuditEvent, AuditLog, AuditOutcome, Participants
+from dicom_node.audit.events import AuditAction, AuditEvent, AuditOutcome, Participants
+from dicom_node.audit.log import AuditLog
 from dicom_node.common.metrics import NodeMetrics
 from dicom_node.config.settings import Destination, DestinationType, Settings
 from dicom_node.send.senders import Sender, StoreResult, sender_for

@@ -26,7 +26,8 @@ from pathlib import Path
 import structlog
 import torch
 
-from dicom_node.audit.log import AuditAction, AuditEvent, AuditLog, AuditOutcome, Participants
+from dicom_node.audit.events import AuditAction, AuditEvent, AuditOutcome, Participants
+from dicom_node.audit.log import AuditLog
 from dicom_node.common.errors import InputError, ModelPackageError, StartupError
 from dicom_node.common.metrics import NodeMetrics
 from dicom_node.common.output_kinds import OutputKind

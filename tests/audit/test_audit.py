@@ -9,17 +9,13 @@ from pathlib import Path
 
 import pytest
 
-import dicom_node.audit.chain as audit_chain
+import dicom_node.audit.file_chain as file_chain
 from dicom_node.app.cli import main
-from dicom_node.audit.log import (
-    HEAD,
-    AuditLog,
-    Check,
-    _digest,
-    load_key,
-    read_events,
-    verify,
-)
+from dicom_node.audit.chain import HEAD, digest
+from dicom_node.audit.file_chain import read_events
+from dicom_node.audit.keys import load_key
+from dicom_node.audit.log import AuditLog
+from dicom_node.audit.verify import Check, verify
 from dicom_node.common.errors import AuditWriteError, StartupError
 from dicom_node.store.database import Database
 from tests.factories import record_transfers
@@ -130,7 +126,7 @@ def test_a_rewrite_with_recomputed_hashes_is_detected(tmp_path: Path, db: Databa
         record.pop("hash")
         record["prev"] = prev
         body = {k: v for k, v in record.items() if k != "hmac"}
-        record["hash"] = prev = _digest(prev, body)
+        record["hash"] = prev = digest(prev, body)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     found = checks(path, db)
     assert [(line, check) for line, check in found if check is Check.HMAC] == [
@@ -170,10 +166,10 @@ def test_a_full_disk_leaves_no_torn_record(
     before = path.read_bytes()
 
     def half_then_full(fd: int, data: bytes) -> int:
-        audit_chain.os.write(fd, data[: len(data) // 2])
+        file_chain.os.write(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(audit_chain, "_write", half_then_full)
+    monkeypatch.setattr(file_chain, "_write", half_then_full)
     with pytest.raises(AuditWriteError, match="No space left"):
         fill(log, 1)
     assert path.read_bytes() == before and db.audit_mark(HEAD) is not None
@@ -188,7 +184,7 @@ def test_an_old_unkeyed_log_still_verifies(tmp_path: Path, db: Database) -> None
     prev, lines = "0" * 64, []
     for i in range(2):  # the format before HMACs: no seq, no hmac
         body = {"time": f"2026-01-0{i + 1}T00:00:00.000+00:00", "action": "C", "prev": prev}
-        prev = _digest(prev, body)
+        prev = digest(prev, body)
         lines.append(json.dumps({**body, "hash": prev}, sort_keys=True))
     path.write_text("\n".join(lines) + "\n")
     fill(AuditLog(path, head=db), 2)

@@ -15,23 +15,13 @@ from typing import Any
 import pytest
 
 from dicom_node.app.cli import main
-from dicom_node.audit.log import (
-    HEAD,
-    AuditAction,
-    AuditEvent,
-    AuditLog,
-    AuditOutcome,
-    Check,
-    DatabaseChain,
-    FileChain,
-    Participants,
-    _digest,
-    load_key,
-    open_audit_log,
-    read_events,
-    verify,
-    verify_database,
-)
+from dicom_node.audit.chain import HEAD, digest
+from dicom_node.audit.database_chain import DatabaseChain
+from dicom_node.audit.events import AuditAction, AuditEvent, AuditOutcome, Participants
+from dicom_node.audit.file_chain import FileChain, read_events
+from dicom_node.audit.keys import load_key
+from dicom_node.audit.log import AuditLog, open_audit_log
+from dicom_node.audit.verify import Check, verify, verify_database
 from dicom_node.common.errors import AuditWriteError, StartupError
 from dicom_node.config.settings import Settings, parse_settings
 from dicom_node.store.database import Database, open_database
@@ -110,7 +100,7 @@ def test_records_are_rows_of_one_verifiable_chain(db: Database, settings: Settin
 
 
 def test_the_node_picks_the_chain_by_backend(db: Database, settings: Settings) -> None:
-    log = open_audit_log(settings, db)
+    log = open_audit_log(db, settings.audit_path, settings.audit_key_file)
     fill(log, 1)
     if settings.database is None:  # SQLite: the file, head in the database, as before
         assert isinstance(log.chain, FileChain) and len(read_events(settings.audit_path)) == 1
@@ -170,7 +160,7 @@ def test_a_rewrite_without_the_key_fails_every_hmac(db: Database, settings: Sett
         record.pop("hash")
         record["prev"] = prev
         body = {k: v for k, v in record.items() if k != "hmac"}
-        record["hash"] = prev = _digest(prev, body)
+        record["hash"] = prev = digest(prev, body)
         execute(
             db,
             "UPDATE audit_records SET record = ? WHERE seq = ?",
@@ -257,7 +247,7 @@ def _append_from_a_process(
     settings = node_settings(Path(tmp_path), url)
     database = open_database(settings)
     try:
-        log = open_audit_log(settings, database)
+        log = open_audit_log(database, settings.audit_path, settings.audit_key_file)
         start.wait(60)
         fill(log, n, tag)
         done.put((tag, None))
@@ -271,7 +261,9 @@ def test_processes_appending_at_once_write_one_chain(tmp_path: Path, postgres_ur
     settings = node_settings(tmp_path, postgres_url)
     settings.storage_dir.mkdir(parents=True)
     database = open_database(settings)
-    open_audit_log(settings, database)  # creates the key and the head, as a first host would
+    open_audit_log(
+        database, settings.audit_path, settings.audit_key_file
+    )  # creates the key and the head, as a first host would
     processes, per_process = 4, 40
     ctx = multiprocessing.get_context("spawn")
     start, done = ctx.Event(), ctx.Queue()
@@ -315,7 +307,7 @@ def test_cli_verify_export_and_verify_file(
     config.write_text("\n".join(lines) + "\n")
     settings.storage_dir.mkdir(parents=True)
     database = open_database(settings)
-    fill(open_audit_log(settings, database), 8)
+    fill(open_audit_log(database, settings.audit_path, settings.audit_key_file), 8)
     database.close()
 
     assert main(["audit", "verify", "--config", str(config)]) == 0
@@ -361,7 +353,7 @@ def test_cli_verify_names_database_records_by_seq(
         f"audit: {{key_file: {settings.audit_key_file}}}\n"
     )
     database = open_database(settings)
-    fill(open_audit_log(settings, database), 5)
+    fill(open_audit_log(database, settings.audit_path, settings.audit_key_file), 5)
     execute(database, "DELETE FROM audit_records WHERE seq IN (?, ?)", (2, 5))
     database.close()
     assert main(["audit", "verify", "--config", str(config)]) == 1
@@ -384,7 +376,7 @@ def test_a_database_that_is_down_refuses_the_record(
     settings = node_settings(tmp_path, url)
     settings.storage_dir.mkdir(parents=True)
     database = open_database(settings)
-    log = fill(open_audit_log(settings, database), 2)
+    log = fill(open_audit_log(database, settings.audit_path, settings.audit_key_file), 2)
 
     def connections(allowed: bool) -> None:
         with psycopg.connect(postgres_server.url(), autocommit=True) as admin:
@@ -420,11 +412,11 @@ def test_a_chain_that_cannot_be_opened_stops_the_start(db: Database, settings: S
 def test_the_chain_is_read_page_by_page(
     db: Database, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dicom_node.audit.chain as audit_chain
-    from dicom_node.audit.log import export_chain
+    import dicom_node.audit.database_chain as database_chain
+    from dicom_node.audit.archive import export_chain
 
     log = fill(chain_log(db, settings), 10)
-    monkeypatch.setattr(audit_chain, "PAGE", 3)
+    monkeypatch.setattr(database_chain, "PAGE", 3)
     reader = log.chain.reader()
     assert [r["seq"] for r in reader.pending(0)] == [1, 2, 3]
     assert [r["seq"] for r in reader.pending(0)] == [4, 5, 6]  # from where it stopped
@@ -434,6 +426,8 @@ def test_the_chain_is_read_page_by_page(
     report = verify_database(db, key)
     assert report.ok and report.records == 10
     if settings.database is not None:  # the node's chain: export it, every page
-        exported = export_chain(settings, tmp_path / "export.jsonl")
+        exported = export_chain(
+            tmp_path / "export.jsonl", settings.audit_path, lambda: open_database(settings)
+        )
         assert (exported.records, exported.first, exported.last) == (10, 1, 10)
         assert verify(tmp_path / "export.jsonl", key).ok

@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 
 from dicom_node.audit.export import BOM, SyslogExporter, audit_message, syslog_message
-from dicom_node.audit.log import (
-    AuditLog,
-    read_events,
-)
+from dicom_node.audit.file_chain import read_events
+from dicom_node.audit.log import AuditLog
 from dicom_node.common.errors import ConfigError
 from dicom_node.config.settings import SyslogSettings, parse_settings
 from dicom_node.store.database import Database
@@ -208,7 +206,9 @@ def test_a_node_exports_its_trail_and_keeps_the_head(
 ) -> None:
     """SQLite: the node's trail is audit.jsonl; PostgreSQL: the database chain."""
     from dicom_node.app.node import Node
-    from dicom_node.audit.log import HEAD, load_key, verify, verify_database
+    from dicom_node.audit.chain import HEAD
+    from dicom_node.audit.keys import load_key
+    from dicom_node.audit.verify import verify, verify_database
     from dicom_node.store.database import open_database
 
     port = free_port()
@@ -255,7 +255,7 @@ def test_processes_of_one_database_chain_export_each_record_once(
 ) -> None:
     """Two processes' worth of chain, database and exporter (one PostgreSQL chain): only the
     lease holder sends; when it stops, the other goes on from the stored position."""
-    from dicom_node.audit.log import DatabaseChain
+    from dicom_node.audit.database_chain import DatabaseChain
     from dicom_node.store.database import open_database
 
     settings = parse_settings({"storage_dir": str(tmp_path / "var"), "database": postgres_url})

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE, StoragePresentationContexts
 
-import dicom_node.audit.chain as audit_chain
-from dicom_node.audit.log import AuditLog, read_events, verify
+import dicom_node.audit.file_chain as file_chain
+from dicom_node.audit.file_chain import read_events
+from dicom_node.audit.log import AuditLog
+from dicom_node.audit.verify import verify
 from dicom_node.common.status import StoreStatus
 from dicom_node.config.settings import parse_settings
 from dicom_node.receive.receiver import Receiver
@@ -44,10 +46,10 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
 
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     def half_then_enospc(fd: int, data: bytes) -> int:
-        audit_chain.os.write(fd, data[: len(data) // 2])
+        file_chain.os.write(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(audit_chain, "_write", half_then_enospc)
+    monkeypatch.setattr(file_chain, "_write", half_then_enospc)
 
 
 def associate(port: int) -> object:
@@ -98,7 +100,8 @@ def test_an_unaudited_c_store_is_refused_with_out_of_resources(
 @pytest.fixture
 def database_receiver(tmp_path: Path, postgres_url: str) -> Iterator[Receiver]:
     """A receiver on PostgreSQL: its audit trail is the database chain."""
-    from dicom_node.audit.log import DatabaseChain, open_audit_log
+    from dicom_node.audit.database_chain import DatabaseChain
+    from dicom_node.audit.log import open_audit_log
     from dicom_node.store.database import open_database
 
     settings = parse_settings(
@@ -112,7 +115,7 @@ def database_receiver(tmp_path: Path, postgres_url: str) -> Iterator[Receiver]:
     )
     settings.storage_dir.mkdir(parents=True)
     db = open_database(settings)
-    audit = open_audit_log(settings, db)
+    audit = open_audit_log(db, settings.audit_path, settings.audit_key_file)
     assert isinstance(audit.chain, DatabaseChain)
     node = Receiver(settings, db, audit)
     node.start()
@@ -131,7 +134,7 @@ def audit_table(receiver: Receiver, present: bool) -> None:
 
 
 def database_events(receiver: Receiver) -> list[str]:
-    from dicom_node.audit.log import DatabaseChain
+    from dicom_node.audit.database_chain import DatabaseChain
 
     chain = receiver.audit.chain
     assert isinstance(chain, DatabaseChain)
@@ -139,7 +142,8 @@ def database_events(receiver: Receiver) -> list[str]:
 
 
 def test_the_database_chain_refuses_what_it_cannot_record(database_receiver: Receiver) -> None:
-    from dicom_node.audit.log import load_key, verify_database
+    from dicom_node.audit.keys import load_key
+    from dicom_node.audit.verify import verify_database
 
     receiver = database_receiver
     audit_table(receiver, present=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.audit.log import read_events
+from dicom_node.audit.file_chain import read_events
 from tests.conftest import NodeProcess, free_port
 from tests.factories import PATIENT_ID, PATIENT_NAME
 from tests.receive.raw import A_ASSOCIATE_AC, associate_rq, p_data_tf, read_pdu

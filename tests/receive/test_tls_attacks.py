@@ -20,7 +20,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.audit.log import AuditLog, read_events
+from dicom_node.audit.file_chain import read_events
+from dicom_node.audit.log import AuditLog
 from dicom_node.config.settings import parse_settings
 from dicom_node.receive.receiver import Receiver
 from dicom_node.store.database import Database

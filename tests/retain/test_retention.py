@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from dicom_node.app.cli import main
-from dicom_node.audit.log import AuditLog, read_events
+from dicom_node.audit.file_chain import read_events
+from dicom_node.audit.log import AuditLog
 from dicom_node.config.settings import parse_settings
 from dicom_node.retain.retention import Retention
 from dicom_node.store.database import Database

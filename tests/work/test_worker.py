@@ -11,7 +11,8 @@ import torch
 from pydicom.dataset import Dataset
 from pydicom.uid import RTImageStorage
 
-from dicom_node.audit.log import AuditLog, read_events
+from dicom_node.audit.file_chain import read_events
+from dicom_node.audit.log import AuditLog
 from dicom_node.config.settings import parse_settings
 from dicom_node.store.database import Database
 from dicom_node.work import worker as worker_module
