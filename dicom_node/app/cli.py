@@ -21,7 +21,8 @@ from dicom_node.common.errors import DicomNodeError
 from dicom_node.common.log import configure_logging
 from dicom_node.common.output_kinds import OutputKind
 from dicom_node.config.checks import config_error
-from dicom_node.config.settings import Destination, Settings, load_settings
+from dicom_node.config.destinations import DimseDestination
+from dicom_node.config.settings import Settings, load_settings
 from dicom_node.training.cli import add_evaluate_parser, add_train_parser
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         p = Path(item)
         paths.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
     try:
-        dest = Destination(name="cli", ae_title=args.ae_title, host=args.host, port=args.port)
+        dest = DimseDestination(name="cli", ae_title=args.ae_title, host=args.host, port=args.port)
     except ValidationError as exc:
         raise config_error(exc) from None
     results = store_files(dest, paths, calling_ae=args.calling_ae)

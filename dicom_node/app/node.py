@@ -39,7 +39,8 @@ from dicom_node.audit.export import SyslogExporter
 from dicom_node.audit.log import open_audit_log
 from dicom_node.common.errors import DicomNodeError, StartupError
 from dicom_node.common.metrics import NodeMetrics
-from dicom_node.config.settings import Route, Settings
+from dicom_node.config.sections import Route
+from dicom_node.config.settings import Settings
 from dicom_node.models.inference import select_device
 from dicom_node.receive.receiver import Receiver
 from dicom_node.retain.retention import Retention

@@ -29,7 +29,8 @@ import time
 import structlog
 
 from dicom_node.assemble.routing import assign_roles, fills_a_role, routes_for
-from dicom_node.config.settings import Route, Settings, Trigger
+from dicom_node.config.sections import Route, Trigger
+from dicom_node.config.settings import Settings
 from dicom_node.store.cases import Case, CaseStore, SeriesState, SeriesSummary
 
 log = structlog.get_logger(__name__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 
-from dicom_node.config.settings import InputRole, Route, Trigger
+from dicom_node.config.sections import InputRole, Route, Trigger
 from dicom_node.store.cases import SeriesSummary
 
 Selector = Mapping[str, Sequence[str]]

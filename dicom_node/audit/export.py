@@ -24,7 +24,6 @@ import datetime as dt
 import os
 import select
 import socket
-import ssl
 import threading
 import time
 import uuid
@@ -35,7 +34,8 @@ import structlog
 
 from dicom_node.audit.chain import HeadStore
 from dicom_node.audit.log import AuditLog
-from dicom_node.config.settings import SyslogSettings
+from dicom_node.common.tls import client_context
+from dicom_node.config.sections import SyslogSettings
 
 log = structlog.get_logger(__name__)
 
@@ -176,11 +176,7 @@ class _Connection:
             return
         sock = socket.create_connection((settings.host, settings.port), timeout=timeout_s)
         if settings.transport == "tls":
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.load_verify_locations(settings.ca_file)
-            if settings.cert_file is not None and settings.key_file is not None:
-                context.load_cert_chain(settings.cert_file, settings.key_file)
+            context = client_context(settings, check_hostname=True, system_cas=True)
             sock = context.wrap_socket(sock, server_hostname=settings.host)
         self.sock = sock
 

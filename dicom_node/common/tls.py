@@ -1,4 +1,10 @@
-"""TLS handshakes on the DICOM port: their time limit and how a failure is reported.
+"""TLS: every TLS context of the node, and the handshakes on the DICOM port.
+
+:func:`server_context` serves the node's DICOM port, :func:`client_context` connects to a
+DIMSE destination or the syslog audit repository. Both allow TLS 1.2 and above only (PS3.15
+B.1, RFC 5425), with Python's default cipher suites. Their files come from the config
+(:class:`~dicom_node.config.sections.TLSSettings`,
+:class:`~dicom_node.config.sections.SyslogSettings`), read here as :class:`TLSFiles`.
 
 pynetdicom's :class:`~pynetdicom.transport.ThreadedAssociationServer` performs the TLS
 handshake in ``get_request``, i.e. in the one thread that accepts connections, on a socket
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+from pathlib import Path
+from typing import Protocol
 
 #: Seconds a peer has to complete the TLS handshake.
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -29,3 +37,67 @@ def handshake_failure(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return f"TLS handshake failed: {exc.reason}"
     return f"TLS handshake failed: {type(exc).__name__}"
+
+
+class TLSFiles(Protocol):
+    """The PEM files of one TLS endpoint: its certificate and key, and the CA it trusts."""
+
+    @property
+    def cert_file(self) -> Path | None: ...
+
+    @property
+    def key_file(self) -> Path | None: ...
+
+    @property
+    def ca_file(self) -> Path | None: ...
+
+
+def server_context(tls: TLSFiles) -> ssl.SSLContext:
+    """TLS 1.2+ with the node's certificate; mutual TLS when ``tls.ca_file`` is set.
+
+    With ``ca_file`` a caller must present a certificate that CA signed; without it callers
+    are not asked for one.
+
+    Raises
+    ------
+    ValueError
+        Without ``cert_file`` and ``key_file`` (the config requires them on the node's port).
+    ssl.SSLError, OSError
+        When a file cannot be read or does not hold what it should.
+    """
+    if tls.cert_file is None or tls.key_file is None:
+        raise ValueError("a TLS server needs cert_file and key_file")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file is not None:
+        context.load_verify_locations(tls.ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_context(
+    tls: TLSFiles, *, check_hostname: bool, system_cas: bool = False
+) -> ssl.SSLContext:
+    """TLS 1.2+ towards a server whose certificate ``tls.ca_file`` signed.
+
+    The server's certificate is always verified. ``check_hostname``: it must also name the
+    host connected to (the syslog repository); DIMSE peers are usually addressed by IP and
+    identified by their certificate's CA, so not for them. ``system_cas``: the system's CAs
+    are trusted besides ``ca_file``. The client certificate is offered when ``cert_file`` and
+    ``key_file`` are set.
+
+    Raises
+    ------
+    ssl.SSLError, OSError
+        When a file cannot be read or does not hold what it should.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    if system_cas:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = check_hostname
+    context.verify_mode = ssl.CERT_REQUIRED
+    if tls.cert_file is not None and tls.key_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context

@@ -42,7 +42,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.common.tls import HANDSHAKE_TIMEOUT_S, handshake_failure
-from dicom_node.config.settings import Limits
+from dicom_node.config.sections import Limits
 
 log = structlog.get_logger(__name__)
 
@@ -61,7 +61,7 @@ DISK_CHECK_BYTES = 1024 * 1024
 
 
 class PeerLimitExceeded(OSError):
-    """A peer passed one of the :class:`~dicom_node.config.settings.Limits`; its connection ends."""
+    """A peer passed one of the :class:`~dicom_node.config.sections.Limits`; its connection ends."""
 
 
 def free_disk_bytes(path: Path) -> int:

@@ -44,8 +44,10 @@ from dicom_node.common.errors import AuditWriteError, ConfigError
 from dicom_node.common.metrics import NodeMetrics
 from dicom_node.common.status import StoreStatus
 from dicom_node.common.syntaxes import ACCEPTED
+from dicom_node.common.tls import server_context
 from dicom_node.common.uids import is_valid_uid
-from dicom_node.config.settings import ROUTING_KEYWORDS, Settings
+from dicom_node.config.sections import ROUTING_KEYWORDS
+from dicom_node.config.settings import Settings
 from dicom_node.receive import incoming
 from dicom_node.receive import limits as net_limits
 from dicom_node.receive.access import AccessControl
@@ -339,17 +341,10 @@ class Receiver:
         tls = self.settings.tls
         if tls is None:
             return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        assert tls.cert_file is not None and tls.key_file is not None  # checked by the config
         try:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-            if tls.ca_file is not None:
-                context.load_verify_locations(tls.ca_file)
-                context.verify_mode = ssl.CERT_REQUIRED
+            return server_context(tls)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"tls: cannot load the certificate, key or CA: {exc}") from exc
-        return context
 
     def stop(self) -> None:
         if self.server is not None:

@@ -40,7 +40,8 @@ import structlog
 from dicom_node.audit.events import AuditAction, AuditEvent, AuditOutcome, Participants
 from dicom_node.audit.log import AuditLog
 from dicom_node.common.metrics import NodeMetrics
-from dicom_node.config.settings import Destination, DestinationType, Settings
+from dicom_node.config.destinations import Destination, DestinationType
+from dicom_node.config.settings import Settings
 from dicom_node.send.senders import Sender, StoreResult, sender_for
 from dicom_node.store.database import Database, Send, SendState
 

@@ -32,7 +32,8 @@ from dicom_node.common.errors import InputError, ModelPackageError, StartupError
 from dicom_node.common.metrics import NodeMetrics
 from dicom_node.common.output_kinds import OutputKind
 from dicom_node.common.redact import describe
-from dicom_node.config.settings import Route, Settings
+from dicom_node.config.sections import Route
+from dicom_node.config.settings import Settings
 from dicom_node.models.inference import DeviceSlots, Segmenter
 from dicom_node.package.manifest import load_package
 from dicom_node.store.database import CaseStore, Database, Job, JobState

@@ -87,7 +87,7 @@ def test_route_roles_must_fit_the_package_roles() -> None:
     """A study route's roles are the package's roles; a one-role route fits any one-input one."""
     from dicom_node.app.node import check_roles
     from dicom_node.common.errors import StartupError
-    from dicom_node.config.settings import InputRole, Route, Trigger
+    from dicom_node.config.sections import InputRole, Route, Trigger
 
     two = (
         InputRole("t1", {"SeriesDescription": ("*T1*",)}),

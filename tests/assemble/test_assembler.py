@@ -15,7 +15,9 @@ import pytest
 from dicom_node.assemble.assembler import Assembler
 from dicom_node.audit.log import AuditLog
 from dicom_node.common.errors import ConfigError
-from dicom_node.config.settings import Destination, Route, Settings, parse_settings
+from dicom_node.config.destinations import DimseDestination
+from dicom_node.config.sections import Route
+from dicom_node.config.settings import Settings, parse_settings
 from dicom_node.receive.receiver import Receiver
 from dicom_node.store.cases import SeriesState
 from dicom_node.store.database import Database, JobState
@@ -32,7 +34,7 @@ def settings(tmp_path: Path, **changes: Any) -> Settings:
         storage_dir=tmp_path,
         stable_after_s=10.0,
         release_grace_s=1.0,
-        destinations={"pacs": Destination(name="pacs", ae_title="PACS", host="h", port=104)},
+        destinations={"pacs": DimseDestination(name="pacs", ae_title="PACS", host="h", port=104)},
         routes=(Route("any", {}, Path("m"), ("pacs",)),),
     )
     return dataclasses.replace(base, **changes)

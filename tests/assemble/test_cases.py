@@ -19,14 +19,9 @@ from dicom_node.assemble.assembler import Assembler
 from dicom_node.assemble.routing import assign_roles, matches
 from dicom_node.audit.log import AuditLog
 from dicom_node.common.errors import ConfigError
-from dicom_node.config.settings import (
-    Destination,
-    InputRole,
-    Route,
-    Settings,
-    Trigger,
-    parse_settings,
-)
+from dicom_node.config.destinations import DimseDestination
+from dicom_node.config.sections import InputRole, Route, Trigger
+from dicom_node.config.settings import Settings, parse_settings
 from dicom_node.receive.receiver import Receiver
 from dicom_node.store.cases import SeriesState, SeriesSummary
 from dicom_node.store.database import Database, JobState
@@ -154,7 +149,7 @@ def brain_settings(tmp_path: Path, **changes: Any) -> Settings:
         storage_dir=tmp_path,
         stable_after_s=10.0,
         release_grace_s=1.0,
-        destinations={"pacs": Destination(name="pacs", ae_title="PACS", host="h", port=104)},
+        destinations={"pacs": DimseDestination(name="pacs", ae_title="PACS", host="h", port=104)},
         routes=(BRAIN,),
     )
     return dataclasses.replace(settings, **changes)

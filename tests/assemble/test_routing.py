@@ -3,7 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dicom_node.assemble.routing import matches, routes_for
-from dicom_node.config.settings import Route, load_settings
+from dicom_node.config.sections import Route
+from dicom_node.config.settings import load_settings
 from dicom_node.send.delivery import backoff_s
 
 CHEST = Route("chest", {"Modality": ("CR", "DX")}, Path("m"), ("pacs",))

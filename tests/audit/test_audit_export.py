@@ -15,7 +15,8 @@ from dicom_node.audit.export import BOM, SyslogExporter, audit_message, syslog_m
 from dicom_node.audit.file_chain import read_events
 from dicom_node.audit.log import AuditLog
 from dicom_node.common.errors import ConfigError
-from dicom_node.config.settings import SyslogSettings, parse_settings
+from dicom_node.config.sections import SyslogSettings
+from dicom_node.config.settings import parse_settings
 from dicom_node.store.database import Database
 from tests.conftest import free_port, require_tool, wait_for
 from tests.factories import record_transfers

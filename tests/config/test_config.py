@@ -13,12 +13,15 @@ from pydantic import ValidationError
 
 from dicom_node.common.errors import ConfigError
 from dicom_node.common.output_kinds import OutputKind
-from dicom_node.config.settings import (
+from dicom_node.config.destinations import (
+    DestinationType,
+    DicomwebDestination,
+    DimseDestination,
+)
+from dicom_node.config.sections import (
     IMPLICIT_ROLE,
     ROUTING_KEYWORDS,
     AuditSettings,
-    Destination,
-    DestinationType,
     Device,
     HttpAuth,
     InputRole,
@@ -28,13 +31,11 @@ from dicom_node.config.settings import (
     LogLevel,
     Route,
     SendPolicy,
-    Settings,
     SyslogSettings,
     SyslogTransport,
     Trigger,
-    load_settings,
-    parse_settings,
 )
+from dicom_node.config.settings import Settings, load_settings, parse_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -445,10 +446,14 @@ def test_empty_sections_take_their_defaults(tmp_path: Path) -> None:
 def test_contract_defaults() -> None:
     s = parse_settings({})
     assert (s.workers, s.gpu_slots, s.study_timeout_s, s.job_lease_s) == (1, 1, 600.0, 600.0)
-    d = Destination(name="pacs", ae_title="PACS", host="h", port=104)
-    assert d.type is DestinationType.DIMSE
-    assert (d.url, d.auth, d.verify_tls, d.ca_file) == (None, None, True, None)
+    d = DimseDestination(name="pacs", ae_title="PACS", host="h", port=104)
+    assert d.type is DestinationType.DIMSE and d.tls is None
+    assert not hasattr(d, "url")  # each type holds only its own keys
     assert (d.connect_timeout_s, d.timeout_s) == (10.0, 30.0)
+    w = DicomwebDestination(name="w", url="https://pacs.example/dicom-web")
+    assert w.type is DestinationType.DICOMWEB and not hasattr(w, "ae_title")
+    assert (w.auth, w.verify_tls, w.ca_file) == (None, True, None)
+    assert (w.connect_timeout_s, w.timeout_s) == (10.0, 30.0)
     r = Route(name="r", match={}, model=Path("m"), send_to=())
     assert (r.trigger, r.inputs, r.study_timeout_s) == (Trigger.SERIES, (), None)
     assert r.input_roles == (InputRole(IMPLICIT_ROLE, {}, True),)
@@ -489,7 +494,8 @@ def test_a_dicomweb_destination(tmp_path: Path) -> None:
     assert d.auth == HttpAuth(username="node", password_file=tmp_path / "stow.pw")
     assert (d.verify_tls, d.ca_file) == (True, tmp_path / "ca.pem")
     assert (d.connect_timeout_s, d.timeout_s, d.outputs) == (5, 60, (OutputKind.SR,))
-    assert (d.ae_title, d.host, d.port, d.tls) == ("", "", 0, None)
+    assert isinstance(d, DicomwebDestination)  # the dimse keys are not there at all
+    assert not any(hasattr(d, key) for key in ("ae_title", "host", "port", "tls"))
     assert d.address == "https://pacs.example/dicom-web"
     assert parse_settings(doc, base=tmp_path).destinations["pacs"].address == "PACS@127.0.0.1:4242"
     (tmp_path / "token").write_text("t")
@@ -765,25 +771,24 @@ def test_positional_construction_frozen_and_replace() -> None:
     """Code and tests build these objects directly, positional arguments included."""
     route = Route("chest", {"Modality": ("CR", "DX")}, Path("m"), ("pacs",))
     assert route.model == Path("m") and route.send_to == ("pacs",)
-    assert Destination("cli", "PACS", "127.0.0.1", 104).port == 104
+    assert DimseDestination("cli", "PACS", "127.0.0.1", 104).port == 104
     assert SyslogSettings("127.0.0.1", 514, "udp").transport is SyslogTransport.UDP
     with pytest.raises(dataclasses.FrozenInstanceError):
         route.name = "x"  # type: ignore[misc]
     moved = dataclasses.replace(parse_settings({}), workers=4, storage_dir=Path("/srv/node"))
     assert moved.workers == 4 and moved.outbox_dir == Path("/srv/node/outbox")
     with pytest.raises(ValidationError, match="must be an integer between 1 and 65535"):
-        Destination("cli", "PACS", "127.0.0.1", 70000)
-    web = Destination(
-        name="w",
-        type="dicomweb",
-        ae_title="",
-        host=None,
-        port=0,
-        url="http://127.0.0.1:8042/dicom-web",
+        DimseDestination("cli", "PACS", "127.0.0.1", 70000)
+    web = DicomwebDestination("w", "http://127.0.0.1:8042/dicom-web/")
+    assert (web.url, web.address, web.type) == (
+        "http://127.0.0.1:8042/dicom-web",
+        "http://127.0.0.1:8042/dicom-web",
+        DestinationType.DICOMWEB,
     )
-    assert (web.ae_title, web.host, web.port, web.type) == ("", "", 0, DestinationType.DICOMWEB)
     with pytest.raises(ValidationError, match="dicomweb destination needs the base URL"):
-        Destination(name="w", type=DestinationType.DICOMWEB)
+        DicomwebDestination(name="w")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="applies to dimse destinations only"):
+        DicomwebDestination(name="w", url="http://x", host="h")  # type: ignore[call-arg]
     with pytest.raises(ValidationError, match="trigger: study names its inputs"):
         Route("r", {}, Path("m"), (), Trigger.STUDY)
 

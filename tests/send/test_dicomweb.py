@@ -24,7 +24,13 @@ from pydicom import dcmread
 
 from dicom_node.audit.log import AuditLog
 from dicom_node.common.errors import ConfigError
-from dicom_node.config.settings import Destination, DestinationType, HttpAuth, parse_settings
+from dicom_node.config.destinations import (
+    DestinationType,
+    DicomwebDestination,
+    DimseDestination,
+)
+from dicom_node.config.sections import HttpAuth
+from dicom_node.config.settings import parse_settings
 from dicom_node.send.delivery import Delivery
 from dicom_node.send.senders import sender_for
 from dicom_node.store.database import Database
@@ -54,9 +60,9 @@ def secrets(tmp_path: Path) -> dict[str, Path]:
     return {"good": good, "bad": bad}
 
 
-def dicomweb(url: str, password_file: Path | None = None, **kw: Any) -> Destination:
+def dicomweb(url: str, password_file: Path | None = None, **kw: Any) -> DicomwebDestination:
     auth = None if password_file is None else HttpAuth(USER, password_file)
-    return Destination(name="cloud", type=DestinationType.DICOMWEB, url=url, auth=auth, **kw)
+    return DicomwebDestination(name="cloud", url=url, auth=auth, **kw)
 
 
 # -- the sender against Orthanc -------------------------------------------------------------
@@ -219,9 +225,7 @@ def test_a_bearer_token_is_read_from_its_file_at_each_send(
 ) -> None:
     token = tmp_path / "token"
     token.write_text("first-token\n")
-    dest = Destination(
-        name="cloud", type=DestinationType.DICOMWEB, url=canned.url, auth=HttpAuth(token_file=token)
-    )
+    dest = DicomwebDestination(name="cloud", url=canned.url, auth=HttpAuth(token_file=token))
     files = write_files(ct_series(n_slices=1), tmp_path / "ct")
     sender = sender_for(dest)
     assert sender.send(files).results[0].ok
@@ -330,12 +334,13 @@ def test_destination_config(tmp_path: Path) -> None:
         base=tmp_path,
     )
     cloud, pacs = settings.destinations["cloud"], settings.destinations["pacs"]
+    assert isinstance(cloud, DicomwebDestination) and isinstance(pacs, DimseDestination)
     assert cloud.type is DestinationType.DICOMWEB and cloud.url == "https://pacs.example/dicom-web"
     assert cloud.auth == HttpAuth("node", tmp_path / "pw") and cloud.verify_tls
     assert (cloud.connect_timeout_s, cloud.timeout_s) == (3.0, 12.0)  # send.timeout_s: default
     assert pacs.type is DestinationType.DIMSE and pacs.address == "PACS@h:104"
     with pytest.raises(ValidationError, match="a dimse destination needs ae_title, host and port"):
-        Destination(name="x", host="h")
+        DimseDestination(name="x", host="h")  # type: ignore[call-arg]
 
 
 # -- a node delivering by STOW-RS -----------------------------------------------------------

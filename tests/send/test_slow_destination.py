@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import NodeProcess, StoreSCP, storescu, wait_for
 from tests.factories import ct_series, write_files
-from tests.test_end_to_end import results
 from tests.send.test_delivery import HeldSCP
+from tests.test_end_to_end import results
 
 pytestmark = pytest.mark.peers
 

@@ -38,8 +38,8 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.config.settings import Destination
-from dicom_node.send.senders import SendOutcome, StoreResult
+from dicom_node.config.destinations import DicomwebDestination
+from dicom_node.send.senders.interface import SendOutcome, StoreResult
 
 #: Upper bound of one STOW-RS request's payload (the files are held in memory while it runs).
 MAX_REQUEST_BYTES = 64 * 1024**2
@@ -73,7 +73,7 @@ def permanent_reason(code: int) -> bool:
 class DicomwebSender:
     """STOW-RS to a DICOMweb destination; a QIDO-RS search as its reachability check."""
 
-    def __init__(self, destination: Destination) -> None:
+    def __init__(self, destination: DicomwebDestination) -> None:
         self.destination = destination
 
     def _client(

@@ -20,8 +20,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.common.status import STORED
 from dicom_node.common.syntaxes import UNCOMPRESSED
-from dicom_node.config.settings import Destination, TLSSettings
-from dicom_node.send.senders import SendOutcome, StoreResult
+from dicom_node.common.tls import client_context
+from dicom_node.config.destinations import DimseDestination
+from dicom_node.config.sections import TLSSettings
+from dicom_node.send.senders.interface import SendOutcome, StoreResult
 
 #: Upper bound of one probing C-ECHO's response, in seconds.
 ECHO_TIMEOUT_S = 5.0
@@ -36,7 +38,7 @@ def _contexts(paths: Sequence[Path]) -> dict[tuple[UID, UID], None]:
 
 
 def store_files(
-    destination: Destination,
+    destination: DimseDestination,
     paths: Sequence[Path],
     *,
     calling_ae: str,
@@ -58,7 +60,7 @@ def _ae(calling_ae: str, connect_timeout_s: float, timeout_s: float) -> AE:
     return ae
 
 
-def _store(destination: Destination, paths: Sequence[Path], *, calling_ae: str) -> SendOutcome:
+def _store(destination: DimseDestination, paths: Sequence[Path], *, calling_ae: str) -> SendOutcome:
     ae = _ae(calling_ae, destination.connect_timeout_s, destination.timeout_s)
     try:
         contexts = _contexts(paths)
@@ -70,7 +72,9 @@ def _store(destination: Destination, paths: Sequence[Path], *, calling_ae: str) 
         ae.add_requested_context(sop_class, syntaxes)
     try:
         tls_args = (
-            None if destination.tls is None else (client_context(destination.tls), destination.host)
+            None
+            if destination.tls is None
+            else (client_context(destination.tls, check_hostname=False), destination.host)
         )
     except (ssl.SSLError, OSError) as exc:
         return SendOutcome.all_failed(paths, f"TLS set-up failed: {exc}")
@@ -103,21 +107,6 @@ def _store(destination: Destination, paths: Sequence[Path], *, calling_ae: str) 
     return SendOutcome(tuple(results), answered=True)
 
 
-def client_context(tls: TLSSettings) -> ssl.SSLContext:
-    """TLS 1.2+ towards a destination whose certificate ``tls.ca_file`` signed.
-
-    Host names are not checked (DICOM peers are usually addressed by IP and identified by
-    their certificate's CA); the client certificate is offered when configured.
-    """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_REQUIRED
-    if tls.cert_file is not None and tls.key_file is not None:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context
-
-
 def echo(
     host: str,
     port: int,
@@ -136,7 +125,7 @@ def echo(
     ae = _ae(calling_ae, timeout_s if connect_timeout_s is None else connect_timeout_s, timeout_s)
     ae.add_requested_context(Verification)
     try:
-        tls_args = None if tls is None else (client_context(tls), host)
+        tls_args = None if tls is None else (client_context(tls, check_hostname=False), host)
     except (ssl.SSLError, OSError):
         return None
     assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
@@ -153,7 +142,7 @@ def echo(
 class DimseSender:
     """C-STORE to a DIMSE destination; C-ECHO as its reachability check."""
 
-    def __init__(self, destination: Destination, *, calling_ae: str) -> None:
+    def __init__(self, destination: DimseDestination, *, calling_ae: str) -> None:
         self.destination = destination
         self.calling_ae = calling_ae
 
