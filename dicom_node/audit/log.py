@@ -48,7 +48,6 @@ from dicom_node.audit.verify import Check, Problem, Report, decode, verify, veri
 from dicom_node.common.errors import DicomNodeError
 
 if TYPE_CHECKING:
-    from dicom_node.config.settings import Settings
     from dicom_node.store.database import Database
 
 __all__ = [
@@ -236,15 +235,16 @@ class AuditLog:
         self.appended.set()
 
 
-def open_audit_log(settings: Settings, db: Database) -> AuditLog:
-    """The node's audit log on the chain its database calls for.
+def open_audit_log(db: Database, *, audit_path: Path, key_file: Path) -> AuditLog:
+    """The node's audit log on the chain its database calls for, keyed with ``key_file``.
 
     PostgreSQL: :class:`DatabaseChain` (one chain for every process and host of the node);
-    SQLite: :class:`FileChain` (``<storage_dir>/audit.jsonl``, the head in the database).
+    SQLite: :class:`FileChain` (``audit_path``, ``<storage_dir>/audit.jsonl``, the head in the
+    database).
     """
     if db.backend == "postgresql":
-        return AuditLog(chain=DatabaseChain(db, settings.audit_key_file))
-    return AuditLog(settings.audit_path, settings.audit_key_file, head=db)
+        return AuditLog(chain=DatabaseChain(db, key_file))
+    return AuditLog(audit_path, key_file, head=db)
 
 
 @dataclass(frozen=True)
@@ -258,8 +258,11 @@ class Exported:
     source: str
 
 
-def export_chain(settings: Settings, path: Path) -> Exported:
+def export_chain(database: str | None, audit_path: Path, path: Path) -> Exported:
     """Write the audit chain the config uses, up to its head now, to the new file ``path``.
+
+    The chain is in the PostgreSQL ``database`` when that is set, else in the file
+    ``audit_path`` (``<storage_dir>/audit.jsonl``).
 
     One record a line, exactly as stored (the format of ``audit.jsonl``), so the file verifies
     with ``audit verify --file`` and the key. Written to a hidden file beside ``path``, fsynced
@@ -279,7 +282,7 @@ def export_chain(settings: Settings, path: Path) -> Exported:
     last_hash = ""
     try:
         with partial.open("x", encoding="utf-8") as out:
-            lines, source, close = _chain_lines(settings)
+            lines, source, close = _chain_lines(database, audit_path)
             try:
                 for line in lines:
                     out.write(line + "\n")
@@ -305,16 +308,18 @@ def export_chain(settings: Settings, path: Path) -> Exported:
     return Exported(count, first, last, last_hash, source)
 
 
-def _chain_lines(settings: Settings) -> tuple[Iterator[str], str, Callable[[], None]]:
+def _chain_lines(
+    database: str | None, audit_path: Path
+) -> tuple[Iterator[str], str, Callable[[], None]]:
     """The stored records of the config's chain (up to its head now), where, and a closer."""
-    if settings.database is not None:
-        from dicom_node.store.database import open_database
+    if database is not None:
+        from dicom_node.store.database import Database
 
-        db = open_database(settings)
+        db = Database(database)
         head = db.audit_mark(HEAD)
         lines = (line for _, line in all_records(db, upto=head[0] if head else 0))
         return lines, "database audit chain", db.close
-    path = settings.audit_path
+    path = audit_path
     if not path.exists():
         raise DicomNodeError(f"{path}: no audit log (the node has not run yet?)")
     data = path.read_bytes()
