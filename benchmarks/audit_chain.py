@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.log import AuditLog, open_audit_log
 from dicom_node.config.settings import Settings, parse_settings
 from dicom_node.store.database import open_database
@@ -37,8 +38,12 @@ def settings_for(folder: Path, url: str | None) -> Settings:
 
 def _writer(folder: str, url: str | None, n: int, ready: Any, start: Any, done: Any) -> None:
     settings = settings_for(Path(folder), url)
-    db = open_database(settings)
-    log = open_audit_log(db, settings.audit_path, settings.audit_key_file)
+    db = open_database(settings.database, stage_settings(settings).layout.database_path)
+    log = open_audit_log(
+        db,
+        audit_path=stage_settings(settings).layout.audit_path,
+        key_file=stage_settings(settings).layout.audit_key_file,
+    )
     ready.put(os.getpid())
     start.wait(600)
     record_transfers(log, n, instances=300)
@@ -53,13 +58,17 @@ def rate(url_for_run: Callable[[], str | None], n: int, processes: int, chain: s
         url = url_for_run()
         settings = settings_for(folder, url)
         settings.storage_dir.mkdir(parents=True)
-        db = open_database(settings)
+        db = open_database(settings.database, stage_settings(settings).layout.database_path)
         if chain == "database" and url is None:  # the database chain on SQLite
             from dicom_node.audit.database_chain import DatabaseChain
 
-            log = AuditLog(chain=DatabaseChain(db, settings.audit_key_file))
+            log = AuditLog(chain=DatabaseChain(db, stage_settings(settings).layout.audit_key_file))
         else:
-            log = open_audit_log(db, settings.audit_path, settings.audit_key_file)
+            log = open_audit_log(
+                db,
+                audit_path=stage_settings(settings).layout.audit_path,
+                key_file=stage_settings(settings).layout.audit_key_file,
+            )
         if processes == 1:
             began = time.perf_counter()
             record_transfers(log, n, instances=300)

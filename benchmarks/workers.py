@@ -37,8 +37,8 @@ import numpy as np
 import pytest
 
 from benchmarks.receive import BenchmarkError, machine, run_end, runs, table
-from dicom_node.config.settings import parse_settings
 from dicom_node.store.database import Database, JobState, open_database
+from dicom_node.store.files import StorageLayout
 from dicom_node.testing.random_package import make_random_package
 from tests.conftest import NodeProcess, node_settings
 from tests.factories import dx_from_array, write_files
@@ -128,7 +128,7 @@ def one_run(
         "log_level": "info",
         "workers": 1,  # threads per process: one job at a time each
     }
-    db = open_database(parse_settings({"storage_dir": shared["storage_dir"], "database": url}))
+    db = open_database(url, StorageLayout.at(folder / "shared").database_path)
     nodes: list[NodeProcess] = []
     try:
         series = index(db, files[: len(files) - WARM_UP_SERIES])

@@ -23,6 +23,7 @@ from dicom_node.common.output_kinds import OutputKind
 from dicom_node.config.checks import config_error
 from dicom_node.config.destinations import DimseDestination
 from dicom_node.config.settings import Settings, load_settings
+from dicom_node.store.files import StorageLayout
 from dicom_node.training.cli import add_evaluate_parser, add_train_parser
 
 if TYPE_CHECKING:
@@ -165,10 +166,16 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _layout(settings: Settings) -> StorageLayout:
+    """Where the node of ``settings`` keeps its files (as :mod:`dicom_node.app.node` does)."""
+    return StorageLayout.at(settings.storage_dir, settings.audit.key_file)
+
+
 def _no_database_yet(settings: Settings) -> bool:
     """An SQLite node that has not run yet (a PostgreSQL database is asked directly)."""
-    if settings.database is None and not settings.database_path.exists():
-        print(f"no database at {settings.database_path}: the node has not run yet")
+    database_path = _layout(settings).database_path
+    if settings.database is None and not database_path.exists():
+        print(f"no database at {database_path}: the node has not run yet")
         return True
     return False
 
@@ -179,7 +186,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if _no_database_yet(settings):
         return 0
-    db = open_database(settings)
+    db = open_database(settings.database, _layout(settings).database_path)
     try:
         status = db.status()
     finally:
@@ -234,7 +241,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
         raise DicomNodeError(f"--destination {args.destination!r}: unknown; known: {known}")
     if _no_database_yet(settings):
         return 0
-    db = open_database(settings)
+    db = open_database(settings.database, _layout(settings).database_path)
     try:
         n = db.retry_failed_sends(args.destination)
         waiting = db.sends_due_now(args.destination) if args.now else 0
@@ -265,7 +272,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         report = verify(args.file, key)
         return _print_report(report, where, key, key_file, head)
     settings = load_settings(args.config)
-    key_file = args.key if args.key is not None else settings.audit_key_file
+    layout = _layout(settings)
+    key_file = args.key if args.key is not None else layout.audit_key_file
     key = load_key(key_file, create=False)
     head = None
     if args.file is not None:
@@ -275,7 +283,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         from dicom_node.store.database import open_database
 
         where = "database audit chain"
-        db = open_database(settings)
+        db = open_database(settings.database, layout.database_path)
         try:
             report = verify_database(db, key)
             head = db.audit_mark(HEAD)
@@ -284,14 +292,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     else:
         from dicom_node.store.database import Database
 
-        where = str(settings.audit_path)
-        if settings.database_path.exists():
-            db = Database(settings.database_path)
+        where = str(layout.audit_path)
+        if layout.database_path.exists():
+            db = Database(layout.database_path)
             try:
                 head = db.audit_mark(HEAD)
             finally:
                 db.close()
-        report = verify(settings.audit_path, key, head, check_head=settings.database_path.exists())
+        report = verify(layout.audit_path, key, head, check_head=layout.database_path.exists())
     return _print_report(report, where, key, key_file, head)
 
 
@@ -323,9 +331,12 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     from dicom_node.store.database import open_database
 
     settings = load_settings(args.config)
+    layout = _layout(settings)
     shared = settings.database is not None  # PostgreSQL: the database's chain
     exported = export_chain(
-        Path(args.file), settings.audit_path, (lambda: open_database(settings)) if shared else None
+        Path(args.file),
+        layout.audit_path,
+        (lambda: open_database(settings.database, layout.database_path)) if shared else None,
     )
     print(
         f"{args.file}: {exported.records} record(s)"

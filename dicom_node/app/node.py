@@ -2,14 +2,20 @@
 
 Threads: the receiver's association threads (thin: write + index), one scheduler thread that
 runs the assembler and retention ticks, ``workers`` worker threads that run jobs, and one
-delivery thread per destination (``pipeline/delivery.py``), so a slow destination delays only
-its own results. Every stage hands over through the database, so a node killed at any instant
-restarts into a consistent state: ``start`` returns its dead predecessor's running jobs to the
-queue and resumes sends.
+delivery thread per destination (:mod:`dicom_node.send.delivery`), so a slow destination
+delays only its own results. Every stage hands over through the database, so a node killed at
+any instant restarts into a consistent state: ``start`` returns its dead predecessor's running
+jobs to the queue and resumes sends.
 
 A process runs the stages of its :class:`~dicom_node.app.roles.Role` only: ``all`` is
 every stage (the one-host node); ``receiver``, ``worker`` and ``sender`` split it over
 processes and hosts that share one PostgreSQL database and one storage folder.
+
+This module is the node's composition root: :func:`stage_settings` cuts the whole
+:class:`~dicom_node.config.settings.Settings` into what each stage reads, with the folders of
+the :class:`~dicom_node.store.files.StorageLayout`, and :class:`Node` hands each stage that,
+the store Protocol it uses (the one :class:`~dicom_node.store.database.Database`) and the
+audit log.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -27,7 +34,7 @@ import structlog
 import torch
 
 from dicom_node.app.roles import Role, check_role
-from dicom_node.assemble.assembler import Assembler
+from dicom_node.assemble.assembler import Assembler, AssemblySettings
 from dicom_node.audit.events import (
     AuditAction,
     AuditEvent,
@@ -42,12 +49,12 @@ from dicom_node.common.metrics import NodeMetrics
 from dicom_node.config.sections import Route
 from dicom_node.config.settings import Settings
 from dicom_node.models.inference import select_device
-from dicom_node.receive.receiver import Receiver
-from dicom_node.retain.retention import Retention
-from dicom_node.send.delivery import Delivery
+from dicom_node.receive.receiver import Receiver, ReceiverSettings
+from dicom_node.retain.retention import Retention, RetentionSettings
+from dicom_node.send.delivery import Delivery, DeliverySettings
 from dicom_node.store.database import open_database
-from dicom_node.store.files import SHARED_STALE_TEMP_S, clean_stale_temp_files
-from dicom_node.work.worker import Worker
+from dicom_node.store.files import SHARED_STALE_TEMP_S, StorageLayout, clean_stale_temp_files
+from dicom_node.work.worker import Worker, WorkerSettings
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +74,70 @@ def next_wait(grace_ends: list[float], now: float) -> float:
     """
     grace_ends[:] = [t for t in grace_ends if t > now]
     return min([TICK_S, *(t - now for t in grace_ends)])
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """The node's settings cut by stage: what each one reads, and where the files are."""
+
+    layout: StorageLayout
+    receiver: ReceiverSettings
+    assembly: AssemblySettings
+    worker: WorkerSettings
+    delivery: DeliverySettings
+    retention: RetentionSettings
+
+
+def stage_settings(settings: Settings) -> StageSettings:
+    """Each stage's settings from the node's ``settings`` (the one place that cuts them)."""
+    layout = StorageLayout.at(settings.storage_dir, settings.audit.key_file)
+    return StageSettings(
+        layout=layout,
+        receiver=ReceiverSettings(
+            ae_title=settings.ae_title,
+            port=settings.port,
+            storage_dir=layout.storage_dir,
+            spool_dir=layout.spool_dir,
+            incoming_dir=layout.incoming_dir,
+            bind_address=settings.bind_address,
+            called_ae_titles=settings.called_ae_titles,
+            allowed_callers=settings.allowed_callers,
+            allowed_networks=settings.allowed_networks,
+            tls=settings.tls,
+            limits=settings.limits,
+            late_instances=settings.late_instances,
+            shared_storage=settings.database is not None,
+        ),
+        assembly=AssemblySettings(
+            routes=settings.routes,
+            stable_after_s=settings.stable_after_s,
+            release_grace_s=settings.release_grace_s,
+            complete_at_release=settings.complete_at_release,
+            study_timeout_s=settings.study_timeout_s,
+        ),
+        worker=WorkerSettings(
+            ae_title=settings.ae_title,
+            outbox_dir=layout.outbox_dir,
+            routes=settings.routes,
+            destinations=settings.destinations,
+            gpu_slots=settings.gpu_slots,
+            batch_size=settings.batch_size,
+            job_lease_s=settings.job_lease_s,
+            max_job_attempts=settings.max_job_attempts,
+        ),
+        delivery=DeliverySettings(
+            ae_title=settings.ae_title,
+            destinations=settings.destinations,
+            send=settings.send,
+        ),
+        retention=RetentionSettings(
+            ae_title=settings.ae_title,
+            spool_dir=layout.spool_dir,
+            outbox_dir=layout.outbox_dir,
+            retention_days=settings.retention_days,
+            delete_after_success=settings.delete_after_success,
+        ),
+    )
 
 
 def _device(preference: str) -> torch.device:
@@ -166,18 +237,26 @@ class Node:
     def __init__(self, settings: Settings, role: Role = Role.ALL) -> None:
         self.settings = settings
         self.role = role
+        self.stages = stages = stage_settings(settings)
+        self.layout = layout = stages.layout
         self.shared = settings.database is not None  # PostgreSQL: several processes
-        check_role(role, settings, "postgresql" if self.shared else "sqlite")
-        prepare_storage(settings.storage_dir)
+        check_role(
+            role,
+            "postgresql" if self.shared else "sqlite",
+            has_routes=bool(settings.routes),
+            has_destinations=bool(settings.destinations),
+        )
+        prepare_storage(layout.storage_dir)
         self._lock_file = self._take_lock()
-        self.db = open_database(settings)
-        self.audit = open_audit_log(  # the file, or the database's chain
-            self.db, settings.audit_path, settings.audit_key_file
+        self.db = open_database(settings.database, layout.database_path)
+        # The file, or the database's chain.
+        self.audit = open_audit_log(
+            self.db, audit_path=layout.audit_path, key_file=layout.audit_key_file
         )
         self.wake = threading.Event()  # scheduler: an association ended
         self.work = threading.Event()  # workers: a job was queued
         self.stopping = threading.Event()
-        self.metrics = NodeMetrics(self.db)
+        self.metrics = NodeMetrics(self.db.status)
         self.receiver: Receiver | None = None
         self.assembler: Assembler | None = None
         self.retention: Retention | None = None
@@ -187,19 +266,19 @@ class Node:
         self.device: torch.device | None = None
         if role.receives:
             self.receiver = Receiver(
-                settings, self.db, self.audit, on_release=self.wake, metrics=self.metrics
+                stages.receiver, self.db, self.audit, on_release=self.wake, metrics=self.metrics
             )
-            self.assembler = Assembler(settings, self.db)
-            self.retention = Retention(settings, self.db, self.audit)
+            self.assembler = Assembler(stages.assembly, self.db)
+            self.retention = Retention(stages.retention, self.db, self.audit)
             if settings.audit.syslog is not None:  # one exporter: where the scheduler runs
                 self.audit_export = SyslogExporter(
                     settings.audit.syslog, self.audit, self.db, settings.ae_title
                 )
         if role.works:
             self.device = _device(settings.device)
-            self.worker = Worker(settings, self.db, self.audit, self.device, self.metrics)
+            self.worker = Worker(stages.worker, self.db, self.audit, self.device, self.metrics)
         if role.sends:
-            self.delivery = Delivery(settings, self.db, self.audit, self.metrics)
+            self.delivery = Delivery(stages.delivery, self.db, self.audit, self.metrics)
         self._threads: list[threading.Thread] = []
 
     def _take_lock(self) -> IO[str]:
@@ -210,19 +289,18 @@ class Node:
         coordinates them), so each takes a shared lock: several of them start, but none
         starts beside a SQLite node on the same folder, nor a SQLite node beside them.
         """
-        path = self.settings.storage_dir / "node.lock"
-        fh = path.open("a+")
+        fh = self.layout.lock_file.open("a+")
         try:
             fcntl.flock(fh, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.close()
             if self.shared:
                 raise StartupError(
-                    f"{self.settings.storage_dir} is in use by a dicom-node on SQLite; stop it, "
+                    f"{self.layout.storage_dir} is in use by a dicom-node on SQLite; stop it, "
                     "or give this PostgreSQL deployment its own storage_dir"
                 ) from None
             raise StartupError(
-                f"{self.settings.storage_dir} is in use by another dicom-node process; give "
+                f"{self.layout.storage_dir} is in use by another dicom-node process; give "
                 "each node its own storage_dir (several processes on one storage folder need "
                 "database: postgresql://... and serve --role)"
             ) from None
@@ -236,7 +314,7 @@ class Node:
         stale_after_s = SHARED_STALE_TEMP_S if self.shared else 0.0
         resumed = 0
         if self.worker is not None:
-            clean_stale_temp_files(self.settings.outbox_dir, stale_after_s)
+            clean_stale_temp_files(self.layout.outbox_dir, stale_after_s)
             # SQLite: the exclusive lock proves every running job's owner is dead. PostgreSQL:
             # only this host's dead processes' jobs; other hosts' wait for their lease.
             resumed = self.db.recover_after_restart()
@@ -244,7 +322,7 @@ class Node:
                 check_roles(route, self.worker.segmenter(route.model).package.roles)
             self.worker.warm_up()  # each model once: the first study as fast as the next
         if self.receiver is not None:
-            clean_stale_temp_files(self.settings.spool_dir, stale_after_s)
+            clean_stale_temp_files(self.layout.spool_dir, stale_after_s)
         address = self.settings.bind_address
         if self.settings.metrics_port is not None:
             try:

@@ -25,7 +25,6 @@ import enum
 import os
 
 from dicom_node.common.errors import StartupError
-from dicom_node.config.settings import Settings
 
 #: Environment variable that gives ``serve --role`` its default (systemd, containers).
 ROLE_ENV = "DICOM_NODE_ROLE"
@@ -74,17 +73,19 @@ def parse_role(value: str, source: str = "--role") -> Role:
         raise StartupError(f"{source}: {value!r} is not a role; choose one of {choices}") from None
 
 
-def check_role(role: Role, settings: Settings, backend: str) -> None:
+def check_role(role: Role, backend: str, *, has_routes: bool, has_destinations: bool) -> None:
     """Refuse to start ``role`` when the configuration lacks what it needs.
 
     Parameters
     ----------
     role
         The role this process takes.
-    settings
-        The node configuration.
     backend
         ``"sqlite"`` or ``"postgresql"`` (``Database.backend``).
+    has_routes
+        The configuration has routes (a model to run).
+    has_destinations
+        The configuration has destinations (somewhere to send).
 
     Raises
     ------
@@ -99,12 +100,12 @@ def check_role(role: Role, settings: Settings, backend: str) -> None:
             "(SQLite is for one process on one host); set database: postgresql://... "
             "(or DICOM_NODE_DATABASE) in every role's config, or run --role all"
         )
-    if role is Role.WORKER and not settings.routes:
+    if role is Role.WORKER and not has_routes:
         raise StartupError(
             "--role worker: the config has no routes, so there is no model to run; add routes "
             "(the same config as the receivers')"
         )
-    if role is Role.SENDER and not settings.destinations:
+    if role is Role.SENDER and not has_destinations:
         raise StartupError(
             "--role sender: the config has no destinations to send to; add destinations "
             "(the same config as the workers')"

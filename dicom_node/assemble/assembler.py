@@ -25,13 +25,14 @@ would run on exactly the series of its last run, none of them changed, is not ru
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import structlog
 
 from dicom_node.assemble.routing import assign_roles, fills_a_role, routes_for
 from dicom_node.config.sections import Route, Trigger
-from dicom_node.config.settings import Settings
-from dicom_node.store.cases import Case, CaseStore, SeriesState, SeriesSummary
+from dicom_node.store.cases import Case, CaseStore
+from dicom_node.store.series import SeriesState, SeriesSummary
 
 log = structlog.get_logger(__name__)
 
@@ -39,8 +40,22 @@ log = structlog.get_logger(__name__)
 _COMPLETE = (SeriesState.QUEUED, SeriesState.UNROUTED)
 
 
+@dataclass(frozen=True, kw_only=True)
+class AssemblySettings:
+    """What the assembler reads of the configuration (built by :mod:`dicom_node.app.node`)."""
+
+    routes: tuple[Route, ...]
+    stable_after_s: float
+    release_grace_s: float
+    complete_at_release: tuple[str, ...]
+    #: Default of a study-level route's ``study_timeout_s``.
+    study_timeout_s: float
+
+
 class Assembler:
-    def __init__(self, settings: Settings, db: CaseStore) -> None:
+    """Queues the jobs of complete series and cases (:meth:`tick`) from the series in ``db``."""
+
+    def __init__(self, settings: AssemblySettings, db: CaseStore) -> None:
         self.settings = settings
         self.db = db
         self._study_routes = [r for r in settings.routes if r.trigger is Trigger.STUDY]

@@ -1,28 +1,32 @@
 """Prometheus metrics of one node: what it received, refused, processed and delivered.
 
-Served on ``metrics_port`` (``GET /metrics``) when that key is set. Queue depths are read from
-the database at scrape time, so they are right after a restart too. No label ever carries
+Served on ``metrics_port`` (``GET /metrics``) when that key is set. Queue depths are read at
+scrape time from the counts the node hands over (the database's ``status``), so they are right
+after a restart too. No label ever carries
 patient data: labels are outcomes, routes and destination names from the config.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from dicom_node.store.database import Database
+#: The counts behind the queue gauges: ``{"jobs": {state: n}, "sends": ..., "series": ...,
+#: "cases": ..., "instances": n}`` (what :meth:`dicom_node.store.database.Database.status`
+#: returns).
+QueueCounts = Callable[[], Mapping[str, Any]]
 
 
 class _QueueCollector(Collector):
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self, counts: QueueCounts) -> None:
+        self.counts = counts
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        status = self.db.status()
+        status = self.counts()
         for table, help_text in (
             ("jobs", "Segmentation jobs by state"),
             ("sends", "Result deliveries by state"),
@@ -39,9 +43,12 @@ class _QueueCollector(Collector):
 
 
 class NodeMetrics:
-    """The node's counters, in a registry of its own (several nodes may share a process)."""
+    """The node's counters, in a registry of its own (several nodes may share a process).
 
-    def __init__(self, db: Database | None = None) -> None:
+    ``queue_counts``, when given, is called at each scrape for the queue gauges.
+    """
+
+    def __init__(self, queue_counts: QueueCounts | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.associations = Counter(
@@ -79,8 +86,8 @@ class NodeMetrics:
             ["destination", "outcome"],
             registry=r,
         )
-        if db is not None:
-            r.register(_QueueCollector(db))
+        if queue_counts is not None:
+            r.register(_QueueCollector(queue_counts))
 
     def serve(self, port: int, address: str = "0.0.0.0") -> Any:
         """Serve ``/metrics`` on ``port`` in a background thread."""

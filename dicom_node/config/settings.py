@@ -121,31 +121,6 @@ class Settings:
     #: shown (:func:`~dicom_node.config.checks.redact_url`).
     database: Annotated[str, BeforeValidator(check.database_url)] | None = None
 
-    @property
-    def spool_dir(self) -> Path:
-        return self.storage_dir / "spool"
-
-    @property
-    def outbox_dir(self) -> Path:
-        return self.storage_dir / "outbox"
-
-    @property
-    def incoming_dir(self) -> Path:
-        """Where C-STORE data sets are written while they arrive (the spool's file system)."""
-        return self.storage_dir / "incoming"
-
-    @property
-    def database_path(self) -> Path:
-        return self.storage_dir / "node.sqlite3"
-
-    @property
-    def audit_path(self) -> Path:
-        return self.storage_dir / "audit.jsonl"
-
-    @property
-    def audit_key_file(self) -> Path:
-        return self.audit.key_file or self.storage_dir / "audit.key"
-
     @model_validator(mode="before")
     @classmethod
     def _raw(cls, data: Any) -> Any:

@@ -32,7 +32,6 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.audit.events import Participants
 from dicom_node.audit.log import AuditLog
-from dicom_node.config.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -106,15 +105,25 @@ class AccessControl:
 
     Parameters
     ----------
-    settings : Settings
-        ``allowed_networks`` (peer addresses or networks allowed to associate; empty: any).
     audit : AuditLog
         Where Security Alerts go.
+    ae_title : str
+        The node's AE title: the called AE of an alert for a connection refused before any
+        association (TLS).
+    allowed_networks : tuple of IPv4Network or IPv6Network
+        Peer addresses or networks allowed to associate (``allowed_networks``; empty: any).
     """
 
-    def __init__(self, settings: Settings, audit: AuditLog) -> None:
-        self.settings = settings
+    def __init__(
+        self,
+        audit: AuditLog,
+        *,
+        ae_title: str,
+        allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
+    ) -> None:
         self.audit = audit
+        self.ae_title = ae_title
+        self.allowed_networks = allowed_networks
         self._lock = threading.Lock()
         self._hooks: tuple[Any, Any] | None = None
 
@@ -161,7 +170,7 @@ class AccessControl:
 
     def peer_allowed(self, address: str) -> bool:
         """Whether ``address`` is in ``allowed_networks`` (always, when that list is empty)."""
-        if not self.settings.allowed_networks:
+        if not self.allowed_networks:
             return True
         try:
             ip = ipaddress.ip_address(address)
@@ -169,7 +178,7 @@ class AccessControl:
             return False
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        return any(ip in network for network in self.settings.allowed_networks)
+        return any(ip in network for network in self.allowed_networks)
 
     def screen(self, event: Event) -> bool:
         """Refuse the request of ``event`` (EVT_REQUESTED) when it fails a check.
@@ -215,7 +224,7 @@ class AccessControl:
     def refuse_connection(self, peer_address: str, reason: str) -> None:
         """Record a Security Alert for a connection refused before any association (TLS)."""
         self.audit.security_alert(
-            Participants(called_ae=self.settings.ae_title, peer_address=peer_address), reason
+            Participants(called_ae=self.ae_title, peer_address=peer_address), reason
         )
         log.warning("connection.refused", peer=peer_address, reason=reason)
 

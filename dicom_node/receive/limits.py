@@ -306,8 +306,9 @@ class LimitedServer(ThreadedAssociationServer):
     """A :class:`ThreadedAssociationServer` that bounds open connections, in all and per host.
 
     Construct through :meth:`pynetdicom.ae.ApplicationEntity.make_server` with
-    ``server_class=LimitedServer, request_handler=LimitedRequestHandler``, then set
-    ``limits``, ``admission`` and ``storage_dir`` before ``serve_forever``.
+    ``server_class=LimitedServer, request_handler=LimitedRequestHandler`` and the keywords of
+    :meth:`__init__` (``limits``, ``admission``, ``storage_dir``; with TLS ``on_refused`` and
+    ``handshake_timeout_s``), which ``make_server`` hands on.
     """
 
     # The association threads outlive shutdown(); never wait for them there.
@@ -323,14 +324,40 @@ class LimitedServer(ThreadedAssociationServer):
     #: Called with the peer's ``"address:port"`` and the reason when a handshake fails.
     on_refused: Callable[[str, str], None] | None = None
 
-    def configure(self, limits: Limits, admission: Admission, storage_dir: Path) -> None:
-        """Set the limits this server enforces."""
+    def __init__(
+        self,
+        *args: Any,
+        limits: Limits,
+        admission: Admission,
+        storage_dir: Path,
+        on_refused: Callable[[str, str], None] | None = None,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> None:
+        """Bind and listen (:class:`ThreadedAssociationServer`) under these bounds.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            What :meth:`pynetdicom.ae.ApplicationEntity.make_server` passes on.
+        limits
+            The bounds this server and its sockets enforce.
+        admission
+            Counts the admitted associations (released when each one ends).
+        storage_dir
+            The folder whose free space bounds a data set still arriving.
+        on_refused, handshake_timeout_s
+            See the class attributes.
+        """
         self.limits = limits
         self.admission = admission
         self.storage_dir = storage_dir
-        self.contexts = _ContextList(self.contexts)
+        self.on_refused = on_refused
+        self.handshake_timeout_s = handshake_timeout_s
         self._conn_lock = threading.Lock()
         self._per_host: dict[str, int] = {}
+        super().__init__(*args, **kwargs)
+        self.contexts = _ContextList(self.contexts)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Take a connection slot for ``client_address``'s host, or refuse (closed at once)."""

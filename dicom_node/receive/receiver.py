@@ -9,6 +9,7 @@ gets a failure status and the node keeps serving.
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 import threading
 import time
@@ -44,10 +45,9 @@ from dicom_node.common.errors import AuditWriteError, ConfigError
 from dicom_node.common.metrics import NodeMetrics
 from dicom_node.common.status import StoreStatus
 from dicom_node.common.syntaxes import ACCEPTED
-from dicom_node.common.tls import server_context
+from dicom_node.common.tls import HANDSHAKE_TIMEOUT_S, server_context
 from dicom_node.common.uids import is_valid_uid
-from dicom_node.config.sections import ROUTING_KEYWORDS
-from dicom_node.config.settings import Settings
+from dicom_node.config.sections import ROUTING_KEYWORDS, LatePolicy, Limits, TLSSettings
 from dicom_node.receive import incoming
 from dicom_node.receive import limits as net_limits
 from dicom_node.receive.access import AccessControl
@@ -57,13 +57,13 @@ from dicom_node.receive.limits import (
     LimitedRequestHandler,
     LimitedServer,
 )
-from dicom_node.store.database import Database
 from dicom_node.store.files import (
     SHARED_STALE_TEMP_S,
     fsync_file,
     instance_path,
     rename_durably,
 )
+from dicom_node.store.instances import InstanceIndex
 
 log = structlog.get_logger(__name__)
 
@@ -104,6 +104,33 @@ class _Laps:
 
     def end(self) -> None:
         self._histogram.labels("total").observe(time.perf_counter() - self._start)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReceiverSettings:
+    """What the receiver reads of the configuration, and the folders it writes in.
+
+    Built from the node's settings and storage layout by :mod:`dicom_node.app.node`.
+    """
+
+    ae_title: str
+    port: int
+    #: ``<storage_dir>``: its free space is checked against ``limits.min_free_disk_bytes``.
+    storage_dir: Path
+    #: Where received instances are kept (``StorageLayout.spool_dir``).
+    spool_dir: Path
+    #: Where data sets are written while they arrive (``StorageLayout.incoming_dir``).
+    incoming_dir: Path
+    bind_address: str
+    called_ae_titles: tuple[str, ...]
+    allowed_callers: tuple[str, ...]
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    tls: TLSSettings | None
+    limits: Limits
+    late_instances: LatePolicy
+    #: Several processes share ``storage_dir`` (PostgreSQL): at start only temp files older
+    #: than :data:`~dicom_node.store.files.SHARED_STALE_TEMP_S` are removed.
+    shared_storage: bool
 
 
 class RejectedInstance(Exception):
@@ -229,12 +256,26 @@ def refusal(status: StoreStatus, reason: str) -> Dataset:
 
 
 class Receiver:
-    """Owns the listening AE: C-ECHO, C-STORE into the spool and index, association audit."""
+    """Owns the listening AE: C-ECHO, C-STORE into the spool and index, association audit.
+
+    Parameters
+    ----------
+    settings
+        What it listens as and on, its limits and its folders.
+    db
+        The instance index (and the release of each association).
+    audit
+        Where associations, transfers and refusals are recorded.
+    on_release
+        Set when an association that stored instances is released (wakes the assembler).
+    metrics
+        The node's counters (default: a registry of its own).
+    """
 
     def __init__(
         self,
-        settings: Settings,
-        db: Database,
+        settings: ReceiverSettings,
+        db: InstanceIndex,
         audit: AuditLog,
         on_release: threading.Event | None = None,
         metrics: NodeMetrics | None = None,
@@ -251,7 +292,9 @@ class Receiver:
         self._lock = threading.Lock()
         self.server: LimitedServer | None = None
         self.admission = Admission(settings.limits, settings.allowed_callers)
-        self.access = AccessControl(settings, audit)
+        self.access = AccessControl(
+            audit, ae_title=settings.ae_title, allowed_networks=settings.allowed_networks
+        )
         self._fsyncs = self._fsync_pool()
 
     def _fsync_pool(self) -> ThreadPoolExecutor:
@@ -299,7 +342,7 @@ class Receiver:
         _config.STORE_RECV_CHUNKED_DATASET = True
         stale = incoming.clean(
             self.settings.incoming_dir,
-            SHARED_STALE_TEMP_S if self.settings.database is not None else 0.0,
+            SHARED_STALE_TEMP_S if self.settings.shared_storage else 0.0,
         )
         if stale:
             log.info("receiver.stale_incoming_removed", files=stale)
@@ -314,18 +357,20 @@ class Receiver:
         ]
         ae = self._ae()
         incoming.register(ae, self.settings.incoming_dir)
+        tls = self.settings.tls
         server = ae.make_server(
             (self.settings.bind_address, self.settings.port),
             evt_handlers=handlers,
             ssl_context=self._ssl_context(),
             server_class=LimitedServer,
             request_handler=LimitedRequestHandler,
+            limits=self.settings.limits,
+            admission=self.admission,
+            storage_dir=self.settings.storage_dir,
+            on_refused=None if tls is None else self.access.refuse_connection,
+            handshake_timeout_s=HANDSHAKE_TIMEOUT_S if tls is None else tls.handshake_timeout_s,
         )
         assert isinstance(server, LimitedServer)
-        server.configure(self.settings.limits, self.admission, self.settings.storage_dir)
-        if self.settings.tls is not None:
-            server.on_refused = self.access.refuse_connection
-            server.handshake_timeout_s = self.settings.tls.handshake_timeout_s
         thread = threading.Thread(
             target=make_target(server.serve_forever), name="AcceptorServer", daemon=True
         )

@@ -9,20 +9,36 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
 from dicom_node.audit.events import AuditAction, AuditEvent, AuditOutcome, Participants
 from dicom_node.audit.log import AuditLog
-from dicom_node.config.settings import Settings
-from dicom_node.store.database import Database
 from dicom_node.store.files import remove_empty_parents
+from dicom_node.store.retention import RetentionStore
 
 log = structlog.get_logger(__name__)
 
 
+@dataclass(frozen=True, kw_only=True)
+class RetentionSettings:
+    """The policy and the folders retention purges (built by :mod:`dicom_node.app.node`)."""
+
+    ae_title: str
+    #: Received instances (``StorageLayout.spool_dir``); the folder itself is kept.
+    spool_dir: Path
+    #: Results, one folder per job (``StorageLayout.outbox_dir``).
+    outbox_dir: Path
+    retention_days: float | None
+    delete_after_success: bool
+
+
 class Retention:
-    def __init__(self, settings: Settings, db: Database, audit: AuditLog) -> None:
+    """Purges received instances and their results by policy (:meth:`tick`), audited."""
+
+    def __init__(self, settings: RetentionSettings, db: RetentionStore, audit: AuditLog) -> None:
         self.settings = settings
         self.db = db
         self.audit = audit

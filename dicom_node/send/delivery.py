@@ -34,6 +34,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -41,9 +42,9 @@ from dicom_node.audit.events import AuditAction, AuditEvent, AuditOutcome, Parti
 from dicom_node.audit.log import AuditLog
 from dicom_node.common.metrics import NodeMetrics
 from dicom_node.config.destinations import Destination, DestinationType
-from dicom_node.config.settings import Settings
+from dicom_node.config.sections import SendPolicy
 from dicom_node.send.senders import Sender, StoreResult, sender_for
-from dicom_node.store.database import Database, Send, SendState
+from dicom_node.store.sends import Send, SendState, SendStore
 
 log = structlog.get_logger(__name__)
 
@@ -65,13 +66,23 @@ def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
     return float(min(max_s, initial_s * 2 ** max(attempts - 1, 0)))
 
 
+@dataclass(frozen=True, kw_only=True)
+class DeliverySettings:
+    """What delivery reads of the configuration (built by :mod:`dicom_node.app.node`)."""
+
+    #: The calling AE title of C-STOREs and C-ECHOs (the node's ``ae_title``).
+    ae_title: str
+    destinations: dict[str, Destination]
+    send: SendPolicy
+
+
 class Delivery:
     """Delivery threads, one per destination; :meth:`deliver` and :meth:`probe` are one pass."""
 
     def __init__(
         self,
-        settings: Settings,
-        db: Database,
+        settings: DeliverySettings,
+        db: SendStore,
         audit: AuditLog,
         metrics: NodeMetrics | None = None,
         owner: str | None = None,

@@ -1,40 +1,41 @@
 """The node's state in one database, SQLite (the embedded default) or PostgreSQL, split by
 stage.
 
-- :mod:`dicom_node.store.instances`: the instance index (:class:`InstanceIndex`).
-- :mod:`dicom_node.store.cases`: assembly of series and study-level cases, and the job queue
-  with owned leases (:class:`CaseStore`).
+- :mod:`dicom_node.store.instances`: the instance index (:class:`InstanceIndex`, the
+  receiver's view).
+- :mod:`dicom_node.store.series`: assembly state of each series (note of each arrival,
+  complete series, a study's series).
+- :mod:`dicom_node.store.cases`: study-level cases and the inputs of each job
+  (:class:`CaseStore`, the assembler's view, with the series).
+- :mod:`dicom_node.store.jobs`: the job queue with owned leases (:class:`JobQueue`, the
+  workers' view).
 - :mod:`dicom_node.store.sends`: the send queue with persisted retries and leased claims
-  (:class:`SendStore`).
+  (:class:`SendStore`, delivery's view).
+- :mod:`dicom_node.store.retention`: what retention may purge (:class:`RetentionStore`).
+- :mod:`dicom_node.store.status`: counts for ``status`` and the metrics.
+- :mod:`dicom_node.store.states`: the states of series, cases and jobs.
 - :mod:`dicom_node.store.schema`: the schema version and migrations, on both backends.
 - :mod:`dicom_node.store.connection`: the connection base the stores' SQL runs on;
   :mod:`dicom_node.store.sqlite` and :mod:`dicom_node.store.postgres` are its backends.
 
-:class:`Database` implements all three on one backend, plus the audit trail's anchors
-(``audit_head``) and ``status``. ``Database(path)`` opens SQLite, ``Database(url)``
-PostgreSQL; :func:`open_database` takes the one the settings name (``database:``). Stages may
-be typed against the Protocol they use.
+:class:`Database` implements them all on one backend, plus the audit trail's anchors
+(``audit_head``). ``Database(path)`` opens SQLite, ``Database(url)`` PostgreSQL;
+:func:`open_database` takes the PostgreSQL URL when there is one, else the SQLite file. Each
+stage is typed against the Protocol it uses.
 """
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
 
-from dicom_node.store.cases import (
-    Case,
-    CaseState,
-    CaseStore,
-    Job,
-    JobState,
-    SeriesState,
-    SqlCaseStore,
-)
+from dicom_node.store.cases import Case, CaseState, CaseStore, SqlCaseStore
 from dicom_node.store.instances import InstanceIndex, InstanceRecord, SqlInstanceIndex
+from dicom_node.store.jobs import Job, JobQueue, SqlJobStore
+from dicom_node.store.retention import RetentionStore, SqlRetentionQueries
 from dicom_node.store.sends import Send, SendState, SendStore, SqlSendStore
-
-if TYPE_CHECKING:
-    from dicom_node.config.settings import Settings
+from dicom_node.store.series import SeriesSummary, SqlSeriesStore
+from dicom_node.store.states import JobState, SeriesState
+from dicom_node.store.status import SqlStatus
 
 __all__ = [
     "Case",
@@ -44,22 +45,34 @@ __all__ = [
     "InstanceIndex",
     "InstanceRecord",
     "Job",
+    "JobQueue",
     "JobState",
+    "RetentionStore",
     "Send",
     "SendState",
     "SendStore",
     "SeriesState",
+    "SeriesSummary",
     "open_database",
 ]
 
 
-def open_database(settings: Settings) -> Database:
-    """The node's database: PostgreSQL at ``settings.database`` when set, else SQLite at
-    ``<storage_dir>/node.sqlite3``; opened and migrated."""
-    return Database(settings.database or settings.database_path)
+def open_database(url: str | None, sqlite_path: Path) -> Database:
+    """The node's database, opened and migrated: PostgreSQL at ``url`` (the ``database:``
+    setting) when it is set, else SQLite at ``sqlite_path``
+    (:attr:`~dicom_node.store.files.StorageLayout.database_path`)."""
+    return Database(url or sqlite_path)
 
 
-class Database(SqlInstanceIndex, SqlCaseStore, SqlSendStore):
+class Database(
+    SqlInstanceIndex,
+    SqlSeriesStore,
+    SqlCaseStore,
+    SqlJobStore,
+    SqlSendStore,
+    SqlRetentionQueries,
+    SqlStatus,
+):
     """Thread-safe access to the node database (``backend``: ``sqlite`` or ``postgresql``).
 
     SQLite: one connection guarded by a lock. PostgreSQL: a pool of connections, one per
@@ -81,19 +94,3 @@ class Database(SqlInstanceIndex, SqlCaseStore, SqlSendStore):
                 "ON CONFLICT(name) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                 (name, seq, digest),
             )
-
-    # -- status ----------------------------------------------------------------------------
-
-    def status(self, now: float | None = None) -> dict[str, Any]:
-        """Counts per state, failed jobs and cases, sends per destination: ``status``.
-
-        Per destination: counts of its sends by state, ``next_attempt_at`` (epoch seconds)
-        and ``next_attempt_in_s`` of its earliest pending send, and ``last_error`` (with
-        ``last_error_at``) of the most recently failed send not yet delivered.
-        """
-        now = time.time() if now is None else now
-        return {
-            "instances": self.instance_count(),
-            **self.case_status(),
-            **self.send_status(now),
-        }

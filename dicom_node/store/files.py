@@ -1,4 +1,5 @@
-"""Durable files on disk: received instances (the spool) and results waiting to be sent (outbox).
+"""The node's files on disk: where each lives (:class:`StorageLayout`), and durable writes of
+received instances (the spool) and results waiting to be sent (the outbox).
 
 Every write is temp file -> fsync -> rename -> fsync of the folder, so a file that exists under
 its final name is complete, whatever instant the process was killed at.
@@ -12,10 +13,48 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from dicom_node.common.uids import is_valid_uid
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    """Where the node keeps its files: everything under ``storage_dir`` but, when the config
+    names one, the audit key. Build it with :meth:`at`; on-disk names never change.
+    """
+
+    storage_dir: Path
+    #: Received instances: ``<study>/<series>/<sop>.dcm`` (:func:`instance_path`).
+    spool_dir: Path
+    #: Results waiting to be sent: ``<job id>/...``.
+    outbox_dir: Path
+    #: Where C-STORE data sets are written while they arrive (the spool's file system).
+    incoming_dir: Path
+    #: The SQLite database (unused with PostgreSQL).
+    database_path: Path
+    #: The audit trail's file (SQLite; PostgreSQL keeps the chain in the database).
+    audit_path: Path
+    #: The audit trail's HMAC key (``audit.key_file``, default ``<storage_dir>/audit.key``).
+    audit_key_file: Path
+    #: Locked by each node process on the folder (exclusive on SQLite, shared on PostgreSQL).
+    lock_file: Path
+
+    @classmethod
+    def at(cls, storage_dir: Path, audit_key_file: Path | None = None) -> StorageLayout:
+        """The layout under ``storage_dir``; ``audit_key_file`` when the config sets one."""
+        return cls(
+            storage_dir=storage_dir,
+            spool_dir=storage_dir / "spool",
+            outbox_dir=storage_dir / "outbox",
+            incoming_dir=storage_dir / "incoming",
+            database_path=storage_dir / "node.sqlite3",
+            audit_path=storage_dir / "audit.jsonl",
+            audit_key_file=audit_key_file or storage_dir / "audit.key",
+            lock_file=storage_dir / "node.lock",
+        )
 
 
 def durable_write(path: Path, data: bytes) -> None:

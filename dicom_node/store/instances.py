@@ -1,9 +1,9 @@
 """The instance index: every received instance and its spool file (table ``instances``).
 
-:class:`InstanceIndex` is what the receiver and retention need; :class:`SqlInstanceIndex`
-keeps it in the node's database (SQLite or PostgreSQL, :mod:`dicom_node.store.connection`).
+:class:`InstanceIndex` is what the receiver needs; :class:`SqlInstanceIndex` keeps the index
+in the node's database (SQLite or PostgreSQL, :mod:`dicom_node.store.connection`).
 Indexing an instance notes its arrival for assembly
-(:func:`dicom_node.store.cases.note_arrival`) in the same transaction, so the index and the
+(:func:`dicom_node.store.series.note_arrival`) in the same transaction, so the index and the
 assembly state never disagree.
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from dicom_node.store.cases import note_arrival, series_purged
 from dicom_node.store.connection import Store
+from dicom_node.store.series import note_arrival, series_purged
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class InstanceRecord:
 
 
 class InstanceIndex(Protocol):
-    """The receiver's and retention's view of the state: what is on disk, by series."""
+    """The receiver's view of the state: what is on disk, by series, and which association
+    sent it (:meth:`~dicom_node.store.series.SqlSeriesStore.association_released`)."""
 
     def record_instance(
         self,
@@ -43,9 +44,9 @@ class InstanceIndex(Protocol):
         late_policy: str,
         now: float | None = None,
     ) -> bool: ...
+    def association_released(self, association_id: str, now: float | None = None) -> int: ...
     def series_instances(self, series_uid: str) -> list[InstanceRecord]: ...
     def forget_instances(self, series_uid: str) -> list[InstanceRecord]: ...
-    def instance_count(self) -> int: ...
 
 
 class SqlInstanceIndex(Store):
@@ -68,7 +69,7 @@ class SqlInstanceIndex(Store):
         """Index a durably written instance and mark its series as receiving.
 
         Returns True when the instance is new, False when it replaced an earlier copy (a resend
-        of the same SOP Instance UID). See :func:`~dicom_node.store.cases.note_arrival` for
+        of the same SOP Instance UID). See :func:`~dicom_node.store.series.note_arrival` for
         what it does to the series, its pending jobs and the study's cases.
         """
         now = time.time() if now is None else now
@@ -132,6 +133,3 @@ class SqlInstanceIndex(Store):
             InstanceRecord(r["sop_instance_uid"], r["study_uid"], r["series_uid"], Path(r["path"]))
             for r in rows
         ]
-
-    def instance_count(self) -> int:
-        return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])

@@ -2,7 +2,7 @@
 
 :class:`SendStore` is what delivery needs; :class:`SqlSendStore` keeps it in the node's
 database (SQLite or PostgreSQL). Sends are queued by :func:`queue_sends` inside the
-transaction that marks their job done (:meth:`dicom_node.store.cases.SqlCaseStore.finish_job`).
+transaction that marks their job done (:meth:`dicom_node.store.jobs.SqlJobStore.finish_job`).
 
 A sender claims the sends it is about to send (:meth:`SqlSendStore.claim_sends`): they are
 leased to it (``owner``, ``lease_until``) as a job is to a worker, so two sender processes
@@ -40,7 +40,8 @@ class Send:
 
 
 class SendStore(Protocol):
-    """Delivery's view of the state: due sends, their outcomes, catching up, dead letters."""
+    """Delivery's view of the state: due sends, their outcomes, catching up, dead letters,
+    and the series of a send's job (for the audit trail)."""
 
     def due_sends(
         self, now: float | None = None, limit: int = 64, destination: str | None = None
@@ -66,6 +67,7 @@ class SendStore(Protocol):
     ) -> int: ...
     def waiting_destinations(self, now: float | None = None) -> dict[str, float]: ...
     def sends_due_now(self, destination: str | None = None, now: float | None = None) -> int: ...
+    def job_series_info(self, job_id: int) -> dict[str, Any]: ...
 
 
 def queue_sends(
@@ -159,7 +161,7 @@ class SqlSendStore(Store):
                 f"last_error = NULL, owner = NULL, lease_until = NULL WHERE id = ?{mine}",
                 (SendState.DONE, now, send_id, *params),
             )
-            return cur.rowcount == 1
+            return bool(cur.rowcount == 1)
 
     def send_failed(
         self,
@@ -235,7 +237,7 @@ class SqlSendStore(Store):
             if destination is not None:
                 sql += " AND destination = ?"
                 params += (destination,)
-            return c.execute(sql, params).rowcount
+            return int(c.execute(sql, params).rowcount)
 
     def waiting_destinations(self, now: float | None = None) -> dict[str, float]:
         """Destinations with sends waiting for their backoff: name -> earliest next attempt.
@@ -267,38 +269,10 @@ class SqlSendStore(Store):
             if destination is not None:
                 sql += " AND destination = ?"
                 params += (destination,)
-            return c.execute(sql, params).rowcount
+            return int(c.execute(sql, params).rowcount)
 
     def sends(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM sends ORDER BY id")]
-
-    def send_status(self, now: float) -> dict[str, Any]:
-        """Sends by state, and per destination: counts, next attempt, latest error."""
-        counts = self._query("SELECT state, COUNT(*) AS n FROM sends GROUP BY state")
-        per_dest = self._query(
-            "SELECT destination, state, COUNT(*) AS n, MIN(next_attempt_at) AS next_at "
-            "FROM sends GROUP BY destination, state"
-        )
-        destinations: dict[str, dict[str, Any]] = {}
-        for r in per_dest:
-            d = destinations.setdefault(r["destination"], {})
-            d[r["state"]] = r["n"]
-            if r["state"] == SendState.PENDING:
-                d["next_attempt_at"] = float(r["next_at"])
-                d["next_attempt_in_s"] = round(max(0.0, float(r["next_at"]) - now), 1)
-        # The most recent error of sends not yet delivered (waiting or dead-lettered).
-        errors = self._query(
-            "SELECT destination, last_error, updated_at AS at FROM (SELECT destination, "
-            "last_error, updated_at, ROW_NUMBER() OVER (PARTITION BY destination "
-            "ORDER BY updated_at DESC, id DESC) AS n FROM sends "
-            "WHERE state != ? AND last_error IS NOT NULL) latest WHERE n = 1",
-            (SendState.DONE,),
-        )
-        for r in errors:
-            d = destinations.setdefault(r["destination"], {})
-            d["last_error"] = r["last_error"]
-            d["last_error_at"] = float(r["at"])
-        return {"sends": {r["state"]: r["n"] for r in counts}, "destinations": destinations}
 
 
 def _owned_by(owner: str | None) -> tuple[str, tuple[str, ...]]:

@@ -21,6 +21,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -32,11 +33,11 @@ from dicom_node.common.errors import InputError, ModelPackageError, StartupError
 from dicom_node.common.metrics import NodeMetrics
 from dicom_node.common.output_kinds import OutputKind
 from dicom_node.common.redact import describe
+from dicom_node.config.destinations import Destination
 from dicom_node.config.sections import Route
-from dicom_node.config.settings import Settings
 from dicom_node.models.inference import DeviceSlots, Segmenter
 from dicom_node.package.manifest import load_package
-from dicom_node.store.database import CaseStore, Database, Job, JobState
+from dicom_node.store.jobs import Job, JobQueue, JobState
 from dicom_node.work.segment import (
     WrittenOutput,
     segment_case,
@@ -48,13 +49,31 @@ from dicom_node.work.warmup import warm_up
 log = structlog.get_logger(__name__)
 
 
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    """What a worker reads of the configuration, and where it writes results (built by
+    :mod:`dicom_node.app.node`)."""
+
+    #: The node's AE title (the audit trail's participant).
+    ae_title: str
+    #: Results, one folder per job (``StorageLayout.outbox_dir``).
+    outbox_dir: Path
+    routes: tuple[Route, ...]
+    #: What each destination asked for (``destinations.<name>.outputs``).
+    destinations: dict[str, Destination]
+    gpu_slots: int
+    batch_size: int
+    job_lease_s: float
+    max_job_attempts: int
+
+
 class Worker:
     """Runs jobs from the queue; one instance per worker thread shares the model cache."""
 
     def __init__(
         self,
-        settings: Settings,
-        db: Database,
+        settings: WorkerSettings,
+        db: JobQueue,
         audit: AuditLog,
         device: torch.device,
         metrics: NodeMetrics | None = None,
@@ -247,7 +266,7 @@ def default_owner() -> str:
 
 
 @contextmanager
-def keep_lease(db: CaseStore, job: Job, lease_s: float) -> Iterator[threading.Event]:
+def keep_lease(db: JobQueue, job: Job, lease_s: float) -> Iterator[threading.Event]:
     """Renew ``job``'s lease every ``lease_s / 3`` on a timer thread while the block runs.
 
     Yields an event that is set when the lease was lost (another worker took the job after

@@ -18,10 +18,11 @@ from dicom_node.app.node import Node
 from dicom_node.app.roles import ROLE_ENV, Role, check_role, default_role, parse_role
 from dicom_node.common.errors import StartupError
 from dicom_node.config.settings import Settings, parse_settings
-from dicom_node.store.cases import owner_is_gone
 from dicom_node.store.database import JobState, open_database
-from tests.conftest import free_port, node_settings
+from dicom_node.store.files import StorageLayout
+from dicom_node.store.jobs import owner_is_gone
 from tests.app.test_startup import assert_one_line, write_config
+from tests.conftest import free_port, node_settings
 
 
 def settings_for(tmp_path: Path, model: Path, **overrides: object) -> Settings:
@@ -68,14 +69,21 @@ def test_an_unknown_role_is_refused_in_one_line(
 def test_what_each_role_needs_from_the_config(tmp_path: Path, random_package: Path) -> None:
     bare = parse_settings({"storage_dir": str(tmp_path)})
     full = settings_for(tmp_path, random_package)
+
+    def needs(settings: Settings) -> dict[str, bool]:
+        return {
+            "has_routes": bool(settings.routes),
+            "has_destinations": bool(settings.destinations),
+        }
+
     for role in Role:
-        check_role(role, full, "postgresql")
-    check_role(Role.ALL, bare, "sqlite")  # today's node: receives even with no routes
-    check_role(Role.RECEIVER, bare, "postgresql")
+        check_role(role, "postgresql", **needs(full))
+    check_role(Role.ALL, "sqlite", **needs(bare))  # today's node: receives even with no routes
+    check_role(Role.RECEIVER, "postgresql", **needs(bare))
     with pytest.raises(StartupError, match="--role worker: the config has no routes"):
-        check_role(Role.WORKER, bare, "postgresql")
+        check_role(Role.WORKER, "postgresql", **needs(bare))
     with pytest.raises(StartupError, match="--role sender: the config has no destinations"):
-        check_role(Role.SENDER, bare, "postgresql")
+        check_role(Role.SENDER, "postgresql", **needs(bare))
 
 
 def test_two_nodes_on_one_sqlite_storage_folder_are_refused(
@@ -165,7 +173,7 @@ def test_recovery_on_postgresql_leaves_live_and_remote_workers_jobs_alone(
     dead = f"{host}:{_dead_pid()}:worker-0"
     live = f"{host}:{os.getppid()}:worker-0"
     remote = f"{host}-b:{_dead_pid()}:worker-0"
-    db = open_database(parse_settings({"storage_dir": str(tmp_path), "database": postgres_url}))
+    db = open_database(postgres_url, StorageLayout.at(tmp_path).database_path)
     try:
         ids = _queue_running_jobs(db, [dead, live, remote])
         assert db.recover_after_restart() == 1
@@ -179,7 +187,7 @@ def test_recovery_on_postgresql_leaves_live_and_remote_workers_jobs_alone(
     finally:
         db.close()
 
-    sqlite = open_database(parse_settings({"storage_dir": str(tmp_path / "sqlite")}))
+    sqlite = open_database(None, StorageLayout.at(tmp_path / "sqlite").database_path)
     try:
         _queue_running_jobs(sqlite, [live, remote])
         assert sqlite.recover_after_restart() == 2  # the lock proves every owner is dead

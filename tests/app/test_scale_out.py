@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
-from dicom_node.config.settings import parse_settings
 from dicom_node.store.database import Database, JobState, open_database
+from dicom_node.store.files import StorageLayout
 from tests.conftest import NodeProcess, StoreSCP, storescu, wait_for
 from tests.factories import ct_series, write_files
 from tests.slow_node import SLEEP_ENV
@@ -67,7 +67,7 @@ def started(*nodes: NodeProcess) -> list[NodeProcess]:
 
 @contextmanager
 def database(url: str, tmp_path: Path) -> Iterator[Database]:
-    db = open_database(parse_settings({"storage_dir": str(tmp_path / "shared"), "database": url}))
+    db = open_database(url, StorageLayout.at(tmp_path / "shared").database_path)
     try:
         yield db
     finally:

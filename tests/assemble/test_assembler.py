@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dicom_node.app.node import stage_settings
 from dicom_node.assemble.assembler import Assembler
 from dicom_node.audit.log import AuditLog
 from dicom_node.common.errors import ConfigError
@@ -19,8 +20,8 @@ from dicom_node.config.destinations import DimseDestination
 from dicom_node.config.sections import Route
 from dicom_node.config.settings import Settings, parse_settings
 from dicom_node.receive.receiver import Receiver
-from dicom_node.store.cases import SeriesState
 from dicom_node.store.database import Database, JobState
+from dicom_node.store.series import SeriesState
 from tests.conftest import free_port, storescu, wait_for
 from tests.factories import ct_series, dx_from_array, write_files
 
@@ -77,7 +78,7 @@ def test_the_default_completes_radiographs_at_release() -> None:
 def test_a_radiograph_is_complete_at_release_a_ct_after_the_grace(
     tmp_path: Path, db: Database
 ) -> None:
-    assembler = Assembler(settings(tmp_path), db)
+    assembler = Assembler(stage_settings(settings(tmp_path)).assembly, db)
     arrive(db, "1.1", "DX", 100.0, association="a1")
     arrive(db, "1.2", "CT", 100.0, association="a2", n=3)
     db.association_released("a1", now=100.5)
@@ -90,7 +91,7 @@ def test_a_radiograph_is_complete_at_release_a_ct_after_the_grace(
 
 
 def test_a_radiograph_still_receiving_is_not_complete(tmp_path: Path, db: Database) -> None:
-    assembler = Assembler(settings(tmp_path), db)
+    assembler = Assembler(stage_settings(settings(tmp_path)).assembly, db)
     arrive(db, "1.1", "DX", 100.0, association="a1")
     assert assembler.tick(now=105.0) == 0  # its association is open, not yet quiet
     assert assembler.tick(now=110.0) == 1  # quiet for stable_after_s
@@ -99,7 +100,7 @@ def test_a_radiograph_still_receiving_is_not_complete(tmp_path: Path, db: Databa
 def test_without_complete_at_release_a_radiograph_waits_the_grace(
     tmp_path: Path, db: Database
 ) -> None:
-    assembler = Assembler(settings(tmp_path, complete_at_release=()), db)
+    assembler = Assembler(stage_settings(settings(tmp_path, complete_at_release=())).assembly, db)
     arrive(db, "1.1", "DX", 100.0, association="a1")
     db.association_released("a1", now=100.5)
     assert assembler.tick(now=100.5) == 0
@@ -108,7 +109,7 @@ def test_without_complete_at_release_a_radiograph_waits_the_grace(
 
 def test_a_series_of_mixed_modalities_waits_the_grace(tmp_path: Path, db: Database) -> None:
     """Only a series all of whose instances are of complete_at_release modalities."""
-    assembler = Assembler(settings(tmp_path), db)
+    assembler = Assembler(stage_settings(settings(tmp_path)).assembly, db)
     arrive(db, "1.1", "DX", 100.0, association="a1")
     arrive(db, "1.1", "OT", 100.1, association="a1")
     db.association_released("a1", now=100.5)
@@ -118,7 +119,7 @@ def test_a_series_of_mixed_modalities_waits_the_grace(tmp_path: Path, db: Databa
 
 def test_an_image_after_a_radiograph_ran_makes_it_run_again(tmp_path: Path, db: Database) -> None:
     """late_instances: reprocess still holds for a series completed at release."""
-    assembler = Assembler(settings(tmp_path), db)
+    assembler = Assembler(stage_settings(settings(tmp_path)).assembly, db)
     arrive(db, "1.1", "DX", 100.0, association="a1")
     db.association_released("a1", now=100.2)
     assert assembler.tick(now=100.2) == 1
@@ -137,7 +138,7 @@ def test_an_image_after_a_radiograph_ran_makes_it_run_again(tmp_path: Path, db: 
 def test_ignore_keeps_a_late_image_of_a_radiograph_unprocessed(
     tmp_path: Path, db: Database
 ) -> None:
-    assembler = Assembler(settings(tmp_path, late_instances="ignore"), db)
+    assembler = Assembler(stage_settings(settings(tmp_path, late_instances="ignore")).assembly, db)
     arrive(db, "1.1", "DX", 100.0, association="a1")
     db.association_released("a1", now=100.2)
     assert assembler.tick(now=100.2) == 1
@@ -167,7 +168,7 @@ def test_an_image_before_the_radiograph_job_started_replaces_that_job(
 ) -> None:
     """Completed at release, then a second image on another association before a worker took
     the job: the pending job is superseded, one job runs on both images."""
-    assembler = Assembler(settings(tmp_path), db)
+    assembler = Assembler(stage_settings(settings(tmp_path)).assembly, db)
     arrive(db, "1.1", "DX", 100.0, association="a1")
     db.association_released("a1", now=100.1)
     assert assembler.tick(now=100.1) == 1
@@ -223,11 +224,14 @@ def test_a_radiograph_by_c_store_is_queued_at_release_not_after_the_grace(
         }
     )
     config.storage_dir.mkdir(parents=True)
-    db = Database(config.database_path)
+    stages = stage_settings(config)
+    db = Database(stages.layout.database_path)
     released = threading.Event()
-    receiver = Receiver(config, db, AuditLog(config.audit_path), on_release=released)
+    receiver = Receiver(
+        stages.receiver, db, AuditLog(stages.layout.audit_path), on_release=released
+    )
     receiver.start()
-    assembler = Assembler(config, db)
+    assembler = Assembler(stage_settings(config).assembly, db)
     try:
         dx = dx_from_array(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
         ct = ct_series(n_slices=3)

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, generate_uid
 
 from dicom_node.app.cli import main
-from dicom_node.app.node import Node
+from dicom_node.app.node import Node, stage_settings
 from dicom_node.assemble.assembler import Assembler
 from dicom_node.assemble.routing import assign_roles, matches
 from dicom_node.audit.log import AuditLog
@@ -23,8 +23,8 @@ from dicom_node.config.destinations import DimseDestination
 from dicom_node.config.sections import InputRole, Route, Trigger
 from dicom_node.config.settings import Settings, parse_settings
 from dicom_node.receive.receiver import Receiver
-from dicom_node.store.cases import SeriesState, SeriesSummary
 from dicom_node.store.database import Database, JobState
+from dicom_node.store.series import SeriesState, SeriesSummary
 from tests.conftest import StoreSCP, free_port, storescu, wait_for
 from tests.factories import ct_series, write_files
 
@@ -191,7 +191,7 @@ def db(tmp_path: Path, database_url: str | None) -> Iterator[Database]:
 def test_a_case_is_ready_when_every_required_role_arrived_and_the_study_is_quiet(
     tmp_path: Path, db: Database
 ) -> None:
-    assembler = Assembler(brain_settings(tmp_path), db)
+    assembler = Assembler(stage_settings(brain_settings(tmp_path)).assembly, db)
     arrive(db, "1.1", "AX T1", now=100.0)
     arrive(db, "1.2", "AX T1 POST GD", now=105.0)
     arrive(db, "1.3", "AX FLAIR", now=106.0)
@@ -215,7 +215,7 @@ def test_a_missing_required_role_fails_visibly_at_the_study_timeout(
 ) -> None:
     monkeypatch.delenv("DICOM_NODE_STORAGE_DIR", raising=False)
     monkeypatch.delenv("DICOM_NODE_DATABASE", raising=False)
-    assembler = Assembler(brain_settings(tmp_path), db)
+    assembler = Assembler(stage_settings(brain_settings(tmp_path)).assembly, db)
     arrive(db, "1.1", "AX T1", now=100.0)
     arrive(db, "1.3", "AX FLAIR", now=100.0)
     assembler.tick(now=111.0)  # the case opens at 111: times out at 211
@@ -242,7 +242,7 @@ def test_a_missing_required_role_fails_visibly_at_the_study_timeout(
 
 
 def test_an_optional_missing_role_still_runs(tmp_path: Path, db: Database) -> None:
-    assembler = Assembler(brain_settings(tmp_path), db)
+    assembler = Assembler(stage_settings(brain_settings(tmp_path)).assembly, db)
     arrive(db, "1.1", "AX T1", now=100.0)
     arrive(db, "1.2", "T1 POST", now=100.0)
     assert assembler.tick(now=111.0) == 1
@@ -251,7 +251,7 @@ def test_an_optional_missing_role_still_runs(tmp_path: Path, db: Database) -> No
 
 
 def test_a_late_series_reprocesses_the_case_with_it(tmp_path: Path, db: Database) -> None:
-    assembler = Assembler(brain_settings(tmp_path), db)
+    assembler = Assembler(stage_settings(brain_settings(tmp_path)).assembly, db)
     arrive(db, "1.1", "AX T1", now=100.0)
     arrive(db, "1.2", "T1 POST", now=100.0)
     assembler.tick(now=111.0)
@@ -267,7 +267,7 @@ def test_a_late_series_reprocesses_the_case_with_it(tmp_path: Path, db: Database
 def test_a_late_series_that_fills_no_role_does_not_rerun_the_case(
     tmp_path: Path, db: Database
 ) -> None:
-    assembler = Assembler(brain_settings(tmp_path), db)
+    assembler = Assembler(stage_settings(brain_settings(tmp_path)).assembly, db)
     arrive(db, "1.1", "AX T1", now=100.0)
     arrive(db, "1.2", "T1 POST", now=100.0)
     assembler.tick(now=111.0)
@@ -284,7 +284,9 @@ def test_a_late_series_that_fills_no_role_does_not_rerun_the_case(
 
 
 def test_a_late_series_before_the_case_ran_supersedes_its_job(tmp_path: Path, db: Database) -> None:
-    assembler = Assembler(brain_settings(tmp_path, late_instances="ignore"), db)
+    assembler = Assembler(
+        stage_settings(brain_settings(tmp_path, late_instances="ignore")).assembly, db
+    )
     arrive(db, "1.1", "AX T1", now=100.0, policy="ignore")
     arrive(db, "1.2", "T1 POST", now=100.0, policy="ignore")
     assembler.tick(now=111.0)
@@ -298,7 +300,9 @@ def test_a_late_series_before_the_case_ran_supersedes_its_job(tmp_path: Path, db
 def test_with_ignore_a_late_series_after_the_case_ran_is_only_stored(
     tmp_path: Path, db: Database
 ) -> None:
-    assembler = Assembler(brain_settings(tmp_path, late_instances="ignore"), db)
+    assembler = Assembler(
+        stage_settings(brain_settings(tmp_path, late_instances="ignore")).assembly, db
+    )
     arrive(db, "1.1", "AX T1", now=100.0, policy="ignore")
     arrive(db, "1.2", "T1 POST", now=100.0, policy="ignore")
     assembler.tick(now=111.0)
@@ -427,11 +431,14 @@ def test_two_roles_from_real_c_stores_fill_the_case_inputs(
         },
     )
     settings.storage_dir.mkdir(parents=True)
-    db = Database(settings.database_path)
+    stages = stage_settings(settings)
+    db = Database(stages.layout.database_path)
     released = threading.Event()
-    receiver = Receiver(settings, db, AuditLog(settings.audit_path), on_release=released)
+    receiver = Receiver(
+        stages.receiver, db, AuditLog(stages.layout.audit_path), on_release=released
+    )
     receiver.start()
-    assembler = Assembler(settings, db)
+    assembler = Assembler(stage_settings(settings).assembly, db)
     study = generate_uid()
     t1, flair = mr_series(study, "Sag T1"), mr_series(study, "Ax Flair", seed=1)
     try:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from dicom_node.app.cli import main
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.chain import HEAD, digest
 from dicom_node.audit.database_chain import DatabaseChain
 from dicom_node.audit.events import AuditAction, AuditEvent, AuditOutcome, Participants
@@ -25,6 +26,7 @@ from dicom_node.audit.verify import Check, verify, verify_database
 from dicom_node.common.errors import AuditWriteError, StartupError
 from dicom_node.config.settings import Settings, parse_settings
 from dicom_node.store.database import Database, open_database
+from dicom_node.store.files import StorageLayout
 
 WHO = Participants("MODALITY", "DICOMNODE", "127.0.0.1:5000")
 
@@ -40,6 +42,11 @@ def fill(log: AuditLog, n: int, tag: str = "P") -> AuditLog:
             study_uid="1.2.3",
         )
     return log
+
+
+def layout(settings: Settings) -> StorageLayout:
+    """Where the node of ``settings`` keeps its files."""
+    return stage_settings(settings).layout
 
 
 def node_settings(tmp_path: Path, database_url: str | None) -> Settings:
@@ -60,13 +67,13 @@ def settings(tmp_path: Path, database_url: str | None) -> Settings:
 @pytest.fixture
 def db(settings: Settings) -> Any:
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
-    database = open_database(settings)
+    database = open_database(settings.database, layout(settings).database_path)
     yield database
     database.close()
 
 
 def chain_log(db: Database, settings: Settings) -> AuditLog:
-    return AuditLog(chain=DatabaseChain(db, settings.audit_key_file))
+    return AuditLog(chain=DatabaseChain(db, layout(settings).audit_key_file))
 
 
 def stored(db: Database) -> list[dict[str, Any]]:
@@ -79,7 +86,7 @@ def execute(db: Database, sql: str, params: tuple[Any, ...] = ()) -> None:
 
 
 def problems(db: Database, settings: Settings) -> list[tuple[int | None, Check]]:
-    key = load_key(settings.audit_key_file, create=False)
+    key = load_key(layout(settings).audit_key_file, create=False)
     return [(p.seq, p.check) for p in verify_database(db, key).problems]
 
 
@@ -92,7 +99,7 @@ def test_records_are_rows_of_one_verifiable_chain(db: Database, settings: Settin
     assert db.audit_mark(HEAD) == (5, records[-1]["hash"])
     assert records[2]["patient_id"] == "P2" and "hmac" in records[2]
     assert problems(db, settings) == []
-    assert log.path is None and not settings.audit_path.exists()  # no file beside it
+    assert log.path is None and not layout(settings).audit_path.exists()  # no file beside it
 
     # A restart (a new chain object, as another process would open) goes on from the head.
     fill(chain_log(db, settings), 2)
@@ -100,14 +107,20 @@ def test_records_are_rows_of_one_verifiable_chain(db: Database, settings: Settin
 
 
 def test_the_node_picks_the_chain_by_backend(db: Database, settings: Settings) -> None:
-    log = open_audit_log(db, settings.audit_path, settings.audit_key_file)
+    log = open_audit_log(
+        db,
+        audit_path=layout(settings).audit_path,
+        key_file=layout(settings).audit_key_file,
+    )
     fill(log, 1)
     if settings.database is None:  # SQLite: the file, head in the database, as before
-        assert isinstance(log.chain, FileChain) and len(read_events(settings.audit_path)) == 1
+        assert (
+            isinstance(log.chain, FileChain) and len(read_events(layout(settings).audit_path)) == 1
+        )
         assert stored(db) == []
     else:
         assert isinstance(log.chain, DatabaseChain) and len(stored(db)) == 1
-        assert not settings.audit_path.exists()
+        assert not layout(settings).audit_path.exists()
 
 
 def test_an_edited_record_is_named_by_its_seq(db: Database, settings: Settings) -> None:
@@ -117,7 +130,7 @@ def test_an_edited_record_is_named_by_its_seq(db: Database, settings: Settings) 
     record["patient_id"] = "SOMEONE-ELSE"
     execute(db, "UPDATE audit_records SET record = ? WHERE seq = ?", (json.dumps(record), 3))
     assert problems(db, settings) == [(3, Check.HASH)]
-    key = load_key(settings.audit_key_file, create=False)
+    key = load_key(layout(settings).audit_key_file, create=False)
     [problem] = verify_database(db, key).problems
     assert str(problem) == "seq 3: hash: content does not match its hash (edited)"
 
@@ -131,7 +144,7 @@ def test_a_record_deleted_in_the_middle_is_a_gap(db: Database, settings: Setting
 def test_the_last_records_deleted_are_found_by_the_head(db: Database, settings: Settings) -> None:
     fill(chain_log(db, settings), 12)
     execute(db, "DELETE FROM audit_records WHERE seq > ?", (7,))
-    key = load_key(settings.audit_key_file, create=False)
+    key = load_key(layout(settings).audit_key_file, create=False)
     [problem] = verify_database(db, key).problems
     assert problem.check is Check.HEAD and problem.seq == 12
     assert "records removed from the end" in str(problem) and str(problem).startswith("seq 12")
@@ -192,9 +205,9 @@ def test_every_writer_needs_the_same_key(db: Database, settings: Settings, tmp_p
     load_key(tmp_path / "other-host.key", create=True)  # a host that made its own key
     with pytest.raises(StartupError, match="another key"):
         DatabaseChain(db, tmp_path / "other-host.key")
-    settings.audit_key_file.rename(tmp_path / "away.key")
+    layout(settings).audit_key_file.rename(tmp_path / "away.key")
     with pytest.raises(StartupError, match="copy the key file"):
-        DatabaseChain(db, settings.audit_key_file)
+        DatabaseChain(db, layout(settings).audit_key_file)
 
 
 def test_a_record_that_cannot_be_stored_raises_and_leaves_nothing(
@@ -245,9 +258,13 @@ def _append_from_a_process(
     tmp_path: str, url: str, n: int, tag: str, start: Any, done: Any
 ) -> None:
     settings = node_settings(Path(tmp_path), url)
-    database = open_database(settings)
+    database = open_database(settings.database, layout(settings).database_path)
     try:
-        log = open_audit_log(database, settings.audit_path, settings.audit_key_file)
+        log = open_audit_log(
+            database,
+            audit_path=layout(settings).audit_path,
+            key_file=layout(settings).audit_key_file,
+        )
         start.wait(60)
         fill(log, n, tag)
         done.put((tag, None))
@@ -260,9 +277,11 @@ def _append_from_a_process(
 def test_processes_appending_at_once_write_one_chain(tmp_path: Path, postgres_url: str) -> None:
     settings = node_settings(tmp_path, postgres_url)
     settings.storage_dir.mkdir(parents=True)
-    database = open_database(settings)
+    database = open_database(settings.database, layout(settings).database_path)
     open_audit_log(
-        database, settings.audit_path, settings.audit_key_file
+        database,
+        audit_path=layout(settings).audit_path,
+        key_file=layout(settings).audit_key_file,
     )  # creates the key and the head, as a first host would
     processes, per_process = 4, 40
     ctx = multiprocessing.get_context("spawn")
@@ -288,7 +307,7 @@ def test_processes_appending_at_once_write_one_chain(tmp_path: Path, postgres_ur
     tags = sorted(r["patient_id"] for r in records)
     assert tags == sorted(f"W{i}-{j}" for i in range(processes) for j in range(per_process))
     assert database.audit_mark(HEAD) == (total, max(records, key=lambda r: r["seq"])["hash"])
-    key = load_key(settings.audit_key_file, create=False)
+    key = load_key(layout(settings).audit_key_file, create=False)
     report = verify_database(database, key)
     assert report.ok and report.records == total
     database.close()
@@ -300,14 +319,21 @@ def test_cli_verify_export_and_verify_file(
     config = tmp_path / "node.yaml"
     lines = [
         f"storage_dir: {settings.storage_dir}",
-        f"audit: {{key_file: {settings.audit_key_file}}}",
+        f"audit: {{key_file: {layout(settings).audit_key_file}}}",
     ]
     if settings.database is not None:
         lines.append(f"database: {settings.database}")
     config.write_text("\n".join(lines) + "\n")
     settings.storage_dir.mkdir(parents=True)
-    database = open_database(settings)
-    fill(open_audit_log(database, settings.audit_path, settings.audit_key_file), 8)
+    database = open_database(settings.database, layout(settings).database_path)
+    fill(
+        open_audit_log(
+            database,
+            audit_path=layout(settings).audit_path,
+            key_file=layout(settings).audit_key_file,
+        ),
+        8,
+    )
     database.close()
 
     assert main(["audit", "verify", "--config", str(config)]) == 0
@@ -319,13 +345,13 @@ def test_cli_verify_export_and_verify_file(
     assert "8 record(s), seq 1..8" in capsys.readouterr().out
     exported = out.read_text().splitlines()
     assert [json.loads(line)["seq"] for line in exported] == list(range(1, 9))
-    key = load_key(settings.audit_key_file, create=False)
+    key = load_key(layout(settings).audit_key_file, create=False)
     assert verify(out, key).ok
     assert main(["audit", "verify", "--config", str(config), "--file", str(out)]) == 0
     assert f"{out}: 8 record(s), 8 keyed, chain intact" in capsys.readouterr().out
     # An auditor's copy: the file and the key are enough, no node config.
     missing = tmp_path / "no-such-config.yaml"
-    key_file = str(settings.audit_key_file)
+    key_file = str(layout(settings).audit_key_file)
     assert main(["audit", "verify", "--config", str(missing), "--file", str(out)]) == 2
     assert "cannot read the config file" in capsys.readouterr().err
     argv = ["audit", "verify", "--config", str(missing), "--file", str(out), "--key", key_file]
@@ -350,10 +376,17 @@ def test_cli_verify_names_database_records_by_seq(
     config = tmp_path / "node.yaml"
     config.write_text(
         f"storage_dir: {settings.storage_dir}\ndatabase: {postgres_url}\n"
-        f"audit: {{key_file: {settings.audit_key_file}}}\n"
+        f"audit: {{key_file: {layout(settings).audit_key_file}}}\n"
     )
-    database = open_database(settings)
-    fill(open_audit_log(database, settings.audit_path, settings.audit_key_file), 5)
+    database = open_database(settings.database, layout(settings).database_path)
+    fill(
+        open_audit_log(
+            database,
+            audit_path=layout(settings).audit_path,
+            key_file=layout(settings).audit_key_file,
+        ),
+        5,
+    )
     execute(database, "DELETE FROM audit_records WHERE seq IN (?, ?)", (2, 5))
     database.close()
     assert main(["audit", "verify", "--config", str(config)]) == 1
@@ -375,8 +408,15 @@ def test_a_database_that_is_down_refuses_the_record(
     name = url.rsplit("/", 1)[1]
     settings = node_settings(tmp_path, url)
     settings.storage_dir.mkdir(parents=True)
-    database = open_database(settings)
-    log = fill(open_audit_log(database, settings.audit_path, settings.audit_key_file), 2)
+    database = open_database(settings.database, layout(settings).database_path)
+    log = fill(
+        open_audit_log(
+            database,
+            audit_path=layout(settings).audit_path,
+            key_file=layout(settings).audit_key_file,
+        ),
+        2,
+    )
 
     def connections(allowed: bool) -> None:
         with psycopg.connect(postgres_server.url(), autocommit=True) as admin:
@@ -394,7 +434,7 @@ def test_a_database_that_is_down_refuses_the_record(
     finally:
         connections(allowed=True)
     fill(log, 1)  # the database is back: the chain goes on, nothing of the failed record
-    key = load_key(settings.audit_key_file, create=False)
+    key = load_key(layout(settings).audit_key_file, create=False)
     report = verify_database(database, key)
     assert report.ok and report.records == 3
     database.close()
@@ -422,12 +462,14 @@ def test_the_chain_is_read_page_by_page(
     assert [r["seq"] for r in reader.pending(0)] == [4, 5, 6]  # from where it stopped
     assert [r["seq"] for r in reader.pending(7)] == [8, 9, 10]  # or from a later position
     assert reader.pending(0) == []
-    key = load_key(settings.audit_key_file, create=False)
+    key = load_key(layout(settings).audit_key_file, create=False)
     report = verify_database(db, key)
     assert report.ok and report.records == 10
     if settings.database is not None:  # the node's chain: export it, every page
         exported = export_chain(
-            tmp_path / "export.jsonl", settings.audit_path, lambda: open_database(settings)
+            tmp_path / "export.jsonl",
+            layout(settings).audit_path,
+            lambda: open_database(settings.database, layout(settings).database_path),
         )
         assert (exported.records, exported.first, exported.last) == (10, 1, 10)
         assert verify(tmp_path / "export.jsonl", key).ok

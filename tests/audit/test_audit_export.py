@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.export import BOM, SyslogExporter, audit_message, syslog_message
 from dicom_node.audit.file_chain import read_events
 from dicom_node.audit.log import AuditLog
@@ -64,9 +65,11 @@ def test_audit_syslog_config(tmp_path: Path) -> None:
         },
         base=tmp_path,
     )
-    assert settings.audit_key_file == tmp_path / "keys/audit.key"
+    assert stage_settings(settings).layout.audit_key_file == tmp_path / "keys/audit.key"
     assert settings.audit.syslog == SyslogSettings("arr", 6514, "tls", tmp_path / "ca.pem")
-    assert parse_settings({}).audit_key_file == Path.cwd() / "var" / "audit.key"
+    assert (
+        stage_settings(parse_settings({})).layout.audit_key_file == Path.cwd() / "var" / "audit.key"
+    )
     with pytest.raises(ConfigError, match="audit.syslog.ca_file: missing"):
         parse_settings({"audit": {"syslog": {"host": "arr", "port": 6514}}})
     with pytest.raises(ConfigError, match="audit.syslog.transport"):
@@ -235,16 +238,16 @@ def test_a_node_exports_its_trail_and_keeps_the_head(
         wait_for(lambda: repository.sequence_numbers() == [1, 2], 20, "start and stop exported")
     finally:
         repository.stop()
-    db = open_database(settings)
+    db = open_database(settings.database, stage_settings(settings).layout.database_path)
     try:
         head = db.audit_mark(HEAD)
         assert head is not None and head[0] == 2
         key = load_key(tmp_path / "keys" / "audit.key", create=False)
         assert not (settings.storage_dir / "audit.key").exists()
         if database_url is None:
-            assert verify(settings.audit_path, key, head, check_head=True).ok
+            assert verify(stage_settings(settings).layout.audit_path, key, head, check_head=True).ok
         else:
-            assert not settings.audit_path.exists()
+            assert not stage_settings(settings).layout.audit_path.exists()
             assert verify_database(db, key).ok
     finally:
         db.close()
@@ -265,8 +268,14 @@ def test_processes_of_one_database_chain_export_each_record_once(
     repository = RSyslog(tmp_path, "tcp", port)
     repository.start()
     syslog = SyslogSettings("127.0.0.1", port, "tcp")
-    dbs = [open_database(settings), open_database(settings)]
-    logs = [AuditLog(chain=DatabaseChain(db, settings.audit_key_file)) for db in dbs]
+    dbs = [
+        open_database(settings.database, stage_settings(settings).layout.database_path),
+        open_database(settings.database, stage_settings(settings).layout.database_path),
+    ]
+    logs = [
+        AuditLog(chain=DatabaseChain(db, stage_settings(settings).layout.audit_key_file))
+        for db in dbs
+    ]
     exporters = [
         SyslogExporter(syslog, log, db, "DICOMNODE", retry_s=0.2, max_retry_s=0.5)
         for log, db in zip(logs, dbs, strict=True)

@@ -36,6 +36,7 @@ from dicom_node.config.sections import (
     Trigger,
 )
 from dicom_node.config.settings import Settings, load_settings, parse_settings
+from dicom_node.store.files import StorageLayout
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -776,7 +777,9 @@ def test_positional_construction_frozen_and_replace() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         route.name = "x"  # type: ignore[misc]
     moved = dataclasses.replace(parse_settings({}), workers=4, storage_dir=Path("/srv/node"))
-    assert moved.workers == 4 and moved.outbox_dir == Path("/srv/node/outbox")
+    assert moved.workers == 4 and StorageLayout.at(moved.storage_dir).outbox_dir == Path(
+        "/srv/node/outbox"
+    )
     with pytest.raises(ValidationError, match="must be an integer between 1 and 65535"):
         DimseDestination("cli", "PACS", "127.0.0.1", 70000)
     web = DicomwebDestination("w", "http://127.0.0.1:8042/dicom-web/")

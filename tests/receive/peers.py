@@ -16,6 +16,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.log import AuditLog
 from dicom_node.config.settings import parse_settings
 from dicom_node.receive.receiver import Receiver
@@ -40,8 +41,9 @@ def running_receiver(tmp_path: Path, **limits: Any) -> Iterator[Receiver]:
         base=tmp_path,
     )
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.database_path)
-    node = Receiver(settings, db, AuditLog(settings.audit_path))
+    stages = stage_settings(settings)
+    db = Database(stages.layout.database_path)
+    node = Receiver(stages.receiver, db, AuditLog(stages.layout.audit_path))
     node.start()
     try:
         yield node

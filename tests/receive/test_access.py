@@ -11,6 +11,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.file_chain import read_events
 from dicom_node.audit.log import AuditLog
 from dicom_node.common.errors import ConfigError
@@ -37,8 +38,9 @@ def make_receiver(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
         }
         settings = parse_settings(doc)
         settings.storage_dir.mkdir(parents=True)
-        db = Database(settings.database_path)
-        receiver = Receiver(settings, db, AuditLog(settings.audit_path))
+        stages = stage_settings(settings)
+        db = Database(stages.layout.database_path)
+        receiver = Receiver(stages.receiver, db, AuditLog(stages.layout.audit_path))
         receiver.start()
         started.append((receiver, db))
         return receiver
@@ -58,7 +60,7 @@ def alerts(receiver: Receiver, count: int = 1) -> list[dict[str, Any]]:
     def found() -> list[dict[str, Any]] | None:
         events = [
             e
-            for e in read_events(receiver.settings.audit_path)
+            for e in read_events(receiver.audit.path)
             if e["event_id"]["meaning"] == "Security Alert"
         ]
         return events if len(events) >= count else None

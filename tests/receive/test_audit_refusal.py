@@ -16,6 +16,7 @@ import pytest
 from pynetdicom import AE, StoragePresentationContexts
 
 import dicom_node.audit.file_chain as file_chain
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.file_chain import read_events
 from dicom_node.audit.log import AuditLog
 from dicom_node.audit.verify import verify
@@ -34,8 +35,9 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
         base=tmp_path,
     )
     settings.storage_dir.mkdir(parents=True)
-    db = Database(settings.database_path)
-    node = Receiver(settings, db, AuditLog(settings.audit_path, head=db))
+    stages = stage_settings(settings)
+    db = Database(stages.layout.database_path)
+    node = Receiver(stages.receiver, db, AuditLog(stages.layout.audit_path, head=db))
     node.start()
     try:
         yield node
@@ -68,8 +70,8 @@ def test_an_unaudited_association_is_aborted(
         time.sleep(0.02)
     assert assoc.is_aborted  # type: ignore[attr-defined]
     assert list(receiver.settings.spool_dir.rglob("*.dcm")) == []
-    assert read_events(receiver.settings.audit_path) == []
-    assert receiver.settings.audit_path.read_bytes() == b""  # nothing torn left behind
+    assert read_events(receiver.audit.path) == []
+    assert receiver.audit.path.read_bytes() == b""  # nothing torn left behind
 
 
 def test_an_unaudited_c_store_is_refused_with_out_of_resources(
@@ -86,15 +88,15 @@ def test_an_unaudited_c_store_is_refused_with_out_of_resources(
     assert statuses == [StoreStatus.OUT_OF_RESOURCES] * 3
     assert list(receiver.settings.spool_dir.rglob("*.dcm")) == []
     monkeypatch.undo()
-    events = read_events(receiver.settings.audit_path)
+    events = read_events(receiver.audit.path)
     assert [e["event_id"]["meaning"] for e in events] == ["User Authentication"]
-    assert verify(receiver.settings.audit_path).ok
+    assert verify(receiver.audit.path).ok
 
     # Space is back: the next association is audited and stored.
     assoc = associate(receiver.settings.port)
     assert assoc.send_c_store(series[0]).Status == StoreStatus.SUCCESS  # type: ignore[attr-defined]
     assoc.release()  # type: ignore[attr-defined]
-    assert verify(receiver.settings.audit_path).ok
+    assert verify(receiver.audit.path).ok
 
 
 @pytest.fixture
@@ -114,10 +116,13 @@ def database_receiver(tmp_path: Path, postgres_url: str) -> Iterator[Receiver]:
         base=tmp_path,
     )
     settings.storage_dir.mkdir(parents=True)
-    db = open_database(settings)
-    audit = open_audit_log(db, settings.audit_path, settings.audit_key_file)
+    stages = stage_settings(settings)
+    db = open_database(settings.database, stages.layout.database_path)
+    audit = open_audit_log(
+        db, audit_path=stages.layout.audit_path, key_file=stages.layout.audit_key_file
+    )
     assert isinstance(audit.chain, DatabaseChain)
-    node = Receiver(settings, db, audit)
+    node = Receiver(stages.receiver, db, audit)
     node.start()
     try:
         yield node
@@ -174,5 +179,5 @@ def test_the_database_chain_refuses_what_it_cannot_record(database_receiver: Rec
     assert statuses == [StoreStatus.OUT_OF_RESOURCES] * 3
     assert list(receiver.settings.spool_dir.rglob("*.dcm")) == []
     assert database_events(receiver) == ["User Authentication"]
-    key = load_key(receiver.settings.audit_key_file, create=False)
+    key = load_key(receiver.settings.storage_dir / "audit.key", create=False)
     assert verify_database(receiver.db, key).ok  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.file_chain import read_events
 from dicom_node.audit.log import AuditLog
 from dicom_node.config.settings import parse_settings
@@ -32,8 +33,9 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
         }
     )
     settings.storage_dir.mkdir(parents=True)
-    db = Database(settings.database_path)
-    receiver = Receiver(settings, db, AuditLog(settings.audit_path))
+    stages = stage_settings(settings)
+    db = Database(stages.layout.database_path)
+    receiver = Receiver(stages.receiver, db, AuditLog(stages.layout.audit_path))
     receiver.start()
     yield receiver
     receiver.stop()
@@ -48,9 +50,7 @@ def associate(port: int, called: str, calling: str = "MODALITY") -> Any:
 
 def alerts(receiver: Receiver) -> list[dict[str, Any]]:
     return [
-        e
-        for e in read_events(receiver.settings.audit_path)
-        if e["event_id"]["meaning"] == "Security Alert"
+        e for e in read_events(receiver.audit.path) if e["event_id"]["meaning"] == "Security Alert"
     ]
 
 

@@ -20,6 +20,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.file_chain import read_events
 from dicom_node.audit.log import AuditLog
 from dicom_node.config.settings import parse_settings
@@ -67,8 +68,9 @@ def receiver(tmp_path: Path, pki: Path) -> Iterator[Receiver]:
         }
     )
     settings.storage_dir.mkdir(parents=True)
-    db = Database(settings.database_path)
-    receiver = Receiver(settings, db, AuditLog(settings.audit_path))
+    stages = stage_settings(settings)
+    db = Database(stages.layout.database_path)
+    receiver = Receiver(stages.receiver, db, AuditLog(stages.layout.audit_path))
     receiver.start()
     yield receiver
     receiver.stop()
@@ -106,7 +108,7 @@ def alerts(receiver: Receiver) -> list[dict[str, Any]]:
     def found() -> list[dict[str, Any]] | None:
         events = [
             e
-            for e in read_events(receiver.settings.audit_path)
+            for e in read_events(receiver.audit.path)
             if e["event_id"]["meaning"] == "Security Alert"
         ]
         return events or None

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.app.cli import main
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.file_chain import read_events
 from dicom_node.audit.log import AuditLog
 from dicom_node.config.settings import parse_settings
@@ -16,8 +17,16 @@ from dicom_node.store.database import Database
 
 def setup(tmp_path: Path, **overrides: object) -> tuple[Retention, Database, Path]:
     settings = parse_settings({"storage_dir": str(tmp_path / "var"), **overrides})
-    db = Database(settings.database_path)
-    return Retention(settings, db, AuditLog(settings.audit_path)), db, settings.spool_dir
+    db = Database(stage_settings(settings).layout.database_path)
+    return (
+        Retention(
+            stage_settings(settings).retention,
+            db,
+            AuditLog(stage_settings(settings).layout.audit_path),
+        ),
+        db,
+        stage_settings(settings).layout.spool_dir,
+    )
 
 
 def received(db: Database, spool: Path, n: int, now: float = 100.0) -> list[Path]:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from pynetdicom import AE, StoragePresentationContexts, evt
 
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.log import AuditLog
 from dicom_node.config.settings import Settings, parse_settings
 from dicom_node.send.delivery import Delivery
@@ -43,8 +44,16 @@ def make(
             },
         }
     )
-    db = Database(database or settings.database_path)
-    return settings, db, Delivery(settings, db, AuditLog(settings.audit_path))
+    db = Database(database or stage_settings(settings).layout.database_path)
+    return (
+        settings,
+        db,
+        Delivery(
+            stage_settings(settings).delivery,
+            db,
+            AuditLog(stage_settings(settings).layout.audit_path),
+        ),
+    )
 
 
 def queue(
@@ -178,8 +187,10 @@ def test_a_slow_destination_holds_only_its_own_thread(
     slow = HeldSCP().start()
     pacs.start()
     settings = two_destinations(tmp_path, slow.port, pacs.port, timeout_s=60)
-    db = Database(database_url or settings.database_path)
-    delivery = Delivery(settings, db, AuditLog(settings.audit_path))
+    db = Database(database_url or stage_settings(settings).layout.database_path)
+    delivery = Delivery(
+        stage_settings(settings).delivery, db, AuditLog(stage_settings(settings).layout.audit_path)
+    )
     try:
         queue(db, files, destinations=("slow", "pacs"))
         delivery.start()
@@ -215,8 +226,12 @@ def test_a_silent_destination_fails_after_its_connect_timeout_and_waits_its_back
         settings = two_destinations(
             tmp_path, silent.getsockname()[1], pacs.port, connect_timeout_s=1
         )
-        db = Database(database_url or settings.database_path)
-        delivery = Delivery(settings, db, AuditLog(settings.audit_path))
+        db = Database(database_url or stage_settings(settings).layout.database_path)
+        delivery = Delivery(
+            stage_settings(settings).delivery,
+            db,
+            AuditLog(stage_settings(settings).layout.audit_path),
+        )
         try:
             queue(db, files, destinations=("slow", "pacs"))
             delivery.start()
@@ -293,7 +308,12 @@ def test_two_deliveries_on_one_postgresql_database_send_each_result_once(
     for i in range(0, len(files), 2):
         queue(first, files[i : i + 2], series_uid=f"1.2.3.{i}")
     deliveries = [
-        Delivery(settings, db, AuditLog(tmp_path / f"audit-{name}.jsonl"), owner=name)
+        Delivery(
+            stage_settings(settings).delivery,
+            db,
+            AuditLog(tmp_path / f"audit-{name}.jsonl"),
+            owner=name,
+        )
         for name, db in (("a", first), ("b", second))
     ]
     try:

@@ -22,6 +22,7 @@ import pytest
 from pydantic import ValidationError
 from pydicom import dcmread
 
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.log import AuditLog
 from dicom_node.common.errors import ConfigError
 from dicom_node.config.destinations import (
@@ -188,8 +189,10 @@ def test_a_partial_failure_retries_only_what_failed(tmp_path: Path, canned: Cann
             "send": {"initial_backoff_s": 600, "max_backoff_s": 600, "echo_interval_s": 0},
         }
     )
-    db = Database(settings.database_path)
-    delivery = Delivery(settings, db, AuditLog(settings.audit_path))
+    db = Database(stage_settings(settings).layout.database_path)
+    delivery = Delivery(
+        stage_settings(settings).delivery, db, AuditLog(stage_settings(settings).layout.audit_path)
+    )
     queue(db, files)
     assert delivery.tick() == 2  # the warned one and the one not mentioned (stored)
     sends = {s["sop_instance_uid"]: s for s in db.sends()}

@@ -9,12 +9,28 @@ from typing import Any
 import pytest
 
 from dicom_node.store.files import (
+    StorageLayout,
     clean_stale_temp_files,
     durable_write,
     fsync_file,
     instance_path,
     rename_durably,
 )
+
+
+def test_the_storage_layout_keeps_the_names_on_disk(tmp_path: Path) -> None:
+    """A storage_dir written by an earlier node opens: every name is the one it used."""
+    layout = StorageLayout.at(tmp_path)
+    assert layout.storage_dir == tmp_path
+    assert layout.spool_dir == tmp_path / "spool"
+    assert layout.outbox_dir == tmp_path / "outbox"
+    assert layout.incoming_dir == tmp_path / "incoming"
+    assert layout.database_path == tmp_path / "node.sqlite3"
+    assert layout.audit_path == tmp_path / "audit.jsonl"
+    assert layout.audit_key_file == tmp_path / "audit.key"
+    assert layout.lock_file == tmp_path / "node.lock"
+    elsewhere = tmp_path / "keys" / "audit.key"
+    assert StorageLayout.at(tmp_path, elsewhere).audit_key_file == elsewhere
 
 
 def test_instance_path_only_from_valid_uids(tmp_path: Path) -> None:

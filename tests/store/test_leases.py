@@ -11,6 +11,7 @@ import pytest
 import structlog
 import torch
 
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.log import AuditLog
 from dicom_node.common.output_kinds import OutputKind
 from dicom_node.config.settings import parse_settings
@@ -90,8 +91,8 @@ def test_a_job_longer_than_its_lease_runs_once_and_delivers_once(
             ],
         }
     )
-    db = Database(database_url or settings.database_path)
-    audit = AuditLog(settings.audit_path)
+    db = Database(database_url or stage_settings(settings).layout.database_path)
+    audit = AuditLog(stage_settings(settings).layout.audit_path)
     ct = ct_series(n_slices=2)
     paths = write_files(ct, tmp_path / "in")
     for i, path in enumerate(paths):
@@ -117,7 +118,9 @@ def test_a_job_longer_than_its_lease_runs_once_and_delivers_once(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(worker_module, "segment_series", slow)
-    workers = [Worker(settings, db, audit, torch.device("cpu")) for _ in range(2)]
+    workers = [
+        Worker(stage_settings(settings).worker, db, audit, torch.device("cpu")) for _ in range(2)
+    ]
     # Load the model and run it once first (as the node loads it at start): torch's first
     # call initialises its kernels holding the GIL for about a second, longer than the lease.
     real(paths, workers[0].segmenter(random_package), [OutputKind.SEG, OutputKind.SR])
@@ -145,7 +148,7 @@ def test_a_job_longer_than_its_lease_runs_once_and_delivers_once(
     (job,) = db.jobs()
     assert job["attempts"] == 1
     assert not [e for e in logs if e["event"] == "job.lease_lost"]
-    Delivery(settings, db, audit).tick()
+    Delivery(stage_settings(settings).delivery, db, audit).tick()
     assert db.status()["sends"] == {"done": 2}  # SEG + SR, once
     assert len(storescp.files()) == 2
     db.close()
@@ -172,7 +175,7 @@ def test_a_lost_lease_is_logged_and_the_stale_result_not_sent(
             ],
         }
     )
-    db = Database(database_url or settings.database_path)
+    db = Database(database_url or stage_settings(settings).layout.database_path)
     ct = ct_series(n_slices=2)
     for i, path in enumerate(write_files(ct, tmp_path / "in")):
         db.record_instance(
@@ -195,7 +198,12 @@ def test_a_lost_lease_is_logged_and_the_stale_result_not_sent(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(worker_module, "segment_series", stolen)
-    worker = Worker(settings, db, AuditLog(settings.audit_path), torch.device("cpu"))
+    worker = Worker(
+        stage_settings(settings).worker,
+        db,
+        AuditLog(stage_settings(settings).layout.audit_path),
+        torch.device("cpu"),
+    )
     with structlog.testing.capture_logs() as logs:
         assert worker.run_once("mine") is True
     assert [e["stage"] for e in logs if e["event"] == "job.lease_lost"] == ["finish"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.log import AuditLog
 from dicom_node.common.errors import DicomNodeError
 from dicom_node.config.settings import parse_settings
@@ -109,12 +110,14 @@ def test_a_storage_dir_of_the_previous_version_opens_and_its_queue_completes(
     )
     ct = ct_series(n_slices=3)
     series_uid, study_uid = ct[0].SeriesInstanceUID, ct[0].StudyInstanceUID
-    inputs = write_files(ct, settings.spool_dir / study_uid / series_uid)
-    earlier_result = write_files(ct_series(n_slices=1), settings.outbox_dir / "1")[0]
+    inputs = write_files(ct, stage_settings(settings).layout.spool_dir / study_uid / series_uid)
+    earlier_result = write_files(
+        ct_series(n_slices=1), stage_settings(settings).layout.outbox_dir / "1"
+    )[0]
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     # What the previous node left: a delivered-to-be job 1 whose result waits in the sends
     # table, a pending job 2, and the audit chain's head.
-    with sqlite3.connect(settings.database_path) as old:
+    with sqlite3.connect(stage_settings(settings).layout.database_path) as old:
         old.executescript(PREVIOUS_SCHEMA)
         for ds, path in zip(ct, inputs, strict=True):
             old.execute(
@@ -142,25 +145,25 @@ def test_a_storage_dir_of_the_previous_version_opens_and_its_queue_completes(
             (str(earlier_result),),
         )
         old.execute("INSERT INTO audit_head VALUES ('head', 41, 'cafe')")
-    assert "owner" not in columns(settings.database_path, "jobs")
+    assert "owner" not in columns(stage_settings(settings).layout.database_path, "jobs")
 
-    db = Database(settings.database_path)
+    db = Database(stage_settings(settings).layout.database_path)
     assert db.migrated == list(range(1, SCHEMA_VERSION + 1))
-    assert "owner" in columns(settings.database_path, "jobs")
+    assert "owner" in columns(stage_settings(settings).layout.database_path, "jobs")
     assert db.audit_mark("head") == (41, "cafe")
     assert db.job_inputs(2) == {"image": series_uid}  # the old job's series as role "image"
     assert [s.id for s in db.due_sends()] == [1]
 
-    audit = AuditLog(settings.audit_path)
-    worker = Worker(settings, db, audit, torch.device("cpu"))
+    audit = AuditLog(stage_settings(settings).layout.audit_path)
+    worker = Worker(stage_settings(settings).worker, db, audit, torch.device("cpu"))
     assert worker.run_once("w1") is True
     assert [j["state"] for j in db.jobs()] == ["done", "done"]
-    Delivery(settings, db, audit).tick()
+    Delivery(stage_settings(settings).delivery, db, audit).tick()
     assert db.status()["sends"] == {"done": 3}  # the old send + the new job's SEG and SR
     assert len(storescp.files()) == 3
     db.close()
 
-    reopened = Database(settings.database_path)
+    reopened = Database(stage_settings(settings).layout.database_path)
     assert reopened.migrated == []  # current: nothing to do
     reopened.close()
 

@@ -11,6 +11,7 @@ import torch
 from pydicom.dataset import Dataset
 from pydicom.uid import RTImageStorage
 
+from dicom_node.app.node import stage_settings
 from dicom_node.audit.file_chain import read_events
 from dicom_node.audit.log import AuditLog
 from dicom_node.config.settings import parse_settings
@@ -48,9 +49,13 @@ def setup(tmp_path: Path, model: Path) -> tuple[Worker, Database, Path]:
             "max_job_attempts": 2,
         }
     )
-    db = Database(settings.database_path)
-    audit = AuditLog(settings.audit_path)
-    return Worker(settings, db, audit, torch.device("cpu")), db, settings.audit_path
+    db = Database(stage_settings(settings).layout.database_path)
+    audit = AuditLog(stage_settings(settings).layout.audit_path)
+    return (
+        Worker(stage_settings(settings).worker, db, audit, torch.device("cpu")),
+        db,
+        stage_settings(settings).layout.audit_path,
+    )
 
 
 def index(db: Database, paths: list[Path], series_uid: str) -> None:
@@ -135,15 +140,22 @@ def test_each_destination_is_queued_only_the_outputs_it_asked_for(
             ],
         }
     )
-    db = Database(settings.database_path)
-    worker = Worker(settings, db, AuditLog(settings.audit_path), torch.device("cpu"))
+    db = Database(stage_settings(settings).layout.database_path)
+    worker = Worker(
+        stage_settings(settings).worker,
+        db,
+        AuditLog(stage_settings(settings).layout.audit_path),
+        torch.device("cpu"),
+    )
     ct = ct_series(n_slices=2)
     index(db, write_files(ct, tmp_path / "in"), ct[0].SeriesInstanceUID)
     assert worker.run_once() is True
     sends = sorted((s["destination"], Path(s["path"]).name.split("-")[0]) for s in db.sends())
     assert sends == [("a", "overlay"), ("a", "overlay"), ("b", "sr")]
     # The SEG the SR references is built, but not written: no destination asked for it.
-    written = sorted(p.name.split("-")[0] for p in (settings.outbox_dir / "1").iterdir())
+    written = sorted(
+        p.name.split("-")[0] for p in (stage_settings(settings).layout.outbox_dir / "1").iterdir()
+    )
     assert written == ["overlay", "overlay", "sr"]
 
 

@@ -1,0 +1,87 @@
+"""``dicom-node status`` and the metrics' queue depths: counts per state, failures, sends.
+
+Read at the moment they are asked for, so they are right after a restart too.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from dicom_node.store.connection import Store
+from dicom_node.store.sends import SendState
+from dicom_node.store.states import CaseState, JobState
+
+__all__ = ["SqlStatus"]
+
+
+class SqlStatus(Store):
+    """Counts of the node's database for ``status``."""
+
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        """Counts per state, failed jobs and cases, sends per destination: ``status``.
+
+        Per destination: counts of its sends by state, ``next_attempt_at`` (epoch seconds)
+        and ``next_attempt_in_s`` of its earliest pending send, and ``last_error`` (with
+        ``last_error_at``) of the most recently failed send not yet delivered.
+        """
+        now = time.time() if now is None else now
+        return {
+            "instances": self.instance_count(),
+            **self.case_status(),
+            **self.send_status(now),
+        }
+
+    def instance_count(self) -> int:
+        return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
+
+    def case_status(self) -> dict[str, Any]:
+        def counts(table: str) -> dict[str, int]:
+            rows = self._query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
+            return {r["state"]: r["n"] for r in rows}
+
+        failed_jobs = self._query(
+            "SELECT id, series_uid, route, attempts, error FROM jobs WHERE state = ? "
+            "ORDER BY id DESC LIMIT 20",
+            (JobState.FAILED,),
+        )
+        failed_cases = self._query(
+            "SELECT id, route, waiting_since, updated_at, error FROM cases WHERE state = ? "
+            "ORDER BY id DESC LIMIT 20",
+            (CaseState.FAILED,),
+        )
+        return {
+            "series": counts("series"),
+            "cases": counts("cases"),
+            "jobs": counts("jobs"),
+            "failed_jobs": [dict(r) for r in failed_jobs],
+            "failed_cases": [dict(r) for r in failed_cases],
+        }
+
+    def send_status(self, now: float) -> dict[str, Any]:
+        """Sends by state, and per destination: counts, next attempt, latest error."""
+        counts = self._query("SELECT state, COUNT(*) AS n FROM sends GROUP BY state")
+        per_dest = self._query(
+            "SELECT destination, state, COUNT(*) AS n, MIN(next_attempt_at) AS next_at "
+            "FROM sends GROUP BY destination, state"
+        )
+        destinations: dict[str, dict[str, Any]] = {}
+        for r in per_dest:
+            d = destinations.setdefault(r["destination"], {})
+            d[r["state"]] = r["n"]
+            if r["state"] == SendState.PENDING:
+                d["next_attempt_at"] = float(r["next_at"])
+                d["next_attempt_in_s"] = round(max(0.0, float(r["next_at"]) - now), 1)
+        # The most recent error of sends not yet delivered (waiting or dead-lettered).
+        errors = self._query(
+            "SELECT destination, last_error, updated_at AS at FROM (SELECT destination, "
+            "last_error, updated_at, ROW_NUMBER() OVER (PARTITION BY destination "
+            "ORDER BY updated_at DESC, id DESC) AS n FROM sends "
+            "WHERE state != ? AND last_error IS NOT NULL) latest WHERE n = 1",
+            (SendState.DONE,),
+        )
+        for r in errors:
+            d = destinations.setdefault(r["destination"], {})
+            d["last_error"] = r["last_error"]
+            d["last_error_at"] = float(r["at"])
+        return {"sends": {r["state"]: r["n"] for r in counts}, "destinations": destinations}
