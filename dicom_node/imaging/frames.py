@@ -51,12 +51,14 @@ def _functional_item(ds: pydicom.Dataset, frame: int, keyword: str) -> pydicom.D
     if per_frame is not None and frame < len(per_frame):
         value = per_frame[frame].get(keyword)
         if value:
-            return value[0]  # type: ignore[no-any-return]
+            item: pydicom.Dataset = value[0]
+            return item
     shared = ds.get("SharedFunctionalGroupsSequence")
     if shared:
         value = shared[0].get(keyword)
         if value:
-            return value[0]  # type: ignore[no-any-return]
+            shared_item: pydicom.Dataset = value[0]
+            return shared_item
     return None
 
 

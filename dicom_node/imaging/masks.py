@@ -17,7 +17,8 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
         return mask.astype(bool, copy=True)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    largest: np.ndarray = labels == int(np.argmax(sizes))
+    return largest
 
 
 def fill_frame_holes(frame: np.ndarray) -> np.ndarray:

@@ -16,9 +16,9 @@ checks that (:func:`dicom_node.work.segment.segment_case`).
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 
 from dicom_node.common.errors import InputError
+from dicom_node.imaging import sitk
 from dicom_node.imaging.series import ImageSeries
 
 #: Positions and spacings that agree within this (mm) are the same grid: no resampling.
@@ -64,11 +64,12 @@ def _volume(values: np.ndarray, series: ImageSeries, role: str) -> sitk.Image:
         )
     assert series.pixel_spacing_mm is not None
     row_mm, col_mm = series.pixel_spacing_mm
-    image = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float32))
-    image.SetSpacing((col_mm, row_mm, series.slice_spacing_mm or 1.0))
-    image.SetOrigin(tuple(float(v) for v in positions[0]))
-    image.SetDirection(tuple(float(v) for v in orientation.T.ravel()))
-    return image
+    return sitk.image_from_array(
+        values,
+        spacing_mm=(col_mm, row_mm, series.slice_spacing_mm or 1.0),
+        origin_mm=tuple(float(v) for v in positions[0]),
+        direction=tuple(float(v) for v in orientation.T.ravel()),
+    )
 
 
 def resample_onto(
@@ -119,15 +120,13 @@ def resample_onto(
     row_mm, col_mm = reference.pixel_spacing_mm
     frames, rows, cols = reference.shape
     direction = tuple(float(v) for v in orientation.T.ravel())
-    resampler = sitk.ResampleImageFilter()
-    resampler.SetInterpolator(sitk.sitkLinear)
-    resampler.SetDefaultPixelValue(float(default))
-    resampler.SetOutputPixelType(sitk.sitkFloat32)
-    resampler.SetSize((cols, rows, 1))
-    resampler.SetOutputSpacing((col_mm, row_mm, 1.0))
-    resampler.SetOutputDirection(direction)
     out = np.empty((frames, rows, cols), dtype=np.float32)
     for f in range(frames):  # frame by frame: the reference's slices need not be even
-        resampler.SetOutputOrigin(tuple(float(v) for v in positions[f]))
-        out[f] = sitk.GetArrayFromImage(resampler.Execute(moving))[0]
+        plane = sitk.Grid(
+            size=(cols, rows, 1),
+            spacing_mm=(col_mm, row_mm, 1.0),
+            origin_mm=tuple(float(v) for v in positions[f]),
+            direction=direction,
+        )
+        out[f] = sitk.resample(moving, plane, default=default)[0]
     return out

@@ -239,7 +239,8 @@ def decode_frame(ds: pydicom.Dataset) -> np.ndarray:
     frames = number_of_frames(ds)
     if frames != 1:
         raise InputError(f"decode_frame decodes single frames; the instance has {frames}")
-    return decode_instance(ds, frame_modality_luts(ds)).gray[0]
+    frame: np.ndarray = decode_instance(ds, frame_modality_luts(ds)).gray[0]
+    return frame
 
 
 def _projection_spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float] | None, str | None]:

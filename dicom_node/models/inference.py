@@ -126,7 +126,8 @@ def masks_from_probabilities(probs: np.ndarray, package: ModelPackage) -> np.nda
         return probs > package.threshold
     background = 1.0 - probs.sum(axis=-1, keepdims=True)
     winner = np.argmax(np.concatenate([background, probs], axis=-1), axis=-1)
-    return winner[..., None] == np.arange(1, probs.shape[-1] + 1)
+    masks: np.ndarray = winner[..., None] == np.arange(1, probs.shape[-1] + 1)
+    return masks
 
 
 def confidence_gate(masks: np.ndarray, probs: np.ndarray, package: ModelPackage) -> np.ndarray:
@@ -210,7 +211,7 @@ class Segmenter:
         def forward(network: torch.nn.Module, device: torch.device, batch: int) -> np.ndarray:
             with torch.inference_mode(), self._autocast(device):
                 probs = self._activate(network(torch.zeros(shape, device=device)))
-                return probs.cpu().numpy()  # type: ignore[no-any-return]
+                return probs.cpu().numpy()
 
         probs = self._run(forward, InferenceReport())
         expected = (1, len(self.package.structures), *self.package.input_size)
@@ -359,7 +360,7 @@ class Segmenter:
                     cval=float(volume.min()),
                 )
                 assert isinstance(logits, torch.Tensor)
-                return self._activate(logits)[0].cpu().numpy()  # type: ignore[no-any-return]
+                return self._activate(logits)[0].cpu().numpy()
 
         probs = self._run(forward, report if report is not None else InferenceReport())
         return np.ascontiguousarray(np.moveaxis(restore_volume(probs, placement), 0, -1))
@@ -380,7 +381,8 @@ class Segmenter:
         if self.package.color is ColorMode.RGB and data.ndim == 2:
             data = np.repeat(data[..., None], 3, axis=-1)
         plans = () if orientation is None else (orientation,)
-        return self._predict_2d(data[None], plans)[0]
+        probs: np.ndarray = self._predict_2d(data[None], plans)[0]
+        return probs
 
     def notes(self, series: ImageSeries) -> tuple[str, ...]:
         """What was assumed about ``series`` and done to it before inference, for the SR:

@@ -27,11 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 from dicom_node.common.errors import InputError
+from dicom_node.imaging import sitk
 from dicom_node.imaging.series import ImageSeries
 from dicom_node.package.manifest import ColorMode, ModelPackage, Normalization, NormalizationKind
 
@@ -291,13 +291,22 @@ class VolumePlacement:
             and self.resampled_spacing == self.source_spacing
         )
 
+    @property
+    def source_grid(self) -> sitk.Grid:
+        """The grid of the source volume."""
+        return sitk.Grid(self.source_size, self.source_spacing, self.origin, self.direction)
 
-def _on_grid(image: sitk.Image, placement: VolumePlacement, resampled: bool) -> sitk.Image:
-    """Give ``image`` the geometry of the resampled or the source grid of ``placement``."""
-    image.SetSpacing(placement.resampled_spacing if resampled else placement.source_spacing)
-    image.SetOrigin(placement.origin)
-    image.SetDirection(placement.direction)
-    return image
+    @property
+    def resampled_grid(self) -> sitk.Grid:
+        """The grid of the model's input: ``package.spacing_mm``, the same origin and axes."""
+        return sitk.Grid(self.resampled_size, self.resampled_spacing, self.origin, self.direction)
+
+
+def _image(data: np.ndarray, grid: sitk.Grid) -> sitk.Image:
+    """``data`` (``(z, y, x)``) as a SimpleITK image on ``grid``."""
+    return sitk.image_from_array(
+        data, spacing_mm=grid.spacing_mm, origin_mm=grid.origin_mm, direction=grid.direction
+    )
 
 
 def _samples(count: int, spacing: float, new_spacing: float) -> int:
@@ -366,16 +375,19 @@ def volume_placement(
     )
 
 
-def _resample(
-    image: sitk.Image, reference: sitk.Image, default: float, extrapolate: bool
-) -> np.ndarray:
-    resampler = sitk.ResampleImageFilter()
-    resampler.SetReferenceImage(reference)
-    resampler.SetInterpolator(sitk.sitkLinear)
-    resampler.SetDefaultPixelValue(default)
-    resampler.SetUseNearestNeighborExtrapolator(extrapolate)
-    resampler.SetOutputPixelType(sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(resampler.Execute(image))
+def grid_placement(grid: sitk.Grid, package: ModelPackage) -> VolumePlacement:
+    """:func:`volume_placement` of a 3D ``grid``, e.g. of a NIfTI volume read with
+    :func:`dicom_node.imaging.sitk.read_image` in training.
+
+    Raises
+    ------
+    ValueError
+        When ``grid`` is not 3D.
+    """
+    if not len(grid.size) == len(grid.spacing_mm) == len(grid.origin_mm) == 3:
+        raise ValueError(f"expected a 3D grid, got size {grid.size}")
+    (x, y, z), (sx, sy, sz), (ox, oy, oz) = grid.size, grid.spacing_mm, grid.origin_mm
+    return volume_placement((x, y, z), (sx, sy, sz), (ox, oy, oz), grid.direction, package)
 
 
 def prepare_volume(
@@ -436,15 +448,8 @@ def prepare_volume_array(
 def resample_to_model(data: np.ndarray, placement: VolumePlacement, default: float) -> np.ndarray:
     """Resample ``data`` ``(z, y, x)`` from the source grid of ``placement`` onto its
     resampled grid (linear; ``default`` outside the source)."""
-    source = _on_grid(
-        sitk.GetImageFromArray(np.ascontiguousarray(data, dtype=np.float32)),
-        placement,
-        resampled=False,
-    )
-    reference = _on_grid(
-        sitk.Image(placement.resampled_size, sitk.sitkFloat32), placement, resampled=True
-    )
-    return _resample(source, reference, default, False)
+    source = _image(data, placement.source_grid)
+    return sitk.resample(source, placement.resampled_grid, default=default)
 
 
 def restore_volume(probs: np.ndarray, placement: VolumePlacement) -> np.ndarray:
@@ -462,11 +467,8 @@ def restore_volume(probs: np.ndarray, placement: VolumePlacement) -> np.ndarray:
         raise ValueError(f"expected (channels, {', '.join(map(str, expected))}), got {probs.shape}")
     if placement.is_identity:
         return probs.astype(np.float32, copy=False)
-    reference = _on_grid(
-        sitk.Image(placement.source_size, sitk.sitkFloat32), placement, resampled=False
-    )
     out = np.empty((probs.shape[0], *placement.source_size[::-1]), dtype=np.float32)
     for c in range(probs.shape[0]):
-        channel = sitk.GetImageFromArray(np.ascontiguousarray(probs[c], dtype=np.float32))
-        out[c] = _resample(_on_grid(channel, placement, resampled=True), reference, 0.0, True)
+        channel = _image(probs[c], placement.resampled_grid)
+        out[c] = sitk.resample(channel, placement.source_grid, default=0.0, extrapolate=True)
     return out

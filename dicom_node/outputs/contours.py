@@ -17,12 +17,19 @@ Coordinates are SCOORD image coordinates (PS3.3 C.18.6.1.1 and C.10.5.1.2): colu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import numpy as np
 from scipy import ndimage
 from shapely import LineString
-from skimage.measure import find_contours
+from skimage import measure
 
 from dicom_node.imaging.masks import fill_frame_holes
+
+#: scikit-image's marching squares, typed here (scikit-image has no annotations): the
+#: contours of a 2D image at a level, each ``(points, 2)`` (row, column).
+_find_contours = cast(Callable[[np.ndarray, float], list[np.ndarray]], measure.find_contours)
 
 #: Most points of one outline, the closing point included.
 MAX_POINTS = 200
@@ -67,7 +74,7 @@ def outline(mask: np.ndarray, max_points: int = MAX_POINTS) -> np.ndarray | None
     cols = np.flatnonzero(part.any(axis=0))
     box = part[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     padded = np.pad(box, 1).astype(np.float32)  # closed contours at the image border too
-    traced = max(find_contours(padded, 0.5), key=len)  # (row, col) in padded box indices
+    traced = max(_find_contours(padded, 0.5), key=len)  # (row, col) in padded box indices
     traced += (rows[0], cols[0])  # -> padded image indices (exact: integers and halves)
     line = LineString(traced)
     tolerance = _TOLERANCE_PX

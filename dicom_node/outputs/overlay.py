@@ -58,7 +58,9 @@ def outline(mask: np.ndarray) -> np.ndarray:
     Pixels on the image border count as boundary (the outside of the image is outside).
     """
     mask = np.asarray(mask, dtype=bool)
-    return mask & ~binary_erosion(mask, border_value=0)
+    eroded: np.ndarray = binary_erosion(mask, border_value=0)
+    boundary: np.ndarray = mask & ~eroded
+    return boundary
 
 
 def window_to_8bit(pixels: np.ndarray, source: pydicom.Dataset) -> np.ndarray:

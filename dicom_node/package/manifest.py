@@ -232,7 +232,7 @@ def _enum(cls: type[enum.Enum], value: Any, key: str) -> Any:
     try:
         return cls(value)
     except ValueError:
-        allowed = ", ".join(str(m.value) for m in cls)  # type: ignore[attr-defined]
+        allowed = ", ".join(str(m.value) for m in cls)
         raise ModelPackageError(f"{key}: {value!r} is not one of {allowed}") from None
 
 
