@@ -55,7 +55,7 @@ def install() -> None:
     with _lock:
         if _original is None:
             _original = dimse_messages.NamedTemporaryFile
-            dimse_messages.NamedTemporaryFile = _incoming_file  # type: ignore[assignment]
+            dimse_messages.NamedTemporaryFile = _incoming_file
 
 
 def register(ae: ApplicationEntity, folder: Path) -> None:

@@ -207,7 +207,7 @@ class BoundedSocket(AssociationSocket):
         return f"{info.address}:{info.port}" if info is not None else "?"
 
 
-class _ContextList(list):  # type: ignore[type-arg]
+class _ContextList(list[Any]):
     """The server's presentation contexts, copied cheaply for each new association.
 
     pynetdicom deep-copies every supported context for each connection (171 of them: about

@@ -6,7 +6,7 @@ The layout is the one of ``../shared/data/la-mri``::
     DATA/<case>/label.nii.gz     the expert label map on the same grid: 0 background,
                                  i = the i-th structure of the model (1-based)
 
-Volumes are read with SimpleITK (arrays are ``(z, y, x)``) and prepared once with
+Volumes are read with SimpleITK (imaging/sitk.py) (arrays are ``(z, y, x)``) and prepared once with
 :func:`dicom_node.models.preprocess.prepare_volume_array`, the same function the node runs on
 incoming DICOM series (normalisation, then linear resampling to ``input.spacing_mm``); label
 maps are resampled per structure with the same resampler and thresholded at 0.5. Both are
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import structlog
 import torch
 from monai.transforms import (
@@ -43,11 +42,12 @@ from monai.transforms import (
 )
 
 from dicom_node.common.errors import InputError
+from dicom_node.imaging import sitk
 from dicom_node.models.preprocess import (
     VolumePlacement,
+    grid_placement,
     prepare_volume_array,
     resample_to_model,
-    volume_placement,
 )
 from dicom_node.package.manifest import ModelPackage
 from dicom_node.training.data import Split
@@ -144,25 +144,15 @@ def read_volume(data_dir: Path | str, case: str, package: ModelPackage) -> Volum
         When the label map is not on the image's grid.
     """
     folder = Path(data_dir) / case
-    # Any: the methods of SimpleITK's Image (SWIG) carry no type hints
-    image: Any = sitk.ReadImage(str(folder / IMAGE_FILE))
-    label: Any = sitk.ReadImage(str(folder / LABEL_FILE))
-    if image.GetDimension() != 3:
+    image, grid = sitk.read_image(folder / IMAGE_FILE)
+    label, label_grid = sitk.read_image(folder / LABEL_FILE)
+    if len(grid.size) != 3:
         raise InputError(f"{folder / IMAGE_FILE}: expected a 3D volume")
-    if label.GetSize() != image.GetSize() or not np.allclose(
-        label.GetSpacing(), image.GetSpacing()
-    ):
+    if label_grid.size != grid.size or not np.allclose(label_grid.spacing_mm, grid.spacing_mm):
         raise InputError(f"{folder}: {LABEL_FILE} is not on the grid of {IMAGE_FILE}")
-    placement = volume_placement(
-        image.GetSize(),
-        image.GetSpacing(),
-        image.GetOrigin(),
-        image.GetDirection(),
-        package,
-    )
-    values = sitk.GetArrayFromImage(label)
-    masks = np.stack([values == i + 1 for i in range(len(package.structures))])
-    return Volume(sitk.GetArrayFromImage(image).astype(np.float32), masks, placement)
+    placement = grid_placement(grid, package)
+    masks = np.stack([label == i + 1 for i in range(len(package.structures))])
+    return Volume(image.astype(np.float32), masks, placement)
 
 
 def masks_to_model(masks: np.ndarray, placement: VolumePlacement) -> np.ndarray:
