@@ -1,1 +1,1 @@
-
+"""Imaging: series to image stacks with exact geometry, pixel decoding, resampling, masks."""

@@ -1,1 +1,1 @@
-
+"""Models: networks, input preparation, inference (batched, AMP, sliding window), postprocessing."""
