@@ -17,6 +17,7 @@ import torch
 
 from dicom_node.package.manifest import ModelPackage
 from dicom_node.training.augment import AugmentConfig
+from dicom_node.training.checkpoint import PackageRef
 from dicom_node.training.config import TrainConfig
 from dicom_node.training.data import Split
 from dicom_node.training.metrics import format_table
@@ -55,6 +56,15 @@ def hardware(device: torch.device) -> str:
     except OSError:
         pass
     return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def training_time(seconds: float, sittings: int = 1) -> str:
+    """The training time a card states: ``"35.4 min"``, or over several sittings (a resumed
+    training) their sum, ``"312.0 min (5.20 h) over 3 sittings"``."""
+    text = f"{seconds / 60:.1f} min"
+    if sittings > 1:
+        text += f" ({seconds / 3600:.2f} h) over {sittings} sittings"
+    return text
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, best_epoch: int) -> Path:
@@ -123,20 +133,23 @@ def write_model_card(
     device: torch.device,
     summary: dict[str, dict[str, float]],
     postprocess_comparison: dict[str, dict[str, dict[str, float]]],
-    init: ModelPackage | None,
+    init: ModelPackage | PackageRef | None,
     test_summary: dict[str, dict[str, float]] | None = None,
+    sittings: int = 1,
 ) -> Path:
     """Write ``MODEL_CARD.md`` of the package in ``folder`` from the measured figures.
 
     With ``test_summary`` (the split has a test part, evaluated once after every choice) the
     card gives the three parts of the split and the test figures against the goals first;
     the validation figures follow, marked as the ones that chose the epoch and postprocessing.
+    ``seconds`` is the training time of all ``sittings`` together (``--resume``).
     """
     s = config.training
     a = config.augment
     assert isinstance(a, AugmentConfig)  # 2D cards; 3D cards: training/train3d.py
     norm = package.normalization
     epoch_s = [h["seconds"] for h in history]
+    median_s = sorted(epoch_s)[len(epoch_s) // 2]
     structures = ", ".join(f"{st.name} (`{st.label}`)" for st in package.structures)
     labels = [st.label for st in package.structures]
     pp_rows = ["| postprocessing | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
@@ -261,7 +274,7 @@ translation ±{a.translate:.0%}, shear ±{a.shear}, p={a.affine_prob}; elastic p
 brightness ±{a.brightness}, Gaussian noise σ={a.noise_std}, p={a.intensity_prob} each.
 Initialisation: {initialisation}.
 
-{len(history)} epochs in {seconds / 60:.1f} min (median {sorted(epoch_s)[len(epoch_s) // 2]:.1f} s
+{len(history)} epochs in {training_time(seconds, sittings)} (median {median_s:.1f} s
 per epoch, validation included) on {hardware(device)}; best epoch {best_epoch} (mean
 validation Dice on the input grid). Curves: `{CURVES_FILE}`.
 

@@ -4,6 +4,8 @@
 
     dicom-node train --data DIR --config TRAIN.yaml --out PACKAGE_DIR [--init PACKAGE]
                      [--epochs N] [--max-minutes M] [--no-progress]
+                     [--resume] [--checkpoint-minutes M] [--stop-after-minutes M]
+                     [--stop-after-epochs N]
     dicom-node evaluate --model PACKAGE --data DIR [--out DIR] [--json] [--all-cases]
                         [--spacing-mm MM] [--no-progress]
 
@@ -38,7 +40,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         max_minutes=args.max_minutes,
         progress=not args.no_progress,
+        resume=args.resume,
+        checkpoint_minutes=args.checkpoint_minutes,
+        stop_after_epochs=args.stop_after_epochs,
+        stop_after_minutes=args.stop_after_minutes,
     )
+    if not result.finished:
+        done = result.history[-1]["epoch"] if result.history else 0
+        print(
+            f"training stopped after epoch {done} ({result.seconds / 3600:.2f} h so far); "
+            f"continue with the same command and --resume (checkpoint in {args.out})"
+        )
+        return 0
     from dicom_node.training.metrics import format_table
 
     if "test_cases" in result.metrics:
@@ -101,6 +114,29 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--max-minutes",
         type=float,
         help="wall-clock budget of the training loop; the schedule shrinks to fit it",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --out (same config, data and --epochs; --init "
+        "is read from the checkpoint); the result is that of an uninterrupted run",
+    )
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        help="write a checkpoint at the end of an epoch every M minutes "
+        "(default training.checkpoint_minutes, 10)",
+    )
+    p.add_argument(
+        "--stop-after-minutes",
+        type=float,
+        help="end this sitting, with a checkpoint, before an epoch that would end after M "
+        "minutes; go on later with --resume",
+    )
+    p.add_argument(
+        "--stop-after-epochs",
+        type=int,
+        help="end this sitting, with a checkpoint, after N epochs; go on later with --resume",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     _common(p)

@@ -40,7 +40,11 @@ class TrainSettings:
     epochs
         Number of epochs (the schedule is laid out over them).
     max_minutes
-        Wall-clock budget: stop before an epoch that would end after it (best weights kept).
+        Wall-clock budget: stop before an epoch that would end after it (best weights kept);
+        over all sittings together when a run is resumed (``--resume``).
+    checkpoint_minutes
+        Write a checkpoint (``checkpoint.pt``, for ``--resume``) at the end of the first epoch
+        that ends this many minutes after the last one, and at the end of training.
     batch_size, learning_rate, weight_decay, warmup_epochs
         AdamW and its schedule (linear warm-up, then cosine decay to 1% of the rate).
     dice_weight, bce_weight
@@ -76,6 +80,7 @@ class TrainSettings:
     seed: int = 0
     epochs: int = 100
     max_minutes: float | None = None
+    checkpoint_minutes: float = 10.0
     batch_size: int = 8
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
@@ -124,6 +129,8 @@ class TrainSettings:
             raise ConfigError("training.epochs and training.batch_size must be >= 1")
         if settings.learning_rate <= 0 or settings.spacing_mm <= 0:
             raise ConfigError("training.learning_rate and training.spacing_mm must be > 0")
+        if settings.checkpoint_minutes <= 0:
+            raise ConfigError("training.checkpoint_minutes must be > 0")
         return settings
 
 

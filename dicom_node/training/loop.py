@@ -31,10 +31,23 @@ import yaml
 from monai.losses import DiceLoss
 from monai.utils import set_determinism
 
+from dicom_node.common.errors import ConfigError
 from dicom_node.models.inference import select_device
 from dicom_node.models.networks import build_network, load_network
 from dicom_node.package.manifest import MODEL_FILE, ModelPackage, load_package
 from dicom_node.training import card
+from dicom_node.training.checkpoint import (
+    CHECKPOINT_FILE,
+    PackageRef,
+    capture_rng,
+    check_fingerprint,
+    fingerprint,
+    half_state,
+    random_states_of,
+    read_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from dicom_node.training.config import HISTORY_FILE, WEIGHTS_FILE, TrainConfig, TrainSettings
 from dicom_node.training.data import Split
 from dicom_node.training.progress import ProgressLines, format_seconds
@@ -55,11 +68,12 @@ def seed_everything(seed: int) -> None:
 
 def save_weights(network: torch.nn.Module, path: Path) -> None:
     """Save the network's ``state_dict`` in half precision (small files; inference casts back)."""
-    state = {
-        k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()
-        for k, v in network.state_dict().items()
-    }
-    torch.save(state, path)
+    save_state(network.state_dict(), path)
+
+
+def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Save a ``state_dict`` in half precision, as :func:`save_weights`."""
+    torch.save(half_state(state), path)
 
 
 def write_model_yaml(folder: Path, model: dict[str, Any]) -> Path:
@@ -148,6 +162,9 @@ class TrainResult:
     best_epoch: int = 0
     seconds: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: False when the sitting stopped early (``stop_after_*``): the package is a draft
+    #: and the checkpoint waits for ``resume``.
+    finished: bool = True
 
 
 @dataclass(frozen=True)
@@ -239,7 +256,12 @@ class LoopData:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """What the training loop leaves for the package to be finished."""
+    """What the training loop leaves for the package to be finished.
+
+    ``seconds`` is the time of every sitting together (``sittings``: each one's seconds, up
+    to its last checkpoint for the earlier ones); ``finished`` is False when the sitting
+    stopped before the end of training (``--stop-after-*``), leaving a checkpoint.
+    """
 
     split: Split
     history: list[dict[str, Any]]
@@ -247,16 +269,72 @@ class RunRecord:
     epochs_planned: int
     epochs_fitted: int
     seconds: float
-    init: ModelPackage | None = None
+    init: ModelPackage | PackageRef | None = None
+    sittings: tuple[float, ...] = ()
+    finished: bool = True
 
 
-def run_epochs(run: Run, data: LoopData, split: Split, *, progress: bool) -> RunRecord:
+@dataclass(frozen=True)
+class Sitting:
+    """How this sitting of a training run goes.
+
+    Attributes
+    ----------
+    resume
+        The checkpoint to continue from (:func:`~dicom_node.training.checkpoint.read_checkpoint`),
+        or None to start afresh.
+    checkpoint_minutes
+        Write a checkpoint at the end of the first epoch that ends this many minutes after the
+        last checkpoint (or the start of the sitting); always at the end of training and when
+        the sitting stops early.
+    stop_after_epochs, stop_after_minutes
+        End this sitting, with a checkpoint, after this many epochs, or before an epoch that
+        would end after this many minutes of the sitting; training goes on with ``--resume``.
+    """
+
+    resume: dict[str, Any] | None = None
+    checkpoint_minutes: float = 10.0
+    stop_after_epochs: int | None = None
+    stop_after_minutes: float | None = None
+
+
+def check_checkpoint(out: Path, *, resume: bool) -> dict[str, Any] | None:
+    """Before anything is written to ``out``: the checkpoint to resume from (``resume``), or
+    None after making sure that a fresh run does not overwrite a checkpoint.
+
+    Raises
+    ------
+    ConfigError
+        ``--resume`` without a readable checkpoint, or a checkpoint in ``out`` without it.
+    """
+    path = out / CHECKPOINT_FILE
+    if resume:
+        return read_checkpoint(path)
+    if path.exists():
+        raise ConfigError(
+            f"{path}: a checkpoint of an unfinished training is there; continue it with "
+            "--resume, or delete it to start afresh"
+        )
+    return None
+
+
+def _init_ref(init: ModelPackage | PackageRef | None) -> dict[str, str] | None:
+    return None if init is None else {"name": init.name, "version": init.version}
+
+
+def run_epochs(  # noqa: PLR0915 - the loop is written once, for 2D and 3D
+    run: Run, data: LoopData, split: Split, *, progress: bool, sitting: Sitting | None = None
+) -> RunRecord:
     """Train ``run.network`` on ``data`` and leave the best epoch's weights, ``history.json``
     and the curves in ``run.out`` (see the module docstring).
 
-    ``progress`` prints a line per epoch (counts, loss, elapsed time) and one at least every
-    30 s within an epoch on stderr (:class:`~dicom_node.training.progress.ProgressLines`).
+    ``progress`` prints a line per epoch (counts, loss, elapsed time, time left) and one at
+    least every 30 s within an epoch on stderr
+    (:class:`~dicom_node.training.progress.ProgressLines`). ``sitting`` says whether to
+    resume from a checkpoint, how often to write one and when to stop this sitting
+    (:class:`Sitting`); a resumed run ends with the result of an uninterrupted one.
     """
+    sitting = sitting or Sitting()
     settings, network, device, out = run.config.training, run.network, run.device, run.out
     labels = [s.label for s in run.package.structures]
     n_epochs, budget_min = run.epochs, run.budget_min
@@ -269,6 +347,42 @@ def run_epochs(run: Run, data: LoopData, split: Split, *, progress: bool) -> Run
     history: list[dict[str, Any]] = []
     best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(network.state_dict())
 
+    # what a checkpoint keeps beyond the tensors: the random states of the data and
+    # augmentation, the sittings so far, what the run started from
+    checkpoint_path = out / CHECKPOINT_FILE
+    sources = random_states_of(data.loader.dataset, "dataset")
+    generator = data.loader.generator
+    init = _init_ref(run.init)
+    done, before_s = 0, []
+
+    def run_key(init: dict[str, str] | None) -> str:
+        start = None if init is None else f"{init['name']} {init['version']}"
+        return fingerprint(run.config, split, n_epochs, start)
+
+    if sitting.resume is not None:
+        state = sitting.resume
+        init = state["init"]  # --init is not read again: the checkpoint says what it was
+        check_fingerprint(state, run_key(init), checkpoint_path)
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])  # the schedule's total steps too
+        scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"], sources, generator)
+        history = list(state["history"])
+        done, planned = int(state["epoch"]), int(state["planned"])
+        best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
+        best_state = dict(state["best_state"])
+        before_s = [float(s) for s in state["sittings"]]
+        save_state(best_state, out / WEIGHTS_FILE)
+        log.info(
+            "resumed from checkpoint",
+            epoch=done,
+            epochs=planned,
+            sittings=len(before_s),
+            seconds_before=round(sum(before_s), 1),
+        )
+    last_checkpoint = run.started
+
     def keep_if_best(score: float, epoch: int) -> None:
         nonlocal best_score, best_epoch, best_state
         if score > best_score:
@@ -276,8 +390,37 @@ def run_epochs(run: Run, data: LoopData, split: Split, *, progress: bool) -> Run
             best_state = copy.deepcopy(network.state_dict())
             save_weights(network, out / WEIGHTS_FILE)
 
-    epochs_done = ProgressLines("train", n_epochs, "epochs", every_n=1, enabled=progress)
-    for epoch in range(1, n_epochs + 1):
+    def write_checkpoint(epoch: int) -> None:
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "fingerprint": run_key(init),
+                "epoch": epoch,
+                "planned": planned,
+                "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": capture_rng(sources, generator),
+                "history": history,
+                "best_score": best_score,
+                "best_epoch": best_epoch,
+                "best_state": half_state(best_state),
+                "sittings": [*before_s, time.monotonic() - run.started],
+                "init": init,
+            },
+        )
+        log.info(
+            "checkpoint written", epoch=epoch, mb=round(checkpoint_path.stat().st_size / 1e6, 1)
+        )
+
+    epochs_done = ProgressLines(
+        "train", n_epochs, "epochs", every_n=1, enabled=progress, already_done=done
+    )
+    epochs_done.total = planned
+    epoch, finished = done, done >= planned
+    while not finished:
+        epoch += 1
         epoch_start = time.monotonic()
         network.train()
         losses: list[float] = []
@@ -320,11 +463,12 @@ def run_epochs(run: Run, data: LoopData, split: Split, *, progress: bool) -> Run
             **figures,
             seconds=round(seconds, 1),
         )
-        if epoch >= planned:
-            break
-        if budget_min is not None and epoch >= 2:
-            # re-plan from the typical recent epoch (the first one is slower: warm-up)
-            left_s = budget_min * 60 - (time.monotonic() - run.started)
+        finished = epoch >= planned
+        if not finished and budget_min is not None and epoch >= 2:
+            # re-plan from the typical recent epoch (the first one is slower: warm-up); the
+            # budget counts the earlier sittings too
+            spent_s = sum(before_s) + time.monotonic() - run.started
+            left_s = budget_min * 60 - spent_s
             typical_s = float(np.median([h["seconds"] for h in history[1:][-5:]]))
             fits = min(n_epochs, max(epoch, epoch + int(left_s // typical_s)))
             if fits != planned:
@@ -336,14 +480,35 @@ def run_epochs(run: Run, data: LoopData, split: Split, *, progress: bool) -> Run
                     _, val_dice = data.validate(network, loss_fn)
                     keep_if_best(float(val_dice.mean()), epoch)
                 log.warning("stopping at the time budget", epoch=epoch, max_minutes=budget_min)
-                break
-    train_seconds = time.monotonic() - run.started
-    epochs_done.print(f"train: loop done in {format_seconds(train_seconds)}; {data.done_note}")
-
-    network.load_state_dict(best_state)
-    save_weights(network, out / WEIGHTS_FILE)
-    data.plot_curves(history, out / card.CURVES_FILE, best_epoch)
+                finished = True
+        stop = not finished and _sitting_ends(sitting, epoch - done, run.started, history)
+        if (
+            finished
+            or stop
+            or time.monotonic() - last_checkpoint >= sitting.checkpoint_minutes * 60
+        ):
+            write_checkpoint(epoch)
+            last_checkpoint = time.monotonic()
+        if stop:
+            break
+    sitting_s = time.monotonic() - run.started
+    train_seconds = sum(before_s) + sitting_s
+    sittings = (*before_s, sitting_s)
     (out / HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
+    if not finished:
+        epochs_done.print(
+            f"train: this sitting stopped after epoch {epoch} of {planned} "
+            f"({format_seconds(sitting_s)}); checkpoint {checkpoint_path}: continue with the "
+            "same command and --resume"
+        )
+    else:
+        over = f" over {len(sittings)} sittings" if len(sittings) > 1 else ""
+        epochs_done.print(
+            f"train: loop done in {format_seconds(train_seconds)}{over}; {data.done_note}"
+        )
+        network.load_state_dict(best_state)
+        save_weights(network, out / WEIGHTS_FILE)
+        data.plot_curves(history, out / card.CURVES_FILE, best_epoch)
     return RunRecord(
         split=split,
         history=history,
@@ -351,13 +516,29 @@ def run_epochs(run: Run, data: LoopData, split: Split, *, progress: bool) -> Run
         epochs_planned=n_epochs,
         epochs_fitted=planned,
         seconds=train_seconds,
-        init=run.init,
+        init=None if init is None else (run.init or PackageRef(**init)),
+        sittings=sittings,
+        finished=finished,
     )
+
+
+def _sitting_ends(
+    sitting: Sitting, epochs: int, started: float, history: list[dict[str, Any]]
+) -> bool:
+    """Whether this sitting stops after ``epochs`` epochs of its own: by count, or because
+    the next epoch (at the pace of the last ones) would end after its minutes."""
+    if sitting.stop_after_epochs is not None and epochs >= sitting.stop_after_epochs:
+        return True
+    if sitting.stop_after_minutes is None:
+        return False
+    typical_s = float(np.median([h["seconds"] for h in history[-3:]]))
+    return time.monotonic() - started + typical_s > sitting.stop_after_minutes * 60
 
 
 def training_record(data_dir: Path, run: RunRecord, device: torch.device) -> dict[str, Any]:
     """The ``training:`` record of the ``model.yaml`` training writes: data, split, epochs,
-    time and device (no host names), and the package it started from."""
+    time (every sitting together) and device (no host names), and the package it started
+    from."""
     return {
         "data": str(Path(data_dir).name),
         "split": "split.json",
@@ -366,6 +547,7 @@ def training_record(data_dir: Path, run: RunRecord, device: torch.device) -> dic
         "epochs_fitted_to_budget": run.epochs_fitted,
         "best_epoch": run.best_epoch,
         "seconds": round(run.seconds, 1),
+        "sittings": len(run.sittings),
         "device": card.hardware(device),
         "init": None if run.init is None else f"{run.init.name} {run.init.version}",
     }

@@ -45,6 +45,9 @@ class ProgressLines:
         False: print on time only (``every_s``), not after the first, every n-th or last item.
     enabled
         False: print nothing (``--no-progress``).
+    already_done
+        Items completed before this count started (a resumed training): they are counted in
+        ``done`` but not in the pace the time left is estimated from.
     stream
         Default ``sys.stderr`` (looked up when printing).
     clock
@@ -61,11 +64,12 @@ class ProgressLines:
         every_s: float = 30.0,
         by_count: bool = True,
         enabled: bool = True,
+        already_done: int = 0,
         stream: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if total < 0 or (every_n is not None and every_n < 1) or every_s <= 0:
-            raise ValueError("total must be >= 0, every_n >= 1 and every_s > 0")
+        if total < 0 or (every_n is not None and every_n < 1) or every_s <= 0 or already_done < 0:
+            raise ValueError("total, already_done must be >= 0, every_n >= 1 and every_s > 0")
         self.what, self.total, self.unit = what, total, unit
         self.every_n = every_n or max(1, total // 20)
         self.every_s = every_s
@@ -75,7 +79,8 @@ class ProgressLines:
         self.clock = clock
         self.started = clock()
         self._last_line = self.started
-        self.done = 0
+        self.already_done = already_done
+        self.done = already_done
 
     def elapsed_s(self) -> float:
         return self.clock() - self.started
@@ -92,8 +97,8 @@ class ProgressLines:
             elapsed = now - self.started
             text = f"{self.what}: {self.done}/{self.total} {self.unit}, "
             text += f"{format_seconds(elapsed)} elapsed"
-            if 0 < self.done < self.total:
-                left = elapsed / self.done * (self.total - self.done)
+            if self.already_done < self.done < self.total:
+                left = elapsed / (self.done - self.already_done) * (self.total - self.done)
                 text += f", about {format_seconds(left)} left"
             self.print(text + (f"; {detail}" if detail else ""))
 

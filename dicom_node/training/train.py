@@ -29,6 +29,7 @@ import torch
 from dicom_node.package.manifest import Postprocess, load_package
 from dicom_node.training import card
 from dicom_node.training.augment import AugmentConfig, build_augmentation
+from dicom_node.training.checkpoint import CHECKPOINT_FILE
 from dicom_node.training.config import TrainConfig, TrainSettings, load_train_config
 from dicom_node.training.data import (
     CachedCases,
@@ -48,7 +49,9 @@ from dicom_node.training.loop import (
     LossFn,
     Run,
     RunRecord,
+    Sitting,
     TrainResult,
+    check_checkpoint,
     run_epochs,
     start_run,
     training_record,
@@ -111,6 +114,10 @@ def train(
     max_minutes: float | None = None,
     progress: bool = True,
     overlays: bool = True,
+    resume: bool = False,
+    checkpoint_minutes: float | None = None,
+    stop_after_epochs: int | None = None,
+    stop_after_minutes: float | None = None,
 ) -> TrainResult:
     """Train a model on a PNG folder (2D) or a NIfTI folder (3D models, see
     :mod:`dicom_node.training.train3d`) and write the model package ``out_dir``.
@@ -135,6 +142,22 @@ def train(
         package evaluated (:class:`~dicom_node.training.progress.ProgressLines`).
     overlays
         Write the best/median/worst overlays of the validation cases into the package (2D).
+    resume
+        Continue from the checkpoint in ``out_dir`` (written by a run of the same config,
+        data split and ``epochs``; ``init`` is then taken from the checkpoint): the result is
+        the one of an uninterrupted run. Without it, a checkpoint in ``out_dir`` is refused.
+    checkpoint_minutes
+        Override ``training.checkpoint_minutes``.
+    stop_after_epochs, stop_after_minutes
+        End this sitting after this many epochs, or before an epoch that would end after
+        this many minutes, with a checkpoint; the package is not finished
+        (``TrainResult.finished`` is False) until a run with ``resume`` completes it.
+
+    Raises
+    ------
+    ConfigError
+        ``resume`` without a checkpoint, or with one of another run; a checkpoint in
+        ``out_dir`` without ``resume``.
     """
     started = time.monotonic()
     config = (
@@ -142,6 +165,9 @@ def train(
     )
     data_dir, out = Path(data_dir), Path(out_dir)
     volumes = config.model.get("dims") == 3
+    checkpoint = check_checkpoint(out, resume=resume)
+    if checkpoint is not None:
+        init = None  # the checkpoint holds the weights and says what they started from
     run = start_run(config, out, init, epochs=epochs, max_minutes=max_minutes, started=started)
     labels = [s.label for s in run.package.structures]
     if volumes:
@@ -158,14 +184,31 @@ def train(
     data = (
         volume_loop_data(data_dir, split, run) if volumes else image_loop_data(data_dir, split, run)
     )
-    record = run_epochs(run, data, split, progress=progress)
+    sitting = Sitting(
+        resume=checkpoint,
+        checkpoint_minutes=checkpoint_minutes or config.training.checkpoint_minutes,
+        stop_after_epochs=stop_after_epochs,
+        stop_after_minutes=stop_after_minutes,
+    )
+    record = run_epochs(run, data, split, progress=progress, sitting=sitting)
+    if not record.finished:  # this sitting ends; the checkpoint waits for --resume
+        return TrainResult(
+            package=run.package,
+            history=record.history,
+            best_epoch=record.best_epoch,
+            seconds=record.seconds,
+            finished=False,
+        )
     if volumes:
-        return finish_volume_package(
+        result = finish_volume_package(
             out, config, data_dir, record, device=run.device, progress=progress
         )
-    return finish_package(
-        out, config, data_dir, record, device=run.device, overlays=overlays, progress=progress
-    )
+    else:
+        result = finish_package(
+            out, config, data_dir, record, device=run.device, overlays=overlays, progress=progress
+        )
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # the package is complete
+    return result
 
 
 def image_loop_data(data_dir: Path, split: Split, run: Run) -> LoopData:
@@ -290,6 +333,7 @@ def finish_package(
         postprocess_comparison=comparison,
         init=run.init,
         test_summary=None if test_eval is None else test_eval.summary,
+        sittings=len(run.sittings),
     )
     log.info("package written", model=package.name, best_epoch=run.best_epoch)
     return TrainResult(

@@ -220,6 +220,7 @@ def finish_volume_package(
         validation,
         test,
         comparison,
+        sittings=len(run.sittings),
     )
     return TrainResult(
         package=package,
@@ -242,9 +243,11 @@ def write_volume_card(  # noqa: PLR0913
     validation: EvaluationResult,
     test: EvaluationResult,
     comparison: dict[str, dict[str, dict[str, float]]],
+    sittings: int = 1,
 ) -> Path:
     """Write ``MODEL_CARD.md`` of a 3D package: data, split, training, figures in mm and in
-    source voxels against the published ones (from the training config's ``data``)."""
+    source voxels against the published ones (from the training config's ``data``);
+    ``seconds`` is the training time of all ``sittings`` together."""
     voxel = test.spacing_mm
     s = config.training
     lines = [
@@ -280,7 +283,9 @@ def write_volume_card(  # noqa: PLR0913
         f"the structure; batch {s.batch_size} cases; augmentation {config.augment}.",
         f"- AdamW lr {s.learning_rate}, weight decay {s.weight_decay}, warm-up "
         f"{s.warmup_epochs} epochs then cosine; Dice + BCE.",
-        f"- {len(history)} epochs in {format_seconds(seconds)} on {card.hardware(device)} "
+        f"- {len(history)} epochs in {format_seconds(seconds)}"
+        + (f" ({seconds / 3600:.2f} h over {sittings} sittings)" if sittings > 1 else "")
+        + f" on {card.hardware(device)} "
         f"(budget {s.max_minutes} min); best epoch {best_epoch} by validation Dice.",
         f"- Postprocessing chosen on validation: "
         f"{ {st.label: [p.value for p in st.postprocess] for st in package.structures} }.",

@@ -47,3 +47,15 @@ def test_time_only_and_disabled() -> None:
 
 def test_format_seconds() -> None:
     assert [format_seconds(s) for s in (5, 65, 3725)] == ["5 s", "1 min 5 s", "1 h 02 min"]
+
+
+def test_time_left_of_a_resumed_count_uses_this_run_pace_only() -> None:
+    clock, out = Clock(), io.StringIO()
+    lines = ProgressLines("train", 10, "epochs", every_n=1, already_done=6, stream=out, clock=clock)
+    clock.now = 60.0
+    lines.update(7)  # one epoch in this run: 60 s each, three left
+    clock.now = 120.0
+    lines.update(8)
+    printed = out.getvalue().splitlines()
+    assert printed[0] == "train: 7/10 epochs, 1 min 0 s elapsed, about 3 min 0 s left"
+    assert printed[1] == "train: 8/10 epochs, 2 min 0 s elapsed, about 2 min 0 s left"
