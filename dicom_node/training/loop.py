@@ -8,7 +8,10 @@ structures overlap), AdamW with linear warm-up and cosine decay per step, mixed 
 (autocast + gradient scaling) on CUDA only, one code path for CPU and CUDA. The validation
 cases are scored after every epoch (3D: every ``validate_every`` epochs and at the last); the
 best epoch by mean validation Dice is kept, and with a wall-clock budget the schedule shrinks
-to what fits. What differs between 2D and 3D inside the loop (how batches are drawn, how the
+to what fits. A checkpoint (:mod:`~dicom_node.training.checkpoint`) is written every
+``checkpoint_minutes`` at an epoch's end, when a sitting stops early and at the end; a run
+continued from it (:class:`Sitting`, ``--resume``) ends as the uninterrupted run would have,
+bit for bit. What differs between 2D and 3D inside the loop (how batches are drawn, how the
 validation cases are scored, the curves) comes in as a :class:`LoopData`.
 """
 

@@ -248,3 +248,26 @@ def test_check_checkpoint_names_the_flag(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no checkpoint to resume from"):
         loop_module.check_checkpoint(tmp_path, resume=True)
     assert loop_module.check_checkpoint(tmp_path, resume=False) is None
+
+
+@needs_jsrt
+def test_resume_after_a_crash_while_finishing_only_finishes(
+    tiny_data: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dicom_node.training.train as train_module
+
+    def crash(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("killed while choosing postprocessing")
+
+    config = parse_train_config(tiny_config(1))
+    out = tmp_path / "pkg"
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "finish_package", crash)
+        with pytest.raises(RuntimeError):
+            train(tiny_data, config, out, progress=False, overlays=False)
+    assert read_checkpoint(out / CHECKPOINT_FILE)["epoch"] == 1
+    result = train(tiny_data, config, out, progress=False, overlays=False, resume=True)
+    assert result.finished and [h["epoch"] for h in result.history] == [1]  # no epoch 2
+    assert (out / "MODEL_CARD.md").is_file() and not (out / CHECKPOINT_FILE).exists()
