@@ -20,15 +20,15 @@ from dicom_node.outputs.seg import (
     source_frame_keys,
 )
 from dicom_node.package.manifest import ModelPackage
-from dicom_node.testing.dciodvfy import ValidatorNotFoundError, dciodvfy_errors, dciodvfy_path
+from dicom_node.testing.dciodvfy import ValidatorNotFoundError, dciodvfy_errors
+from tests.conftest import require_shared_data
 from tests.factories import SHARED_DATA, dx_from_array
 from tests.outputs.conftest import projection_series
 
 REFERENCE = SHARED_DATA / "reference"
 
-needs_dciodvfy = pytest.mark.skipif(
-    dciodvfy_path() is None, reason="dciodvfy not installed (apt-get install dicom3tools)"
-)
+#: Skipped with the reason without dciodvfy; failed under DICOM_NODE_REQUIRE_PEERS=1.
+needs_dciodvfy = pytest.mark.needs_tool("dciodvfy")
 
 
 def make_seg(series: ImageSeries, masks: np.ndarray, package: ModelPackage) -> hd.seg.Segmentation:
@@ -280,9 +280,7 @@ REFERENCE_SEGS = [
 def test_reader_agrees_with_highdicom_on_reference_segs(
     seg_path: str, source_path: str | None
 ) -> None:
-    path = REFERENCE / seg_path
-    if not path.is_file():
-        pytest.skip(f"reference data not found: {path}")
+    path = require_shared_data("reference", seg_path)
     seg = pydicom.dcmread(path)
     if source_path is None:  # sources not shipped: the referenced instances, one frame each
         uids = referenced_instances(seg)
@@ -304,8 +302,6 @@ def test_reader_agrees_with_highdicom_on_reference_segs(
 
 
 def test_reader_rejects_fractional() -> None:
-    path = REFERENCE / "highdicom/seg_image_ct_true_fractional.dcm"
-    if not path.is_file():
-        pytest.skip(f"reference data not found: {path}")
+    path = require_shared_data("reference", "highdicom/seg_image_ct_true_fractional.dcm")
     with pytest.raises(ValueError, match="BINARY"):
         read_seg_masks(pydicom.dcmread(path), [])

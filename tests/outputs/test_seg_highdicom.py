@@ -24,14 +24,13 @@ from dicom_node.common.uids import output_uids
 from dicom_node.imaging.series import ImageSeries, load_series
 from dicom_node.outputs.seg import NOMINAL_SLICE_THICKNESS_MM, build_seg
 from dicom_node.package.manifest import ModelPackage, load_package
-from dicom_node.testing.dciodvfy import dciodvfy_errors, dciodvfy_path
+from dicom_node.testing.dciodvfy import dciodvfy_errors
 from tests.factories import REPO, dx_from_array, mr_series, us_from_array, write_files
 
 MODELS = REPO / "config" / "models"
 
-needs_dciodvfy = pytest.mark.skipif(
-    dciodvfy_path() is None, reason="dciodvfy not installed (apt-get install dicom3tools)"
-)
+#: Skipped with the reason without dciodvfy; failed under DICOM_NODE_REQUIRE_PEERS=1.
+needs_dciodvfy = pytest.mark.needs_tool("dciodvfy")
 
 
 def _disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
