@@ -34,10 +34,44 @@ def require_tool(name: str) -> str:
     return path
 
 
-def require_shared_data() -> Path:
-    if not (SHARED_DATA / "jsrt" / "images").is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA} (set DICOM_NODE_SHARED_DATA)")
-    return SHARED_DATA
+#: How to point the tests at the shared data, said by every skip for its absence.
+SHARED_DATA_HINT = (
+    "set DICOM_NODE_SHARED_DATA to the folder that holds jsrt/, busi/, la-mri/ and reference/ "
+    "(default: ../shared/data beside the clone)"
+)
+
+
+def require_shared_data(*parts: str) -> Path:
+    """``SHARED_DATA / parts`` (default ``jsrt/images``): the public data sets some tests use.
+
+    When it is missing the test is skipped with the path and :data:`SHARED_DATA_HINT` as the
+    reason; with ``DICOM_NODE_REQUIRE_PEERS=1`` (``make test``, CI) it fails instead, so that
+    a run without the data cannot pass as complete.
+    """
+    path = SHARED_DATA.joinpath(*(parts or ("jsrt", "images")))
+    if not path.exists():
+        message = f"shared data not found: {path}; {SHARED_DATA_HINT}"
+        if REQUIRE_PEERS:
+            pytest.fail(f"{message} (DICOM_NODE_REQUIRE_PEERS=1 requires it)")
+        pytest.skip(message)
+    return path
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.shared_data("jsrt", "images")``: :func:`require_shared_data` first;
+    ``@pytest.mark.needs_tool("dciodvfy")``: :func:`require_tool` first."""
+    for mark in item.iter_markers("shared_data"):
+        require_shared_data(*mark.args)
+    for mark in item.iter_markers("needs_tool"):
+        require_tool(*mark.args)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say at the start of every run where the shared data is, or that it is missing."""
+    if (SHARED_DATA / "jsrt" / "images").is_dir():
+        return f"shared data: {SHARED_DATA}"
+    then = "fail" if REQUIRE_PEERS else "skip"
+    return f"shared data: NOT FOUND at {SHARED_DATA}; tests that need it {then}; {SHARED_DATA_HINT}"
 
 
 def free_port() -> int:

@@ -31,6 +31,7 @@ from tests.conftest import (
     StoreSCP,
     free_port,
     node_settings,
+    require_shared_data,
     storescu,
     wait_for,
 )
@@ -61,8 +62,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def round_trip(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Both images sent over one association; their SEG and SR by source SOP Instance UID."""
-    if not (BUSI / "images" / f"{CASE}.png").is_file():
-        pytest.skip(f"BUSI images not found at {BUSI} (set DICOM_NODE_SHARED_DATA)")
+    require_shared_data("busi", "images", f"{CASE}.png")
     assert CASE in read_split(PACKAGE).test, "the test case must be a held-out one"
     tmp = tmp_path_factory.mktemp("busi")
     from PIL import Image

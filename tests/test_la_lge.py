@@ -40,7 +40,6 @@ from dicom_node.testing.dciodvfy import dciodvfy_errors
 from tests.conftest import REPO, NodeProcess, StoreSCP, require_shared_data, storescu
 from tests.factories import write_files
 from tests.la_mri import (
-    LA_MRI,
     LA_PACKAGE,
     dice,
     enhanced_mr,
@@ -71,9 +70,7 @@ LA_ROUTE = {
 
 @pytest.fixture(scope="module")
 def case() -> tuple[str, np.ndarray, np.ndarray, tuple[float, float, float]]:
-    require_shared_data()
-    if not LA_MRI.is_dir():
-        pytest.skip(f"LA MRI data not found at {LA_MRI}")
+    require_shared_data("la-mri")
     name = held_out_cases()[0]
     return (name, *read_case(name))
 

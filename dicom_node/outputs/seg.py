@@ -2,7 +2,7 @@
 
 :func:`build_seg` writes a BINARY Segmentation Storage instance with one segment per structure
 of the model package (overlaps allowed), on the exact grid of the source images, referencing
-every source instance. Three things highdicom 0.28 does not do are added here:
+every source instance. What highdicom 0.28 does not do is added here:
 
 * Segmented Property Type Modifier Code Sequence (0062,0011), e.g. Right or Left, inside the
   item of Segmented Property Type Code Sequence (0062,000F) (Segment Description Macro,
@@ -17,13 +17,19 @@ every source instance. Three things highdicom 0.28 does not do are added here:
   image plane itself, rows along x and columns along y (``[1, 0, 0, 0, 1, 0]``), which is how
   those viewers place a radiograph; the Multi-frame Functional Groups Module allows the macro
   and dciodvfy accepts it;
+* Slice Thickness (0018,0050) in the Pixel Measures Sequence (0028,9110) of a source that
+  has none (a projection radiograph): highdicom writes Pixel Spacing alone there, which its
+  own reader (``highdicom.seg.segread``) refuses ("Sequence does not have the required
+  attributes for a Pixel Measures Sequence"); an empty value is an error to dciodvfy (Type
+  1C), and leaving the whole sequence out breaks OHIF 3, whose SEG viewport reads it
+  unconditionally. A projection has no physical slice thickness, so the SEG says a nominal
+  :data:`NOMINAL_SLICE_THICKNESS_MM` (the unit depth ITK and cornerstone give a single 2D
+  image); no measurement of dicom-node uses it. A source with a Slice Thickness keeps its own.
 * deterministic Dimension Organization UIDs (0020,9164), so the same input gives the same
   object (highdicom draws random ones).
 
 :func:`read_seg_masks` decodes a BINARY SEG back onto its source grid with pydicom alone,
-following each frame's Derivation Image Sequence (0008,9124). It works where
-``highdicom.seg.segread`` does not: highdicom 0.28 cannot read a SEG on a projection image,
-whose Pixel Measures Sequence (0028,9110) has no Slice Thickness (0018,0050).
+following each frame's Derivation Image Sequence (0008,9124), for SEGs of other writers.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ log = structlog.get_logger(__name__)
 MANUFACTURER = "dicom-node"
 #: Series Number (0020,0011) of a SEG series, when not given: this plus the source's number.
 SEG_SERIES_NUMBER_OFFSET = 1000
+#: Slice Thickness (0018,0050) of the Pixel Measures of a SEG on a source that has none (a
+#: projection): nominal, so that highdicom reads the SEG back (see the module text).
+NOMINAL_SLICE_THICKNESS_MM = 1.0
 #: Image Orientation (Patient) (0020,0037) written for a source without a Frame of Reference:
 #: the image plane, as viewers place a radiograph (see the module text).
 IMAGE_PLANE_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -151,6 +160,20 @@ def _add_plane_orientation(seg: hd.seg.Segmentation) -> None:
     item = pydicom.Dataset()
     item.ImageOrientationPatient = list(IMAGE_PLANE_ORIENTATION)
     shared.PlaneOrientationSequence = [item]
+
+
+def _fill_slice_thickness(seg: hd.seg.Segmentation) -> None:
+    """Give every Pixel Measures Sequence (0028,9110) item of a SEG without Frame of Reference
+    that lacks Slice Thickness (0018,0050) the nominal :data:`NOMINAL_SLICE_THICKNESS_MM`,
+    so that ``highdicom.seg.segread`` reads it (see the module text)."""
+    groups = [*seg.get("SharedFunctionalGroupsSequence", [])]
+    groups += [*seg.get("PerFrameFunctionalGroupsSequence", [])]
+    for group in groups:
+        for item in group.get("PixelMeasuresSequence", []):
+            if item.get("SliceThickness") in (None, ""):
+                item.SliceThickness = pydicom.valuerep.DSfloat(
+                    NOMINAL_SLICE_THICKNESS_MM, auto_format=True
+                )
 
 
 def _fix_dimension_organization(seg: hd.seg.Segmentation, sop_uid: str) -> None:
@@ -319,6 +342,7 @@ def build_seg(
         seg.PatientOrientation = series.datasets[0].get("PatientOrientation", "")
     if "FrameOfReferenceUID" not in seg:
         _add_plane_orientation(seg)
+        _fill_slice_thickness(seg)
     _fix_dimension_organization(seg, sop_uid)
     log.debug(
         "segmentation built",

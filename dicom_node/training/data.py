@@ -261,6 +261,38 @@ def make_split(
     )
 
 
+def check_cases(data_dir: Path, cases: list[str], structures: list[str]) -> None:
+    """Refuse, before any inference, a case whose image or mask is missing or whose mask is
+    not the size of its image (read from the PNG headers only).
+
+    Raises
+    ------
+    InputError
+        Naming the first such case and its file (and both sizes for a mask of another size).
+    """
+    flat = is_flat(data_dir, structures)
+    for case in cases:
+        image = Path(data_dir) / IMAGES_DIR / f"{case}.png"
+        if not image.is_file():
+            raise InputError(f"case {case}: image {image} not found")
+        with Image.open(image) as im:
+            size = im.size
+        for structure in structures:
+            mask = mask_path(data_dir, structure, case, flat)
+            if not mask.is_file():
+                raise InputError(
+                    f"case {case}: mask {mask} not found; every image needs a mask of every "
+                    "structure of the model"
+                )
+            with Image.open(mask) as im:
+                if im.size != size:
+                    raise InputError(
+                        f"case {case}: mask {mask} is {im.size[0]} x {im.size[1]} pixels but "
+                        f"its image {image} is {size[0]} x {size[1]}; a mask must be the size of "
+                        "its image"
+                    )
+
+
 def read_image(data_dir: Path, case: str, color: ColorMode = ColorMode.GRAY) -> np.ndarray:
     """The image of ``case``: ``(rows, cols)`` grayscale (colour PNGs converted to luminance),
     or ``(rows, cols, 3)`` RGB for ``color`` rgb (a package's ``input.color``)."""

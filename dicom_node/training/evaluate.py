@@ -34,7 +34,14 @@ from dicom_node.models.inference import (
 )
 from dicom_node.models.postprocess import postprocess
 from dicom_node.package.manifest import ModelPackage, Postprocess, load_package
-from dicom_node.training.data import list_cases, read_image, read_masks, read_split
+from dicom_node.training.data import (
+    IMAGES_DIR,
+    check_cases,
+    list_cases,
+    read_image,
+    read_masks,
+    read_split,
+)
 from dicom_node.training.evaluate3d import evaluate_volumes
 from dicom_node.training.metrics import case_metrics, summarize
 from dicom_node.training.progress import ProgressLines
@@ -219,6 +226,7 @@ def evaluate(
         )
     data_dir = Path(data_dir)
     labels = [s.label for s in package.structures]
+    from_split = cases is None and not all_cases
     if cases is None:
         if all_cases:
             cases = list_cases(data_dir, labels)
@@ -230,6 +238,16 @@ def evaluate(
                     f"{package.path}: split.json has no {split} cases; evaluate another part "
                     "(--split validation) or every case (--all-cases)"
                 )
+    if from_split:
+        missing = [c for c in cases if not (data_dir / IMAGES_DIR / f"{c}.png").is_file()]
+        if missing:
+            raise InputError(
+                f"case {missing[0]}: image {data_dir / IMAGES_DIR / missing[0]}.png not found "
+                f"({len(missing)} of the {len(cases)} {split} cases of {package.path}/"
+                "split.json are not in --data); give --data the folder the model was trained "
+                "on, or add --all-cases to evaluate every case of this folder"
+            )
+    check_cases(data_dir, list(cases), labels)
     if spacing_mm is None:
         spacing_mm = float(package.metrics.get("spacing_mm", 1.0))
         if "spacing_mm" not in package.metrics:

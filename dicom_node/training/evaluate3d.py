@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dicom_node.common.errors import InputError
 from dicom_node.models.inference import Segmenter, masks_from_probabilities, select_device
 from dicom_node.models.postprocess import postprocess
 from dicom_node.package.manifest import ModelPackage, Postprocess
@@ -30,7 +31,7 @@ from dicom_node.training.results import (
     with_postprocess,
     write_metrics,
 )
-from dicom_node.training.volumes import read_volume
+from dicom_node.training.volumes import IMAGE_FILE, read_volume
 
 
 def predict_case_masks(
@@ -97,6 +98,14 @@ def evaluate_volumes(
     if cases is None:
         recorded: Split = read_split(package.path)
         cases = list(recorded.test if split == "test" else recorded.validation)
+        missing = [c for c in cases if not (data_dir / c / IMAGE_FILE).is_file()]
+        if missing:
+            raise InputError(
+                f"case {missing[0]}: {data_dir / missing[0] / IMAGE_FILE} not found "
+                f"({len(missing)} of the {len(cases)} {split} cases of {package.path}/"
+                "split.json are not in --data); give --data the folder the model was trained "
+                "on, or add --all-cases to evaluate every case of this folder"
+            )
     labels = [s.label for s in package.structures]
     segmenter = Segmenter(package, device or select_device())
     per_case: dict[str, dict[str, dict[str, float]]] = {}

@@ -141,15 +141,22 @@ def read_volume(data_dir: Path | str, case: str, package: ModelPackage) -> Volum
     Raises
     ------
     InputError
-        When the label map is not on the image's grid.
+        When the image or the label map is missing, or the label map is not on the image's
+        grid.
     """
     folder = Path(data_dir) / case
+    for name in (IMAGE_FILE, LABEL_FILE):
+        if not (folder / name).is_file():
+            raise InputError(f"case {case}: {folder / name} not found")
     image, grid = sitk.read_image(folder / IMAGE_FILE)
     label, label_grid = sitk.read_image(folder / LABEL_FILE)
     if len(grid.size) != 3:
         raise InputError(f"{folder / IMAGE_FILE}: expected a 3D volume")
     if label_grid.size != grid.size or not np.allclose(label_grid.spacing_mm, grid.spacing_mm):
-        raise InputError(f"{folder}: {LABEL_FILE} is not on the grid of {IMAGE_FILE}")
+        raise InputError(
+            f"case {case}: {folder / LABEL_FILE} ({' x '.join(map(str, label_grid.size))} "
+            f"voxels) is not on the grid of {IMAGE_FILE} ({' x '.join(map(str, grid.size))})"
+        )
     placement = grid_placement(grid, package)
     masks = np.stack([label == i + 1 for i in range(len(package.structures))])
     return Volume(image.astype(np.float32), masks, placement)

@@ -193,7 +193,9 @@ def segment_case(
     outputs get their own instance in the same output series of each kind.
 
     In such a series, an image outside the model's ``applicability`` (e.g. the lateral beside
-    a PA, for a PA/AP model) is skipped; the series fails only when every image is.
+    a PA, for a PA/AP model) is skipped, and the SR of every measured image says in its
+    notes which image was not measured and why (:func:`not_measured_note`); the series fails
+    only when every image is skipped.
 
     Raises
     ------
@@ -237,8 +239,9 @@ def segment_case(
             series = load_series(paths)
         return [_segment(series, segmenter, kinds, instance_number=1, phi=phi)]
     order = sorted(range(len(paths)), key=lambda i: str(headers[i].SOPInstanceUID))
-    results: list[SegmentationResult] = []
+    measured: list[int] = []
     refused: list[NotApplicableError] = []
+    not_measured: list[str] = []
     for i in order:
         try:
             with input_stage(reading, phi):
@@ -246,15 +249,50 @@ def segment_case(
         except NotApplicableError as exc:
             log.info("image skipped: outside the model's applicability", image=i + 1)
             refused.append(exc)
+            not_measured.append(not_measured_note(headers[i], len(paths), str(exc)))
             continue
+        measured.append(i)
+    if not measured:
+        raise refused[0]
+    results: list[SegmentationResult] = []
+    for i in measured:
         with input_stage(reading, phi):
             series = load_series([paths[i]])
         results.append(
-            _segment(series, segmenter, kinds, instance_number=len(results) + 1, phi=phi)
+            _segment(
+                series,
+                segmenter,
+                kinds,
+                instance_number=len(results) + 1,
+                phi=phi,
+                series_notes=tuple(not_measured),
+            )
         )
-    if not results:
-        raise refused[0]
     return results
+
+
+def not_measured_note(header: Dataset, n_images: int, reason: str) -> str:
+    """The SR note that one image of a series was not measured, and why.
+
+    Parameters
+    ----------
+    header
+        The image left out (its header): named by Instance Number (0020,0013), SOP Instance
+        UID (0008,0018) and View Position (0018,5101).
+    n_images
+        How many images the series holds.
+    reason
+        Why, e.g. the message of a :class:`NotApplicableError`; what it says to do after a
+        ``"; "`` (advice for the node's administrator) is left out of the SR.
+    """
+    number = header.get("InstanceNumber")
+    which = "an image" if number in (None, "") else f"image {number}"
+    view = str(header.get("ViewPosition") or "").strip() or "absent"
+    why = reason.split("; ")[0].strip().rstrip(".")
+    return (
+        f"Not measured: {which} of the {n_images} of this series (SOP Instance UID "
+        f"{header.SOPInstanceUID}, View Position {view}) was left out: {why}."
+    )
 
 
 def _segment_inputs(
@@ -349,7 +387,11 @@ def _segment(
     stack: np.ndarray | None = None,
     secondary: Mapping[str, ImageSeries] | None = None,
     inputs: Mapping[str, str] | None = None,
+    series_notes: tuple[str, ...] = (),
 ) -> SegmentationResult:
+    """One result: segment ``series``, measure, build the outputs of ``kinds``.
+    ``series_notes`` go into the SR's notes after the model's own (e.g. which other images
+    of the source series were not measured, :func:`not_measured_note`)."""
     package = segmenter.package
     secondary = secondary or {}
     inputs = inputs or {package.reference: series.series_instance_uid}
@@ -366,7 +408,7 @@ def _segment(
         masks=masks,
         package=package,
         measurements=values,
-        notes=(*notes, *values.omitted),
+        notes=(*notes, *series_notes, *values.omitted),
         instance_number=instance_number,
         case_key=case_key(inputs),
         source_instances=(

@@ -139,7 +139,7 @@ def test_enhanced_mr_reads_like_its_single_frames(tmp_path: Path) -> None:
 
 def test_siemens_ct_as_legacy_converted_enhanced_ct(tmp_path: Path) -> None:
     """20 real JPEG 2000 slices, converted by highdicom into one multi-frame object."""
-    require_shared_data()
+    require_shared_data("reference", "ct-siemens-j2k")
     paths = sorted(SIEMENS_CT.glob("*.dcm"))
     slices = [pydicom.dcmread(p) for p in paths]
     series_uid = generate_uid()

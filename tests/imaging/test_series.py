@@ -294,7 +294,7 @@ def test_missing_pixel_data_is_input_error(tmp_path: Path) -> None:
 # -- real radiograph ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not JSRT.is_dir(), reason=f"shared JSRT data not found at {JSRT}")
+@pytest.mark.shared_data("jsrt", "images")
 def test_jsrt_radiograph_loads_in_normal_polarity(tmp_path: Path) -> None:
     case = jsrt_cases()[0]
     png = np.asarray(Image.open(JSRT / "images" / f"{case}.png").convert("L"), dtype=np.float64)

@@ -34,11 +34,8 @@ N_CASES = 4
 JACCARD_TOLERANCE = 0.01
 HD95_TOLERANCE_MM = 1.0
 
-needs_jsrt = pytest.mark.skipif(
-    not (JSRT / "images").is_dir(),
-    reason=f"JSRT radiographs not found at {JSRT}: the shipped model is checked against real "
-    "held-out cases from ../shared/data/jsrt (or set DICOM_NODE_SHARED_DATA)",
-)
+#: The shipped model is checked against real held-out cases of ../shared/data/jsrt.
+needs_jsrt = pytest.mark.shared_data("jsrt", "images")
 
 
 def _recorded(part: str) -> dict:

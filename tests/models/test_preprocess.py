@@ -98,7 +98,7 @@ def test_mask_round_trip_onto_source_grid(package_2d: ModelPackage, rows: int, c
     assert iou(back[0] > 0.5, mask) > 0.97
 
 
-@pytest.mark.skipif(not JSRT.is_dir(), reason=f"shared JSRT data not found at {JSRT}")
+@pytest.mark.shared_data("jsrt", "images")
 def test_jsrt_masks_round_trip_cropped_non_square(package_2d: ModelPackage) -> None:
     case = jsrt_cases()[0]
     image = np.asarray(Image.open(JSRT / "images" / f"{case}.png"), dtype=np.float32)

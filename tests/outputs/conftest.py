@@ -17,7 +17,8 @@ import yaml
 
 from dicom_node.imaging.series import ImageSeries
 from dicom_node.package.manifest import ModelPackage, load_package
-from tests.factories import JSRT, JSRT_SPACING_MM, ct_series, jsrt_dx, jsrt_mask
+from tests.conftest import require_shared_data
+from tests.factories import JSRT_SPACING_MM, ct_series, jsrt_dx, jsrt_mask
 
 #: A normal chest (no nodule) of the JSRT set.
 JSRT_CASE = "JPCNN002"
@@ -164,8 +165,7 @@ def ct_slice_series() -> ImageSeries:
 @pytest.fixture(scope="session")
 def jsrt_case() -> tuple[ImageSeries, np.ndarray]:
     """The JSRT DX of :data:`JSRT_CASE` and its five expert masks ``(1, 1024, 1024, 5)``."""
-    if not (JSRT / "images" / f"{JSRT_CASE}.png").is_file():
-        pytest.skip(f"JSRT data not found under {JSRT}; set DICOM_NODE_SHARED_DATA")
+    require_shared_data("jsrt", "images", f"{JSRT_CASE}.png")
     ds = jsrt_dx(JSRT_CASE)
     # DX with Imager Pixel Spacing and an uncalibrated Pixel Spacing: the loader picks the
     # former (spacing at the detector).

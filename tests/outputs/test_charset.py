@@ -11,17 +11,16 @@ from pydicom.data import get_charset_files
 
 from dicom_node.models.inference import Segmenter
 from dicom_node.outputs.charset import UTF8, has_non_ascii_text, set_output_character_set
-from dicom_node.testing.dciodvfy import dciodvfy_errors, dciodvfy_path
+from dicom_node.testing.dciodvfy import dciodvfy_errors
 from dicom_node.testing.random_package import make_random_package
 from dicom_node.work.segment import SegmentationResult, segment_series
-from tests.conftest import require_shared_data
+from tests.conftest import require_shared_data, require_tool
 from tests.factories import SHARED_DATA
 
 GE_CT = SHARED_DATA / "reference" / "dcmqi" / "segmentations" / "ct-3slice"
 
-needs_dciodvfy = pytest.mark.skipif(
-    dciodvfy_path() is None, reason="dciodvfy not installed (apt-get install dicom3tools)"
-)
+#: Skipped with the reason without dciodvfy; failed under DICOM_NODE_REQUIRE_PEERS=1.
+needs_dciodvfy = pytest.mark.needs_tool("dciodvfy")
 
 #: pydicom's character set test images (Secondary Capture, 32 x 32) and their charset.
 CHARSET_IMAGES = {
@@ -83,7 +82,7 @@ def test_empty_character_set_of_a_ge_ct_gives_plain_outputs(
     segmenter: Segmenter, tmp_path: Path
 ) -> None:
     """The GE CT says Specific Character Set is empty, which highdicom refuses to copy."""
-    require_shared_data()
+    require_shared_data("reference", "dcmqi", "segmentations", "ct-3slice")
     paths = sorted(GE_CT.glob("*.dcm"))
     source = pydicom.dcmread(paths[0])
     assert source.SpecificCharacterSet == ""
@@ -93,8 +92,8 @@ def test_empty_character_set_of_a_ge_ct_gives_plain_outputs(
         back = pydicom.dcmread(path)
         assert "SpecificCharacterSet" not in back, kind  # ASCII text: the default repertoire
         assert back.PatientName == source.PatientName
-        if dciodvfy_path() is not None:
-            assert dciodvfy_errors(path) == [], kind
+        require_tool("dciodvfy")
+        assert dciodvfy_errors(path) == [], kind
 
 
 def test_set_output_character_set_follows_the_text() -> None:

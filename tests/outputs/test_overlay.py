@@ -20,13 +20,12 @@ from dicom_node.outputs.overlay import (
     window_to_8bit,
 )
 from dicom_node.package.manifest import ModelPackage
-from dicom_node.testing.dciodvfy import dciodvfy_errors, dciodvfy_path
+from dicom_node.testing.dciodvfy import dciodvfy_errors
 from tests.factories import PATIENT_NAME, dx_from_array
 from tests.outputs.conftest import projection_series
 
-needs_dciodvfy = pytest.mark.skipif(
-    dciodvfy_path() is None, reason="dciodvfy not installed (apt-get install dicom3tools)"
-)
+#: Skipped with the reason without dciodvfy; failed under DICOM_NODE_REQUIRE_PEERS=1.
+needs_dciodvfy = pytest.mark.needs_tool("dciodvfy")
 
 
 def uids(series: ImageSeries, package: ModelPackage) -> tuple[str, str]:

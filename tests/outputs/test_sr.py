@@ -17,14 +17,14 @@ from dicom_node.outputs.measurements import Measurements, measure
 from dicom_node.outputs.seg import build_seg, frame_segment_number
 from dicom_node.outputs.sr import CARDIOTHORACIC_RATIO, PRIVATE_SCHEME, build_sr
 from dicom_node.package.manifest import ModelPackage
-from dicom_node.testing.dciodvfy import dciodvfy_errors, dciodvfy_path
+from dicom_node.testing.dciodvfy import dciodvfy_errors
+from tests.conftest import require_shared_data, require_tool
 from tests.factories import SHARED_DATA
 
 REFERENCE = SHARED_DATA / "reference"
 
-needs_dciodvfy = pytest.mark.skipif(
-    dciodvfy_path() is None, reason="dciodvfy not installed (apt-get install dicom3tools)"
-)
+#: Skipped with the reason without dciodvfy; failed under DICOM_NODE_REQUIRE_PEERS=1.
+needs_dciodvfy = pytest.mark.needs_tool("dciodvfy")
 
 
 @dataclass
@@ -403,8 +403,8 @@ def test_single_ct_slice_is_planar(make_package, tmp_path: Path) -> None:  # typ
     groups = read_report(out.path, out.seg)
     assert [g.template for g in groups] == ["1410", "1410"]  # outline and segment of the first
     assert segment_groups(groups)[0].values["Area"][0] == round(100 * 0.64 / 100.0, 1)
-    if dciodvfy_path() is not None:
-        assert dciodvfy_errors(out.path) == []
+    require_tool("dciodvfy")
+    assert dciodvfy_errors(out.path) == []
 
 
 def test_one_structure_on_one_image(make_package, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -421,8 +421,8 @@ def test_one_structure_on_one_image(make_package, tmp_path: Path) -> None:  # ty
     groups = read_report(out.path, out.seg)
     assert [g.template for g in groups] == ["1410", "1410"]
     assert segment_groups(groups)[0].values["Area"][0] == round(200 * 0.64 / 100.0, 1)
-    if dciodvfy_path() is not None:
-        assert dciodvfy_errors(out.path) == []
+    require_tool("dciodvfy")
+    assert dciodvfy_errors(out.path) == []
 
 
 def test_one_structure_in_a_volume(make_package, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -452,8 +452,8 @@ def test_one_structure_in_a_volume(make_package, tmp_path: Path) -> None:  # typ
     assert sources == {
         str(ds.SOPInstanceUID) for ds, s in zip(series.datasets, shown, strict=True) if s
     }
-    if dciodvfy_path() is not None:
-        assert dciodvfy_errors(out.path) == []
+    require_tool("dciodvfy")
+    assert dciodvfy_errors(out.path) == []
 
 
 @pytest.mark.parametrize("slices", [1, 8], ids=["one slice", "a series"])
@@ -488,8 +488,8 @@ def test_nothing_found_gives_a_report_that_says_so(  # type: ignore[no-untyped-d
         "Liver: not found by the model (segment 1 of the SEG is empty)",
         "Left kidney: not found by the model (segment 2 of the SEG is empty)",
     ]
-    if dciodvfy_path() is not None:
-        assert dciodvfy_errors(out.path) == []
+    require_tool("dciodvfy")
+    assert dciodvfy_errors(out.path) == []
 
 
 def test_masks_must_match_the_seg(dx: Outputs, ct_package: ModelPackage) -> None:
@@ -509,9 +509,7 @@ def test_masks_must_match_the_seg(dx: Outputs, ct_package: ModelPackage) -> None
 
 
 def test_reader_on_dcmqi_report() -> None:
-    path = REFERENCE / "dcmqi/sr-example/sr.dcm"
-    if not path.is_file():
-        pytest.skip(f"reference data not found: {path}")
+    path = require_shared_data("reference", "dcmqi/sr-example/sr.dcm")
     (group,) = read_report(path, pydicom.dcmread(REFERENCE / "dcmqi/sr-example/seg.dcm"))
     assert group.template == "1411"
     assert group.reference == "Referenced Segment"
@@ -522,8 +520,8 @@ def test_reader_on_dcmqi_report() -> None:
 def test_reader_on_highdicom_reports() -> None:
     single = REFERENCE / "highdicom/sr_document.dcm"
     multiple = REFERENCE / "highdicom/sr_document_with_multiple_groups.dcm"
-    if not (single.is_file() and multiple.is_file()):
-        pytest.skip("highdicom reference SRs not found")
+    require_shared_data("reference", "highdicom/sr_document.dcm")
+    require_shared_data("reference", "highdicom/sr_document_with_multiple_groups.dcm")
     (group,) = read_report(single)
     assert group.template == "1410" and group.reference == "Image Region"
     assert group.values["Area of defined region"] == (pytest.approx(1.7), "cm2")

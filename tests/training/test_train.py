@@ -23,6 +23,7 @@ from dicom_node.training.data import make_split, read_split
 from dicom_node.training.evaluate import evaluate
 from dicom_node.training.loop import transfer_weights
 from dicom_node.training.train import train
+from tests.conftest import require_shared_data
 from tests.factories import JSRT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,17 +31,13 @@ TRAIN_CONFIG = REPO / "config" / "train-cxr.yaml"
 STRUCTURES = ("right_lung", "left_lung", "heart", "right_clavicle", "left_clavicle")
 CASES = ("JPCLN001", "JPCLN002", "JPCLN003", "JPCNN002", "JPCNN003", "JPCNN004")
 
-needs_jsrt = pytest.mark.skipif(
-    not (JSRT / "images").is_dir(),
-    reason=f"JSRT data not found at {JSRT} (set DICOM_NODE_SHARED_DATA to ../shared/data)",
-)
+needs_jsrt = pytest.mark.shared_data("jsrt", "images")
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six JSRT cases downsampled to 256 x 256 (1.4 mm pixels), with cases.csv."""
-    if not (JSRT / "images").is_dir():
-        pytest.skip(f"JSRT data not found at {JSRT}")
+    require_shared_data("jsrt", "images")
     root = tmp_path_factory.mktemp("jsrt-tiny")
     (root / "images").mkdir()
     for case in CASES:

@@ -30,7 +30,14 @@ from dicom_node.package.manifest import InputSpec, load_package
 from dicom_node.testing.dciodvfy import dciodvfy_errors, dciodvfy_path
 from dicom_node.testing.random_package import make_random_package
 from dicom_node.work.segment import segment_case, segment_series, write_outputs
-from tests.conftest import REQUIRE_PEERS, StoreSCP, free_port, storescu, wait_for
+from tests.conftest import (
+    REQUIRE_PEERS,
+    StoreSCP,
+    free_port,
+    require_shared_data,
+    storescu,
+    wait_for,
+)
 from tests.factories import la_mri_cases, la_mri_volume, mr_series, write_files
 
 SLICES = 12  # a slab of the volume keeps the test quick; every slice is still real data
@@ -38,9 +45,8 @@ SLICES = 12  # a slab of the volume keeps the test quick; every slice is still r
 
 @pytest.fixture(scope="module")
 def volume() -> tuple[np.ndarray, tuple[float, float, float]]:
+    require_shared_data("la-mri")
     cases = la_mri_cases()
-    if not cases:
-        pytest.skip("la-mri data not found under shared/data (set DICOM_NODE_SHARED_DATA)")
     data, spacing = la_mri_volume(cases[0])
     middle = data.shape[0] // 2
     return data[middle - SLICES // 2 : middle + SLICES // 2], spacing

@@ -246,3 +246,6 @@ def test_lateral_beside_a_pa_in_one_series_is_skipped(
     (result,) = run([pa, lateral], segmenter, tmp_path)
     assert result.series.sop_instance_uids == (pa.SOPInstanceUID,)
     assert ctr(result) == pytest.approx(ctr(as_displayed), abs=1e-9)
+    assert any(
+        n.startswith("Not measured") and lateral.SOPInstanceUID in n for n in sr_notes(result.sr)
+    )
