@@ -1,5 +1,5 @@
-"""The ``dicom-node`` command line: serve, process, echo, send, status, retry, audit, train,
-evaluate."""
+"""The ``dicom-node`` command line: serve, process, echo, send, status, retry, audit,
+conformance, train, evaluate."""
 
 from __future__ import annotations
 
@@ -351,6 +351,25 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    """Print the generated tables of the Conformance Statement, or fill them into a document."""
+    from dicom_node.app import conformance
+
+    configure_logging("console", "warning")
+    blocks = conformance.render_blocks()
+    if args.write is None:
+        print(conformance.blocks_text(blocks), end="")
+        return 0
+    path = Path(args.write)
+    try:
+        text = conformance.fill(path.read_text(encoding="utf-8"), blocks)
+    except (OSError, ValueError) as exc:
+        raise DicomNodeError(f"{path}: {exc}") from None
+    path.write_text(text, encoding="utf-8")
+    print(f"{path}: {len(blocks)} generated blocks written", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-node",
@@ -445,6 +464,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", help="the file to write (must not exist)")
     p.set_defaults(func=cmd_audit_export)
+
+    p = sub.add_parser(
+        "conformance",
+        help="print the DICOM Conformance Statement's tables, generated from the code",
+    )
+    p.add_argument(
+        "--write",
+        metavar="PATH",
+        help="replace the generated blocks of this document (docs/conformance.md) instead",
+    )
+    p.set_defaults(func=cmd_conformance)
 
     add_train_parser(sub)
     add_evaluate_parser(sub)

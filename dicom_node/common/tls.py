@@ -27,6 +27,9 @@ from typing import Protocol
 #: Seconds a peer has to complete the TLS handshake.
 HANDSHAKE_TIMEOUT_S = 10.0
 
+#: The lowest TLS version any context of the node accepts (PS3.15 B.1, RFC 5425).
+MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+
 
 def handshake_failure(exc: BaseException) -> str:
     """A short reason for a failed handshake, from OpenSSL's reason code (no peer data)."""
@@ -68,7 +71,7 @@ def server_context(tls: TLSFiles) -> ssl.SSLContext:
     if tls.cert_file is None or tls.key_file is None:
         raise ValueError("a TLS server needs cert_file and key_file")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = MINIMUM_TLS_VERSION
     context.load_cert_chain(tls.cert_file, tls.key_file)
     if tls.ca_file is not None:
         context.load_verify_locations(tls.ca_file)
@@ -95,7 +98,7 @@ def client_context(
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
     if system_cas:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = MINIMUM_TLS_VERSION
     context.check_hostname = check_hostname
     context.verify_mode = ssl.CERT_REQUIRED
     if tls.cert_file is not None and tls.key_file is not None:

@@ -19,7 +19,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from prometheus_client import Histogram
@@ -27,7 +27,8 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
-from pynetdicom import AE, _config, evt
+from pydicom.uid import UID
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -72,6 +73,95 @@ ERROR_COMMENT_MAX_CHARS = 64
 
 #: Values longer than this are not read into memory when a received instance is checked.
 DEFER_BYTES = 64 * 1024
+
+#: Maximum PDU length the node receives (A-ASSOCIATE-AC Maximum Length Received), in bytes.
+MAX_PDU_BYTES = 1024 * 1024
+
+#: Seconds the node waits for a DIMSE message (a C-STORE's data set) once one has begun.
+DIMSE_TIMEOUT_S = 60.0
+
+
+class Refusal(NamedTuple):
+    """A C-STORE failure the receiver answers: its status and Error Comment (0000,0902)."""
+
+    status: StoreStatus
+    #: The Error Comment; ``{...}`` fields are filled in (never with patient data).
+    comment: str
+    #: When it is answered (for docs/conformance.md).
+    when: str
+
+    def reason(self, **values: object) -> str:
+        """The Error Comment with its fields filled in."""
+        return self.comment.format(**values)
+
+
+#: Every failure status the receiver answers a C-STORE with, and why (docs/conformance.md is
+#: generated from it: ``dicom-node conformance``).
+REFUSALS: dict[str, Refusal] = {
+    "disk_low": Refusal(
+        StoreStatus.OUT_OF_RESOURCES,
+        "node storage below its free-space mark",
+        "free space of storage_dir below limits.min_free_disk_bytes",
+    ),
+    "too_large": Refusal(
+        StoreStatus.OUT_OF_RESOURCES,
+        "instance larger than max_instance_bytes",
+        "the data set is larger than limits.max_instance_bytes",
+    ),
+    "audit": Refusal(
+        StoreStatus.OUT_OF_RESOURCES,
+        "cannot write the audit trail",
+        "the audit record of the transfer cannot be written (no record, no access)",
+    ),
+    "write": Refusal(
+        StoreStatus.OUT_OF_RESOURCES,
+        "cannot write the instance to disk",
+        "the file cannot be made durable in the spool (I/O error)",
+    ),
+    "index": Refusal(
+        StoreStatus.OUT_OF_RESOURCES,
+        "cannot index the instance now",
+        "the database does not take the instance (e.g. busy); the sender may retry",
+    ),
+    "sop_instance": Refusal(
+        StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        "SOP Instance UID differs from the C-STORE request",
+        "SOP Instance UID (0008,0018) is not the request's Affected SOP Instance UID",
+    ),
+    "sop_class": Refusal(
+        StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        "SOP Class UID differs from the C-STORE request",
+        "SOP Class UID (0008,0016) is not the request's Affected SOP Class UID",
+    ),
+    "invalid_uid": Refusal(
+        StoreStatus.CANNOT_UNDERSTAND,
+        "missing or invalid {keyword}",
+        "SOP Class, SOP Instance, Study or Series Instance UID missing or not a valid UID",
+    ),
+    "truncated": Refusal(
+        StoreStatus.CANNOT_UNDERSTAND,
+        "pixel data truncated ({length} of {expected} bytes)",
+        "native Pixel Data shorter than Rows x Columns x Frames x Samples x Bits Allocated",
+    ),
+    "undecodable": Refusal(
+        StoreStatus.CANNOT_UNDERSTAND,
+        "dataset cannot be decoded",
+        "the data set cannot be parsed",
+    ),
+}
+
+
+def supported_contexts() -> list[tuple[UID, tuple[UID, ...]]]:
+    """The presentation contexts the node accepts as SCP: (abstract syntax, transfer syntaxes).
+
+    Verification with pynetdicom's default syntaxes, and every storage SOP class pynetdicom
+    knows with :data:`~dicom_node.common.syntaxes.ACCEPTED`.
+    """
+    out = [(UID(Verification), tuple(UID(ts) for ts in DEFAULT_TRANSFER_SYNTAXES))]
+    for cx in AllStoragePresentationContexts:
+        if cx.abstract_syntax is not None:
+            out.append((UID(cx.abstract_syntax), ACCEPTED))
+    return out
 
 
 #: The steps of the C-STORE handler, timed for each instance in the histogram
@@ -181,25 +271,18 @@ def check_instance(ds: Dataset, request: Any) -> None:
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         value = ds.get(keyword)
         if not is_valid_uid(value):
-            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"missing or invalid {keyword}")
+            refusal = REFUSALS["invalid_uid"]
+            raise RejectedInstance(refusal.status, refusal.reason(keyword=keyword))
     if ds.SOPInstanceUID != request.AffectedSOPInstanceUID:
-        raise RejectedInstance(
-            StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            "SOP Instance UID differs from the C-STORE request",
-        )
+        raise RejectedInstance(REFUSALS["sop_instance"].status, REFUSALS["sop_instance"].comment)
     if ds.SOPClassUID != request.AffectedSOPClassUID:
-        raise RejectedInstance(
-            StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            "SOP Class UID differs from the C-STORE request",
-        )
+        raise RejectedInstance(REFUSALS["sop_class"].status, REFUSALS["sop_class"].comment)
     if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
         expected = expected_pixel_bytes(ds)
         length = pixel_data_bytes(ds)
         if expected is not None and length < expected:
-            raise RejectedInstance(
-                StoreStatus.CANNOT_UNDERSTAND,
-                f"pixel data truncated ({length} of {expected} bytes)",
-            )
+            refusal = REFUSALS["truncated"]
+            raise RejectedInstance(refusal.status, refusal.reason(length=length, expected=expected))
 
 
 def pixel_data_bytes(ds: Dataset) -> int:
@@ -307,19 +390,17 @@ class Receiver:
     def _ae(self) -> AE:
         limits = self.settings.limits
         ae = AE(ae_title=self.settings.ae_title)
-        ae.maximum_pdu_size = 1024 * 1024
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         # Idle before the A-ASSOCIATE-RQ (ACSE) and between PDUs (network); reads inside a PDU
         # are bounded by limits.BoundedSocket.
         ae.network_timeout = limits.idle_timeout_s
         ae.acse_timeout = limits.idle_timeout_s
-        ae.dimse_timeout = 60
+        ae.dimse_timeout = DIMSE_TIMEOUT_S
         # Connections are bounded by LimitedServer and associations by Admission; pynetdicom's
         # own count (every open connection) must never be the tighter one.
         ae.maximum_associations = limits.max_connections + 1
-        ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax is not None:
-                ae.add_supported_context(cx.abstract_syntax, list(ACCEPTED))
+        for abstract_syntax, syntaxes in supported_contexts():
+            ae.add_supported_context(abstract_syntax, list(syntaxes))
         if self.settings.allowed_callers:
             ae.require_calling_aet = list(self.settings.allowed_callers)
         # A-ASSOCIATE-RJ (rejected-permanent, service-user, "called AE title not recognized")
@@ -519,15 +600,11 @@ class Receiver:
         src = Path(event.dataset_path)
         if net_limits.free_disk_bytes(self.settings.storage_dir) < limits.min_free_disk_bytes:
             log.warning("store.disk_low", association_id=state.id)
-            return self._refuse(
-                StoreStatus.OUT_OF_RESOURCES, "node storage below its free-space mark"
-            )
+            return self._refuse_for("disk_low")
         size = src.stat().st_size
         if size > limits.max_instance_bytes:
             log.warning("store.too_large", association_id=state.id, bytes=size)
-            return self._refuse(
-                StoreStatus.OUT_OF_RESOURCES, "instance larger than max_instance_bytes"
-            )
+            return self._refuse_for("too_large")
         # The file is complete (pynetdicom flushed each fragment). Its fsync runs beside the
         # checks below and is waited for before the rename; a refused file is not waited for.
         synced = self._fsyncs.submit(fsync_file, src)
@@ -551,7 +628,7 @@ class Receiver:
             return self._refuse(exc.status, exc.reason)
         except Exception as exc:  # noqa: BLE001 - network input: any decode failure is a refusal
             log.warning("store.undecodable", association_id=state.id, error=type(exc).__name__)
-            return self._refuse(StoreStatus.CANNOT_UNDERSTAND, "dataset cannot be decoded")
+            return self._refuse_for("undecodable")
         laps.lap("validate")
         with self._lock:
             first = (patient_id, study_uid) not in state.studies
@@ -561,7 +638,7 @@ class Receiver:
             try:
                 self._audit_received(state, patient_id, study_uid, phase="receiving")
             except AuditWriteError:
-                return self._refuse(StoreStatus.OUT_OF_RESOURCES, "cannot write the audit trail")
+                return self._refuse_for("audit")
             laps.lap("audit")
         path = instance_path(self.settings.spool_dir, study_uid, series_uid, sop_uid)
         try:
@@ -572,7 +649,7 @@ class Receiver:
             laps.lap("rename")
         except OSError as exc:
             log.error("store.write_failed", association_id=state.id, error=exc.strerror)
-            return self._refuse(StoreStatus.OUT_OF_RESOURCES, "cannot write the instance to disk")
+            return self._refuse_for("write")
         try:
             self.db.record_instance(
                 sop_instance_uid=sop_uid,
@@ -587,7 +664,7 @@ class Receiver:
             )
         except Exception as exc:  # noqa: BLE001 - e.g. database busy: refuse, keep serving
             log.error("store.index_failed", association_id=state.id, error=type(exc).__name__)
-            return self._refuse(StoreStatus.OUT_OF_RESOURCES, "cannot index the instance now")
+            return self._refuse_for("index")
         laps.lap("index")
         with self._lock:
             state.studies[(patient_id, study_uid)] += 1
@@ -615,6 +692,11 @@ class Receiver:
             phase=phase,
             instances=instances,
         )
+
+    def _refuse_for(self, key: str) -> Dataset:
+        """The C-STORE response of the refusal ``REFUSALS[key]``."""
+        refused = REFUSALS[key]
+        return self._refuse(refused.status, refused.comment)
 
     def _refuse(self, status: StoreStatus, reason: str) -> Dataset:
         """The C-STORE response: ``status`` with Error Comment (0000,0902) saying why."""
