@@ -139,12 +139,15 @@ def _output_kinds(text: str) -> list[OutputKind]:
 def cmd_echo(args: argparse.Namespace) -> int:
     from dicom_node.send.senders.dimse import echo
 
-    status = echo(args.host, args.port, args.ae_title, calling_ae=args.calling_ae)
-    if status is None:
-        print(f"C-ECHO {args.ae_title}@{args.host}:{args.port}: no association", file=sys.stderr)
+    peer = f"C-ECHO {args.ae_title}@{args.host}:{args.port}"
+    result = echo(
+        args.host, args.port, args.ae_title, calling_ae=args.calling_ae, timeout_s=args.timeout
+    )
+    if result.status is None:
+        print(f"{peer}: no association: {result.detail}", file=sys.stderr)
         return 1
-    print(f"C-ECHO {args.ae_title}@{args.host}:{args.port}: status 0x{status:04X}")
-    return 0 if status == 0 else 1
+    print(f"{peer}: status 0x{result.status:04X}")
+    return 0 if result.status == 0 else 1
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -393,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("port", type=int)
     p.add_argument("--ae-title", default="ANY-SCP", help="called AE title")
     p.add_argument("--calling-ae", default="DICOMNODE")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for the connection, the association and the answer (default 10)",
+    )
     p.set_defaults(func=cmd_echo)
 
     p = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
