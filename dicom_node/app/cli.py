@@ -28,6 +28,7 @@ from dicom_node.training.cli import add_evaluate_parser, add_train_parser
 
 if TYPE_CHECKING:
     from dicom_node.audit.verify import Report
+    from dicom_node.config.sections import Route
 
 log = structlog.get_logger(__name__)
 
@@ -77,49 +78,65 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    """Run one route's model on a folder of DICOM files, writing SEG + SR: no network.
+    """Segment a folder of DICOM files, writing SEG + SR: no network.
 
-    A series that fails is named (Series Instance UID and file count) with the reason, and the
-    others still run; a summary ends the run, and the exit status is 1 when any series failed.
+    With ``--model`` every series runs on that package; else each series (and study) goes to
+    the config's routes, as the node routes them (:mod:`dicom_node.app.process`), and each
+    run names its route; a series no route takes is named too. A run that fails is named
+    (Series Instance UID and file count) with the reason, and the others still run; a summary
+    ends the run, and the exit status is 1 when any run failed (or a study route's case
+    cannot run).
     """
+    from dicom_node.app.process import plan_model, plan_routes
     from dicom_node.common.redact import describe
     from dicom_node.models.inference import Segmenter
     from dicom_node.package.manifest import load_package
-    from dicom_node.work.segment import group_series, segment_series, write_outputs
+    from dicom_node.work.segment import group_series, segment_case, segment_series, write_outputs
 
     configure_logging("console", "warning")
-    if args.model is not None:
-        model = Path(args.model)
+    segmenters: dict[Path, Segmenter] = {}
+    routes: tuple[Route, ...] = ()
+    if args.model is not None:  # a package that does not load stops here, before any series
+        segmenters[Path(args.model)] = Segmenter(load_package(Path(args.model)))
     else:
-        settings = load_settings(args.config)
-        if not settings.routes:
+        routes = load_settings(args.config).routes
+        if not routes:
             raise DicomNodeError(f"{args.config}: no routes; give --model PACKAGE instead")
-        model = settings.routes[0].model
-    segmenter = Segmenter(load_package(model))
     groups = group_series(Path(args.input_dir))
     if not groups:
         raise DicomNodeError(f"{args.input_dir}: no DICOM files found")
+    plan = plan_model(groups, Path(args.model)) if args.model else plan_routes(groups, routes)
     out = Path(args.output_dir)
     kinds = _output_kinds(args.outputs)
-    failed = 0
-    for series_uid, paths in groups.items():
+    failed = len(plan.not_runnable)
+    for line in plan.not_runnable:
+        print(f"{line}; not run", file=sys.stderr)
+    for uid in plan.unrouted:
+        print(f"series {uid} ({len(groups[uid])} file(s)): no route matches it", file=sys.stderr)
+    for run in plan.runs:
+        via = "" if run.route is None else f", route {run.route}"
         try:
-            results = segment_series(paths, segmenter, kinds)
+            if run.model not in segmenters:
+                segmenters[run.model] = Segmenter(load_package(run.model))
+            segmenter = segmenters[run.model]
+            if run.one_input:
+                results = segment_series(next(iter(run.inputs.values())), segmenter, kinds)
+            else:
+                results = segment_case(run.inputs, segmenter, kinds)
             written = write_outputs(results, out)
-        except Exception as exc:  # noqa: BLE001 - name the series, go on with the next one
+        except Exception as exc:  # noqa: BLE001 - name the run, go on with the next one
             failed += 1
-            print(
-                f"series {series_uid} ({len(paths)} file(s)) failed: {describe(exc)}",
-                file=sys.stderr,
-            )
+            print(f"{run.what} ({run.files} file(s)){via} failed: {describe(exc)}", file=sys.stderr)
             continue
         for item in written:
             print(item.path)
         made = ", ".join(f"{sum(w.kind == k for w in written)} {k.value}" for k in kinds)
-        print(f"series {series_uid}: {len(paths)} instance(s) -> {made}", file=sys.stderr)
+        print(f"{run.what}{via}: {run.files} instance(s) -> {made}", file=sys.stderr)
+    noun = "series" if args.model is not None else "run(s)"
     print(
-        f"{len(groups) - failed} series ok, {failed} failed"
-        + (" (reasons above)" if failed else ""),
+        f"{len(plan.runs) + len(plan.not_runnable) - failed} {noun} ok, {failed} failed"
+        + (" (reasons above)" if failed else "")
+        + (f", {len(plan.unrouted)} series matched no route" if plan.unrouted else ""),
         file=sys.stderr,
     )
     return 1 if failed else 0
@@ -139,12 +156,15 @@ def _output_kinds(text: str) -> list[OutputKind]:
 def cmd_echo(args: argparse.Namespace) -> int:
     from dicom_node.send.senders.dimse import echo
 
-    status = echo(args.host, args.port, args.ae_title, calling_ae=args.calling_ae)
-    if status is None:
-        print(f"C-ECHO {args.ae_title}@{args.host}:{args.port}: no association", file=sys.stderr)
+    peer = f"C-ECHO {args.ae_title}@{args.host}:{args.port}"
+    result = echo(
+        args.host, args.port, args.ae_title, calling_ae=args.calling_ae, timeout_s=args.timeout
+    )
+    if result.status is None:
+        print(f"{peer}: no association: {result.detail}", file=sys.stderr)
         return 1
-    print(f"C-ECHO {args.ae_title}@{args.host}:{args.port}: status 0x{status:04X}")
-    return 0 if status == 0 else 1
+    print(f"{peer}: status 0x{result.status:04X}")
+    return 0 if result.status == 0 else 1
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -399,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("process", help="segment DICOM files from a folder, no network"))
     p.add_argument("input_dir")
     p.add_argument("output_dir")
-    p.add_argument("--model", help="model package folder (default: the first route's model)")
+    p.add_argument(
+        "--model",
+        help="run every series on this model package folder (default: route each series "
+        "and study by the config's routes, as the node does)",
+    )
     p.add_argument(
         "--outputs",
         default="seg,sr",
@@ -412,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("port", type=int)
     p.add_argument("--ae-title", default="ANY-SCP", help="called AE title")
     p.add_argument("--calling-ae", default="DICOMNODE")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for the connection, the association and the answer (default 10)",
+    )
     p.set_defaults(func=cmd_echo)
 
     p = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")

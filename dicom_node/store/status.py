@@ -10,9 +10,33 @@ from typing import Any
 
 from dicom_node.store.connection import Store
 from dicom_node.store.sends import SendState
-from dicom_node.store.states import CaseState, JobState
+from dicom_node.store.states import CaseState, JobState, SeriesState
 
-__all__ = ["SqlStatus"]
+__all__ = ["SERIES_SHOWN", "SqlStatus"]
+
+#: How ``status`` shows a queued series (stored state ``queued`` from its completion on),
+#: by the latest job of each route it is an input of: any running -> ``processing``; any
+#: pending, or no job yet (an input of a study case still waiting) -> ``queued``; any failed
+#: -> ``failed``; all done -> ``processed``. Other states (receiving, unrouted, ignored) show
+#: as stored.
+SERIES_SHOWN = ("processing", "queued", "failed", "processed")
+
+_SERIES_COUNTS = """
+WITH latest AS (
+    SELECT ci.series_uid, j.state, ROW_NUMBER() OVER (
+        PARTITION BY ci.series_uid, j.route ORDER BY j.id DESC) AS n
+    FROM case_inputs ci JOIN jobs j ON j.id = ci.job_id WHERE j.state != ?
+), ranked AS (
+    SELECT series_uid,
+        MAX(CASE state WHEN ? THEN 4 WHEN ? THEN 3 WHEN ? THEN 2 ELSE 1 END) AS r
+    FROM latest WHERE n = 1 GROUP BY series_uid
+)
+SELECT CASE WHEN s.state != ? THEN s.state
+    WHEN k.r = 4 THEN 'processing' WHEN k.r = 3 OR k.r IS NULL THEN 'queued'
+    WHEN k.r = 2 THEN 'failed' ELSE 'processed' END AS shown, COUNT(*) AS n
+FROM series s LEFT JOIN ranked k ON k.series_uid = s.series_uid
+GROUP BY shown
+"""
 
 
 class SqlStatus(Store):
@@ -36,6 +60,8 @@ class SqlStatus(Store):
         return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
 
     def case_status(self) -> dict[str, Any]:
+        """Series (shown as :data:`SERIES_SHOWN` says), cases and jobs by state; failures."""
+
         def counts(table: str) -> dict[str, int]:
             rows = self._query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
             return {r["state"]: r["n"] for r in rows}
@@ -50,8 +76,18 @@ class SqlStatus(Store):
             "ORDER BY id DESC LIMIT 20",
             (CaseState.FAILED,),
         )
+        series = self._query(
+            _SERIES_COUNTS,
+            (
+                JobState.SUPERSEDED,
+                JobState.RUNNING,
+                JobState.PENDING,
+                JobState.FAILED,
+                SeriesState.QUEUED,
+            ),
+        )
         return {
-            "series": counts("series"),
+            "series": {r["shown"]: r["n"] for r in series},
             "cases": counts("cases"),
             "jobs": counts("jobs"),
             "failed_jobs": [dict(r) for r in failed_jobs],
