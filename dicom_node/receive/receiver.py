@@ -517,11 +517,12 @@ class Receiver:
         state = self._assoc(event)
         limits = self.settings.limits
         src = Path(event.dataset_path)
+        dropped = net_limits.dropped_reason(event.assoc, src)
+        if dropped is not None:  # read and dropped while it arrived (receive/limits.py)
+            return self._refuse(StoreStatus.OUT_OF_RESOURCES, dropped)
         if net_limits.free_disk_bytes(self.settings.storage_dir) < limits.min_free_disk_bytes:
             log.warning("store.disk_low", association_id=state.id)
-            return self._refuse(
-                StoreStatus.OUT_OF_RESOURCES, "node storage below its free-space mark"
-            )
+            return self._refuse(StoreStatus.OUT_OF_RESOURCES, net_limits.DISK_LOW_COMMENT)
         size = src.stat().st_size
         if size > limits.max_instance_bytes:
             log.warning("store.too_large", association_id=state.id, bytes=size)
