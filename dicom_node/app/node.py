@@ -249,7 +249,9 @@ class Node:
         )
         prepare_storage(layout.storage_dir)
         self._lock_file = self._take_lock()
-        self.db = open_database(settings.database, layout.database_path)
+        self.db = open_database(
+            settings.database, layout.database_path, settings.limits.database_timeout_s
+        )
         # The file, or the database's chain.
         self.audit = open_audit_log(
             self.db, audit_path=layout.audit_path, key_file=layout.audit_key_file
