@@ -106,6 +106,10 @@ class PostgresServer:
             "--locale=C",
             "--no-sync",
         )
+        return self.resume()
+
+    def resume(self) -> PostgresServer:
+        """Start the server on its data folder and port (again, after :meth:`halt`)."""
         options = " ".join(
             (
                 "-c listen_addresses=127.0.0.1",
@@ -145,7 +149,10 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
         return self.url(name)
 
-    def stop(self) -> None:
+    def halt(self, mode: str = "immediate") -> None:
+        """Stop the server, keeping its data (:meth:`resume`): ``immediate`` at once, like a
+        crash (with this cluster's ``synchronous_commit=off`` the last commits may be lost);
+        ``fast`` cuts every session but first writes what was committed."""
         if self.data_dir.exists():
             subprocess.run(
                 [
@@ -155,12 +162,15 @@ class PostgresServer:
                     "-D",
                     str(self.data_dir),
                     "-m",
-                    "immediate",
+                    mode,
                     "-w",
                 ],
                 capture_output=True,
                 timeout=60,
             )
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from pydantic import ValidationError
@@ -202,6 +202,7 @@ def _no_database_yet(settings: Settings) -> bool:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dicom_node.store.database import open_database
+    from dicom_node.store.status import disk_space
 
     settings = load_settings(args.config)
     if _no_database_yet(settings):
@@ -212,6 +213,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         db.close()
     status["database"] = {"backend": db.backend, "location": db.location}
+    status["disk"] = disk_space(settings.storage_dir, settings.limits.min_free_disk_bytes)
     status["configured_destinations"] = {
         name: d.address for name, d in settings.destinations.items()
     }
@@ -219,6 +221,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return 0
     print(f"database: {db.backend} {db.location}")
+    print(_disk_line(status["disk"]))
     print(f"instances indexed: {status['instances']}")
     for table in ("series", "cases", "jobs", "sends"):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(status[table].items())) or "none"
@@ -236,6 +239,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 _SEND_COUNTS = ("pending", "done", "failed")
+
+
+def _disk_line(disk: dict[str, Any]) -> str:
+    """The ``disk:`` line of ``status``: free space on storage_dir against the mark."""
+    from dicom_node.store.status import format_bytes
+
+    line = (
+        f"disk: {format_bytes(disk['free_bytes'])} free on {disk['storage_dir']}, "
+        f"{format_bytes(disk['min_free_disk_bytes'])} needed (limits.min_free_disk_bytes)"
+    )
+    if disk["below_mark"]:
+        line += (
+            "; BELOW THE MARK: every C-STORE is refused (0xA700) until space is freed or "
+            "limits.min_free_disk_bytes lowered"
+        )
+    return line
 
 
 def _destination_line(name: str, addr: str, d: dict[str, object]) -> str:

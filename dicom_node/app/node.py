@@ -54,6 +54,7 @@ from dicom_node.retain.retention import Retention, RetentionSettings
 from dicom_node.send.delivery import Delivery, DeliverySettings
 from dicom_node.store.database import open_database
 from dicom_node.store.files import SHARED_STALE_TEMP_S, StorageLayout, clean_stale_temp_files
+from dicom_node.store.status import disk_space
 from dicom_node.work.worker import Worker, WorkerSettings
 
 log = structlog.get_logger(__name__)
@@ -248,7 +249,9 @@ class Node:
         )
         prepare_storage(layout.storage_dir)
         self._lock_file = self._take_lock()
-        self.db = open_database(settings.database, layout.database_path)
+        self.db = open_database(
+            settings.database, layout.database_path, settings.limits.database_timeout_s
+        )
         # The file, or the database's chain.
         self.audit = open_audit_log(
             self.db, audit_path=layout.audit_path, key_file=layout.audit_key_file
@@ -323,6 +326,7 @@ class Node:
             self.worker.warm_up()  # each model once: the first study as fast as the next
         if self.receiver is not None:
             clean_stale_temp_files(self.layout.spool_dir, stale_after_s)
+            self._warn_low_disk()
         address = self.settings.bind_address
         if self.settings.metrics_port is not None:
             try:
@@ -360,6 +364,19 @@ class Node:
             device=str(self.device) if self.device is not None else None,
             routes=[r.name for r in self.settings.routes],
         )
+
+    def _warn_low_disk(self) -> None:
+        """Say at start when storage_dir is already below ``limits.min_free_disk_bytes``."""
+        disk = disk_space(self.layout.storage_dir, self.settings.limits.min_free_disk_bytes)
+        if disk["below_mark"]:
+            log.warning(
+                "storage.below_free_space_mark",
+                storage_dir=disk["storage_dir"],
+                free_bytes=disk["free_bytes"],
+                min_free_disk_bytes=disk["min_free_disk_bytes"],
+                hint="every C-STORE is refused (0xA700) until storage_dir has more free space; "
+                "free space there, or lower limits.min_free_disk_bytes",
+            )
 
     def _spawn(self, name: str, target: object) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]

@@ -428,6 +428,9 @@ class Limits:
     max_instance_bytes: Annotated[int, BeforeValidator(check.integer(1024))] = 2 * 1024**3
     #: Below this free space on ``storage_dir`` (or the temp folder) C-STOREs are refused.
     min_free_disk_bytes: Annotated[int, BeforeValidator(check.integer(0))] = 1024**3
+    #: Seconds a transaction waits for a PostgreSQL connection (the database down or out of
+    #: connections) before it fails: a C-STORE is then refused (0xA700) within about this.
+    database_timeout_s: Annotated[float, BeforeValidator(check.number(0.1))] = 5.0
 
     @model_validator(mode="before")
     @classmethod

@@ -32,6 +32,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.audit.events import Participants
 from dicom_node.audit.log import AuditLog
+from dicom_node.common.errors import AuditWriteError
 
 log = structlog.get_logger(__name__)
 
@@ -218,7 +219,11 @@ class AccessControl:
             called_ae=printable(conn.called),
             peer_address=f"{requestor.address}:{requestor.port}",
         )
-        self.audit.security_alert(who, reason)
+        try:
+            self.audit.security_alert(who, reason)
+        except AuditWriteError:  # e.g. the database chain's server down: refused all the same
+            log.error("association.refused_unaudited", peer=who.peer_address, reason=reason)
+            return
         log.warning("association.refused", peer=who.peer_address, reason=reason)
 
     def refuse_connection(self, peer_address: str, reason: str) -> None:

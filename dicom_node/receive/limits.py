@@ -7,9 +7,14 @@ the DUL thread comes back from ``recv()``. So a peer that sends part of a PDU an
 or drips it, holds a slot for ever. This module bounds every read and every slot:
 
 - :class:`BoundedSocket` reads a PDU under a deadline: at most ``idle_timeout_s`` between two
-  reads, and after the first ``idle_timeout_s`` at least ``min_bytes_per_s``; a PDU longer
-  than the node's maximum PDU length, or a data set past ``max_instance_bytes`` or past the
-  free-disk watermark, ends the connection (A-ABORT, then close).
+  reads, and after the first ``idle_timeout_s`` at least ``min_bytes_per_s``. A DIMSE message
+  (a C-STORE's command and data set) is held to the same rate over its whole transfer,
+  whatever its PDU sizes and the gaps between them: a peer that sends one small complete PDU
+  every few seconds is cut too. A PDU longer than the node's maximum PDU length, a data set
+  past ``max_instance_bytes``, or a message below the rate ends the connection (A-ABORT, then
+  close). A data set that starts below the free-disk watermark, or whose disk falls below
+  half of it while it arrives, is read and dropped (:func:`dropped_reason`): its C-STORE is
+  then refused with 0xA700, the association goes on.
 - :class:`LimitedServer` closes a new connection at once beyond ``max_connections`` open
   connections or ``max_associations_per_peer`` from one host, and frees each slot the moment
   the association thread ends.
@@ -64,6 +69,10 @@ class PeerLimitExceeded(OSError):
     """A peer passed one of the :class:`~dicom_node.config.sections.Limits`; its connection ends."""
 
 
+#: The Error Comment of a C-STORE refused for the free-disk watermark (0xA700).
+DISK_LOW_COMMENT = "node storage below its free-space mark"
+
+
 def free_disk_bytes(path: Path) -> int:
     """Bytes free for this process on the file system that holds ``path``."""
     return shutil.disk_usage(path).free
@@ -73,6 +82,20 @@ def _in_progress_file(assoc: Association) -> Any:
     """The temp file of the data set being received on ``assoc``, or None."""
     message = getattr(assoc.dimse, "message", None)
     return getattr(message, "_data_set_file", None)
+
+
+def dropped_reason(assoc: Association, path: Path) -> str | None:
+    """Why the data set received into ``path`` on ``assoc`` was dropped, or None (kept).
+
+    A data set dropped while it arrived is no instance: its file holds at most the last
+    fragment. The C-STORE handler asks once per data set (the answer is forgotten).
+    """
+    sock = assoc.dul.socket
+    dropped = getattr(sock, "dropped", None)
+    if not dropped:
+        return None
+    reason: str | None = dropped.pop(Path(path), None)
+    return reason
 
 
 def discard_partial_data_sets(assoc: Association) -> int:
@@ -112,6 +135,16 @@ class BoundedSocket(AssociationSocket):
     storage_dir: Path
     #: (the data set's file, its size) at the last free-space check
     _disk_checked: tuple[Any, int] | None = None
+    #: The DIMSE message being received (pynetdicom's ``dimse.message``), when it started
+    #: (monotonic seconds) and the bytes read since.
+    _message: Any = None
+    _message_start: float = 0.0
+    _message_bytes: int = 0
+    #: The file of the data set being dropped, and the bytes of it already dropped.
+    _dropping: Any = None
+    _dropped_bytes: int = 0
+    #: Files of data sets dropped while they arrived -> why (see :func:`dropped_reason`).
+    dropped: dict[Path, str] | None = None
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` or fewer (peer closed); raise :class:`PeerLimitExceeded` or
@@ -119,15 +152,57 @@ class BoundedSocket(AssociationSocket):
         """
         if nr_bytes > self.max_pdu_bytes:
             self._abort(f"PDU of {nr_bytes} bytes announced; the maximum is {self.max_pdu_bytes}")
+        self._track_message()
         self._check_incoming_data_set()
         try:
             out = self._bounded_recv(nr_bytes)
         except OSError:
             self._wake_acceptor()
             raise
+        if self._message is not None:
+            self._message_bytes += len(out)
         if len(out) < nr_bytes:
             self._wake_acceptor()  # the peer closed
         return out
+
+    @property
+    def ready(self) -> bool:
+        """Whether data waits to be read (pynetdicom's reactor asks about every millisecond).
+
+        While nothing waits and a DIMSE message is part-way, the message must still be on
+        pace (:meth:`_message_deadline`); one that is not is cut here: A-ABORT and close (the
+        reactor then sees the connection closed), so gaps between PDUs count too.
+        """
+        if super().ready:
+            return True
+        if self._track_message() and time.monotonic() > self._message_deadline(0):
+            log.warning(
+                "connection.too_slow",
+                peer=self._peer(),
+                received=self._message_bytes,
+                within="message",
+            )
+            self._send_abort()
+            self.close()
+        return False
+
+    def _track_message(self) -> bool:
+        """Follow pynetdicom's message in progress; True while one is part-way."""
+        message = getattr(self.assoc.dimse, "message", None)
+        if message is not self._message:
+            self._message = message
+            self._message_start = time.monotonic()
+            self._message_bytes = 0
+        return message is not None
+
+    def _message_deadline(self, more_bytes: int) -> float:
+        """When the message in progress must have had ``more_bytes`` more bytes read: its
+        start + ``idle_timeout_s`` + its bytes / ``min_bytes_per_s`` (infinite without one)."""
+        if self._message is None:
+            return float("inf")
+        limits = self.limits
+        done = self._message_bytes + more_bytes
+        return self._message_start + limits.idle_timeout_s + done / limits.min_bytes_per_s
 
     def _bounded_recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
@@ -136,9 +211,13 @@ class BoundedSocket(AssociationSocket):
         start = time.monotonic()
         out = bytearray()
         while len(out) < nr_bytes:
-            # The peer must have sent len(out) bytes by start + idle + len(out) / rate, and
-            # never wait more than idle_timeout_s between two reads.
-            deadline = start + limits.idle_timeout_s + len(out) / limits.min_bytes_per_s
+            # The peer must have sent len(out) bytes by start + idle + len(out) / rate (and
+            # the message so far on the same pace since it began), and never wait more than
+            # idle_timeout_s between two reads.
+            deadline = min(
+                start + limits.idle_timeout_s + len(out) / limits.min_bytes_per_s,
+                self._message_deadline(len(out)),
+            )
             wait = min(limits.idle_timeout_s, deadline - time.monotonic())
             if wait <= 0:
                 log.warning("connection.too_slow", peer=self._peer(), received=len(out))
@@ -165,7 +244,7 @@ class BoundedSocket(AssociationSocket):
             assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
 
     def _check_incoming_data_set(self) -> None:
-        """End the connection when the data set being received passes a size or disk bound.
+        """Bound the data set being received: size (A-ABORT) and free disk (read and drop).
 
         Runs before every read; the free space is asked for when a data set starts and then
         after each further :data:`DISK_CHECK_BYTES` of it (not for each read: two
@@ -175,24 +254,58 @@ class BoundedSocket(AssociationSocket):
         if fh is None or fh.closed:
             return
         size = os.fstat(fh.fileno()).st_size
-        if size > self.limits.max_instance_bytes:
-            self._abort(f"data set passed limits.max_instance_bytes ({size} bytes received)")
+        if fh is self._dropping:
+            # Read and dropped: the file keeps at most the fragment written since the last read.
+            self._dropped_bytes += size
+            fh.seek(0)
+            fh.truncate()
+            size = 0
+        else:
+            self._dropping, self._dropped_bytes = None, 0
+        total = self._dropped_bytes + size
+        if total > self.limits.max_instance_bytes:
+            self._abort(f"data set passed limits.max_instance_bytes ({total} bytes received)")
+        if self._dropping is not None:
+            return
         checked = self._disk_checked
-        if checked is not None and checked[0] is fh and size - checked[1] < DISK_CHECK_BYTES:
+        starting = checked is None or checked[0] is not fh
+        if checked is not None and not starting and size - checked[1] < DISK_CHECK_BYTES:
             return
         self._disk_checked = (fh, size)
-        # Below the watermark a finished C-STORE is refused (0xA700); an unfinished data set
-        # is cut only below half of it, the floor that keeps the disk from filling up. The
-        # file is in <storage_dir>/incoming (net.incoming): both are one file system unless
-        # incoming is a mount of its own, and then both are watched.
-        floor = self.limits.min_free_disk_bytes // 2
+        # A data set that starts below the watermark would be refused (0xA700) when it ends:
+        # it is read and dropped from the start. One that started above it is dropped only
+        # below half of it, the floor that keeps the disk from filling up. The file is in
+        # <storage_dir>/incoming (receive.incoming): both are one file system unless incoming
+        # is a mount of its own, and then both are watched.
+        mark = self.limits.min_free_disk_bytes
+        floor = mark if starting else mark // 2
         for folder in (Path(fh.name).parent, self.storage_dir):
             if free_disk_bytes(folder) < floor:
-                self._abort("free disk space below half of limits.min_free_disk_bytes")
+                self._drop(fh, "starts below" if starting else "fell below half of")
+                return
+
+    def _drop(self, fh: Any, where: str) -> None:
+        """Read the rest of the data set in ``fh`` without keeping it; its C-STORE is refused."""
+        log.warning(
+            "store.disk_low",
+            peer=self._peer(),
+            reason=f"free disk space {where} limits.min_free_disk_bytes: data set dropped",
+        )
+        self._dropping, self._dropped_bytes = fh, 0
+        if self.dropped is None:
+            self.dropped = {}
+        self.dropped[Path(fh.name)] = DISK_LOW_COMMENT
+        fh.seek(0)
+        fh.truncate()
 
     def _abort(self, reason: str) -> None:
         """Send an A-ABORT (service-provider, reason not specified) and raise."""
         log.warning("connection.limit_exceeded", peer=self._peer(), reason=reason)
+        self._send_abort()
+        raise PeerLimitExceeded(reason)
+
+    def _send_abort(self) -> None:
+        """Send an A-ABORT (service-provider, reason not specified), at most 1 s."""
         pdu = A_ABORT_RQ()
         pdu.source = 0x02
         pdu.reason_diagnostic = 0x00
@@ -200,7 +313,6 @@ class BoundedSocket(AssociationSocket):
             assert self.socket is not None
             self.socket.settimeout(1.0)
             self.socket.sendall(pdu.encode())
-        raise PeerLimitExceeded(reason)
 
     def _peer(self) -> str:
         info = self.assoc.requestor.address_info

@@ -100,7 +100,7 @@ class Refusal(NamedTuple):
 REFUSALS: dict[str, Refusal] = {
     "disk_low": Refusal(
         StoreStatus.OUT_OF_RESOURCES,
-        "node storage below its free-space mark",
+        net_limits.DISK_LOW_COMMENT,
         "free space of storage_dir below limits.min_free_disk_bytes",
     ),
     "too_large": Refusal(
@@ -237,6 +237,8 @@ class _Association:
     id: str
     who: Participants
     studies: Counter[tuple[str, str]] = field(default_factory=Counter)  # (patient, study) -> n
+    #: A Security Alert for a database failure was recorded (once per association).
+    database_alerted: bool = False
 
 
 def _participants(event: Event, called: str) -> Participants:
@@ -246,6 +248,13 @@ def _participants(event: Event, called: str) -> Participants:
         called_ae=called,
         peer_address=f"{requestor.address}:{requestor.port}",
     )
+
+
+def _echo_only(event: Event) -> bool:
+    """The association proposed Verification (C-ECHO) only."""
+    primitive = event.assoc.requestor.primitive
+    contexts = getattr(primitive, "presentation_context_definition_list", None) or []
+    return bool(contexts) and all(cx.abstract_syntax == Verification for cx in contexts)
 
 
 def routing_attributes(ds: Dataset) -> dict[str, str]:
@@ -517,8 +526,7 @@ class Receiver:
         called = str(getattr(primitive, "called_ae_title", "")).strip()
         if called and called in self.settings.called_ae_titles:
             event.assoc.acceptor.ae_title = called
-        contexts = getattr(primitive, "presentation_context_definition_list", None) or []
-        echo_only = bool(contexts) and all(cx.abstract_syntax == Verification for cx in contexts)
+        echo_only = _echo_only(event)
         calling = str(getattr(primitive, "calling_ae_title", "")).strip()
         reason = self.admission.admit(
             event.assoc, str(event.assoc.requestor.address), calling, echo_only
@@ -557,6 +565,11 @@ class Receiver:
                 association_id=state.id,
             )
         except AuditWriteError:
+            if _echo_only(event):
+                # Verification moves no data: C-ECHO still tells a peer the node is up while
+                # its audit trail (the database, with PostgreSQL) cannot be written.
+                log.error("association.echo_unaudited", association_id=state.id)
+                return
             # No access without its audit record (docs/security.md): A-ABORT before any DIMSE.
             log.error("association.aborted_unaudited", association_id=state.id)
             event.assoc.abort()
@@ -572,7 +585,11 @@ class Receiver:
         who = _participants(event, called or self.settings.ae_title)
         self.access.forget(event)  # audited here, not again as an abort
         self.metrics.associations.labels("rejected").inc()
-        self.audit.security_alert(who, reason)
+        try:
+            self.audit.security_alert(who, reason)
+        except AuditWriteError:  # refused all the same; the log keeps what the trail cannot
+            log.error("association.rejected_unaudited", peer=who.peer_address, reason=reason)
+            return
         log.warning(
             "association.rejected",
             calling_ae=who.calling_ae,
@@ -598,6 +615,9 @@ class Receiver:
         state = self._assoc(event)
         limits = self.settings.limits
         src = Path(event.dataset_path)
+        dropped = net_limits.dropped_reason(event.assoc, src)
+        if dropped is not None:  # read and dropped while it arrived (receive/limits.py)
+            return self._refuse(StoreStatus.OUT_OF_RESOURCES, dropped)
         if net_limits.free_disk_bytes(self.settings.storage_dir) < limits.min_free_disk_bytes:
             log.warning("store.disk_low", association_id=state.id)
             return self._refuse_for("disk_low")
@@ -663,13 +683,30 @@ class Receiver:
                 late_policy=self.settings.late_instances,
             )
         except Exception as exc:  # noqa: BLE001 - e.g. database busy: refuse, keep serving
+            # Waited at most limits.database_timeout_s for a connection (PostgreSQL down).
             log.error("store.index_failed", association_id=state.id, error=type(exc).__name__)
+            self._alert_database_failure(state, exc)
             return self._refuse_for("index")
         laps.lap("index")
         with self._lock:
             state.studies[(patient_id, study_uid)] += 1
         self.metrics.instances_received.inc()
         return int(StoreStatus.SUCCESS)
+
+    def _alert_database_failure(self, state: _Association, exc: Exception) -> None:
+        """A Security Alert, once per association, for C-STOREs refused because the database
+        failed; when the audit trail cannot be written either, the refusal stands alone
+        (no record, no access) and the log says so."""
+        if state.database_alerted:
+            return
+        state.database_alerted = True
+        try:
+            self.audit.security_alert(
+                state.who,
+                f"C-STORE refused: the node database failed ({type(exc).__name__})",
+            )
+        except AuditWriteError:
+            log.error("store.database_alert_unaudited", association_id=state.id)
 
     def _audit_received(
         self,

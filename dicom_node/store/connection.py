@@ -55,12 +55,17 @@ class Connection(Protocol):
     def close(self) -> None: ...
 
 
-def connect(where: Path | str) -> Connection:
-    """Open (and migrate) the database at ``where``: a path (SQLite) or a PostgreSQL URL."""
+def connect(where: Path | str, timeout_s: float | None = None) -> Connection:
+    """Open (and migrate) the database at ``where``: a path (SQLite) or a PostgreSQL URL.
+
+    ``timeout_s``: PostgreSQL only, how long a transaction waits for a connection
+    (``limits.database_timeout_s``; default that of
+    :class:`~dicom_node.store.postgres.PostgresConnection`).
+    """
     if isinstance(where, str) and where.startswith(POSTGRES_SCHEMES):
         from dicom_node.store.postgres import PostgresConnection
 
-        return PostgresConnection(where)
+        return PostgresConnection(where, timeout_s=timeout_s)
     from dicom_node.store.sqlite import SqliteConnection
 
     return SqliteConnection(Path(where))
@@ -69,8 +74,8 @@ def connect(where: Path | str) -> Connection:
 class Store:
     """Base of the stores: the backend's connection and the transaction helpers."""
 
-    def __init__(self, where: Path | str) -> None:
-        self._connection = connect(where)
+    def __init__(self, where: Path | str, timeout_s: float | None = None) -> None:
+        self._connection = connect(where, timeout_s)
         self.backend = self._connection.backend
         self._for_update = self._connection.for_update
         self._skip_locked = self._connection.skip_locked

@@ -57,11 +57,13 @@ __all__ = [
 ]
 
 
-def open_database(url: str | None, sqlite_path: Path) -> Database:
+def open_database(url: str | None, sqlite_path: Path, timeout_s: float | None = None) -> Database:
     """The node's database, opened and migrated: PostgreSQL at ``url`` (the ``database:``
     setting) when it is set, else SQLite at ``sqlite_path``
-    (:attr:`~dicom_node.store.files.StorageLayout.database_path`)."""
-    return Database(url or sqlite_path)
+    (:attr:`~dicom_node.store.files.StorageLayout.database_path`). ``timeout_s``
+    (``limits.database_timeout_s``): how long a PostgreSQL transaction waits for a
+    connection."""
+    return Database(url or sqlite_path, timeout_s)
 
 
 class Database(

@@ -28,7 +28,8 @@ from dicom_node.common.errors import DicomNodeError
 from dicom_node.config.checks import redact_url
 from dicom_node.store.schema import migrate_postgres
 
-#: Seconds to wait for the server (first connection, and a free pooled one).
+#: Seconds to wait for the server (first connection; and, times 3, for a free pooled one
+#: unless the node's ``limits.database_timeout_s`` says otherwise).
 CONNECT_TIMEOUT_S = 10
 #: Connections one process keeps at most (receiver threads, workers, senders, scheduler).
 POOL_SIZE = 12
@@ -61,7 +62,14 @@ class PostgresConnection:
     for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
-    def __init__(self, url: str, pool_size: int = POOL_SIZE) -> None:
+    def __init__(
+        self, url: str, pool_size: int = POOL_SIZE, timeout_s: float | None = None
+    ) -> None:
+        """Connect (and migrate) at once; then a pool of at most ``pool_size`` connections.
+
+        ``timeout_s`` bounds each wait for a pooled connection (default 3 x
+        :data:`CONNECT_TIMEOUT_S`): with the server down, a transaction fails after it.
+        """
         self.location = redact_url(url)
         try:
             with psycopg.connect(
@@ -83,7 +91,7 @@ class PostgresConnection:
             min_size=1,
             max_size=max(1, pool_size),
             kwargs={"autocommit": True, "row_factory": dict_row, "application_name": "dicom-node"},
-            timeout=CONNECT_TIMEOUT_S * 3,
+            timeout=CONNECT_TIMEOUT_S * 3 if timeout_s is None else timeout_s,
             # A pooled connection is checked as it is handed out, so after a restart of the
             # server the next transaction gets a new one instead of failing on the old.
             check=ConnectionPool.check_connection,
@@ -110,7 +118,7 @@ class PostgresConnection:
                 yield conn
         except PoolTimeout:
             raise DicomNodeError(
-                f"database {self.location}: no connection within {self._pool.timeout:.0f} s "
+                f"database {self.location}: no connection within {self._pool.timeout:g} s "
                 "(the server is down or out of connections)"
             ) from None
 

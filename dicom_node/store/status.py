@@ -5,14 +5,16 @@ Read at the moment they are asked for, so they are right after a restart too.
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from dicom_node.store.connection import Store
 from dicom_node.store.sends import SendState
 from dicom_node.store.states import CaseState, JobState, SeriesState
 
-__all__ = ["SERIES_SHOWN", "SqlStatus"]
+__all__ = ["SERIES_SHOWN", "SqlStatus", "disk_space", "format_bytes"]
 
 #: How ``status`` shows a queued series (stored state ``queued`` from its completion on),
 #: by the latest job of each route it is an input of: any running -> ``processing``; any
@@ -37,6 +39,35 @@ SELECT CASE WHEN s.state != ? THEN s.state
 FROM series s LEFT JOIN ranked k ON k.series_uid = s.series_uid
 GROUP BY shown
 """
+
+
+def disk_space(storage_dir: Path, min_free_disk_bytes: int) -> dict[str, Any]:
+    """Free space on ``storage_dir`` against ``limits.min_free_disk_bytes``, for ``status``.
+
+    Returns ``storage_dir``, ``free_bytes`` (for this process, on the file system that holds
+    the folder, or its nearest existing parent), ``min_free_disk_bytes`` and ``below_mark``
+    (True: every C-STORE is refused with 0xA700 until space returns).
+    """
+    folder = storage_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    return {
+        "storage_dir": str(storage_dir),
+        "free_bytes": free,
+        "min_free_disk_bytes": min_free_disk_bytes,
+        "below_mark": free < min_free_disk_bytes,
+    }
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for people: ``512 B``, ``1.5 KiB`` ... ``2.0 TiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 class SqlStatus(Store):

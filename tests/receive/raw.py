@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import socket
 import struct
+from io import BytesIO
 
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -15,16 +19,30 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 #: PDU types (PS3.8 Table 9-1).
-A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_RELEASE_RQ, A_ABORT = 0x02, 0x03, 0x04, 0x05, 0x07
+A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = (
+    0x02,
+    0x03,
+    0x04,
+    0x05,
+    0x06,
+    0x07,
+)
 
 
-def associate_rq(calling: bytes = b"MODALITY", called: bytes = b"DICOMNODE") -> bytes:
-    """An A-ASSOCIATE-RQ PDU for Verification whose AE title fields hold the given raw bytes."""
+def associate_rq(
+    calling: bytes = b"MODALITY",
+    called: bytes = b"DICOMNODE",
+    abstract_syntax: str = Verification,
+    transfer_syntax: str | None = None,
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU whose AE title fields hold the given raw bytes; one presentation
+    context (id 1): ``abstract_syntax`` (Verification) with ``transfer_syntax`` (all default
+    ones when None)."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = "CALLING"
     primitive.called_ae_title = "CALLED"
-    context = build_context(Verification)
+    context = build_context(abstract_syntax, transfer_syntax)
     context.context_id = 1
     primitive.presentation_context_definition_list = [context]
     max_length = MaximumLengthNotification()
@@ -73,3 +91,36 @@ def read_pdu(sock: socket.socket) -> bytes:
             break
         body += chunk
     return header + body
+
+
+def storage_association(port: int, abstract_syntax: str) -> socket.socket:
+    """A raw association for ``abstract_syntax`` in Explicit VR Little Endian (context id 1)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+        associate_rq(abstract_syntax=abstract_syntax, transfer_syntax=ExplicitVRLittleEndian)
+    )
+    answer = read_pdu(sock)
+    assert answer[:1] == bytes([A_ASSOCIATE_AC]), answer[:1]
+    return sock
+
+
+def data_set_pdus(ds: Dataset, pdu_bytes: int, context_id: int = 1) -> list[bytes]:
+    """``ds`` in Explicit VR Little Endian as P-DATA-TF PDUs of ``pdu_bytes`` of data each,
+    the last one marked last fragment."""
+    data = encode(ds, False, True)
+    assert data is not None
+    pieces = [data[i : i + pdu_bytes] for i in range(0, len(data), pdu_bytes)]
+    return [
+        p_data_tf(piece, context_id, 0x02 if i == len(pieces) - 1 else 0x00)
+        for i, piece in enumerate(pieces)
+    ]
+
+
+def dimse_response(sock: socket.socket) -> Dataset:
+    """The command set of the next DIMSE message (one P-DATA-TF PDU with one PDV)."""
+    pdu = read_pdu(sock)
+    assert pdu[:1] == bytes([P_DATA_TF]), pdu[:1]
+    (length,) = struct.unpack(">L", pdu[6:10])
+    command = decode(BytesIO(pdu[12 : 10 + length]), True, True)
+    assert command is not None
+    return command

@@ -27,6 +27,13 @@ from tests.receive.peers import (
     store_association,
     vm_rss_bytes,
 )
+from tests.receive.raw import (
+    A_RELEASE_RP,
+    data_set_pdus,
+    dimse_response,
+    read_pdu,
+    storage_association,
+)
 
 
 def indexed(node: object) -> set[str]:
@@ -189,39 +196,92 @@ def test_below_the_disk_watermark_stores_are_refused_echo_served_and_resumed(
         e.release()
         free["bytes"] = 10 * 1024 * 1024  # space returns: stores resume by themselves
         assert assoc.send_c_store(first).Status == StoreStatus.SUCCESS
-        # Below the floor, a data set that arrives is cut before it fills the disk.
+        # Below the floor, a data set of several PDUs is read, dropped and refused: 0xA700,
+        # never an abort; the association goes on.
         free["bytes"] = 10
-        assert "Status" not in assoc.send_c_store(ct_instance())
-        wait_for(lambda: not assoc.is_established, 5, "the association cut")
-        assert indexed(node) == {first.SOPInstanceUID}
+        rsp = assoc.send_c_store(ct_instance(pixel_bytes=3 * 1024 * 1024))
+        assert rsp.Status == StoreStatus.OUT_OF_RESOURCES
+        assert rsp.ErrorComment == "node storage below its free-space mark"
+        assert assoc.is_established
+        free["bytes"] = 10 * 1024 * 1024
+        second = ct_instance(pixel_bytes=3 * 1024 * 1024)
+        assert assoc.send_c_store(second).Status == StoreStatus.SUCCESS
+        assoc.release()
+        assert indexed(node) == {first.SOPInstanceUID, second.SOPInstanceUID}
 
 
-def test_a_data_set_is_cut_when_the_disk_fills_while_it_arrives(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("when", ["at-start", "while-it-arrives"])
+def test_a_data_set_below_the_disk_floor_is_read_dropped_and_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
-    free = {"bytes": 10 * 1024 * 1024}
+    # Free space below half the mark as the data set starts, or falling there while it
+    # arrives: the rest is read and dropped (the file never holds more than about one PDU),
+    # and the C-STORE answered 0xA700 with an Error Comment.
+    free = {"bytes": 10 if when == "at-start" else 10 * 1024 * 1024}
     monkeypatch.setattr(net_limits, "free_disk_bytes", lambda path: free["bytes"])
+    pdu_bytes = 128 * 1024
     with running_receiver(tmp_path, min_free_disk_bytes=1024 * 1024) as node:
         incoming = node.settings.storage_dir / "incoming"
-        assoc = store_association(node.settings.port)
-        cx = assoc.accepted_contexts[0].context_id
-        sock = assoc.dul.socket.socket
-        sock.sendall(c_store_command(cx, CTImageStorage, generate_uid()))
-        chunk = p_data_pdu(cx, 0x00, bytes(512 * 1024))
-        sock.sendall(chunk)
-        # Its first fragment written: the free space was checked when the data set started.
-        wait_for(
-            lambda: [p for p in incoming.iterdir() if p.stat().st_size >= 512 * 1024],
-            5,
-            "the first fragment written",
-        )
-        free["bytes"] = 10  # the disk fills while the data set arrives
-        for _ in range(16):  # 8 MiB more: the space is checked again within 1 MiB + 1 PDU
+        sock = storage_association(node.settings.port, CTImageStorage)
+        ds = ct_instance(pixel_bytes=3 * 1024 * 1024)
+        sock.sendall(c_store_command(1, CTImageStorage, ds.SOPInstanceUID))
+        largest = 0
+        for i, pdu in enumerate(data_set_pdus(ds, pdu_bytes)):
+            if i == 8 and when == "while-it-arrives":
+                # 1 MiB written: checked again within the next MiB, then dropped.
+                free["bytes"] = 10
+            sock.sendall(pdu)
+            time.sleep(0.01)
+            if i > 18:  # past the first checks: what remains on disk is one fragment
+                sizes = [p.stat().st_size for p in incoming.iterdir() if p.exists()]
+                largest = max([largest, *sizes])
+        rsp = dimse_response(sock)
+        assert rsp.Status == StoreStatus.OUT_OF_RESOURCES
+        assert rsp.ErrorComment == "node storage below its free-space mark"
+        assert largest <= 2 * pdu_bytes + 4096, largest
+        # The association goes on: space is back, the next instance is stored.
+        free["bytes"] = 10 * 1024 * 1024
+        ok = ct_instance()
+        sock.sendall(c_store_command(1, CTImageStorage, ok.SOPInstanceUID))
+        for pdu in data_set_pdus(ok, pdu_bytes):
+            sock.sendall(pdu)
+        assert dimse_response(sock).Status == StoreStatus.SUCCESS
+        sock.sendall(bytes.fromhex("0500000000040000 0000".replace(" ", "")))  # A-RELEASE-RQ
+        assert read_pdu(sock)[:1] == bytes([A_RELEASE_RP])
+        sock.close()
+        assert indexed(node) == {ok.SOPInstanceUID}
+        wait_for(lambda: list(incoming.iterdir()) == [], 5, "the dropped data set's file gone")
+
+
+def test_a_data_set_of_small_complete_pdus_sent_slowly_is_cut(tmp_path: Path) -> None:
+    # Each PDU arrives whole and well within idle_timeout_s, so neither the idle limit nor
+    # the rate inside a PDU ends it; 112 bytes every 0.3 s is below min_bytes_per_s over the
+    # data set's whole transfer, which is cut after idle_timeout_s plus what was sent.
+    with running_receiver(tmp_path, idle_timeout_s=1.0, min_bytes_per_s=2000) as node:
+        incoming = node.settings.storage_dir / "incoming"
+        sock = storage_association(node.settings.port, CTImageStorage)
+        sock.sendall(c_store_command(1, CTImageStorage, generate_uid()))
+        start = time.monotonic()
+        sent = 0
+        closed = None
+        while time.monotonic() - start < 10:
             try:
-                sock.sendall(chunk)
+                sock.sendall(p_data_pdu(1, 0x00, bytes(100)))
             except OSError:
+                closed = time.monotonic() - start
                 break
-            time.sleep(0.05)
-        wait_for(lambda: not assoc.is_established, 5, "the association cut")
+            sent += 1
+            if closed_within(sock, 0.3) is not None:
+                closed = time.monotonic() - start
+                break
+        assert closed is not None, "the slow data set was never cut"
+        assert sent >= 3 and closed < 1.0 + 2.0, (sent, closed)
+        sock.close()
+        wait_for(lambda: node.server.open_connections == 0, 5, "slot freed")
         wait_for(lambda: list(incoming.iterdir()) == [], 5, "the partial data set removed")
-        assert indexed(node) == set()
+        # The node keeps serving another sender.
+        assoc = store_association(node.settings.port, "127.0.0.2")
+        fits = ct_instance()
+        assert assoc.send_c_store(fits).Status == StoreStatus.SUCCESS
+        assoc.release()
+        assert indexed(node) == {fits.SOPInstanceUID}
