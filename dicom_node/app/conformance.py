@@ -35,7 +35,7 @@ from pydicom.uid import UID, DigitalXRayImageStorageForPresentation, ExplicitVRL
 import dicom_node
 from dicom_node.common.output_kinds import OutputKind
 from dicom_node.common.status import STORED, EchoStatus, StoreStatus
-from dicom_node.common.syntaxes import ACCEPTED, UNCOMPRESSED
+from dicom_node.common.syntaxes import ACCEPTED
 from dicom_node.common.tls import HANDSHAKE_TIMEOUT_S, MINIMUM_TLS_VERSION
 from dicom_node.config.sections import Limits, TLSSettings
 from dicom_node.config.settings import Settings
@@ -47,6 +47,7 @@ from dicom_node.receive.receiver import (
     REFUSALS,
     supported_contexts,
 )
+from dicom_node.send.senders.dimse import proposed_contexts
 
 #: The document the blocks live in, relative to the repository root.
 DOCUMENT = Path("docs/conformance.md")
@@ -80,7 +81,8 @@ NODE_KEYS: dict[str, str] = {
 LIMIT_KEYS: dict[str, str] = {
     "idle_timeout_s": "seconds a connection may stay silent: before its A-ASSOCIATE-RQ (ARTIM), "
     "between PDUs and between reads inside a PDU; then A-ABORT",
-    "min_bytes_per_s": "rate a peer must keep up inside a PDU after the first idle_timeout_s",
+    "min_bytes_per_s": "average rate a peer must keep up over a whole DIMSE message (its "
+    "PDUs and the gaps between them) after the first idle_timeout_s; then A-ABORT",
     "max_associations": "associations at once; beyond, A-ASSOCIATE-RJ (rejected-transient, "
     "local limit exceeded)",
     "reserved_associations": "of max_associations, kept for C-ECHO-only associations and "
@@ -90,7 +92,10 @@ LIMIT_KEYS: dict[str, str] = {
     "max_connections": "open TCP connections at once, associated or not; further ones closed",
     "max_instance_bytes": "largest data set of one C-STORE: cut (A-ABORT) while it arrives, "
     "or refused (0xA700)",
-    "min_free_disk_bytes": "free space of storage_dir below which C-STOREs are refused (0xA700)",
+    "min_free_disk_bytes": "free space of storage_dir below which C-STOREs are refused (0xA700; "
+    "the data set is read and dropped)",
+    "database_timeout_s": "seconds a C-STORE waits for a PostgreSQL connection before it is "
+    "refused (0xA700)",
 }
 
 #: What each ``tls:`` key does.
@@ -529,20 +534,21 @@ def iod_table(kind: OutputKind, made: Sequence[_Made]) -> str:
 
 
 def scu_contexts(made: Sequence[_Made]) -> str:
-    """What the sender proposes: each output's SOP class with its own syntax + uncompressed."""
+    """What the sender proposes for each output (:func:`~.dimse.proposed_contexts`): one row a
+    presentation context."""
     rows = []
     for kind, ds in made[0].outputs.items():
         own = ds.file_meta.TransferSyntaxUID
-        syntaxes = [own, *(ts for ts in UNCOMPRESSED if ts != own)]
-        rows.append(
-            (
-                kind.value,
-                _uid_name(ds.SOPClassUID),
-                f"`{ds.SOPClassUID}`",
-                "SCU",
-                ", ".join(_uid_name(ts) for ts in syntaxes),
+        for sop_class, syntaxes in proposed_contexts([(UID(ds.SOPClassUID), UID(own))]):
+            rows.append(
+                (
+                    kind.value,
+                    _uid_name(sop_class),
+                    f"`{sop_class}`",
+                    "SCU",
+                    ", ".join(_uid_name(ts) for ts in syntaxes),
+                )
             )
-        )
     rows.append(
         ("echo", "Verification", "`1.2.840.10008.1.1`", "SCU", "pynetdicom's default syntaxes")
     )

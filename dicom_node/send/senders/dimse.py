@@ -24,7 +24,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,14 +214,21 @@ def _read(path: Path) -> _File:
     return _File(path, UID(ds.SOPClassUID), UID(syntax))
 
 
-def _proposals(files: Sequence[_File]) -> list[tuple[UID, list[UID]]]:
-    """The presentation contexts for ``files``: per SOP class, little endian + each own syntax."""
+def proposed_contexts(files: Iterable[tuple[UID, UID]]) -> list[tuple[UID, list[UID]]]:
+    """The presentation contexts proposed for files of these ``(SOP class, transfer syntax)``:
+    per SOP class, one with Explicit and Implicit VR Little Endian, and one more for each other
+    syntax a file is in (a peer accepts one syntax per context; each file goes in its own)."""
     contexts: dict[tuple[UID, tuple[UID, ...]], None] = {}
-    for f in files:
-        contexts[(f.sop_class, LITTLE_ENDIAN)] = None
-        if f.syntax not in LITTLE_ENDIAN:
-            contexts[(f.sop_class, (f.syntax,))] = None
+    for sop_class, syntax in files:
+        contexts[(sop_class, LITTLE_ENDIAN)] = None
+        if syntax not in LITTLE_ENDIAN:
+            contexts[(sop_class, (syntax,))] = None
     return [(sop, list(syntaxes)) for sop, syntaxes in contexts]
+
+
+def _proposals(files: Sequence[_File]) -> list[tuple[UID, list[UID]]]:
+    """The presentation contexts for ``files`` (:func:`proposed_contexts`)."""
+    return proposed_contexts((f.sop_class, f.syntax) for f in files)
 
 
 def _batches(files: Sequence[_File]) -> Iterator[list[_File]]:
