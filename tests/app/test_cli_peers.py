@@ -62,7 +62,7 @@ def storescp(folder: Path, *options: str) -> Iterator[int]:
 @pytest.fixture
 def mixed_files(tmp_path: Path) -> dict[UID, list[Path]]:
     """Real files in six transfer syntaxes: transfer syntax -> files."""
-    reference = require_shared_data() / "reference"
+    reference = require_shared_data("reference")
     folder = tmp_path / "in"
     folder.mkdir()
     files: dict[UID, list[Path]] = {}
@@ -146,7 +146,7 @@ def test_send_names_a_file_that_cannot_be_sent(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A file that is not DICOM, or a data set without its UIDs, is named with the reason."""
-    reference = require_shared_data() / "reference"
+    reference = require_shared_data("reference")
     (tmp_path / "notes.txt").write_text("not DICOM\n")
     empty_uids = sorted((reference / "ct-siemens-j2k").glob("*.dcm"))[0]
     port = free_port()  # nobody listens: the files fail before any association
