@@ -22,12 +22,9 @@ from pydicom.uid import (
 )
 
 from dicom_node.app.cli import main
-from dicom_node.app.node import stage_settings
-from dicom_node.audit.log import AuditLog
-from dicom_node.config.settings import parse_settings
 from dicom_node.receive.receiver import Receiver
-from dicom_node.store.database import Database
 from tests.conftest import PEER_ENV, free_port, require_shared_data, require_tool, wait_port
+from tests.receive.peers import running_receiver
 
 # DCMTK transcodes a real radiograph (highdicom's DX) into each syntax, as a modality would;
 # each gets a new SOP Instance UID so that all of them arrive side by side.
@@ -165,24 +162,10 @@ def test_send_names_a_file_that_cannot_be_sent(
 @pytest.fixture
 def node_receiver(tmp_path: Path) -> Iterator[Receiver]:
     """The node's receiver, answering only to AI-CHEST and only callers named MODALITY."""
-    settings = parse_settings(
-        {
-            "ae_title": "DICOMNODE",
-            "port": free_port(),
-            "bind_address": "127.0.0.1",
-            "storage_dir": str(tmp_path / "var"),
-            "called_ae_titles": ["AI-CHEST"],
-            "allowed_callers": ["MODALITY"],
-        }
-    )
-    settings.storage_dir.mkdir(parents=True)
-    stages = stage_settings(settings)
-    db = Database(stages.layout.database_path)
-    receiver = Receiver(stages.receiver, db, AuditLog(stages.layout.audit_path))
-    receiver.start()
-    yield receiver
-    receiver.stop()
-    db.close()
+    with running_receiver(
+        tmp_path, {"called_ae_titles": ["AI-CHEST"], "allowed_callers": ["MODALITY"]}
+    ) as receiver:
+        yield receiver
 
 
 def test_echo_says_why_the_node_rejected_it(

@@ -18,14 +18,10 @@ from pynetdicom import AE, build_context
 
 from dicom_node.app.cli import main
 from dicom_node.app.conformance import DOCUMENT, REGENERATE, fill
-from dicom_node.app.node import stage_settings
-from dicom_node.audit.log import AuditLog
 from dicom_node.common.status import EchoStatus, StoreStatus
-from dicom_node.config.settings import parse_settings
 from dicom_node.receive.receiver import REFUSALS, Receiver
-from dicom_node.store.database import Database
-from tests.conftest import free_port
 from tests.factories import ct_series
+from tests.receive.peers import running_receiver
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT = (REPO / DOCUMENT).read_text(encoding="utf-8")
@@ -82,23 +78,8 @@ def test_every_status_in_the_tables_is_one_the_node_has() -> None:
 
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    settings = parse_settings(
-        {
-            "ae_title": "DICOMNODE",
-            "port": free_port(),
-            "bind_address": "127.0.0.1",
-            "storage_dir": str(tmp_path / "var"),
-            "limits": {"min_free_disk_bytes": 0},
-        }
-    )
-    settings.storage_dir.mkdir(parents=True)
-    stages = stage_settings(settings)
-    db = Database(stages.layout.database_path)
-    receiver = Receiver(stages.receiver, db, AuditLog(stages.layout.audit_path))
-    receiver.start()
-    yield receiver
-    receiver.stop()
-    db.close()
+    with running_receiver(tmp_path, min_free_disk_bytes=0) as receiver:
+        yield receiver
 
 
 def scp_pairs() -> list[tuple[str, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
@@ -28,14 +28,18 @@ HALF_OPEN_RQ = bytes.fromhex("01000000 00c80001 00004449 434f4d4e".replace(" ", 
 
 
 @contextmanager
-def running_receiver(tmp_path: Path, **limits: Any) -> Iterator[Receiver]:
-    """A receiver on 127.0.0.1 with ``limits:`` overrides, stopped at the end."""
+def running_receiver(
+    tmp_path: Path, settings_doc: Mapping[str, Any] | None = None, **limits: Any
+) -> Iterator[Receiver]:
+    """A receiver on 127.0.0.1 with ``limits:`` overrides and other top-level settings from
+    ``settings_doc`` (e.g. ``called_ae_titles``), stopped at the end."""
     settings = parse_settings(
         {
             "ae_title": "DICOMNODE",
             "port": free_port(),
             "bind_address": "127.0.0.1",
             "storage_dir": str(tmp_path / "node"),
+            **(settings_doc or {}),
             "limits": limits,
         },
         base=tmp_path,

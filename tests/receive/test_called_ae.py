@@ -11,35 +11,18 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.app.node import stage_settings
 from dicom_node.audit.file_chain import read_events
-from dicom_node.audit.log import AuditLog
-from dicom_node.config.settings import parse_settings
 from dicom_node.receive.receiver import Receiver
-from dicom_node.store.database import Database
-from tests.conftest import PEER_ENV, free_port, require_tool, wait_for
+from tests.conftest import PEER_ENV, require_tool, wait_for
+from tests.receive.peers import running_receiver
 
 
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    settings = parse_settings(
-        {
-            "ae_title": "DICOMNODE",
-            "port": free_port(),
-            "bind_address": "127.0.0.1",
-            "storage_dir": str(tmp_path / "var"),
-            "called_ae_titles": ["AI-CHEST"],
-            "allowed_callers": ["MODALITY"],
-        }
-    )
-    settings.storage_dir.mkdir(parents=True)
-    stages = stage_settings(settings)
-    db = Database(stages.layout.database_path)
-    receiver = Receiver(stages.receiver, db, AuditLog(stages.layout.audit_path))
-    receiver.start()
-    yield receiver
-    receiver.stop()
-    db.close()
+    with running_receiver(
+        tmp_path, {"called_ae_titles": ["AI-CHEST"], "allowed_callers": ["MODALITY"]}
+    ) as receiver:
+        yield receiver
 
 
 def associate(port: int, called: str, calling: str = "MODALITY") -> Any:
