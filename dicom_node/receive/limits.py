@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import shutil
 import socket
 import threading
 import time
@@ -48,6 +47,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from dicom_node.common.tls import HANDSHAKE_TIMEOUT_S, handshake_failure
 from dicom_node.config.sections import Limits
+from dicom_node.store.files import free_disk_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -71,11 +71,6 @@ class PeerLimitExceeded(OSError):
 
 #: The Error Comment of a C-STORE refused for the free-disk watermark (0xA700).
 DISK_LOW_COMMENT = "node storage below its free-space mark"
-
-
-def free_disk_bytes(path: Path) -> int:
-    """Bytes free for this process on the file system that holds ``path``."""
-    return shutil.disk_usage(path).free
 
 
 def _in_progress_file(assoc: Association) -> Any:

@@ -72,6 +72,11 @@ def durable_copy(src: Path, path: Path) -> None:
     _durable(path, fill)
 
 
+def free_disk_bytes(path: Path) -> int:
+    """Bytes free for this process on the file system that holds ``path``."""
+    return shutil.disk_usage(path).free
+
+
 def fsync_file(path: Path) -> None:
     """Flush the data and metadata of the file ``path`` to disk (a folder too: its entries)."""
     fd = os.open(path, os.O_RDONLY)

@@ -5,12 +5,12 @@ Read at the moment they are asked for, so they are right after a restart too.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from dicom_node.store.connection import Store
+from dicom_node.store.files import free_disk_bytes
 from dicom_node.store.sends import SendState
 from dicom_node.store.states import CaseState, JobState, SeriesState
 
@@ -51,7 +51,7 @@ def disk_space(storage_dir: Path, min_free_disk_bytes: int) -> dict[str, Any]:
     folder = storage_dir
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    free = shutil.disk_usage(folder).free
+    free = free_disk_bytes(folder)
     return {
         "storage_dir": str(storage_dir),
         "free_bytes": free,
