@@ -1,5 +1,5 @@
 """The ``dicom-node`` command line: serve, process, echo, send, status, retry, audit,
-conformance, train, evaluate."""
+conformance, console, train, evaluate."""
 
 from __future__ import annotations
 
@@ -409,6 +409,40 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_password(confirm: bool) -> str:
+    """The new password: typed twice at a terminal (not echoed), else one line of stdin."""
+    import getpass
+
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass("password: ")
+    if confirm and getpass.getpass("again: ") != password:
+        raise DicomNodeError("the two passwords differ; nothing changed")
+    return password
+
+
+def cmd_console_user(args: argparse.Namespace) -> int:
+    """``console user add|remove|list``: the web console's local users (argon2 hashes)."""
+    from dicom_node.config.sections import ConsoleRole
+    from dicom_node.console.users import UserStore
+
+    settings = load_settings(args.config)
+    path = settings.console.users_file or _layout(settings).console_users_file
+    users = UserStore(path)
+    if args.user_command == "list":
+        for user in users.users():
+            print(f"{user.name} {user.role}")
+        return 0
+    if args.user_command == "remove":
+        if not users.remove(args.name):
+            raise DicomNodeError(f"no console user {args.name!r} in {path}")
+        print(f"{args.name} removed from {path}; their session ends at their next request")
+        return 0
+    new = users.add(args.name, _read_password(confirm=True), ConsoleRole(args.role))
+    print(f"{args.name} ({args.role}) {'added to' if new else 'updated in'} {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-node",
@@ -524,6 +558,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the generated blocks of this document (docs/conformance.md) instead",
     )
     p.set_defaults(func=cmd_conformance)
+
+    console = sub.add_parser("console", help="the web console's local users")
+    console_sub = console.add_subparsers(dest="console_command", required=True)
+    user = console_sub.add_parser("user", help="add, remove or list console users")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    p = with_config(
+        user_sub.add_parser(
+            "add",
+            help="add a user (or set a new password and role); the password is read from a "
+            "prompt, or one line of standard input, never from the command line",
+        )
+    )
+    p.add_argument("name")
+    p.add_argument(
+        "--role",
+        choices=["admin", "viewer"],
+        default="viewer",
+        help="viewer (default): read-only; admin: may also retry sends",
+    )
+    p.set_defaults(func=cmd_console_user)
+    p = with_config(user_sub.add_parser("remove", help="remove a user"))
+    p.add_argument("name")
+    p.set_defaults(func=cmd_console_user)
+    p = with_config(user_sub.add_parser("list", help="list the users and their roles"))
+    p.set_defaults(func=cmd_console_user)
 
     add_train_parser(sub)
     add_evaluate_parser(sub)

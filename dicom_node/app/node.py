@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import structlog
 import torch
@@ -56,6 +56,9 @@ from dicom_node.store.database import open_database
 from dicom_node.store.files import SHARED_STALE_TEMP_S, StorageLayout, clean_stale_temp_files
 from dicom_node.store.status import disk_space
 from dicom_node.work.worker import Worker, WorkerSettings
+
+if TYPE_CHECKING:
+    from dicom_node.console.server import ConsoleServer
 
 log = structlog.get_logger(__name__)
 
@@ -282,6 +285,20 @@ class Node:
             self.worker = Worker(stages.worker, self.db, self.audit, self.device, self.metrics)
         if role.sends:
             self.delivery = Delivery(stages.delivery, self.db, self.audit, self.metrics)
+        self.console: ConsoleServer | None = None
+        if settings.console.enabled:
+            from dicom_node.app.console import build_console
+
+            worker = self.worker
+            self.console = build_console(
+                settings,
+                layout,
+                self.db,
+                self.audit,
+                str(role),
+                settings.workers if role.works else 0,
+                (lambda model: worker.segmenter(model).package) if worker is not None else None,
+            )
         self._threads: list[threading.Thread] = []
 
     def _take_lock(self) -> IO[str]:
@@ -340,6 +357,13 @@ class Node:
                 self.receiver.start()
             except OSError as exc:
                 raise listen_error("port", address, self.settings.port, exc) from None
+        if self.console is not None:
+            try:
+                self.console.start()
+            except OSError as exc:
+                raise listen_error(
+                    "console.port", self.settings.console.host, self.settings.console.port, exc
+                ) from None
         self.audit.record(
             AuditEvent.APPLICATION_ACTIVITY,
             AuditAction.EXECUTE,
@@ -423,6 +447,8 @@ class Node:
         self.stopping.set()
         self.wake.set()
         self.work.set()
+        if self.console is not None:
+            self.console.stop()
         if self.receiver is not None:
             self.receiver.stop()
         for thread in self._threads:

@@ -390,6 +390,74 @@ class SyslogSettings:
         return self
 
 
+class ConsoleRole(enum.StrEnum):
+    """A console user's role: ``viewer`` reads every page, ``admin`` may also retry sends."""
+
+    VIEWER = "viewer"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class OidcSettings:
+    """``console.oidc``: sign-in at an OpenID Connect provider (authorization code flow).
+
+    The provider's metadata is read from ``<issuer>/.well-known/openid-configuration``; the
+    client secret stays in ``client_secret_file``. A user signs in with the name in
+    ``username_claim`` and gets ``admin`` when that name is in ``admins``, ``viewer`` when in
+    ``viewers``; anyone else is refused (and the refusal audited).
+    """
+
+    issuer: Annotated[str, BeforeValidator(check.http_url)]
+    client_id: Annotated[str, BeforeValidator(check.text("the client id at the provider"))]
+    client_secret_file: File
+    username_claim: Annotated[str, BeforeValidator(check.text("a claim name"))] = (
+        "preferred_username"
+    )
+    admins: tuple[str, ...] = ()
+    viewers: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw(cls, data: Any) -> Any:
+        return check.section(data, field_names(cls))
+
+    def role_of(self, username: str) -> ConsoleRole | None:
+        """The console role of a signed-in provider user, or None: not allowed in."""
+        if username in self.admins:
+            return ConsoleRole.ADMIN
+        if username in self.viewers:
+            return ConsoleRole.VIEWER
+        return None
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """``console:``: the web console the node serves (off by default; docs/security.md).
+
+    HTTPS with the node's ``tls.cert_file``/``key_file`` when ``tls:`` is configured, plain
+    HTTP otherwise (keep ``host`` on loopback then). Local users and their argon2 hashes are
+    in ``users_file`` (default ``<storage_dir>/console-users.json``; ``dicom-node console user
+    add``); the session cookies are signed with a key in ``<storage_dir>/console.key``.
+    """
+
+    enabled: StrictBool = False
+    host: Annotated[str, BeforeValidator(check.text("an IP address to listen on"))] = "127.0.0.1"
+    port: Port = 8443
+    users_file: Annotated[Path, BeforeValidator(check.path)] | None = None
+    #: Seconds a login lasts (the signed session cookie's lifetime).
+    session_max_age_s: Annotated[float, BeforeValidator(check.number(60))] = 28800.0
+    #: Failed logins from one address (or for one user name) within ``login_window_s``
+    #: before further attempts are refused until the window has passed.
+    max_login_failures: Count = 5
+    login_window_s: PositiveSeconds = 300.0
+    oidc: OidcSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw(cls, data: Any) -> Any:
+        return check.section(data, field_names(cls))
+
+
 @dataclass(frozen=True)
 class AuditSettings:
     """``audit:``: the HMAC key of the audit trail and the optional syslog export."""

@@ -42,6 +42,7 @@ from dicom_node.config.destinations import Destination
 from dicom_node.config.sections import (
     AETitle,
     AuditSettings,
+    ConsoleSettings,
     Count,
     Device,
     LatePolicy,
@@ -70,6 +71,7 @@ _EMPTY_IS_DEFAULT = (
     "allowed_callers",
     "called_ae_titles",
     "allowed_networks",
+    "console",
 )
 
 
@@ -115,6 +117,7 @@ class Settings:
     max_job_attempts: Count = 3
     audit: AuditSettings = AuditSettings()
     limits: Limits = Limits()
+    console: ConsoleSettings = ConsoleSettings()
     #: The state database: None for SQLite at ``<storage_dir>/node.sqlite3`` (the default), or
     #: a ``postgresql://`` URL shared by several node processes or hosts. A password comes
     #: from libpq (``~/.pgpass``, ``PGPASSFILE``, ``PGPASSWORD``); one in the URL is never

@@ -31,6 +31,7 @@ from pathlib import Path
 from dicom_node.store.cases import Case, CaseState, CaseStore, SqlCaseStore
 from dicom_node.store.instances import InstanceIndex, InstanceRecord, SqlInstanceIndex
 from dicom_node.store.jobs import Job, JobQueue, SqlJobStore
+from dicom_node.store.overview import SqlOverview
 from dicom_node.store.retention import RetentionStore, SqlRetentionQueries
 from dicom_node.store.sends import Send, SendState, SendStore, SqlSendStore
 from dicom_node.store.series import SeriesSummary, SqlSeriesStore
@@ -74,6 +75,7 @@ class Database(
     SqlSendStore,
     SqlRetentionQueries,
     SqlStatus,
+    SqlOverview,
 ):
     """Thread-safe access to the node database (``backend``: ``sqlite`` or ``postgresql``).
 

@@ -41,6 +41,10 @@ class StorageLayout:
     audit_key_file: Path
     #: Locked by each node process on the folder (exclusive on SQLite, shared on PostgreSQL).
     lock_file: Path
+    #: The web console's local users (``console.users_file`` when the config names one).
+    console_users_file: Path
+    #: The key that signs the web console's session cookies.
+    console_key_file: Path
 
     @classmethod
     def at(cls, storage_dir: Path, audit_key_file: Path | None = None) -> StorageLayout:
@@ -54,6 +58,8 @@ class StorageLayout:
             audit_path=storage_dir / "audit.jsonl",
             audit_key_file=audit_key_file or storage_dir / "audit.key",
             lock_file=storage_dir / "node.lock",
+            console_users_file=storage_dir / "console-users.json",
+            console_key_file=storage_dir / "console.key",
         )
 
 
