@@ -57,9 +57,10 @@ $(OHIF_DIR)/dist/index.html:
 test: install peers
 	DICOM_NODE_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not viewer"
 
-# OHIF 3.13 in headless Chromium over Orthanc's DICOMweb: our SEGs and SRs, judged from pixels.
+# OHIF 3.13 in headless Chromium over Orthanc's DICOMweb: our SEGs and SRs, judged from pixels;
+# and the web console on a running node (login, a case and its thumbnail, retry).
 test-viewer: install peers ohif
-	DICOM_NODE_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m viewer tests/viewer
+	DICOM_NODE_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m viewer tests/viewer tests/console
 
 lint: install
 	$(BIN)/ruff check .
