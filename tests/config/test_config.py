@@ -751,9 +751,16 @@ def test_readme_examples_load(tmp_path: Path) -> None:
             for value in (dest.get("auth") or {}).values():
                 if "/" in str(value):
                     touch(folder / value)
+        for value in (doc.get("tls") or {}).values():
+            touch(folder / value)
         config = folder / "node.yaml"
         config.write_text(example)
         settings = load_settings(config)
+        if "console:" in example:
+            assert settings.console.enabled and settings.console.port == 8443
+            assert (
+                settings.tls is not None and settings.tls.cert_file == folder / "secrets/node.crt"
+            )
         if "brain-tumour" in example:
             (route,) = settings.routes
             assert [r.role for r in route.inputs] == ["t1", "t1c", "t2", "flair"]
