@@ -24,6 +24,7 @@ from urllib.parse import urlencode
 import jinja2
 import structlog
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
@@ -225,9 +226,11 @@ class Console:
         return self.page(request, "error.html", status=status, message=message)
 
     def signed_in(
-        self, handler: Callable[[Request, dict[str, str]], Awaitable[Response]]
+        self, handler: Callable[[Request, dict[str, str], Mapping[str, Any]], Response]
     ) -> Callable[[Request], Awaitable[Response]]:
-        """``handler`` for signed-in users; others go to the login page (GET) or get 401."""
+        """``handler`` for signed-in users (a POST with the session's CSRF token); others go
+        to the login page (GET) or are refused. ``handler`` gets the user and the form, and
+        runs in a worker thread: database reads, the audit record and thumbnails block."""
 
         async def endpoint(request: Request) -> Response:
             user = self.user(request)
@@ -235,14 +238,15 @@ class Console:
                 if request.method == "GET":
                     return RedirectResponse("/login", status_code=303, headers=self.headers())
                 return self.refused(request, 401, "Sign in first.")
+            form: dict[str, Any] = {}
             if request.method == "POST":
-                form = await request.form()
+                form = dict((await request.form()).items())
                 if not csrf_ok(request.session.get("csrf"), form.get("csrf")):
                     log.warning("console.csrf_refused", user=user["name"], path=request.url.path)
                     return self.refused(
                         request, 403, "The form was stale or not from this console; try again."
                     )
-            return await handler(request, user)
+            return await run_in_threadpool(handler, request, user, form)
 
         return endpoint
 
@@ -271,7 +275,7 @@ class Console:
                 status=429,
                 error=f"Too many failed logins; try again in {wait_s:.0f} s.",
             )
-        user = self.users.authenticate(name, password)
+        user = await run_in_threadpool(self.users.authenticate, name, password)  # argon2: CPU
         if user is None:
             self.limiter.failed(keys)
             self.audit_login(request, name, "local", AuditOutcome.MINOR_FAILURE, "bad password")
@@ -294,7 +298,7 @@ class Console:
         log.info("console.login", user=name, role=role.value, via=via)
         return RedirectResponse("/", status_code=303, headers=self.headers())
 
-    async def logout(self, request: Request, user: dict[str, str]) -> Response:
+    def logout(self, request: Request, user: dict[str, str], form: Mapping[str, Any]) -> Response:
         self.sources.audit.record(
             AuditEvent.USER_AUTHENTICATION,
             AuditAction.EXECUTE,
@@ -352,7 +356,7 @@ class Console:
 
     # -- pages -----------------------------------------------------------------------------
 
-    async def overview(self, request: Request, user: dict[str, str]) -> Response:
+    def overview(self, request: Request, user: dict[str, str], form: Mapping[str, Any]) -> Response:
         src = self.sources
         status = src.store.status()
         destinations = []
@@ -391,7 +395,7 @@ class Console:
             message=request.session.pop("message", None),
         )
 
-    async def cases(self, request: Request, user: dict[str, str]) -> Response:
+    def cases(self, request: Request, user: dict[str, str], form: Mapping[str, Any]) -> Response:
         return self.page(request, "cases.html", jobs=self.sources.store.recent_jobs(50))
 
     def _job_id(self, request: Request) -> int | None:
@@ -400,7 +404,7 @@ class Console:
         except (KeyError, ValueError):
             return None
 
-    async def case(self, request: Request, user: dict[str, str]) -> Response:
+    def case(self, request: Request, user: dict[str, str], form: Mapping[str, Any]) -> Response:
         job_id = self._job_id(request)
         job = self.sources.store.job_overview(job_id) if job_id is not None else None
         if job is None or job_id is None:
@@ -422,7 +426,9 @@ class Console:
                     found[kind] = paths
         return found
 
-    async def thumbnail(self, request: Request, user: dict[str, str]) -> Response:
+    def thumbnail(
+        self, request: Request, user: dict[str, str], form: Mapping[str, Any]
+    ) -> Response:
         job_id = self._job_id(request)
         outputs = self._outputs(job_id) if job_id is not None else {}
         if job_id is None or not outputs:
@@ -441,14 +447,13 @@ class Console:
             return Response("the result images cannot be read", 404)
         return Response(png, media_type="image/png", headers=self.headers())
 
-    async def retry(self, request: Request, user: dict[str, str]) -> Response:
+    def retry(self, request: Request, user: dict[str, str], form: Mapping[str, Any]) -> Response:
         if user["role"] != ConsoleRole.ADMIN:
             log.warning("console.retry_refused", user=user["name"], role=user["role"])
             self.sources.audit.security_alert(
                 self.who(request), f"console: {user['name']} (role {user['role']}) may not retry"
             )
             return self.refused(request, 403, "Only an admin may retry sends.")
-        form = await request.form()
         destination = str(form.get("destination", "")) or None
         if destination is not None and destination not in self.sources.destinations:
             return self.refused(request, 400, "No such destination.")
