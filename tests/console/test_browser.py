@@ -24,6 +24,7 @@ import pytest
 
 from dicom_node.console.thumbnail import ALPHA, PALETTE, scale_of
 from dicom_node.outputs.seg import read_seg_masks, source_frame_keys
+from dicom_node.testing.random_package import make_random_package
 from tests.conftest import REPO, NodeProcess, StoreSCP, free_port, storescu, wait_for
 from tests.factories import ct_series, write_files
 from tests.test_end_to_end import results
@@ -129,14 +130,17 @@ def judge_thumbnail(rgb: np.ndarray, seg_path: Path, source_files: list[Path]) -
 def test_console_login_case_thumbnail_and_retry(
     tmp_path: Path,
     node_factory: Callable[..., NodeProcess],
-    random_package: Path,
     browser: Any,
 ) -> None:
     started = time.monotonic()
+    # One structure (random weights): most but not all of each slice is masked, so the judgement
+    # sees both gray and coloured pixels, and every masked pixel has the one colour.
+    package = tmp_path / "heart-only"
+    make_random_package(package, structures=("heart",), seed=2)
     pacs_port = free_port()  # nothing listens yet: the destination is down
     console_port = free_port()
     node = node_factory(
-        random_package,
+        package,
         pacs_port,
         send={"max_attempts": 1, "initial_backoff_s": 0.3, "max_backoff_s": 1, "timeout_s": 5},
         console={"enabled": True, "host": "127.0.0.1", "port": console_port},
@@ -171,7 +175,7 @@ def test_console_login_case_thumbnail_and_retry(
     rgb = thumbnail_pixels(page)
     seg_path = next((node.storage / "outbox" / str(job_id)).glob("seg-*.dcm"))
     masked = judge_thumbnail(rgb, seg_path, files)
-    assert masked > 0
+    assert 0.05 < masked / (rgb.shape[0] * 192 * 3) < 0.95, masked
     audit = (node.storage / "audit.jsonl").read_text()
     assert '"view": "thumbnail"' in audit and '"user": "victor"' in audit
 
