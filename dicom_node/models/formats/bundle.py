@@ -315,7 +315,12 @@ class BundleRunner:
                 f"{len(channel_names)} channel_def entries",
             )
         if labels is not None:
-            chosen = {int(k): str(v) for k, v in labels.items() if int(k) != 0}
+            try:
+                chosen = {int(k): str(v) for k, v in labels.items() if int(k) != 0}
+            except (TypeError, ValueError, AttributeError) as error:
+                raise _fail(
+                    self.path, f"the labels option must map integers to names: {error}"
+                ) from error
             if not chosen:
                 raise _fail(self.path, "the labels option names no label other than 0")
             return channel_names, chosen
@@ -345,7 +350,7 @@ class BundleRunner:
         loader.register(reader)
         return reader
 
-    def _checkpoint_path(self) -> Path | None:
+    def _checkpoint_path(self) -> Path:
         """The weights file the config's CheckpointLoader names, else ``models/model.pt``."""
         config = self._parser.get()
         ids: list[str] = []
@@ -371,7 +376,7 @@ class BundleRunner:
     def _load_network(self) -> torch.nn.Module:
         state_path = self._checkpoint_path()
         script_path = self.path / "models" / "model.ts"
-        if state_path is not None and state_path.is_file():
+        if state_path.is_file():
             network: Any = self._parsed("network_def")
             if not isinstance(network, torch.nn.Module):
                 raise _fail(self.path, "network_def does not build a torch.nn.Module")
@@ -396,7 +401,8 @@ class BundleRunner:
             except Exception as error:
                 raise _fail(self.path, f"cannot load models/model.ts: {error}") from error
         else:
-            expected = "models/model.pt" if state_path is None else str(state_path)
+            inside = state_path.is_relative_to(self.path)
+            expected = str(state_path.relative_to(self.path) if inside else state_path)
             raise _fail(self.path, f"missing the weights: neither {expected} nor models/model.ts")
         module.eval()
         return module

@@ -95,7 +95,6 @@ def monai_bundle_run(
 ) -> np.ndarray:
     """What ``monai.bundle run`` writes for ``files`` (one case), as ``(z, y, x)`` labels; its
     affine must be the input's."""
-    _require_ignite()
     from monai.bundle import run
 
     run(
@@ -170,21 +169,31 @@ def la_mri(channels: int, size: int, direction: np.ndarray) -> tuple[np.ndarray,
 AXIAL = np.diag([1.0, -1.0, 1.0])  # rows flipped: x along L, y along A
 #: A sagittal-like placement: x along P, y along F (feet), z along L; MONAI reorients to RAS.
 SAGITTAL = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]).T
+#: The sagittal placement tilted by 0.3 rad about the patient's z axis: an oblique MR.
+OBLIQUE = (
+    np.array([[np.cos(0.3), -np.sin(0.3), 0], [np.sin(0.3), np.cos(0.3), 0], [0, 0, 1]]) @ SAGITTAL
+)
 
 
-def assert_same(ours: np.ndarray, theirs: np.ndarray, at_least: set[int] | int) -> None:
-    """Equal voxel for voxel, with ``at_least`` these labels (or this many) present, so that
-    a label map of background only cannot pass."""
+def assert_same(
+    ours: np.ndarray, theirs: np.ndarray, at_least: set[int] | int, *, agree: float = 1.0
+) -> None:
+    """Equal voxel for voxel (or in the fraction ``agree`` of voxels), with ``at_least`` these
+    labels (or this many) present, so that a label map of background only cannot pass."""
     assert ours.shape == theirs.shape
     present = set(np.unique(theirs).astype(int).tolist())
     enough = len(present) >= at_least if isinstance(at_least, int) else at_least <= present
     assert enough, f"the labels {present} are too few for the test to tell"
+    if agree < 1.0:
+        assert np.mean(ours == theirs) >= agree
+        return
     np.testing.assert_array_equal(ours, theirs)
 
 
 @pytest.mark.slow
 @pytest.mark.shared_data("reference", "ct-siemens-j2k")
 def test_spleen_ct_equals_monai_bundle_run(tmp_path: Path) -> None:
+    _require_ignite()
     bundle = make_bundle(tmp_path, "spleen_ct_segmentation")
     channels, geometry = siemens_ct(tmp_path)
     runner = BundleRunner(bundle, CPU)
@@ -203,6 +212,7 @@ def test_spleen_ct_equals_monai_bundle_run(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.shared_data("la-mri")
 def test_brats_four_mr_inputs_equal_monai_bundle_run(tmp_path: Path) -> None:
+    _require_ignite()
     overrides = {"inferer#roi_size": [48, 48, 48]}
     bundle = make_bundle(tmp_path, "brats_mri_segmentation")
     labels = {1: "necrotic tumour core", 2: "oedema", 4: "enhancing tumour"}
@@ -218,21 +228,39 @@ def test_brats_four_mr_inputs_equal_monai_bundle_run(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.shared_data("la-mri")
 def test_prostate_mr_equals_monai_bundle_run(tmp_path: Path) -> None:
+    _require_ignite()
     overrides = {"inferer#roi_size": [64, 64, 64]}
     bundle = make_bundle(tmp_path, "prostate_mri_anatomy")
     runner = BundleRunner(bundle, CPU, overrides=overrides)
     assert runner.channel_names == ("image",)
     assert runner.labels == {1: "central gland", 2: "peripheral zone"}
-    channels, geometry = la_mri(1, 40, SAGITTAL)  # 0.625 mm -> the bundle's 0.5 mm: 50^3
+    channels, geometry = la_mri(1, 40, SAGITTAL)  # 0.625 mm -> the bundle's 0.5 mm
     ours = runner.predict(channels, geometry)
-    files = write_nifti(channels, geometry, tmp_path / "in")
-    theirs = monai_bundle_run(bundle, files, tmp_path / "eval", overrides)
+    files = write_nifti(channels, geometry, tmp_path / "sagittal")
+    theirs = monai_bundle_run(bundle, files, tmp_path / "eval-sagittal", overrides)
+    assert_same(ours, theirs, {0, 1, 2})
+
+    # Oblique: SimpleITK's float32 sform differs from ours in the last bit, and this bundle
+    # interpolates its label map linearly back to the input grid (Invertd, nearest_interp
+    # false), so a few border voxels round the other way; with the affine as nibabel stores
+    # ours, the labels are the same voxel for voxel.
+    channels, geometry = la_mri(1, 40, OBLIQUE)
+    ours = runner.predict(channels, geometry)
+    files = write_nifti(channels, geometry, tmp_path / "oblique")
+    theirs = monai_bundle_run(bundle, files, tmp_path / "eval-oblique", overrides)
+    assert_same(ours, theirs, {0, 1, 2}, agree=0.995)
+    nifti = tmp_path / "oblique-nibabel" / "case_0.nii.gz"
+    nifti.parent.mkdir()
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ geometry.affine_lps()
+    nibabel.save(nibabel.Nifti1Image(channels[0].transpose(2, 1, 0), affine), nifti)
+    theirs = monai_bundle_run(bundle, [str(nifti)], tmp_path / "eval-nibabel", overrides)
     assert_same(ours, theirs, {0, 1, 2})
 
 
 @pytest.mark.slow
 @pytest.mark.shared_data("reference", "ct-siemens-j2k")
 def test_whole_body_ct_low_resolution_equals_monai_bundle_run(tmp_path: Path) -> None:
+    _require_ignite()
     overrides = {"displayable_configs#highres": False, "inferer#roi_size": [48, 48, 16]}
     bundle = make_bundle(tmp_path, "wholeBody_ct_segmentation", overrides)
     assert (bundle / "models" / "model_lowres.pt").is_file()
