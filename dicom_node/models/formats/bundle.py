@@ -287,12 +287,16 @@ class BundleRunner:
     def _parsed(self, key: str) -> Any:
         try:
             return self._parser.get_parsed_content(key)
-        except ModuleNotFoundError as error:
-            raise _fail(self.path, f"{key} needs the Python package {error.name!r}") from error
-        except Exception as error:  # MONAI reports config errors as many types
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        except Exception as error:  # MONAI wraps config errors in several types
+            causes = [error]
+            while causes[-1].__cause__ is not None and len(causes) < 20:
+                causes.append(causes[-1].__cause__)  # type: ignore[arg-type]
+            root = next((c for c in causes if isinstance(c, ImportError)), causes[-1])
+            first = next(iter(str(root).strip().splitlines()), "").rstrip(".")
+            if isinstance(root, ImportError):  # MONAI's OptionalImportError: "import x (...)"
+                raise _fail(self.path, f"{key!r} needs a package not installed: {first}") from error
             raise _fail(
-                self.path, f"cannot build {key!r}: {type(error).__name__}: {first}"
+                self.path, f"cannot build {key!r}: {type(root).__name__}: {first}"
             ) from error
 
     def _read_metadata(

@@ -300,9 +300,25 @@ def test_missing_files_and_keys_are_named(tmp_path: Path) -> None:
     with pytest.raises(ModelPackageError) as error:
         BundleRunner(bundle, CPU)
     _one_line(error, "model.pt does not fit network_def")
+    shutil.copy(tmp_path / "model.pt", bundle / "models" / "model.pt")
 
     config = bundle / "configs" / "inference.json"
     parsed = ConfigParser.load_config_file(config)
+    parsed["imports"].append("$import dicom_node_no_such_package")
+    parsed["preprocessing"]["transforms"][-1]["dtype"] = "$dicom_node_no_such_package.dtype"
+    ConfigParser.export_config_file(parsed, str(config))
+    with pytest.raises(ModelPackageError) as error:
+        BundleRunner(bundle, CPU)
+    _one_line(error, "'preprocessing' needs a package not installed", "dicom_node_no_such_package")
+
+    parsed = ConfigParser.load_config_file(config)
+    parsed["preprocessing"]["transforms"][-1].pop("dtype")
+    parsed["network_def"]["channels"] = "$nonsense"
+    ConfigParser.export_config_file(parsed, str(config))
+    with pytest.raises(ModelPackageError) as error:
+        BundleRunner(bundle, CPU)
+    _one_line(error, "'network_def'", "nonsense")
+
     del parsed["inferer"]
     ConfigParser.export_config_file(parsed, str(config))
     with pytest.raises(ModelPackageError) as error:
