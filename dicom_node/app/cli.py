@@ -89,15 +89,15 @@ def cmd_process(args: argparse.Namespace) -> int:
     """
     from dicom_node.app.process import plan_model, plan_routes
     from dicom_node.common.redact import describe
-    from dicom_node.models.inference import Segmenter
-    from dicom_node.package.manifest import load_package
+    from dicom_node.models.formats import load_model
+    from dicom_node.models.inference import CaseSegmenter
     from dicom_node.work.segment import group_series, segment_case, segment_series, write_outputs
 
     configure_logging("console", "warning")
-    segmenters: dict[Path, Segmenter] = {}
+    segmenters: dict[Path, CaseSegmenter] = {}
     routes: tuple[Route, ...] = ()
     if args.model is not None:  # a package that does not load stops here, before any series
-        segmenters[Path(args.model)] = Segmenter(load_package(Path(args.model)))
+        segmenters[Path(args.model)] = load_model(Path(args.model))
     else:
         routes = load_settings(args.config).routes
         if not routes:
@@ -117,7 +117,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         via = "" if run.route is None else f", route {run.route}"
         try:
             if run.model not in segmenters:
-                segmenters[run.model] = Segmenter(load_package(run.model))
+                segmenters[run.model] = load_model(run.model)
             segmenter = segmenters[run.model]
             if run.one_input:
                 results = segment_series(next(iter(run.inputs.values())), segmenter, kinds)
