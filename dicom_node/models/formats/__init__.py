@@ -163,7 +163,8 @@ def _network_file(path: Path, kind: str) -> Detected:
         if descriptor.is_file():
             return Detected(kind, path, descriptor, path)
     raise ModelPackageError(
-        f"{path}: a {kind} file without its descriptor; write {path.with_suffix('.yaml').name} "
+        f"{path}: {'an ONNX' if kind == ONNX else 'a TorchScript'} file without its "
+        f"descriptor; write {path.with_suffix('.yaml').name} "
         f"(or {MODEL_FILE}) beside it: dims, input.size, input.normalization, output and "
         "structures, as in a model package's model.yaml (docs/model-package.md)"
     )
