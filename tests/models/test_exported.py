@@ -11,15 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from dicom_node.common.errors import ModelPackageError
 from dicom_node.common.output_kinds import OutputKind
 from dicom_node.models.exported import OnnxNetwork
 from dicom_node.models.formats import detect_format, load_model
 from dicom_node.models.inference import Segmenter
-from dicom_node.models.networks import load_network
-from dicom_node.package.manifest import load_package
+from dicom_node.testing.exported import export_package
 from dicom_node.work.segment import segment_series
 from tests.factories import jsrt_dx
 
@@ -29,47 +27,9 @@ CASE = "JPCLN001"
 MIN_DICE = 0.999
 
 
-def export(folder: Path) -> dict[str, Path]:
-    """cxr-anatomy as a TorchScript folder, an ONNX folder and a bare ONNX file with its
-    descriptor beside it; the descriptors are the package's model.yaml with ``network``
-    replaced."""
-    folder.mkdir(parents=True, exist_ok=True)
-    package = load_package(PACKAGE)
-    network = load_network(package, torch.device("cpu"))
-    example = torch.zeros(1, package.in_channels, *package.input_size)
-    doc = yaml.safe_load((PACKAGE / "model.yaml").read_text())
-    doc.pop("weights", None)
-    made: dict[str, Path] = {}
-    for kind, name in (("torchscript", "model.ts"), ("onnx", "model.onnx")):
-        target = folder / kind
-        target.mkdir()
-        if kind == "torchscript":
-            torch.jit.trace(network, example).save(str(target / name))
-        else:
-            torch.onnx.export(
-                network,
-                (example,),
-                str(target / name),
-                dynamo=False,
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            )
-        (target / "model.yaml").write_text(
-            yaml.safe_dump({**doc, "network": {"kind": kind, "file": name}})
-        )
-        made[kind] = target
-    bare = folder / "bare"
-    bare.mkdir()
-    shutil.copy(made["onnx"] / "model.onnx", bare / "cxr.onnx")
-    (bare / "cxr.yaml").write_text(yaml.safe_dump({**doc, "network": {}}))
-    made["bare-onnx"] = bare / "cxr.onnx"
-    return made
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return export(tmp_path_factory.mktemp("exported"))
+    return export_package(PACKAGE, tmp_path_factory.mktemp("exported"))
 
 
 def seg_masks(model: Path, image: Path) -> np.ndarray:
