@@ -36,7 +36,8 @@ def export_package(package_folder: Path, folder: Path) -> dict[str, Path]:
         target.mkdir()
         if kind == "torchscript":
             with torch.no_grad():
-                torch.jit.trace(network, example).save(str(target / name))
+                traced = torch.jit.trace(network, example)  # type: ignore[no-untyped-call]
+                traced.save(str(target / name))
         else:
             torch.onnx.export(
                 network,
