@@ -316,6 +316,9 @@ class ForeignSegmenter:
     reload: Callable[[torch.device], VolumeRunner] | None = None
     _cpu_runner: VolumeRunner | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    #: One run at a time per runner: format runners keep state between calls (a bundle's
+    #: workflow, nnU-Net's predictor), and worker threads share the loaded model.
+    _run_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def _on_cpu(self) -> VolumeRunner:
         if self.device.type == "cpu":
@@ -332,7 +335,7 @@ class ForeignSegmenter:
     ) -> np.ndarray:
         """The runner's label map, with a slot held; after CUDA out of memory once on the CPU."""
         try:
-            with self.slots.hold(self.device):
+            with self._run_lock, self.slots.hold(self.device):
                 labels = self.runner.predict(channels, geometry)
             report.device = str(self.device)
         except torch.cuda.OutOfMemoryError:
@@ -342,7 +345,9 @@ class ForeignSegmenter:
             step = "CUDA out of memory; retried once on the CPU"
             report.oom.append(step)
             log.warning("inference.oom", model=self.package.name, action=step)
-            labels = self._on_cpu().predict(channels, geometry)
+            cpu_runner = self._on_cpu()
+            with self._run_lock:
+                labels = cpu_runner.predict(channels, geometry)
             report.device = "cpu"
         return np.asarray(labels)
 

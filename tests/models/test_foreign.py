@@ -5,6 +5,8 @@ structures; what is missing is one line at load."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from copy import deepcopy
 from pathlib import Path
@@ -17,9 +19,12 @@ from pydicom.uid import generate_uid
 
 from dicom_node.common.errors import InputError, ModelPackageError
 from dicom_node.common.output_kinds import OutputKind
+from dicom_node.imaging.series import load_series
 from dicom_node.models import formats
 from dicom_node.models.foreign import ForeignSegmenter, mapping_gaps
 from dicom_node.models.formats import detect_format, load_model, open_runner
+from dicom_node.models.inference import InferenceReport
+from dicom_node.models.runner import VolumeGeometry
 from dicom_node.work.segment import segment_case, segment_series
 from tests.factories import ct_series, write_files
 from tests.models.fake_runner import ThresholdRunner, make_nnunet_folder
@@ -181,3 +186,61 @@ def test_wrong_modality_is_an_input_error(tmp_path: Path) -> None:
     paths = write_files(ct_series(n_slices=2), tmp_path / "ct")
     with pytest.raises(InputError, match="accepts MR images, not CT"):
         segment_series(paths, load_model(model, torch.device("cpu")), [OutputKind.SEG])
+
+
+class OomOnCuda:
+    """Runs out of CUDA memory on ``cuda``, works on the CPU; counts concurrent runs."""
+
+    format = "test"
+    channel_names = ("CT",)
+    labels = {1: "spleen"}
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.running = 0
+        self.most_at_once = 0
+        self.lock = threading.Lock()
+
+    def predict(self, channels: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            time.sleep(0.05)
+            if self.device.type == "cuda":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+            return (channels[0] > -500).astype(np.uint8)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_out_of_memory_on_cuda_runs_once_on_the_cpu_and_runs_are_serial(tmp_path: Path) -> None:
+    model = make_nnunet_folder(tmp_path / "Dataset007", ONE_INPUT)
+    package = load_model(model, torch.device("cpu")).package
+    made: list[OomOnCuda] = []
+
+    def reload(device: torch.device) -> OomOnCuda:
+        made.append(OomOnCuda(device))
+        return made[-1]
+
+    gpu = OomOnCuda(torch.device("cuda"))
+    segmenter = ForeignSegmenter(gpu, package, torch.device("cuda"), reload=reload)
+    series = load_series(write_files(ct_series(n_slices=2), tmp_path / "ct"))
+    report = InferenceReport()
+    masks = segmenter.segment(series, None, report)
+    assert masks[..., 0].sum() == (series.pixels > -500).sum()
+    assert report.oom == ["CUDA out of memory; retried once on the CPU"]
+    assert report.device == "cpu" and len(made) == 1  # the CPU runner is made once
+    cpu = OomOnCuda(torch.device("cpu"))
+    on_cpu = ForeignSegmenter(cpu, package, torch.device("cpu"))  # no GPU slot limits it
+    threads = [
+        threading.Thread(target=run.segment, args=(series, None, InferenceReport()))
+        for run in (segmenter, segmenter, segmenter, on_cpu, on_cpu, on_cpu)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 1
+    assert made[0].most_at_once == 1 and gpu.most_at_once == 1 and cpu.most_at_once == 1
