@@ -12,6 +12,7 @@ the Dice of each format's masks against the package's.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicom_node.common.log import configure_logging
 from dicom_node.common.output_kinds import OutputKind
 from dicom_node.models.formats import detect_format, load_model
 from dicom_node.testing.exported import export_package
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    configure_logging("console", "warning")
     device = torch.device(args.device)
     cases = jsrt_cases()[: args.cases]
     if not cases:
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             images.append(path)
         print(
             f"{len(cases)} JSRT radiographs x {args.repeats}, device {device}, torch "
-            f"{torch.__version__}, {torch.get_num_threads()} threads"
+            f"{torch.__version__}, {torch.get_num_threads()} threads, load average "
+            f"{os.getloadavg()[0]:.1f}"
         )
         print(
             "| format | load s | first run s | median s / radiograph | min | max "
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{statistics.median(seconds):.3f} | {min(seconds):.3f} | {max(seconds):.3f} "
                 f"| {dice:.4f} |"
             )
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0
 
 

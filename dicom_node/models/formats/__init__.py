@@ -107,12 +107,11 @@ def _network_kind(model_yaml: Path) -> str:
     return kind if kind in (TORCHSCRIPT, ONNX) else PACKAGE
 
 
-def _need(folder: Path, what: str, *names: str) -> None:
-    """Raise naming the first of ``names`` when none of them is in ``folder``."""
+def _need(folder: Path, what: str, *names: str, fix: str = "copy the whole model folder") -> None:
+    """Raise naming ``names`` when none of them is in ``folder``."""
     if not any((folder / name).is_file() for name in names):
         raise ModelPackageError(
-            f"{folder}: {what} without {' or '.join(names)}; it is incomplete (copy the "
-            "whole model folder)"
+            f"{folder}: {what} without {' or '.join(names)}; it is incomplete ({fix})"
         )
 
 
@@ -124,7 +123,13 @@ def _folder(path: Path) -> Detected:
         what = "a MONAI bundle"
         _need(path, what, "configs/metadata.json")
         _need(path, what, "configs/inference.json", "configs/inference.yaml")
-        _need(path, what, "models/model.ts", "models/model.pt")
+        _need(
+            path,
+            what,
+            "models/model.ts",
+            "models/model.pt",
+            fix="put its weights there: the bundle's large_files.yml says where they are",
+        )
         return Detected(MONAI_BUNDLE, path)
     if any((path / name).is_file() for name in ("dataset.json", "plans.json")) or any(
         path.glob("fold_*")
