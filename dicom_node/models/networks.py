@@ -33,6 +33,11 @@ def build_network(package: ModelPackage) -> torch.nn.Module:
     ModelPackageError
         When ``network`` sets a reserved key or arguments that UNet does not accept.
     """
+    if package.network_kind is not NetworkKind.UNET:
+        raise ModelPackageError(
+            f"{package.path}: network.kind is {package.network_kind.value}; only a unet "
+            "package can be built, trained or fine-tuned here (use the package it came from)"
+        )
     reserved = [key for key in RESERVED_KEYS if key in package.network]
     if reserved:
         raise ModelPackageError(

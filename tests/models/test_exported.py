@@ -112,3 +112,13 @@ def test_a_broken_export_fails_in_one_line(tmp_path: Path, exported: dict[str, P
     shutil.copy(PACKAGE / "model.pt", state_dict)
     with pytest.raises(ModelPackageError, match="not a TorchScript file"):
         detect_format(state_dict)
+
+
+def test_an_exported_package_cannot_be_built_as_a_unet(exported: dict[str, Path]) -> None:
+    """Training and --init need the UNet's state_dict; an export says so instead of building
+    a UNet of default arguments."""
+    from dicom_node.models.networks import build_network
+    from dicom_node.package.manifest import load_package
+
+    with pytest.raises(ModelPackageError, match="network.kind is torchscript; only a unet"):
+        build_network(load_package(exported["torchscript"]))
