@@ -353,14 +353,15 @@ class ForeignSegmenter:
 
     def warm_up(self) -> None:
         """Run the runner once on zeros of ``runner.example_shape_zyx`` (default
-        :data:`WARM_UP_SHAPE_ZYX`), one channel each.
+        :data:`WARM_UP_SHAPE_ZYX`, one slice of it for ``dims: 2``), one channel each.
 
         Raises
         ------
         ModelPackageError
             When the label map it gives is not of the input's shape.
         """
-        shape = tuple(getattr(self.runner, "example_shape_zyx", None) or WARM_UP_SHAPE_ZYX)
+        default = WARM_UP_SHAPE_ZYX if self.package.dims == 3 else (1, *WARM_UP_SHAPE_ZYX[1:])
+        shape = tuple(getattr(self.runner, "example_shape_zyx", None) or default)
         channels = np.zeros((len(self.runner.channel_names), *shape), dtype=np.float32)
         geometry = VolumeGeometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
         labels = self._predict(channels, geometry, InferenceReport())

@@ -244,3 +244,12 @@ def test_out_of_memory_on_cuda_runs_once_on_the_cpu_and_runs_are_serial(tmp_path
         thread.join()
     assert len(made) == 1
     assert made[0].most_at_once == 1 and gpu.most_at_once == 1 and cpu.most_at_once == 1
+
+
+def test_warm_up_runs_one_slice_for_a_2d_mapping(tmp_path: Path) -> None:
+    model = make_nnunet_folder(tmp_path / "Dataset008", ONE_INPUT + "dims: 2\n")
+    segmenter = load_model(model, torch.device("cpu"))
+    assert segmenter.package.dims == 2
+    assert [m.value for m in segmenter.package.measurements] == ["area"]
+    segmenter.warm_up()
+    assert ThresholdRunner.seen[-1]["shape"] == (1, 1, 64, 64)
