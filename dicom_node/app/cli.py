@@ -1,5 +1,5 @@
-"""The ``dicom-node`` command line: serve, process, echo, send, status, retry, audit,
-conformance, console, train, evaluate."""
+"""The ``dicom-node`` command line: serve, process, model check, echo, send, status, retry,
+audit, conformance, console, train, evaluate."""
 
 from __future__ import annotations
 
@@ -89,15 +89,15 @@ def cmd_process(args: argparse.Namespace) -> int:
     """
     from dicom_node.app.process import plan_model, plan_routes
     from dicom_node.common.redact import describe
-    from dicom_node.models.inference import Segmenter
-    from dicom_node.package.manifest import load_package
+    from dicom_node.models.formats import load_model
+    from dicom_node.models.inference import CaseSegmenter
     from dicom_node.work.segment import group_series, segment_case, segment_series, write_outputs
 
     configure_logging("console", "warning")
-    segmenters: dict[Path, Segmenter] = {}
+    segmenters: dict[Path, CaseSegmenter] = {}
     routes: tuple[Route, ...] = ()
     if args.model is not None:  # a package that does not load stops here, before any series
-        segmenters[Path(args.model)] = Segmenter(load_package(Path(args.model)))
+        segmenters[Path(args.model)] = load_model(Path(args.model))
     else:
         routes = load_settings(args.config).routes
         if not routes:
@@ -117,7 +117,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         via = "" if run.route is None else f", route {run.route}"
         try:
             if run.model not in segmenters:
-                segmenters[run.model] = Segmenter(load_package(run.model))
+                segmenters[run.model] = load_model(run.model)
             segmenter = segmenters[run.model]
             if run.one_input:
                 results = segment_series(next(iter(run.inputs.values())), segmenter, kinds)
@@ -443,6 +443,19 @@ def cmd_console_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_check(args: argparse.Namespace) -> int:
+    """Say what a model is (format, inputs, labels, spacing, device), run it once on a
+    synthetic input, and list what a route still needs (:mod:`dicom_node.app.model_check`)."""
+    import torch
+
+    from dicom_node.app.model_check import check_model
+    from dicom_node.models.inference import select_device
+
+    configure_logging("console", "warning")
+    device = select_device() if args.device == "auto" else torch.device(args.device)
+    return check_model(Path(args.path), device, sys.stdout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-node",
@@ -474,8 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.add_argument(
         "--model",
-        help="run every series on this model package folder (default: route each series "
-        "and study by the config's routes, as the node does)",
+        help="run every series on this model (a package folder, bundle, nnU-Net folder or "
+        "zip, TorchScript or ONNX file; default: route each series and study by the config's "
+        "routes, as the node does)",
     )
     p.add_argument(
         "--outputs",
@@ -483,6 +497,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated output kinds to write: seg, sr, overlay (default seg,sr)",
     )
     p.set_defaults(func=cmd_process)
+
+    model = sub.add_parser("model", help="model tools")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    p = model_sub.add_parser(
+        "check",
+        help="say what a model is (package, TorchScript, ONNX, MONAI bundle, nnU-Net v2), run "
+        "it once and list what a route still needs",
+    )
+    p.add_argument("path", help="what a route's model: would name (a folder or a file)")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when available, default), cpu or cuda"
+    )
+    p.set_defaults(func=cmd_model_check)
 
     p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     p.add_argument("host")

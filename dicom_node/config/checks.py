@@ -283,10 +283,14 @@ def existing_file(value: Any, info: ValidationInfo) -> Path:
 
 
 def model_folder(value: Any, info: ValidationInfo) -> Path:
-    """A model package folder, one that holds ``model.yaml`` (checked when read from YAML)."""
+    """A model: a folder or file that exists (checked when read from YAML). Its format and
+    files are checked when the node starts (``dicom_node.models.formats.detect_format``)."""
     resolved = _resolve(value, info)
-    if info.context is not None and not (resolved / "model.yaml").is_file():
-        raise problem(f"{got(str(value))} is not a model package (no model.yaml in {resolved})")
+    if info.context is not None and not resolved.exists():
+        raise problem(
+            f"{got(str(value))} is not a model package (nothing at {resolved}); give a model "
+            "package folder, a MONAI bundle or nnU-Net v2 folder, or a TorchScript/ONNX file"
+        )
     return resolved
 
 

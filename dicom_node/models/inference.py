@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import structlog
@@ -161,6 +161,31 @@ def check_applicability(series: ImageSeries, package: ModelPackage) -> tuple[str
     for ds in {id(ds): ds for ds in frame_datasets(series)}.values():
         notes.update(dict.fromkeys(check_image(ds, package)))
     return tuple(notes)
+
+
+class CaseSegmenter(Protocol):
+    """What the work stage uses of a loaded model, whatever its format: a
+    :class:`Segmenter` (the node's own package, TorchScript, ONNX) or a
+    :class:`~dicom_node.models.foreign.ForeignSegmenter` (MONAI bundle, nnU-Net v2).
+    :func:`dicom_node.models.formats.load_model` gives one for a route's ``model``."""
+
+    #: The package contract: roles, structures, measurements, what outputs describe.
+    package: ModelPackage
+    device: torch.device
+
+    def warm_up(self) -> None:
+        """Run the model once on a synthetic input; raise when it cannot run."""
+
+    def notes(self, series: ImageSeries) -> tuple[str, ...]:
+        """What was assumed about ``series`` and done to it, for the SR."""
+
+    def segment(
+        self,
+        series: ImageSeries,
+        stack: np.ndarray | None = None,
+        report: InferenceReport | None = None,
+    ) -> np.ndarray:
+        """Boolean masks ``(frames, rows, cols, S)`` on the grid of ``series``."""
 
 
 class Segmenter:

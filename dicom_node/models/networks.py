@@ -1,4 +1,5 @@
-"""The network of a model package: a MONAI U-Net built from ``model.yaml`` and its weights.
+"""The network of a model package: a MONAI U-Net built from ``model.yaml`` and its weights,
+or a TorchScript or ONNX file (``network: {kind: torchscript | onnx, file: ...}``).
 
 ``network`` in ``model.yaml`` holds the keyword arguments of :class:`monai.networks.nets.UNet`
 other than ``spatial_dims``, ``in_channels`` and ``out_channels``, which follow from ``dims``,
@@ -16,7 +17,7 @@ import torch
 from monai.networks.nets import UNet
 
 from dicom_node.common.errors import ModelPackageError
-from dicom_node.package.manifest import ModelPackage
+from dicom_node.package.manifest import ModelPackage, NetworkKind
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +33,11 @@ def build_network(package: ModelPackage) -> torch.nn.Module:
     ModelPackageError
         When ``network`` sets a reserved key or arguments that UNet does not accept.
     """
+    if package.network_kind is not NetworkKind.UNET:
+        raise ModelPackageError(
+            f"{package.path}: network.kind is {package.network_kind.value}; only a unet "
+            "package can be built, trained or fine-tuned here (use the package it came from)"
+        )
     reserved = [key for key in RESERVED_KEYS if key in package.network]
     if reserved:
         raise ModelPackageError(
@@ -64,6 +70,25 @@ def _state_dict(raw: Any, package: ModelPackage) -> dict[str, torch.Tensor]:
 
 
 def load_network(package: ModelPackage, device: torch.device) -> torch.nn.Module:
+    """The network of ``package`` on ``device``, in eval mode: its U-Net with its weights
+    (:func:`load_unet`), or its TorchScript module or ONNX graph
+    (:mod:`dicom_node.models.exported`).
+
+    Raises
+    ------
+    ModelPackageError
+        When the weights (or the file) cannot be read or do not fit the architecture.
+    """
+    if package.network_kind is NetworkKind.UNET:
+        return load_unet(package, device)
+    from dicom_node.models.exported import load_onnx, load_torchscript
+
+    if package.network_kind is NetworkKind.TORCHSCRIPT:
+        return load_torchscript(package, device)
+    return load_onnx(package, device)
+
+
+def load_unet(package: ModelPackage, device: torch.device) -> torch.nn.Module:
     """Build the network of ``package``, load its weights and move it to ``device``.
 
     The weights file (``weights`` in ``model.yaml``) is a ``state_dict`` saved with

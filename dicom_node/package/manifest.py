@@ -32,6 +32,14 @@ class Activation(enum.Enum):
     SOFTMAX = "softmax"  # exclusive: channel 0 is background, channel i is structure i
 
 
+class NetworkKind(enum.Enum):
+    """What ``network`` in ``model.yaml`` names (``network.kind``)."""
+
+    UNET = "unet"  # a MONAI UNet built from the other keys, weights a state_dict (default)
+    TORCHSCRIPT = "torchscript"  # network.file: a TorchScript module (torch.jit.save)
+    ONNX = "onnx"  # network.file: an ONNX graph, run with onnxruntime
+
+
 class NormalizationKind(enum.Enum):
     """Intensity normalisation applied before the network (``input.normalization.kind``)."""
 
@@ -166,6 +174,9 @@ class ModelPackage:
     #: ``registered``: the site guarantees the inputs are registered (patient coordinates
     #: agree) even without a shared Frame of Reference UID (0020,0052).
     registered: bool = False
+    #: ``network.kind``: a MONAI UNet (``weights`` its state_dict), or a TorchScript or ONNX
+    #: file (``network.file``, then ``weights`` is that file and ``network`` is empty).
+    network_kind: NetworkKind = NetworkKind.UNET
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -265,6 +276,17 @@ def _structure(doc: Any, index: int, where: str) -> Structure:
     )
 
 
+def parse_structure(doc: Any, index: int, where: str) -> Structure:
+    """One entry of ``structures`` (also of a foreign model's mapping), validated; errors
+    name ``where: structures[index]``."""
+    return _structure(doc, index, where)
+
+
+def parse_applicability(doc: dict[str, Any], where: str) -> Applicability:
+    """``applicability`` of ``doc`` (``model.yaml`` or a foreign model's mapping)."""
+    return _applicability(doc, where)
+
+
 def _orientation(inp: dict[str, Any], dims: int, where: str) -> tuple[str, str] | None:
     value = inp.get("orientation")
     if value is None:
@@ -362,8 +384,60 @@ def _inputs(doc: dict[str, Any], where: str) -> tuple[tuple[InputSpec, ...], str
     return specs, str(reference), registered
 
 
-def load_package(path: Path | str) -> ModelPackage:
+def _network(
+    doc: dict[str, Any], folder: Path, where: str, network_file: Path | None
+) -> tuple[NetworkKind, dict[str, Any], Path]:
+    """``network`` (its kind and UNet arguments) and the weights file of ``model.yaml``."""
+    network = doc.get("network", {})
+    if not isinstance(network, dict):
+        raise ModelPackageError(f"{where}: network: expected a mapping")
+    network = dict(network)
+    default_kind = "unet"
+    if network_file is not None:
+        default_kind = "onnx" if network_file.suffix.lower() == ".onnx" else "torchscript"
+    kind = _enum(NetworkKind, network.pop("kind", default_kind), f"{where}: network.kind")
+    if kind is NetworkKind.UNET:
+        if "file" in network:
+            raise ModelPackageError(
+                f"{where}: network.file: only for kind torchscript or onnx; a unet's weights "
+                "are the key weights"
+            )
+        weights = folder / str(doc.get("weights", "model.pt"))
+        if not weights.is_file():
+            raise ModelPackageError(f"{where}: weights: file {weights} does not exist")
+        return kind, network, weights
+    name = network.pop("file", None)
+    if network:
+        raise ModelPackageError(
+            f"{where}: network: unknown key(s) {', '.join(sorted(network))} for kind "
+            f"{kind.value}; known: kind, file"
+        )
+    if network_file is not None:
+        return kind, {}, network_file
+    if not isinstance(name, str) or not name:
+        raise ModelPackageError(
+            f"{where}: network.file: missing; the {kind.value} file of the model, e.g. "
+            f"{'model.onnx' if kind is NetworkKind.ONNX else 'model.ts'}"
+        )
+    weights = folder / name
+    if not weights.is_file():
+        raise ModelPackageError(f"{where}: network.file: file {weights} does not exist")
+    return kind, {}, weights
+
+
+def load_package(path: Path | str, network_file: Path | None = None) -> ModelPackage:
     """Read and validate the model package in folder ``path``.
+
+    Parameters
+    ----------
+    path
+        The package folder (with ``model.yaml``), or a descriptor file in ``model.yaml``'s
+        format (the descriptor of a TorchScript or ONNX file, see
+        :func:`dicom_node.models.formats.detect_format`).
+    network_file
+        A TorchScript or ONNX file the descriptor describes: it is the network, whatever
+        ``network.file`` says; ``network.kind`` defaults to the file's kind (``.onnx``:
+        onnx, else torchscript).
 
     Raises
     ------
@@ -371,8 +445,8 @@ def load_package(path: Path | str) -> ModelPackage:
         When ``model.yaml`` or the weights are missing, or a key is invalid; the message names
         the file and the key.
     """
-    folder = Path(path)
-    model_file = folder / MODEL_FILE
+    given = Path(path)
+    folder, model_file = (given.parent, given) if given.is_file() else (given, given / MODEL_FILE)
     if not model_file.is_file():
         raise ModelPackageError(
             f"{folder}: no {MODEL_FILE}; a model package is a folder with {MODEL_FILE} and weights"
@@ -439,9 +513,7 @@ def load_package(path: Path | str) -> ModelPackage:
     labels = [s.label for s in structures]
     if len(set(labels)) != len(labels):
         raise ModelPackageError(f"{where}: structures: labels must be unique, got {labels}")
-    weights = folder / str(doc.get("weights", "model.pt"))
-    if not weights.is_file():
-        raise ModelPackageError(f"{where}: weights: file {weights} does not exist")
+    network_kind, network, weights = _network(doc, folder, where, network_file)
     modalities = doc.get("modalities", [])
     if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
         raise ModelPackageError(f"{where}: modalities: expected a list of strings")
@@ -449,9 +521,6 @@ def load_package(path: Path | str) -> ModelPackage:
         _enum(Measurement, m, f"{where}: measurements") for m in doc.get("measurements", [])
     )
     inputs, reference, registered = _inputs(doc, where)
-    network = doc.get("network", {})
-    if not isinstance(network, dict):
-        raise ModelPackageError(f"{where}: network: expected a mapping")
     return ModelPackage(
         path=folder,
         name=str(_require(doc, "name", where)),
@@ -466,7 +535,7 @@ def load_package(path: Path | str) -> ModelPackage:
         ),
         threshold=threshold,
         min_confidence=None if min_confidence is None else float(min_confidence),
-        network=dict(network),
+        network=network,
         weights=weights,
         structures=structures,
         measurements=measurements,
@@ -478,4 +547,5 @@ def load_package(path: Path | str) -> ModelPackage:
         inputs=inputs,
         reference=reference,
         registered=registered,
+        network_kind=network_kind,
     )

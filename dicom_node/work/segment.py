@@ -2,7 +2,7 @@
 
 A case is one series per input role of the model package (:func:`segment_case`; one role
 ``image`` for a package without ``inputs``, :func:`segment_series`). Files of each role ->
-:func:`load_series` -> :meth:`Segmenter.segment` -> :func:`measure` ->
+:func:`load_series` -> ``segmenter.segment`` -> :func:`measure` ->
 the writers of :data:`~dicom_node.outputs.writers.WRITERS` (SEG, SR, overlay), each only when
 an output kind asks for it (or another kind requires it), with output UIDs derived from
 (the case's role -> series, model name + version, output kind, source instances). What
@@ -41,7 +41,7 @@ from dicom_node.common.redact import describe, phi_values, safe_message
 from dicom_node.common.uids import case_key
 from dicom_node.imaging.resample import resample_onto
 from dicom_node.imaging.series import ImageSeries, load_series
-from dicom_node.models.inference import InferenceReport, Segmenter
+from dicom_node.models.inference import CaseSegmenter, InferenceReport
 from dicom_node.models.preprocess import model_images, stack_inputs
 from dicom_node.outputs.measurements import Measurements, measure
 from dicom_node.outputs.seg import check_seg_sources
@@ -162,7 +162,7 @@ class WrittenOutput(NamedTuple):
 
 def segment_series(
     paths: Sequence[Path],
-    segmenter: Segmenter,
+    segmenter: CaseSegmenter,
     kinds: Collection[OutputKind] = DEFAULT_OUTPUTS,
 ) -> list[SegmentationResult]:
     """The one-input shorthand of :func:`segment_case`: ``paths`` fill the package's
@@ -172,7 +172,7 @@ def segment_series(
 
 def segment_case(
     inputs: Mapping[str, Sequence[Path]],
-    segmenter: Segmenter,
+    segmenter: CaseSegmenter,
     kinds: Collection[OutputKind] = DEFAULT_OUTPUTS,
 ) -> list[SegmentationResult]:
     """Segment one case, role -> instance files of its series, and build the outputs of
@@ -296,7 +296,7 @@ def not_measured_note(header: Dataset, n_images: int, reason: str) -> str:
 
 
 def _segment_inputs(
-    inputs: Mapping[str, Sequence[Path]], segmenter: Segmenter, kinds: Collection[OutputKind]
+    inputs: Mapping[str, Sequence[Path]], segmenter: CaseSegmenter, kinds: Collection[OutputKind]
 ) -> SegmentationResult:
     """One result of a multi-input case: each input read as an :class:`ImageSeries`, the
     secondary ones resampled (linear) onto the reference input's grid in patient coordinates
@@ -340,7 +340,7 @@ def _segment_inputs(
 
 
 def _on_reference(
-    role: str, secondary: ImageSeries, reference: ImageSeries, segmenter: Segmenter
+    role: str, secondary: ImageSeries, reference: ImageSeries, segmenter: CaseSegmenter
 ) -> np.ndarray:
     """The model image of input ``role`` on the grid of ``reference``.
 
@@ -379,7 +379,7 @@ def _on_reference(
 
 def _segment(
     series: ImageSeries,
-    segmenter: Segmenter,
+    segmenter: CaseSegmenter,
     kinds: Collection[OutputKind],
     *,
     instance_number: int,

@@ -38,7 +38,7 @@ from pydicom.uid import (
 from dicom_node.common.errors import InputError
 from dicom_node.common.output_kinds import OutputKind
 from dicom_node.imaging.series import ImageSeries, load_series
-from dicom_node.models.inference import InferenceReport, Segmenter
+from dicom_node.models.inference import CaseSegmenter, InferenceReport
 from dicom_node.outputs.measurements import measure
 from dicom_node.outputs.writers import WRITERS, SegmentationContext, kinds_to_build
 from dicom_node.package.manifest import ModelPackage
@@ -48,7 +48,7 @@ from dicom_node.work.segment import SegmentationResult
 SIZE = 64
 
 
-def warm_up(segmenter: Segmenter) -> float:
+def warm_up(segmenter: CaseSegmenter) -> float:
     """Run ``segmenter``'s network once and build one SEG and SR; return the seconds.
 
     Raises
@@ -73,7 +73,7 @@ def warm_up(segmenter: Segmenter) -> float:
     return time.perf_counter() - started
 
 
-def build_outputs(series: ImageSeries, segmenter: Segmenter) -> list[pydicom.Dataset]:
+def build_outputs(series: ImageSeries, segmenter: CaseSegmenter) -> list[pydicom.Dataset]:
     """The SEG and SR of ``series`` with a square in every structure, encoded once each."""
     package = segmenter.package
     masks = np.zeros((*series.shape, len(package.structures)), dtype=bool)

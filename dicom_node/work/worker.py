@@ -35,8 +35,8 @@ from dicom_node.common.output_kinds import OutputKind
 from dicom_node.common.redact import describe
 from dicom_node.config.destinations import Destination
 from dicom_node.config.sections import Route
-from dicom_node.models.inference import DeviceSlots, Segmenter
-from dicom_node.package.manifest import load_package
+from dicom_node.models.formats import load_model
+from dicom_node.models.inference import CaseSegmenter, DeviceSlots
 from dicom_node.store.jobs import Job, JobQueue, JobState
 from dicom_node.work.segment import (
     WrittenOutput,
@@ -84,16 +84,17 @@ class Worker:
         self.audit = audit
         self.device = device
         self._routes = {r.name: r for r in settings.routes}
-        self._segmenters: dict[Path, Segmenter] = {}
+        self._segmenters: dict[Path, CaseSegmenter] = {}
         self._lock = threading.Lock()
         self.slots = DeviceSlots(settings.gpu_slots)  # shared by every model and thread
 
-    def segmenter(self, model: Path) -> Segmenter:
-        """The loaded model for package folder ``model`` (loaded once, then cached)."""
+    def segmenter(self, model: Path) -> CaseSegmenter:
+        """The loaded model at ``model``, of any format (:func:`~dicom_node.models.formats.
+        load_model`; loaded once, then cached)."""
         with self._lock:
             if model not in self._segmenters:
-                self._segmenters[model] = Segmenter(
-                    load_package(model),
+                self._segmenters[model] = load_model(
+                    model,
                     self.device,
                     batch_size=self.settings.batch_size,
                     slots=self.slots,
