@@ -15,6 +15,9 @@ PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb 
   /usr/lib/postgresql/*/bin/pg_ctl:postgresql
 # The OHIF viewer's prebuilt dist/ (npm package @ohif/app), cached outside git.
 OHIF_VERSION := 3.13.2
+# nnU-Net v2 and its network library, installed with --no-deps (see $(STAMP) below).
+NNUNET_VERSION := 2.8.1
+DNA_VERSION := 0.4.4
 OHIF_DIR := .cache/ohif/$(OHIF_VERSION)
 
 .PHONY: install serve test test-viewer ohif lint bench bench-throughput bench-workers fuzz peers clean
@@ -24,11 +27,18 @@ install: $(STAMP)
 # torch is installed first and pinned: on a CPU-only machine this takes the local CPU build
 # instead of several GB of CUDA wheels. A GPU host installs the CUDA build of torch 2.13.0
 # into .venv before `make install` (README, "GPU hosts").
+# nnU-Net v2 (to serve sites' nnU-Net models) comes without timm: dynamic-network-architectures
+# requires timm only for its Primus/EVA networks, which nnU-Net's default U-Nets do not use, and
+# timm pulls PyPI's torchvision, which fails to load beside a local torch build. nnunetv2's other
+# requirements are pyproject.toml's `nnunet` extra; nnunetv2 and dynamic-network-architectures
+# themselves come with --no-deps (so `pip check` names the missing timm).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip show torch >/dev/null 2>&1 || $(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,nnunet]"
+	$(BIN)/python -m pip install -q --no-deps "nnunetv2==$(NNUNET_VERSION)" \
+	  "dynamic-network-architectures==$(DNA_VERSION)"
 	touch $(STAMP)
 
 peers:
