@@ -41,12 +41,12 @@ def main() -> None:
             )
         finally:
             node.stop()
-        answered_mid_transfer = sum(1 for r in rounds if len(r.success) < len(r.sent))
+        mid_transfer = sum(1 for r in rounds if 0 < len(r.success) < len(r.sent))
         print(
             json.dumps(
                 {
                     "kills": len(rounds),
-                    "kills_mid_transfer": answered_mid_transfer,
+                    "kills_mid_transfer": mid_transfer,
                     "success": outcome.success,
                     "indexed": outcome.indexed,
                     "lost": len(outcome.lost),

@@ -33,6 +33,7 @@ class Round:
 
     sent: dict[str, bytes] = field(default_factory=dict)  # SOP Instance UID -> pixel data
     success: set[str] = field(default_factory=set)
+    #: Seconds from the first answer to the kill.
     kill_after_s: float = 0.0
 
 
@@ -77,7 +78,7 @@ def send_and_kill(
     exe = require_tool("storescu")
     folder.mkdir(parents=True, exist_ok=True)
     batches = write_batches(folder, SENDERS, per_sender, pixel_bytes)
-    result = Round(kill_after_s=rng.uniform(0.05, 0.7))
+    result = Round(kill_after_s=rng.uniform(0.0, 0.6))
     by_path: dict[str, str] = {}
     for batch in batches:
         for path, sop, pixels in batch:
@@ -96,6 +97,14 @@ def send_and_kill(
                 stderr=subprocess.STDOUT,
             )
         )
+    # The random instant is counted from the first answer, so that kills land mid-transfer
+    # whatever the machine's load (at most 60 s of waiting for it).
+    logs = [folder / f"storescu{i}.log" for i in range(len(batches))]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+        "Received Store Response" in log.read_text(errors="replace") for log in logs
+    ):
+        time.sleep(0.01)
     time.sleep(result.kill_after_s)
     node.kill9()
     for proc in procs:

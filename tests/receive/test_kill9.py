@@ -26,13 +26,14 @@ def test_kill9_while_four_senders_send_loses_and_duplicates_nothing(
     node.settings["routes"][0]["match"] = {"Modality": ["MR"]}
     node.config.write_text(yaml.safe_dump(node.settings))
     rounds, outcome = crash_rounds(
-        node, tmp_path / "sent", KILLS, SEED, per_sender=30, pixel_bytes=64 * 1024
+        node, tmp_path / "sent", KILLS, SEED, per_sender=60, pixel_bytes=64 * 1024
     )
     assert len(rounds) == KILLS, outcome
     assert outcome.lost == [] and outcome.duplicated == [], outcome
     assert outcome.damaged == [] and outcome.unknown == [], outcome
     # The kills hit while instances were being answered, not only before or after them.
-    assert outcome.success > 0
-    assert sum(len(r.sent) - len(r.success) for r in rounds) > 0
+    assert sum(1 for r in rounds if 0 < len(r.success) < len(r.sent)) >= KILLS // 2, [
+        (len(r.success), len(r.sent)) for r in rounds
+    ]
     log = node.log.read_text()
     assert "journal.recovered" in log
