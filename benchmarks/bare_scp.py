@@ -103,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         request_handler=EventDrivenHandler if args.event_driven else RequestHandler,
     )
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    ae._servers.append(server)  # as start_server does: shutdown() removes it
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
