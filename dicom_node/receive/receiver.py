@@ -114,7 +114,7 @@ REFUSALS: dict[str, Refusal] = {
     "write": Refusal(
         StoreStatus.OUT_OF_RESOURCES,
         "cannot write the instance to disk",
-        "the file cannot be made durable in the spool (I/O error)",
+        "the instance cannot be made durable (journal write or flush, rename: I/O error)",
     ),
     "index": Refusal(
         StoreStatus.OUT_OF_RESOURCES,
