@@ -415,6 +415,8 @@ class Journal:
                 except BlockingIOError:
                     report.busy += 1
                     continue
+                if not _same_file(fd, path):  # recovered and removed by another process
+                    continue
                 report.segments += 1
                 for record in self._records(path, fd, report):
                     try:
@@ -426,7 +428,7 @@ class Journal:
                         ) from exc
                     report.records += 1
                 syncfs(fd)
-                path.unlink()
+                path.unlink(missing_ok=True)
                 _fsync_dir(self.folder)
             finally:
                 os.close(fd)
@@ -466,6 +468,14 @@ class Journal:
             torn = _written_bytes(fd, offset, end)
             report.torn_bytes += torn
             log.warning("journal.torn_tail_dropped", segment=path.name, offset=offset, bytes=torn)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """``fd`` is still the file named ``path`` (not removed since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _generation(path: Path) -> int:

@@ -166,3 +166,26 @@ def test_a_record_that_cannot_be_applied_keeps_its_segment(tmp_path: Path) -> No
     with pytest.raises(JournalError, match="fix the cause"):
         Journal(folder).recover(down)
     assert [r.meta["sop"] for r in recovered(folder)] == ["7.1"]
+
+
+def test_a_segment_removed_while_waiting_for_its_lock_is_not_recovered_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two processes start at once: one recovers and removes a segment the other had opened.
+    folder = tmp_path / "journal"
+    journal = Journal(folder, max_age_s=3600)
+    journal.open()
+    ticket = append(journal, tmp_path, "8.1")
+    fcntl.flock(ticket.segment.fd, fcntl.LOCK_UN)
+    journal._stopping = True
+    real_flock = fcntl.flock
+
+    def flock_after_removal(fd: int, op: int) -> None:
+        for path in segments(folder):
+            path.unlink()
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_removal)
+    out: list[JournalRecord] = []
+    report = Journal(folder).recover(out.append)
+    assert out == [] and report.segments == 0
