@@ -85,8 +85,10 @@ def send_and_kill(
             result.sent[sop] = pixels
             by_path[str(path)] = sop
     procs = []
+    outputs = []
     for i, batch in enumerate(batches):
         log = (folder / f"storescu{i}.log").open("w")
+        outputs.append(log)
         procs.append(
             subprocess.Popen(
                 [exe, "-v", "-aet", f"MODALITY{i}", "-aec", "DICOMNODE", "127.0.0.1"]
@@ -109,6 +111,8 @@ def send_and_kill(
     node.kill9()
     for proc in procs:
         proc.wait(timeout=60)
+    for log in outputs:
+        log.close()
     for i in range(len(batches)):
         current = None
         for line in (folder / f"storescu{i}.log").read_text(errors="replace").splitlines():
