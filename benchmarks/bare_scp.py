@@ -9,9 +9,12 @@ With ``--durable`` the handler also does what the node's durability contract cos
 nothing else: fsync the received file, rename it into ``FOLDER/kept`` and fsync that folder,
 and commit one row per instance to a SQLite database (WAL, ``synchronous=FULL``, as the node's).
 No header is read and nothing is checked: the floor of a pynetdicom SCP that answers Success
-only once an instance is durable. Runs until SIGTERM or SIGINT.
+only once an instance is durable. With ``--event-driven`` its associations wait for work
+instead of polling (:mod:`dicom_node.receive.reactor`, as the node's). Runs until SIGTERM or
+SIGINT.
 
     python -m benchmarks.bare_scp PORT FOLDER [--ae-title DICOMNODE] [--durable]
+        [--event-driven]
 """
 
 from __future__ import annotations
@@ -26,11 +29,23 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import RequestHandler
 
 from dicom_node.common.syntaxes import ACCEPTED
+from dicom_node.receive.reactor import make_event_driven
 from dicom_node.store.files import fsync_file, rename_durably
+
+
+class EventDrivenHandler(RequestHandler):
+    """pynetdicom's request handler with :func:`dicom_node.receive.reactor.make_event_driven`."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        make_event_driven(assoc)
+        return assoc
 
 
 def bare_ae(ae_title: str) -> AE:
@@ -53,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ae-title", default="DICOMNODE")
     parser.add_argument(
         "--durable", action="store_true", help="fsync, rename, fsync the folder, commit a row"
+    )
+    parser.add_argument(
+        "--event-driven",
+        action="store_true",
+        help="the node's reactor hook: wait for work instead of polling every 1 ms",
     )
     args = parser.parse_args(argv)
     args.folder.mkdir(parents=True, exist_ok=True)
@@ -77,10 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0x0000
 
     ae = bare_ae(args.ae_title)
-    server = ae.start_server(
-        ("127.0.0.1", args.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    server = ae.make_server(
+        ("127.0.0.1", args.port),
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        request_handler=EventDrivenHandler if args.event_driven else RequestHandler,
     )
-    assert server is not None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ae._servers.append(server)  # as start_server does: shutdown() removes it
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -174,18 +174,25 @@ class BareSCP:
     Success to every C-STORE and keeping nothing."""
 
     def __init__(
-        self, folder: Path, port: int, ae_title: str = "DICOMNODE", durable: bool = False
+        self,
+        folder: Path,
+        port: int,
+        ae_title: str = "DICOMNODE",
+        durable: bool = False,
+        event_driven: bool = False,
     ) -> None:
         self.folder = folder
         self.port = port
         self.ae_title = ae_title
         self.durable = durable  # --durable: fsync, rename, fsync the folder, commit a row
+        self.event_driven = event_driven  # --event-driven: the node's reactor hook
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> BareSCP:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.bare_scp", str(self.port), str(self.folder)]
-            + (["--durable"] if self.durable else []),
+            + (["--durable"] if self.durable else [])
+            + (["--event-driven"] if self.event_driven else []),
             cwd=Path(__file__).resolve().parent.parent,
         )
         wait_port(self.port, 60)

@@ -203,7 +203,8 @@ def store_statuses() -> str:
             "Success",
             f"0x{StoreStatus.SUCCESS:04X}",
             "(none)",
-            "the instance is durable and indexed: fsynced, renamed into the spool, committed",
+            "the instance is durable and indexed: in the receive journal (fdatasync), "
+            "in the spool, committed",
         )
     ]
     for refusal in REFUSALS.values():

@@ -103,6 +103,7 @@ def stage_settings(settings: Settings) -> StageSettings:
             storage_dir=layout.storage_dir,
             spool_dir=layout.spool_dir,
             incoming_dir=layout.incoming_dir,
+            journal_dir=layout.journal_dir,
             bind_address=settings.bind_address,
             called_ae_titles=settings.called_ae_titles,
             allowed_callers=settings.allowed_callers,

@@ -47,6 +47,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from dicom_node.common.tls import HANDSHAKE_TIMEOUT_S, handshake_failure
 from dicom_node.config.sections import Limits
+from dicom_node.receive import reactor
 from dicom_node.store.files import free_disk_bytes
 
 log = structlog.get_logger(__name__)
@@ -392,6 +393,8 @@ class LimitedRequestHandler(RequestHandler):
         bounded.limits = self.server.limits
         bounded.max_pdu_bytes = int(self.ae.maximum_pdu_size or 0) + PDU_SLACK_BYTES
         bounded.storage_dir = self.server.storage_dir
+        # Its two reactor threads wait for work instead of polling every 1 ms (issue 19).
+        reactor.make_event_driven(assoc)
         return assoc
 
     def handle(self) -> None:
@@ -405,6 +408,7 @@ class LimitedRequestHandler(RequestHandler):
             assoc.join()
         finally:
             self.server.admission.release(assoc)
+            reactor.release(assoc)
             if discard_partial_data_sets(assoc):
                 log.info("connection.partial_data_set_discarded", peer=self.client_address[0])
 

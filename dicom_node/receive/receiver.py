@@ -1,8 +1,10 @@
 """The receiver: a Verification and Storage SCP that stores each instance durably.
 
 Handlers stay thin: pynetdicom has written the data set as received into
-``<storage_dir>/incoming``; the handler reads its header, validates it, makes the file durable
-(fsync, rename into the spool, fsync of the folder), indexes it, and only then answers Success.
+``<storage_dir>/incoming``; the handler reads its header, validates it, appends it to the
+receive journal (one ``fdatasync``: the durable record, :mod:`dicom_node.store.journal`),
+renames the file into the spool and indexes it (no flush of their own: the journal's record
+stands for them until its segment is retired), and only then answers Success.
 Nothing heavy runs on an association thread; pixel data is not decoded here. Every bad input
 gets a failure status and the node keeps serving.
 """
@@ -58,13 +60,9 @@ from dicom_node.receive.limits import (
     LimitedRequestHandler,
     LimitedServer,
 )
-from dicom_node.store.files import (
-    SHARED_STALE_TEMP_S,
-    fsync_file,
-    instance_path,
-    rename_durably,
-)
+from dicom_node.store.files import SHARED_STALE_TEMP_S, instance_path, rename_quickly
 from dicom_node.store.instances import InstanceIndex
+from dicom_node.store.journal import Journal, JournalError, JournalRecord, file_checksum
 
 log = structlog.get_logger(__name__)
 
@@ -116,7 +114,7 @@ REFUSALS: dict[str, Refusal] = {
     "write": Refusal(
         StoreStatus.OUT_OF_RESOURCES,
         "cannot write the instance to disk",
-        "the file cannot be made durable in the spool (I/O error)",
+        "the instance cannot be made durable (journal write or flush, rename: I/O error)",
     ),
     "index": Refusal(
         StoreStatus.OUT_OF_RESOURCES,
@@ -172,9 +170,9 @@ RECEIVE_STEPS: dict[str, str] = {
     "header": "header read (dcmread; values over 64 KiB stay on disk)",
     "validate": "UIDs, SOP match, pixel data length, routing attributes",
     "audit": "audit record (first instance of a study on an association)",
-    "fsync": "fsync of the received file: the wait left after the checks, which it overlaps",
-    "rename": "rename into the spool, fsync of its folder",
-    "index": "index transaction, its commit included",
+    "journal": "append to the receive journal and its fdatasync (the one flush per instance)",
+    "rename": "rename into the spool (no flush: the journal record stands for it)",
+    "index": "index transaction, its commit included (not flushed on SQLite: the journal)",
     "total": "the whole handler",
 }
 
@@ -211,6 +209,9 @@ class ReceiverSettings:
     spool_dir: Path
     #: Where data sets are written while they arrive (``StorageLayout.incoming_dir``).
     incoming_dir: Path
+    #: The receive journal's segments (``StorageLayout.journal_dir``); default
+    #: ``<storage_dir>/journal``.
+    journal_dir: Path | None = None
     bind_address: str
     called_ae_titles: tuple[str, ...]
     allowed_callers: tuple[str, ...]
@@ -388,12 +389,13 @@ class Receiver:
             audit, ae_title=settings.ae_title, allowed_networks=settings.allowed_networks
         )
         self._fsyncs = self._fsync_pool()
+        self.journal = Journal(settings.journal_dir or settings.storage_dir / "journal")
 
     def _fsync_pool(self) -> ThreadPoolExecutor:
-        """Threads for the fsyncs of received files, started when a handler starts so that
-        they overlap its header read and checks (os.fsync releases the GIL); made on demand."""
+        """Threads for the checksums of received files, started when a handler starts so that
+        they overlap its header read and checks (zlib releases the GIL); made on demand."""
         return ThreadPoolExecutor(
-            max_workers=self.settings.limits.max_associations, thread_name_prefix="fsync"
+            max_workers=self.settings.limits.max_associations, thread_name_prefix="checksum"
         )
 
     def _ae(self) -> AE:
@@ -436,6 +438,8 @@ class Receiver:
         )
         if stale:
             log.info("receiver.stale_incoming_removed", files=stale)
+        self.recover()
+        self.journal.open()
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -481,11 +485,64 @@ class Receiver:
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"tls: cannot load the certificate, key or CA: {exc}") from exc
 
+    def recover(self) -> int:
+        """Re-apply what a killed process left in the journal; return how many instances.
+
+        Every complete record (an instance answered Success, or being answered) gets its spool
+        file rewritten from the record when it is missing or differs, and an index entry when
+        it has none (then its association is released: it died with the process). A record
+        whose instance was indexed since from a later association is left alone.
+
+        Raises
+        ------
+        JournalError
+            When a record cannot be re-applied (the segment stays for the next start).
+        """
+        released: set[str] = set()
+        indexed = 0
+
+        def apply(record: JournalRecord) -> None:
+            nonlocal indexed
+            meta = record.meta
+            path = instance_path(
+                self.settings.spool_dir, meta["study"], meta["series"], meta["sop"]
+            )
+            entry = self.db.indexed_instance(meta["sop"])
+            if entry is not None and entry.association_id == meta["association"]:
+                if not record.matches(path):
+                    record.write_to(path)
+                return
+            if entry is not None and entry.received_at >= meta["at"]:
+                return  # a later copy of the same instance is indexed
+            record.write_to(path)
+            self.db.record_instance(
+                sop_instance_uid=meta["sop"],
+                sop_class_uid=meta["sop_class"],
+                study_uid=meta["study"],
+                series_uid=meta["series"],
+                patient_id=meta["patient"],
+                attributes=meta["attributes"],
+                path=path,
+                association_id=meta["association"],
+                late_policy=self.settings.late_instances,
+                now=meta["at"],
+            )
+            released.add(meta["association"])
+            indexed += 1
+
+        self.journal.recover(apply)
+        for association_id in released:
+            self.db.association_released(association_id)
+        if indexed:
+            log.info("receiver.journal_reindexed", instances=indexed)
+        return indexed
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
             self.access.unwatch_crashes()
+        self.journal.close()
         # Its threads end when their fsyncs do; a later start() gets a fresh pool.
         self._fsyncs.shutdown(wait=False)
         self._fsyncs = self._fsync_pool()
@@ -625,9 +682,9 @@ class Receiver:
         if size > limits.max_instance_bytes:
             log.warning("store.too_large", association_id=state.id, bytes=size)
             return self._refuse_for("too_large")
-        # The file is complete (pynetdicom flushed each fragment). Its fsync runs beside the
-        # checks below and is waited for before the rename; a refused file is not waited for.
-        synced = self._fsyncs.submit(fsync_file, src)
+        # The file is complete (pynetdicom flushed each fragment). Its checksum (for the
+        # journal record) runs beside the checks below; a refused file is not waited for.
+        checksum = self._fsyncs.submit(file_checksum, src)
         laps.lap("limits")
         try:
             # Header and short values only: long values (pixel data) stay on disk.
@@ -661,13 +718,30 @@ class Receiver:
                 return self._refuse_for("audit")
             laps.lap("audit")
         path = instance_path(self.settings.spool_dir, study_uid, series_uid, sop_uid)
+        received_at = time.time()
+        meta = {
+            "sop": sop_uid,
+            "sop_class": str(ds.SOPClassUID),
+            "study": study_uid,
+            "series": series_uid,
+            "patient": patient_id,
+            "attributes": attributes,
+            "association": state.id,
+            "at": received_at,
+        }
         try:
-            # Durable before it is indexed: the index never names a file a crash could lose.
-            synced.result()
-            laps.lap("fsync")
-            rename_durably(src, path)
+            # Durable before it is indexed: one fdatasync of the journal record; the spool
+            # file and the index entry are rebuilt from it at start if a crash loses them.
+            ticket = self.journal.append(meta, src, *checksum.result())
+            laps.lap("journal")
+        except (OSError, JournalError) as exc:
+            log.error("store.write_failed", association_id=state.id, error=str(exc))
+            return self._refuse_for("write")
+        try:
+            rename_quickly(src, path)
             laps.lap("rename")
         except OSError as exc:
+            ticket.cancel()
             log.error("store.write_failed", association_id=state.id, error=exc.strerror)
             return self._refuse_for("write")
         try:
@@ -681,12 +755,16 @@ class Receiver:
                 path=path,
                 association_id=state.id,
                 late_policy=self.settings.late_instances,
+                now=received_at,
+                durable=False,
             )
         except Exception as exc:  # noqa: BLE001 - e.g. database busy: refuse, keep serving
             # Waited at most limits.database_timeout_s for a connection (PostgreSQL down).
+            ticket.cancel()
             log.error("store.index_failed", association_id=state.id, error=type(exc).__name__)
             self._alert_database_failure(state, exc)
             return self._refuse_for("index")
+        ticket.done()
         laps.lap("index")
         with self._lock:
             state.studies[(patient_id, study_uid)] += 1

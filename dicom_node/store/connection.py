@@ -50,7 +50,7 @@ class Connection(Protocol):
     #: Where the database is, safe to log (a URL without its password).
     location: str
 
-    def tx(self) -> AbstractContextManager[Transaction]: ...
+    def tx(self, durable: bool = True) -> AbstractContextManager[Transaction]: ...
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]: ...
     def close(self) -> None: ...
 
@@ -85,8 +85,12 @@ class Store:
     def close(self) -> None:
         self._connection.close()
 
-    def _tx(self) -> AbstractContextManager[Transaction]:
-        return self._connection.tx()
+    def _tx(self, durable: bool = True) -> AbstractContextManager[Transaction]:
+        """One transaction; ``durable=False``: its commit need not be flushed to disk at once
+        (SQLite ``synchronous=NORMAL``: kept by a killed process, lost only by a crash of the
+        machine) because the caller holds a durable record of it elsewhere (the receive
+        journal, :mod:`dicom_node.store.journal`). PostgreSQL commits stay synchronous."""
+        return self._connection.tx(durable)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return self._connection.query(sql, params)

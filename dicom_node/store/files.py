@@ -33,6 +33,9 @@ class StorageLayout:
     outbox_dir: Path
     #: Where C-STORE data sets are written while they arrive (the spool's file system).
     incoming_dir: Path
+    #: The receive journal: one durable record per received instance until it is applied
+    #: (:mod:`dicom_node.store.journal`).
+    journal_dir: Path
     #: The SQLite database (unused with PostgreSQL).
     database_path: Path
     #: The audit trail's file (SQLite; PostgreSQL keeps the chain in the database).
@@ -54,6 +57,7 @@ class StorageLayout:
             spool_dir=storage_dir / "spool",
             outbox_dir=storage_dir / "outbox",
             incoming_dir=storage_dir / "incoming",
+            journal_dir=storage_dir / "journal",
             database_path=storage_dir / "node.sqlite3",
             audit_path=storage_dir / "audit.jsonl",
             audit_key_file=audit_key_file or storage_dir / "audit.key",
@@ -111,6 +115,23 @@ def rename_durably(src: Path, path: Path) -> None:
         return
     for folder in (path.parent, *created):
         fsync_file(folder)
+
+
+def rename_quickly(src: Path, path: Path) -> None:
+    """Rename ``src`` to ``path`` (folders made as needed) with no flush at all.
+
+    For a file whose durable copy is elsewhere until the file system is flushed (the receive
+    journal, :mod:`dicom_node.store.journal`). On another file system (``EXDEV``) the file is
+    copied and ``src`` removed.
+    """
+    _make_folders(path.parent)
+    try:
+        os.replace(src, path)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copyfile(src, path)
+        src.unlink(missing_ok=True)
 
 
 def _make_folders(folder: Path) -> list[Path]:

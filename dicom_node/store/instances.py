@@ -26,6 +26,14 @@ class InstanceRecord:
     path: Path
 
 
+@dataclass(frozen=True)
+class IndexedInstance:
+    """Who sent an indexed instance, and when (``time.time()``)."""
+
+    association_id: str
+    received_at: float
+
+
 class InstanceIndex(Protocol):
     """The receiver's view of the state: what is on disk, by series, and which association
     sent it (:meth:`~dicom_node.store.series.SqlSeriesStore.association_released`)."""
@@ -43,7 +51,9 @@ class InstanceIndex(Protocol):
         association_id: str,
         late_policy: str,
         now: float | None = None,
+        durable: bool = True,
     ) -> bool: ...
+    def indexed_instance(self, sop_instance_uid: str) -> IndexedInstance | None: ...
     def association_released(self, association_id: str, now: float | None = None) -> int: ...
     def series_instances(self, series_uid: str) -> list[InstanceRecord]: ...
     def forget_instances(self, series_uid: str) -> list[InstanceRecord]: ...
@@ -65,15 +75,20 @@ class SqlInstanceIndex(Store):
         association_id: str,
         late_policy: str,
         now: float | None = None,
+        durable: bool = True,
     ) -> bool:
         """Index a durably written instance and mark its series as receiving.
+
+        ``durable=False``: the commit need not be flushed now (SQLite; see
+        :meth:`~dicom_node.store.connection.Store._tx`): the receiver holds the instance's
+        durable record in its journal until the file system is flushed.
 
         Returns True when the instance is new, False when it replaced an earlier copy (a resend
         of the same SOP Instance UID). See :func:`~dicom_node.store.series.note_arrival` for
         what it does to the series, its pending jobs and the study's cases.
         """
         now = time.time() if now is None else now
-        with self._tx() as c:
+        with self._tx(durable) as c:
             existed = c.execute(
                 "SELECT 1 AS one FROM instances WHERE sop_instance_uid = ?" + self._for_update,
                 (sop_instance_uid,),
@@ -107,6 +122,16 @@ class SqlInstanceIndex(Store):
                 for_update=self._for_update,
             )
         return existed is None
+
+    def indexed_instance(self, sop_instance_uid: str) -> IndexedInstance | None:
+        """The index entry of ``sop_instance_uid``: which association sent it, and when."""
+        rows = self._query(
+            "SELECT association_id, received_at FROM instances WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
+        )
+        if not rows:
+            return None
+        return IndexedInstance(str(rows[0]["association_id"]), float(rows[0]["received_at"]))
 
     def series_instances(self, series_uid: str) -> list[InstanceRecord]:
         rows = self._query(

@@ -103,7 +103,9 @@ class PostgresConnection:
         self._pool.close()
 
     @contextmanager
-    def tx(self) -> Iterator[PostgresTransaction]:
+    def tx(self, durable: bool = True) -> Iterator[PostgresTransaction]:
+        # Always a synchronous commit: the server (and its disk) is not this host's, and the
+        # receive journal of this host is replayed only when this node restarts.
         with self._connection() as conn, conn.transaction():
             yield PostgresTransaction(conn)
 

@@ -1,5 +1,5 @@
 """SQLite, the embedded default: one connection that the stores share (WAL, synchronous=FULL,
-one lock).
+one lock; the receiver's index commits with ``synchronous=NORMAL``, see ``tx``).
 
 Every state change is one transaction (``BEGIN IMMEDIATE``, so it is the only writer from its
 start: a read-then-write needs no row locks, and ``FOR UPDATE`` is left out). A node killed at
@@ -44,15 +44,23 @@ class SqliteConnection:
             self._conn.close()
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; ``durable=False`` commits without flushing the WAL (it is flushed
+        with the next durable commit, a checkpoint, or the receive journal's ``syncfs``)."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._conn.execute("PRAGMA synchronous=FULL")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:

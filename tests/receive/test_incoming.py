@@ -21,8 +21,8 @@ from pynetdicom.dsutils import encode
 
 from dicom_node.common.status import StoreStatus
 from dicom_node.receive import incoming
-from dicom_node.receive import receiver as receiver_module
 from dicom_node.store.files import instance_path
+from dicom_node.store.journal import Journal
 from tests.conftest import wait_for
 from tests.receive.peers import (
     c_store_command,
@@ -185,12 +185,12 @@ def test_elsewhere_pynetdicom_keeps_the_system_temp_folder(tmp_path: Path) -> No
 def test_no_success_when_the_received_file_cannot_be_made_durable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The fsync runs beside the checks; its failure must still decide the answer.
-    def failing_fsync(path: Path) -> None:
-        time.sleep(0.2)  # ends after the header read and checks
+    # The journal's fdatasync is the one flush per instance; its failure decides the answer.
+    def failing_sync(self: Journal, segment: Any, end: int) -> None:
+        time.sleep(0.2)
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(receiver_module, "fsync_file", failing_fsync)
+    monkeypatch.setattr(Journal, "_sync", failing_sync)
     with running_receiver(tmp_path) as node:
         assoc = store_association(node.settings.port)
         rsp = assoc.send_c_store(ct_instance(pixel_bytes=4096))
