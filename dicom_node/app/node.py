@@ -289,7 +289,9 @@ class Node:
                     log_format=str(settings.log_format),
                     log_level=str(settings.log_level),
                 )
-                self.receivers = ReceiverPool(spec, count, on_release=self.wake)
+                self.receivers = ReceiverPool(
+                    spec, count, on_release=self.wake, metrics=self.metrics
+                )
             else:
                 self.receiver = Receiver(
                     stages.receiver, self.db, self.audit, on_release=self.wake, metrics=self.metrics

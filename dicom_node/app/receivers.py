@@ -51,11 +51,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
 from dicom_node.common.errors import StartupError
+from dicom_node.common.metrics import NodeMetrics
 from dicom_node.config.sections import Limits
 from dicom_node.receive import incoming
 from dicom_node.receive.limits import Admission, LimitedServer
@@ -212,11 +213,20 @@ class ReceiverPool:
         How many children.
     on_release
         Set when a child reports the end of an association that stored instances.
+    metrics
+        Where the children's receive metrics are counted (the node's).
     """
 
-    def __init__(self, spec: ChildSpec, count: int, on_release: threading.Event | None) -> None:
+    def __init__(
+        self,
+        spec: ChildSpec,
+        count: int,
+        on_release: threading.Event | None,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
         self.count = count
         self.on_release = on_release
+        self.metrics = metrics
         settings = spec.receiver
         # The children share incoming/: each removes only old files there at its start; what
         # a killed node left there is removed once, here (see incoming.clean).
@@ -441,6 +451,9 @@ class ReceiverPool:
                 elif op == "released":
                     if self.on_release is not None:
                         self.on_release.set()
+                elif op == "metrics":
+                    if self.metrics is not None:
+                        count_forwarded(self.metrics, msg["samples"])
                 elif op == "ready":
                     child.ready.set()
                 elif op == "failed":
@@ -572,6 +585,66 @@ class SharedAdmission(Admission):
             self.arbiter.tell(op="release", key=id(assoc))
 
 
+#: Seconds between two reports of a child's metrics to the parent.
+METRICS_EVERY_S = 0.25
+
+
+class _Forwarded:
+    """One metric of :class:`ForwardedMetrics` (or one of its label sets)."""
+
+    def __init__(self, owner: ForwardedMetrics, name: str, labels: tuple[str, ...] = ()) -> None:
+        self._owner, self._name, self._labels = owner, name, labels
+
+    def labels(self, *values: str) -> _Forwarded:
+        return _Forwarded(self._owner, self._name, values)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._owner.add(self._name, self._labels, amount)
+
+    def observe(self, value: float) -> None:
+        self._owner.add(self._name, self._labels, value)
+
+
+class ForwardedMetrics:
+    """The receiver's metrics in a child: reported to the parent, which counts them in its
+    :class:`~dicom_node.common.metrics.NodeMetrics` (served on ``metrics_port``) every
+    :data:`METRICS_EVERY_S` and at the child's stop."""
+
+    #: The metrics the receiver counts (the attributes of NodeMetrics it uses).
+    NAMES = ("associations", "instances_received", "instances_refused", "receive_step_seconds")
+
+    def __init__(self, arbiter: ArbiterClient) -> None:
+        self._arbiter = arbiter
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, tuple[str, ...], float]] = []
+        for name in self.NAMES:
+            setattr(self, name, _Forwarded(self, name))
+
+    def add(self, name: str, labels: tuple[str, ...], value: float) -> None:
+        with self._lock:
+            self._pending.append((name, labels, value))
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if pending:
+            self._arbiter.tell(op="metrics", samples=pending)
+
+
+def count_forwarded(metrics: NodeMetrics, samples: list[Any]) -> None:
+    """Count a child's reported ``samples`` in the parent's ``metrics``."""
+    for name, labels, value in samples:
+        if name not in ForwardedMetrics.NAMES:
+            continue
+        metric = getattr(metrics, name)
+        if labels:
+            metric = metric.labels(*labels)
+        if name.endswith("_seconds"):
+            metric.observe(float(value))
+        else:
+            metric.inc(float(value))
+
+
 class _ReleaseSignal(threading.Event):
     """The receiver's ``on_release``: tells the parent (its scheduler) at once."""
 
@@ -608,7 +681,14 @@ def run_child(spec: ChildSpec, sock: socket.socket, handoff: socket.socket) -> i
     try:
         db = open_database(spec.database, spec.database_path, spec.database_timeout_s)
         audit = open_audit_log(db, audit_path=spec.audit_path, key_file=spec.audit_key_file)
-        receiver = Receiver(spec.receiver, db, audit, on_release=_ReleaseSignal(arbiter))
+        metrics = ForwardedMetrics(arbiter)
+        receiver = Receiver(
+            spec.receiver,
+            db,
+            audit,
+            on_release=_ReleaseSignal(arbiter),
+            metrics=cast(NodeMetrics, metrics),
+        )
         receiver.server_class = _server_class(arbiter)
         receiver.admission = SharedAdmission(
             spec.receiver.limits, spec.receiver.allowed_callers, arbiter
@@ -627,7 +707,8 @@ def run_child(spec: ChildSpec, sock: socket.socket, handoff: socket.socket) -> i
     taking.start()
     arbiter.tell(op="ready", pid=os.getpid())
     log.info("receiver.process_listening", receiver=spec.index, pid=os.getpid())
-    while not stop.wait(WATCH_S):
+    while not stop.wait(METRICS_EVERY_S):
+        metrics.flush()
         if arbiter.lost.is_set() or os.getppid() != parent:
             log.error("receiver.parent_gone", receiver=spec.index)
             break
@@ -641,6 +722,7 @@ def run_child(spec: ChildSpec, sock: socket.socket, handoff: socket.socket) -> i
         time.sleep(0.05)
     if server.open_connections:
         log.warning("receiver.drain_timeout", open_connections=server.open_connections)
+    metrics.flush()
     db.close()
     log.info("receiver.process_stopped", receiver=spec.index, pid=os.getpid())
     return 0
