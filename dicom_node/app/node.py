@@ -1,11 +1,12 @@
 """The node: composes receive -> assemble -> queue -> infer -> write -> send in one process.
 
-Threads: the receiver's association threads (thin: write + index), one scheduler thread that
-runs the assembler and retention ticks, ``workers`` worker threads that run jobs, and one
-delivery thread per destination (:mod:`dicom_node.send.delivery`), so a slow destination
-delays only its own results. Every stage hands over through the database, so a node killed at
-any instant restarts into a consistent state: ``start`` returns its dead predecessor's running
-jobs to the queue and resumes sends.
+Threads: the receiver's association threads (thin: write + index; with ``receivers`` above 1
+they run in receiver processes the node supervises, :mod:`dicom_node.app.receivers`), one
+scheduler thread that runs the assembler and retention ticks, ``workers`` worker threads that
+run jobs, and one delivery thread per destination (:mod:`dicom_node.send.delivery`), so a
+slow destination delays only its own results. Every stage hands over through the database, so
+a node killed at any instant restarts into a consistent state: ``start`` returns its dead
+predecessor's running jobs to the queue and resumes sends.
 
 A process runs the stages of its :class:`~dicom_node.app.roles.Role` only: ``all`` is
 every stage (the one-host node); ``receiver``, ``worker`` and ``sender`` split it over

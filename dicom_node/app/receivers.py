@@ -1,42 +1,47 @@
-"""Several receiver processes on one port (``receivers: N``), supervised by the node.
+"""Several receiver processes behind one port (``receivers: N``), supervised by the node.
 
 One Python process reaches about one core while it receives (the interpreter lock): with
 ``receivers`` above 1, the node starts that many child processes that each run a
-:class:`~dicom_node.receive.receiver.Receiver` on one listening socket, which the parent binds
-and hands down (the pre-fork model): every child waits for connections on it and the first
-free one accepts, so a busy child takes fewer new ones. (``SO_REUSEPORT``, one socket per
-child, was the other way: the kernel then deals connections by a hash of their addresses,
-whether that child is busy or not, drops what waits in the queue of a child that dies, and lets
-any process of the same user join the port.) Only receiving is multiplied:
-assembly, retention, workers and delivery stay in the node's own process, which the children
-wake through the database and a message when an association that stored instances ends.
+:class:`~dicom_node.receive.receiver.Receiver`. The node's process listens on the port and
+accepts; it hands each connection (``SCM_RIGHTS`` over a Unix socket pair) to the child with
+the fewest open connections. (``SO_REUSEPORT``, one listening socket per child, was the other
+way: the kernel then deals connections by a hash of their addresses whether that child is busy
+or not - four senders all landed on one of two children in a trial -, drops what waits in the
+queue of a child that dies, and lets any process of the same user join the port.) Only
+receiving is multiplied: assembly, retention, workers and delivery stay in the node's own
+process, which a child wakes when an association that stored instances ends.
 
 What stays one across the children:
 
-- the limits: a small arbiter in the parent (:class:`Arbiter`) holds every open connection
-  and admitted association of every child. A child asks it before it keeps a connection
-  (``max_connections``, ``max_associations_per_peer`` per host) and before it admits an
-  association (``max_associations`` with ``reserved_associations``,
-  ``max_associations_per_peer`` per calling AE title), so the node refuses exactly as one
-  process does, with the same status, wherever the kernel sent the connection. The counts of a
-  child that dies are released when its socket to the parent closes.
+- the limits: a small arbiter in the parent (:class:`Arbiter`) counts every open connection
+  and admitted association of every child. A connection is counted before it is handed over
+  (``max_connections``, ``max_associations_per_peer`` per host; beyond, it is closed at once);
+  a child asks it before it admits an association (``max_associations`` with
+  ``reserved_associations``, ``max_associations_per_peer`` per calling AE title; beyond,
+  A-ASSOCIATE-RJ), so the node refuses exactly as one process does wherever the connection
+  went. The counts of a child that dies are released when its socket to the parent closes.
 - the audit chain: the children append to the same chain (the file under a ``flock``,
   :mod:`dicom_node.audit.file_chain`; or PostgreSQL's table under the head-row lock).
 - the state: the children index into the node database (SQLite in WAL mode, or PostgreSQL);
   ``dicom-node status`` reads it.
+- the metrics: each child reports its receive counters and step times to the parent
+  (:class:`ForwardedMetrics`), which counts them in the node's (``metrics_port``).
 
 The parent restarts a child that exits unexpectedly (after :data:`RESTART_DELAY_S`); on stop
-it sends each child SIGTERM, and a child stops accepting, lets its associations finish (at
-most :data:`DRAIN_S`) and exits. A child whose parent is gone stops the same way.
+it stops accepting, ends each child's handoff and sends it SIGTERM: the child serves what was
+handed over, lets its associations finish (at most :data:`DRAIN_S`) and exits. The children
+are killed with the node's process (``PR_SET_PDEATHSIG``): a ``kill -9`` of the node ends all
+of it, as it did one process.
 
-A child is ``python -c`` :data:`CHILD_COMMAND` ``FD LISTEN_FD``: it reads its
+A child is ``python -c`` :data:`CHILD_COMMAND` ``FD HANDOFF_FD PARENT_PID``: it reads its
 :class:`ChildSpec` (pickled) on stdin, talks to the arbiter over the socket ``FD`` in JSON
-lines and accepts on the listening socket ``LISTEN_FD``.
+lines and receives its connections on ``HANDOFF_FD``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import itertools
 import json
@@ -71,6 +76,8 @@ START_TIMEOUT_S = 60.0
 DRAIN_S = 20.0
 #: Seconds between a child's unexpected exit and its restart.
 RESTART_DELAY_S = 1.0
+#: prctl option: the signal a process gets when the thread that started it ends (Linux).
+PR_SET_PDEATHSIG = 1
 #: Seconds between two looks of the supervisor at its children (and of a child at its parent).
 WATCH_S = 0.2
 
@@ -239,6 +246,9 @@ class ReceiverPool:
         self._keys = itertools.count()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        #: Set when the children have exited: the supervisor thread, which starts restarted
+        #: children, must outlive them (their PR_SET_PDEATHSIG follows that thread).
+        self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
         self._listener: socket.socket | None = None
         #: Children restarted after an unexpected exit, since start.
@@ -310,7 +320,7 @@ class ReceiverPool:
         handoff, child_handoff = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         fds = [child_end.fileno(), child_handoff.fileno()]
         proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD_COMMAND, *map(str, fds)],
+            [sys.executable, "-c", CHILD_COMMAND, *map(str, fds), str(os.getpid())],
             stdin=subprocess.PIPE,
             pass_fds=fds,
         )
@@ -333,7 +343,7 @@ class ReceiverPool:
         if self._listener is not None:
             self._listener.close()  # new connections are refused from now on
             self._listener = None
-        for thread in self._threads:
+        for thread in self._threads[:1]:  # the accept loop
             thread.join(timeout=5)
         with self._lock:
             children = list(self._children.values())
@@ -352,6 +362,9 @@ class ReceiverPool:
                 child.proc.wait()
             child.sock.close()
             child.handoff.close()
+        self._stopped.set()
+        for thread in self._threads[1:]:
+            thread.join(timeout=5)
         log.info("receivers.stopped", served=[self.served[i] for i in range(self.count)])
 
     def pids(self) -> list[int]:
@@ -402,6 +415,12 @@ class ReceiverPool:
     # -- supervision -----------------------------------------------------------------------
 
     def _supervise(self) -> None:
+        try:
+            self._restart_exited()
+        finally:
+            self._stopped.wait()
+
+    def _restart_exited(self) -> None:
         while not self._stopping.wait(WATCH_S):
             with self._lock:
                 dead = [c for c in self._children.values() if c.proc.poll() is not None]
@@ -666,7 +685,16 @@ def _server_class(arbiter: ArbiterClient) -> type[SharedLimitedServer]:
     return Server
 
 
-def run_child(spec: ChildSpec, sock: socket.socket, handoff: socket.socket) -> int:
+def _die_with(parent: int) -> None:
+    """Be killed with the node's process (Linux ``PR_SET_PDEATHSIG``): the node is one unit,
+    as one process was; a child that outlived it would write beside the node started next."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before that
+        os._exit(1)
+
+
+def run_child(spec: ChildSpec, sock: socket.socket, handoff: socket.socket, parent: int) -> int:
     """Run one receiver child until SIGTERM, or until its parent is gone; its exit code."""
     from dicom_node.audit.log import open_audit_log
     from dicom_node.common.log import configure_logging
@@ -676,8 +704,8 @@ def run_child(spec: ChildSpec, sock: socket.socket, handoff: socket.socket) -> i
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops its children
+    _die_with(parent)
     arbiter = ArbiterClient(sock)
-    parent = os.getppid()
     try:
         db = open_database(spec.database, spec.database_path, spec.database_timeout_s)
         audit = open_audit_log(db, audit_path=spec.audit_path, key_file=spec.audit_key_file)
@@ -729,10 +757,11 @@ def run_child(spec: ChildSpec, sock: socket.socket, handoff: socket.socket) -> i
 
 
 def main(argv: list[str]) -> int:
-    """A child's entry (:data:`CHILD_COMMAND` ``FD HANDOFF_FD``); the spec comes on stdin."""
+    """A child's entry (:data:`CHILD_COMMAND` ``FD HANDOFF_FD PARENT_PID``); the spec comes on
+    stdin."""
     spec = pickle.loads(sys.stdin.buffer.read())  # noqa: S301 - written by the parent
     if not isinstance(spec, ChildSpec):
         print("receivers: expected a ChildSpec on stdin", file=sys.stderr)
         return 2
     sock = socket.socket(fileno=int(argv[0]))
-    return run_child(spec, sock, socket.socket(fileno=int(argv[1])))
+    return run_child(spec, sock, socket.socket(fileno=int(argv[1])), int(argv[2]))

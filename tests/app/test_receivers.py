@@ -28,7 +28,15 @@ from dicom_node.audit.verify import verify, verify_database
 from dicom_node.common.metrics import NodeMetrics
 from dicom_node.config.settings import Settings, parse_settings
 from dicom_node.store.database import open_database
-from tests.conftest import PEER_ENV, free_port, require_tool, storescu, storescu_at_once, wait_for
+from tests.conftest import (
+    PEER_ENV,
+    NodeProcess,
+    free_port,
+    require_tool,
+    storescu,
+    storescu_at_once,
+    wait_for,
+)
 from tests.factories import ct_series, write_files
 from tests.receive.peers import connect, is_closed_by_peer, store_association
 
@@ -268,3 +276,40 @@ def test_a_taken_port_is_refused_before_any_receiver_process_starts(tmp_path: Pa
             made.pool.start()
     assert made.pool.pids() == []
     made.db.close()
+
+
+def alive(pid: int) -> bool:
+    """``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_a_node_killed_takes_its_receiver_processes_with_it(tmp_path: Path) -> None:
+    """kill -9 of the node ends its receivers at once, as it ended one process: none goes on
+    beside the node started next."""
+    settings = {
+        "ae_title": "DICOMNODE",
+        "port": free_port(),
+        "storage_dir": str(tmp_path / "var"),
+        "receivers": 2,
+        "log_level": "info",
+    }
+    node = NodeProcess(tmp_path / "node", settings).start()
+    try:
+        found = wait_for(
+            lambda: re.search(r"receivers\.started.*pids=\[(\d+), (\d+)\]", node.log.read_text()),
+            30,
+            "the receivers' pids in the log",
+        )
+        children = [int(found.group(1)), int(found.group(2))]
+        assert all(alive(pid) for pid in children)
+        held = store_association(node.port)  # a child would otherwise wait for it (DRAIN_S)
+        assert held.is_established
+        node.kill9()
+        wait_for(lambda: not any(alive(pid) for pid in children), 5, "the receivers ended")
+        held.abort()
+    finally:
+        node.stop()
