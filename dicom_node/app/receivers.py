@@ -665,13 +665,16 @@ def count_forwarded(metrics: NodeMetrics, samples: list[Any]) -> None:
 
 
 class _ReleaseSignal(threading.Event):
-    """The receiver's ``on_release``: tells the parent (its scheduler) at once."""
+    """The receiver's ``on_release``: tells the parent (its scheduler) at once, after the
+    metrics of the association (its instances are counted when the sender is done)."""
 
-    def __init__(self, arbiter: ArbiterClient) -> None:
+    def __init__(self, arbiter: ArbiterClient, metrics: ForwardedMetrics) -> None:
         super().__init__()
         self._arbiter = arbiter
+        self._metrics = metrics
 
     def set(self) -> None:
+        self._metrics.flush()
         self._arbiter.tell(op="released")
 
 
@@ -714,7 +717,7 @@ def run_child(spec: ChildSpec, sock: socket.socket, handoff: socket.socket, pare
             spec.receiver,
             db,
             audit,
-            on_release=_ReleaseSignal(arbiter),
+            on_release=_ReleaseSignal(arbiter, metrics),
             metrics=cast(NodeMetrics, metrics),
         )
         receiver.server_class = _server_class(arbiter)
