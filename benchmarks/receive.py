@@ -280,6 +280,7 @@ def throughput(work: Path, repeat: int, n_slices: int) -> str:
             stable_after_s=3600,
             log_level="info",
             metrics_port=free_port(),
+            receivers=1,  # one association: one process (benchmarks.receivers: several)
         )
         node = NodeProcess(folder, settings).start()
         try:

@@ -1,11 +1,12 @@
 """The node: composes receive -> assemble -> queue -> infer -> write -> send in one process.
 
-Threads: the receiver's association threads (thin: write + index), one scheduler thread that
-runs the assembler and retention ticks, ``workers`` worker threads that run jobs, and one
-delivery thread per destination (:mod:`dicom_node.send.delivery`), so a slow destination
-delays only its own results. Every stage hands over through the database, so a node killed at
-any instant restarts into a consistent state: ``start`` returns its dead predecessor's running
-jobs to the queue and resumes sends.
+Threads: the receiver's association threads (thin: write + index; with ``receivers`` above 1
+they run in receiver processes the node supervises, :mod:`dicom_node.app.receivers`), one
+scheduler thread that runs the assembler and retention ticks, ``workers`` worker threads that
+run jobs, and one delivery thread per destination (:mod:`dicom_node.send.delivery`), so a
+slow destination delays only its own results. Every stage hands over through the database, so
+a node killed at any instant restarts into a consistent state: ``start`` returns its dead
+predecessor's running jobs to the queue and resumes sends.
 
 A process runs the stages of its :class:`~dicom_node.app.roles.Role` only: ``all`` is
 every stage (the one-host node); ``receiver``, ``worker`` and ``sender`` split it over
@@ -33,6 +34,7 @@ from typing import IO, TYPE_CHECKING
 import structlog
 import torch
 
+from dicom_node.app.receivers import ChildSpec, ReceiverPool
 from dicom_node.app.roles import Role, check_role
 from dicom_node.assemble.assembler import Assembler, AssemblySettings
 from dicom_node.audit.events import (
@@ -143,6 +145,13 @@ def stage_settings(settings: Settings) -> StageSettings:
             delete_after_success=settings.delete_after_success,
         ),
     )
+
+
+def receiver_count(settings: Settings) -> int:
+    """Receiver processes: ``receivers``, or by default the cores this process may use."""
+    if settings.receivers is not None:
+        return settings.receivers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _device(preference: str) -> torch.device:
@@ -264,7 +273,8 @@ class Node:
         self.work = threading.Event()  # workers: a job was queued
         self.stopping = threading.Event()
         self.metrics = NodeMetrics(self.db.status)
-        self.receiver: Receiver | None = None
+        self.receiver: Receiver | None = None  # receivers: 1, in this process
+        self.receivers: ReceiverPool | None = None  # receivers: N > 1, child processes
         self.assembler: Assembler | None = None
         self.retention: Retention | None = None
         self.worker: Worker | None = None
@@ -272,9 +282,25 @@ class Node:
         self.audit_export: SyslogExporter | None = None
         self.device: torch.device | None = None
         if role.receives:
-            self.receiver = Receiver(
-                stages.receiver, self.db, self.audit, on_release=self.wake, metrics=self.metrics
-            )
+            count = receiver_count(settings)
+            if count > 1:
+                spec = ChildSpec(
+                    receiver=stages.receiver,
+                    database=settings.database,
+                    database_path=layout.database_path,
+                    database_timeout_s=settings.limits.database_timeout_s,
+                    audit_path=layout.audit_path,
+                    audit_key_file=layout.audit_key_file,
+                    log_format=str(settings.log_format),
+                    log_level=str(settings.log_level),
+                )
+                self.receivers = ReceiverPool(
+                    spec, count, on_release=self.wake, metrics=self.metrics
+                )
+            else:
+                self.receiver = Receiver(
+                    stages.receiver, self.db, self.audit, on_release=self.wake, metrics=self.metrics
+                )
             self.assembler = Assembler(stages.assembly, self.db)
             self.retention = Retention(stages.retention, self.db, self.audit)
             if settings.audit.syslog is not None:  # one exporter: where the scheduler runs
@@ -342,7 +368,7 @@ class Node:
             for route in self.settings.routes:  # fail at start, not at the first study
                 check_roles(route, self.worker.segmenter(route.model).package.roles)
             self.worker.warm_up()  # each model once: the first study as fast as the next
-        if self.receiver is not None:
+        if self.role.receives:
             clean_stale_temp_files(self.layout.spool_dir, stale_after_s)
             self._warn_low_disk()
         address = self.settings.bind_address
@@ -353,9 +379,12 @@ class Node:
                 raise listen_error(
                     "metrics_port", address, self.settings.metrics_port, exc
                 ) from None
-        if self.receiver is not None:
+        if self.role.receives:
             try:
-                self.receiver.start()
+                if self.receivers is not None:
+                    self.receivers.start()
+                elif self.receiver is not None:
+                    self.receiver.start()
             except OSError as exc:
                 raise listen_error("port", address, self.settings.port, exc) from None
         if self.console is not None:
@@ -452,6 +481,8 @@ class Node:
             self.console.stop()
         if self.receiver is not None:
             self.receiver.stop()
+        if self.receivers is not None:
+            self.receivers.stop()  # their associations end first (receivers.DRAIN_S)
         for thread in self._threads:
             thread.join(timeout=30)
         if self.delivery is not None:

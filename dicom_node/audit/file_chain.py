@@ -1,15 +1,18 @@
 """The audit chain in a JSON-lines file (``<storage_dir>/audit.jsonl``): the SQLite default.
 
 One line a record, each sealed as :func:`~dicom_node.audit.chain.seal` says; the chain head is
-kept in the node database (``audit_head``, name ``head``) after each record. One process
-writes it. Each record is one ``write`` and one ``fsync``; a failed or short write is cut back,
-so a record is stored whole or not at all.
+kept in the node database (``audit_head``, name ``head``) after each record. Several processes
+may append (the node's receiver processes, ``receivers: N``): each append holds an exclusive
+``flock`` on the file, reads the chain end another process may have moved, then writes. Each
+record is one ``write`` and one ``fsync``; a failed or short write is cut back, so a record is
+stored whole or not at all.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import errno
+import fcntl
 import json
 import os
 import threading
@@ -64,11 +67,28 @@ def _scan(path: Path) -> _Scan:
     return scan
 
 
-class FileChain:
-    """The JSON-lines file (``<storage_dir>/audit.jsonl``); one process appends.
+#: Bytes read back from the end of the file to find the last record another process wrote.
+TAIL_BYTES = 256 * 1024
 
-    Each record is one ``write`` of one line, fsynced; a failed or short write is cut back to
-    the previous end of file. A torn record left by a crash is set aside at open into
+
+def _last_record(data: bytes) -> tuple[int, str] | None:
+    """``(seq, hash)`` of the last whole line of ``data`` (ending in a newline), or None."""
+    lines = data[: data.rfind(b"\n")].rsplit(b"\n", 1)
+    try:
+        record = json.loads(lines[-1])
+        return int(record["seq"]), str(record["hash"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class FileChain:
+    """The JSON-lines file (``<storage_dir>/audit.jsonl``); one or several processes append.
+
+    Each record is one ``write`` of one line, fsynced, under an exclusive ``flock`` of the file
+    (threads of one process: a lock too); a failed or short write is cut back to the previous
+    end of file. Before sealing, a process whose last known end of file is not the file's
+    reads the last record back (another process appended). A torn record left by a crash is
+    set aside at open, or at the next append of another process, into
     ``audit.jsonl.torn-<time>``. The head is stored in ``head`` after each record.
 
     Raises
@@ -87,6 +107,16 @@ class FileChain:
         self._head = head
         self._dirty = False
         path.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = self._open()
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)  # another process may be appending
+            self._open_chain(head)
+        finally:
+            os.close(lock_fd)
+
+    def _open_chain(self, head: HeadStore | None) -> None:
+        """Scan the file (under its lock): chain end, torn tail, key, head."""
+        path = self.path
         scan = _scan(path)
         if scan.keyed and not self.key_file.exists():
             raise StartupError(
@@ -100,6 +130,7 @@ class FileChain:
         self._alerts: list[dict[str, Any]] = []
         if scan.torn:
             self._alerts.append(self._set_aside(scan))
+        self._end = scan.intact_bytes  # the end of file after this process's last record
         stored = head.audit_mark(HEAD) if head is not None else None
         if stored is not None and stored[0] > self._seq:
             # Records were removed from the end: keep the numbering of the head, so that the
@@ -138,40 +169,67 @@ class FileChain:
 
     def append(self, body: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            if self._dirty:
-                self._repair()
-            digest, line = seal(body, self._seq + 1, self._prev, self.key)
-            self._append((line + "\n").encode())
-            self._seq, self._prev = body["seq"], digest
-            if self._head is not None:  # under the lock: the head never goes backwards
-                try:
-                    self._head.set_audit_mark(HEAD, body["seq"], digest)
-                except Exception as exc:  # noqa: BLE001 - the record is written; the head lags
-                    log.warning("audit.head_not_saved", error=type(exc).__name__)
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released by the close
+                if self._dirty:
+                    self._repair()
+                self._catch_up(fd)
+                digest, line = seal(body, self._seq + 1, self._prev, self.key)
+                self._append(fd, (line + "\n").encode())
+                self._seq, self._prev = body["seq"], digest
+                if self._head is not None:  # under the locks: the head never goes backwards
+                    try:
+                        self._head.set_audit_mark(HEAD, body["seq"], digest)
+                    except Exception as exc:  # noqa: BLE001 - the record is written; head lags
+                        log.warning("audit.head_not_saved", error=type(exc).__name__)
+            finally:
+                os.close(fd)
         return json.loads(line)  # type: ignore[no-any-return]
 
-    def _append(self, data: bytes) -> None:
+    def _open(self) -> int:
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         except OSError as exc:
             raise AuditWriteError(f"cannot open the audit log: {exc.strerror}") from exc
-        try:
-            start = os.fstat(fd).st_size
-            try:
-                written = _write(fd, data)
-                if written != len(data):
-                    raise OSError(errno.ENOSPC, "short write to the audit log")
-                os.fsync(fd)
-            except OSError as exc:
+
+    def _catch_up(self, fd: int) -> None:
+        """Take the chain end from the file when another process appended since our last
+        record (the file's lock is held); set aside a record it left torn."""
+        size = os.fstat(fd).st_size
+        if size == self._end:
+            return
+        with self.path.open("rb") as fh:
+            fh.seek(max(0, size - TAIL_BYTES))
+            tail = fh.read()
+        last = _last_record(tail) if tail.endswith(b"\n") else None
+        if last is None:  # a torn or damaged end, or a line longer than the tail: scan it all
+            scan = _scan(self.path)
+            if scan.torn:
                 try:
-                    os.ftruncate(fd, start)
-                    os.fsync(fd)
-                except OSError:
-                    self._dirty = True  # cut it back before the next record
-                log.error("audit.write_failed", error=exc.strerror)
-                raise AuditWriteError(f"cannot write the audit log: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
+                    self._set_aside(scan)
+                except OSError as exc:
+                    raise AuditWriteError(f"cannot repair the audit log: {exc.strerror}") from exc
+            last = (scan.seq, scan.prev)
+        self._seq, self._prev = max(last[0], self._seq), last[1]
+        self._end = os.fstat(fd).st_size
+
+    def _append(self, fd: int, data: bytes) -> None:
+        start = os.fstat(fd).st_size
+        try:
+            written = _write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, "short write to the audit log")
+            os.fsync(fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, start)
+                os.fsync(fd)
+            except OSError:
+                self._dirty = True  # cut it back before the next record
+            log.error("audit.write_failed", error=exc.strerror)
+            raise AuditWriteError(f"cannot write the audit log: {exc.strerror}") from exc
+        self._end = start + written
 
     def _repair(self) -> None:
         """Set aside what a failed write left after the last whole record."""

@@ -104,6 +104,9 @@ class Settings:
     routes: tuple[Route, ...] = ()
     send: SendPolicy = SendPolicy()
     workers: Count = 1
+    #: Receiver processes on ``port`` (SO_REUSEPORT); None: one per core. 1 receives in the
+    #: node's own process (see :mod:`dicom_node.app.receivers`).
+    receivers: Count | None = None
     #: Model runs at once on a CUDA device (jobs beyond wait for a slot).
     gpu_slots: Count = 1
     batch_size: Count = 8

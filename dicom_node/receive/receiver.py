@@ -365,6 +365,9 @@ class Receiver:
         The node's counters (default: a registry of its own).
     """
 
+    #: The server it listens with (a subclass: several receiver processes on one port).
+    server_class: type[LimitedServer] = LimitedServer
+
     def __init__(
         self,
         settings: ReceiverSettings,
@@ -456,7 +459,7 @@ class Receiver:
             (self.settings.bind_address, self.settings.port),
             evt_handlers=handlers,
             ssl_context=self._ssl_context(),
-            server_class=LimitedServer,
+            server_class=self.server_class,
             request_handler=LimitedRequestHandler,
             limits=self.settings.limits,
             admission=self.admission,

@@ -107,7 +107,7 @@ def test_role_processes_share_a_storage_folder_on_postgresql(
     shared = settings_for(tmp_path, random_package, database=postgres_url)
     nodes = [Node(shared, role) for role in (Role.RECEIVER, Role.WORKER, Role.WORKER, Role.SENDER)]
     try:
-        assert nodes[0].receiver is not None and nodes[0].worker is None
+        assert (nodes[0].receiver or nodes[0].receivers) is not None and nodes[0].worker is None
         assert nodes[1].worker is not None and nodes[1].receiver is None
         assert nodes[1].delivery is None and nodes[3].delivery is not None
         assert nodes[3].worker is None and nodes[3].device is None  # no model, no device
