@@ -7,6 +7,13 @@ does), warmed up, then every radiograph (a DX file) is segmented ``R`` times thr
 :func:`dicom_node.work.segment.segment_series` with the SEG built (read, preprocess,
 network, postprocess, SEG); prints the median and the spread of seconds per radiograph, and
 the Dice of each format's masks against the package's.
+
+Then (unless ``--no-bundle``) the MONAI spleen_ct_segmentation bundle (its published configs
+from ``../shared/data/reference/monai-bundles``, its ``network_def`` with seeded random
+weights: the weights cannot be downloaded here, and the time does not depend on them) on the
+real Siemens CT (20 x 512 x 512, ``reference/ct-siemens-j2k``) through the same path,
+``--bundle-repeats`` times: seconds per volume with the published sliding window (96^3,
+overlap 0.5, 4 windows a batch).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-bundle", action="store_true", help="skip the MONAI bundle")
+    parser.add_argument("--bundle-repeats", type=int, default=2)
     args = parser.parse_args(argv)
     configure_logging("console", "warning")
     device = torch.device(args.device)
@@ -90,8 +99,41 @@ def main(argv: list[str] | None = None) -> int:
                 f"{statistics.median(seconds):.3f} | {min(seconds):.3f} | {max(seconds):.3f} "
                 f"| {dice:.4f} |"
             )
+        if not args.no_bundle:
+            bundle_row(work, device, args.bundle_repeats)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0
+
+
+def bundle_row(work: Path, device: torch.device, repeats: int) -> None:
+    """Print the spleen bundle's times on the real Siemens CT (see the module's doc)."""
+    from tests.models.formats.test_bundle import make_bundle
+    from tests.work.test_bundle_route import spleen_ct
+
+    bundle = make_bundle(work, "spleen_ct_segmentation")
+    (bundle / "dicom-node.yaml").write_text(
+        "modalities: [CT]\nstructures: {spleen: {category: SCT.AnatomicalStructure, "
+        "type: SCT.Spleen}}\n"
+    )
+    series = spleen_ct(work / "ct")
+    started = time.perf_counter()
+    segmenter = load_model(bundle, device)
+    loaded = time.perf_counter() - started
+    started = time.perf_counter()
+    segmenter.warm_up()
+    first = time.perf_counter() - started
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        segment_series(series, segmenter, [OutputKind.SEG])
+        seconds.append(time.perf_counter() - started)
+    print(f"\nspleen_ct_segmentation on the Siemens CT (20 x 512 x 512) x {repeats}, {device}")
+    print("| format | load s | first run s | median s / volume | min | max |")
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| {detect_format(bundle).format} | {loaded:.2f} | {first:.2f} | "
+        f"{statistics.median(seconds):.2f} | {min(seconds):.2f} | {max(seconds):.2f} |"
+    )
 
 
 if __name__ == "__main__":
