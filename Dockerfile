@@ -40,9 +40,13 @@ RUN set -eu; [ -z "$HOST_CA" ] || export PIP_CERT="$HOST_CA"; \
       *) pip install --index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple \
              "torch==${TORCH_VERSION}" ;; \
     esac
-COPY pyproject.toml README.md /src/
-COPY dicom_node /src/dicom_node
-RUN [ -z "$HOST_CA" ] || export PIP_CERT="$HOST_CA"; pip install /src && python -c "import dicom_node, torch; print('torch', torch.__version__)"
+# the dependencies alone (a stub package of the same pyproject.toml): this layer stays cached
+# while only the code or the README change; the code is installed in the last stage
+COPY pyproject.toml /src/
+RUN [ -z "$HOST_CA" ] || export PIP_CERT="$HOST_CA"; \
+    mkdir /src/dicom_node && touch /src/dicom_node/__init__.py /src/README.md \
+    && pip install "setuptools>=68" /src && pip uninstall -y dicom-node \
+    && python -c "import torch; print('torch', torch.__version__)"
 
 FROM ${BASE_IMAGE}
 RUN apt-get update \
@@ -54,8 +58,15 @@ RUN apt-get update \
 COPY --from=build /opt/dicom-node/.venv /opt/dicom-node/.venv
 COPY config/models /opt/dicom-node/config/models
 COPY config/node.yaml /etc/dicom-node/node.yaml
-# relative paths in node.yaml are taken from its folder: models/... are the shipped models
-RUN ln -s /opt/dicom-node/config/models /etc/dicom-node/models \
+COPY pyproject.toml README.md /tmp/src/
+COPY dicom_node /tmp/src/dicom_node
+# the node itself, offline (its dependencies are in the venv); relative paths in node.yaml are
+# taken from its folder: models/... are the shipped models
+RUN /opt/dicom-node/.venv/bin/pip install --no-deps --no-build-isolation --no-index \
+       --no-cache-dir --disable-pip-version-check -q /tmp/src \
+    && rm -rf /tmp/src \
+    && /opt/dicom-node/.venv/bin/python -c "import dicom_node.app.cli" \
+    && ln -s /opt/dicom-node/config/models /etc/dicom-node/models \
     && chown dicom-node:dicom-node /var/lib/dicom-node
 ENV PATH=/opt/dicom-node/.venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     DICOM_NODE_STORAGE_DIR=/var/lib/dicom-node DICOM_NODE_LOG_FORMAT=json
