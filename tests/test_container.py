@@ -93,7 +93,7 @@ def container(node_config: Path) -> Iterator[tuple[str, int]]:
     finally:
         logs = podman("logs", "--tail", "40", name, check=False)
         print(logs.stdout[-4000:], logs.stderr[-4000:])
-        podman("rm", "-f", "-t", "5", name, check=False)
+        podman("rm", "-f", "-v", "-t", "5", name, check=False)  # -v: its anonymous volumes
         podman("volume", "rm", "-f", name, check=False)
 
 
