@@ -20,7 +20,8 @@ NNUNET_VERSION := 2.8.1
 DNA_VERSION := 0.4.4
 OHIF_DIR := .cache/ohif/$(OHIF_VERSION)
 
-.PHONY: install serve test test-viewer ohif lint bench bench-throughput bench-workers fuzz peers clean
+.PHONY: install serve test test-viewer ohif lint bench bench-throughput bench-workers fuzz peers clean \
+  container-base container test-container
 
 install: $(STAMP)
 
@@ -65,7 +66,7 @@ $(OHIF_DIR)/dist/index.html:
 
 # The suite without the browser tests (about 4 min); `make test-viewer` runs those (about 2 min).
 test: install peers
-	DICOM_NODE_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not viewer"
+	DICOM_NODE_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not viewer and not container"
 
 # OHIF 3.13 in headless Chromium over Orthanc's DICOMweb: our SEGs and SRs, judged from pixels;
 # and the web console on a running node (login, a case and its thumbnail, retry).
@@ -95,6 +96,40 @@ bench-workers: install peers
 fuzz: install
 	DICOM_NODE_FUZZ_PDUS=6000 DICOM_NODE_FUZZ_DATA_SETS=4000 \
 	  $(BIN)/python -m pytest -q -s -p no:cacheprovider -p no:logging --timeout 1800 tests/receive/test_fuzz.py
+
+# The container (docs/deployment.md, "Container"), built and run with podman; no registry:
+# the base is Debian bookworm made by debootstrap from Debian's mirror and imported.
+IMAGE ?= localhost/dicom-node:latest
+BASE_IMAGE ?= localhost/debian-base:bookworm
+# crun cannot start containers on a cgroup v1/hybrid host: runc can.
+PODMAN ?= podman$(if $(wildcard /sys/fs/cgroup/unified),$(if $(wildcard /usr/sbin/runc /usr/bin/runc), --runtime runc))
+# the host's own open-files limit, and at most 32768 processes: podman's defaults (1048576
+# files) exceed what some VMs allow, and there runc could not raise nproc past 32768 either
+ULIMITS := --ulimit nofile=$(shell bash -c 'echo $$(ulimit -Sn):$$(ulimit -Hn)' | sed s/unlimited/-1/g) \
+  --ulimit nproc=$(shell bash -c 'n=$$(ulimit -Hu); [ "$$n" != unlimited ] && [ "$$n" -lt 32768 ] || n=32768; echo $$n:$$n')
+# pip in the build trusts what the host's pip trusts (a TLS-inspecting proxy's CA)
+HOST_CA := $(or $(PIP_CERT),$(wildcard /etc/ssl/certs/ca-certificates.crt))
+
+container-base:
+	BASE_IMAGE=$(BASE_IMAGE) deploy/container/debian-base.sh
+
+# The local CPU torch wheel (pip's find-links, e.g. /opt/wheels) goes into the build context;
+# without one the build takes torch from PyTorch's CPU index.
+container: container-base
+	rm -f deploy/container/wheels/*.whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d deploy/container/wheels "torch==2.13.0+cpu" \
+	  || echo "no local torch 2.13.0+cpu wheel: the build downloads it from PyTorch's CPU index"
+	$(PODMAN) build --format docker $(ULIMITS) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  $(if $(HOST_CA),-v $(realpath $(HOST_CA)):/run/host-ca.pem:ro --build-arg HOST_CA=/run/host-ca.pem) \
+	  -t $(IMAGE) .
+	$(PODMAN) image inspect $(IMAGE) --format 'built $(IMAGE): {{.Size}} bytes'
+
+# Run the image and go through it from the host with DCMTK: C-ECHO, C-STORE of a radiograph,
+# SEG + SR back to a storescp on the host, the health check, data kept across a restart.
+test-container: container install peers
+	DICOM_NODE_CONTAINER_IMAGE=$(IMAGE) DICOM_NODE_PODMAN="$(PODMAN)" DICOM_NODE_PODMAN_RUN="$(ULIMITS)" \
+	  DICOM_NODE_REQUIRE_PEERS=1 \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider -m container tests/test_container.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .cache

@@ -1,5 +1,5 @@
-"""The ``dicom-node`` command line: serve, process, model check, echo, send, status, retry,
-audit, conformance, console, train, evaluate."""
+"""The ``dicom-node`` command line: serve, process, model check, echo, health, send, status,
+retry, audit, conformance, console, train, evaluate."""
 
 from __future__ import annotations
 
@@ -165,6 +165,16 @@ def cmd_echo(args: argparse.Namespace) -> int:
         return 1
     print(f"{peer}: status 0x{result.status:04X}")
     return 0 if result.status == 0 else 1
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from dicom_node.app.health import check_health
+    from dicom_node.app.roles import default_role, parse_role
+
+    role = parse_role(args.role) if args.role is not None else default_role()
+    health = check_health(load_settings(args.config), role, timeout_s=args.timeout)
+    print(f"{'healthy' if health.healthy else 'unhealthy'}: {health.detail}")
+    return 0 if health.healthy else 1
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -523,6 +533,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the connection, the association and the answer (default 10)",
     )
     p.set_defaults(func=cmd_echo)
+
+    p = with_config(
+        sub.add_parser(
+            "health",
+            help="is the node of this config up: C-ECHO to its own AE title and port (over "
+            "TLS when set); roles without a DICOM port: their database opens. Exit 0 when healthy",
+        )
+    )
+    p.add_argument("--role", help="the node's role (default: $DICOM_NODE_ROLE, else all)")
+    p.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds for the C-ECHO (default 10)"
+    )
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
     p.add_argument("host")

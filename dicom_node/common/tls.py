@@ -104,3 +104,33 @@ def client_context(
     if tls.cert_file is not None and tls.key_file is not None:
         context.load_cert_chain(tls.cert_file, tls.key_file)
     return context
+
+
+def self_check_context(tls: TLSFiles) -> ssl.SSLContext:
+    """TLS 1.2+ towards the node's own port, for its health check.
+
+    The server must present the node's own certificate (``tls.cert_file`` is the trust
+    anchor; ``tls.ca_file``, when set, is trusted too), and the node's certificate and key are
+    offered as the client certificate, so a node with mutual TLS admits its own check when
+    its ``ca_file`` signed its certificate. The host name is not checked (the check connects to
+    a loopback address).
+
+    Raises
+    ------
+    ValueError
+        Without ``cert_file`` and ``key_file``.
+    ssl.SSLError, OSError
+        When a file cannot be read or does not hold what it should.
+    """
+    if tls.cert_file is None or tls.key_file is None:
+        raise ValueError("the node's TLS needs cert_file and key_file")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.cert_file)
+    if tls.ca_file is not None:
+        context.load_verify_locations(tls.ca_file)
+    # the node's own certificate is a trust anchor even when a CA issued it
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.minimum_version = MINIMUM_TLS_VERSION
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context

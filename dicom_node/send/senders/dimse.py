@@ -360,11 +360,13 @@ def echo(
     timeout_s: float = 10,
     connect_timeout_s: float | None = None,
     tls: TLSSettings | None = None,
+    tls_context: ssl.SSLContext | None = None,
     probe: bool = True,
 ) -> EchoResult:
     """C-ECHO a peer: its status (0 is success), or no status and why (see :class:`EchoResult`).
 
-    With ``tls`` the association is made over TLS, as :func:`store_files` does.
+    With ``tls`` the association is made over TLS, as :func:`store_files` does;
+    ``tls_context`` instead gives the TLS context itself (the node's health check).
     ``connect_timeout_s`` (default ``timeout_s``) bounds the connection and negotiation.
     ``probe``: when TCP does not connect, try once more to say why (see
     :func:`association_failure`).
@@ -372,12 +374,16 @@ def echo(
     ae = _ae(calling_ae, timeout_s if connect_timeout_s is None else connect_timeout_s, timeout_s)
     ae.add_requested_context(Verification)
     try:
-        tls_args = None if tls is None else (client_context(tls, check_hostname=False), host)
+        if tls_context is None and tls is not None:
+            tls_context = client_context(tls, check_hostname=False)
     except (ssl.SSLError, OSError) as exc:
         return EchoResult(None, f"TLS set-up failed: {exc}")
+    tls_args = None if tls_context is None else (tls_context, host)
     assoc, watch = _associate(ae, host, port, ae_title, tls_args)
     if not assoc.is_established:
-        why = association_failure(assoc, watch, host, port, tls=tls is not None, probe=probe)
+        why = association_failure(
+            assoc, watch, host, port, tls=tls_context is not None, probe=probe
+        )
         return EchoResult(None, why)
     try:
         rsp = assoc.send_c_echo()
