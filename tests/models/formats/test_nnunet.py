@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 
 from dicom_node.common.errors import InputError, ModelPackageError
 from dicom_node.models.formats.nnunet import NnUNetRunner
 from dicom_node.models.runner import VolumeGeometry
-from tests.conftest import require_shared_data
+from tests.conftest import StoreSCP, require_shared_data
 from tests.factories import LA_MRI, la_mri_cases
 
 sitk = pytest.importorskip("SimpleITK")
@@ -342,3 +343,51 @@ def test_reorienting_reader_is_refused(tmp_path: Path) -> None:
     folder = _model_folder(tmp_path)
     (folder / "plans.json").write_text(json.dumps({"image_reader_writer": "NibabelIOWithReorient"}))
     assert "NibabelIOWithReorient" in _refusal(folder)
+
+
+NODE_MAPPING = """
+name: la-nnunet
+modalities: [MR]
+structures:
+  left_atrium: {category: SCT.AnatomicalStructure, type: SCT.LeftAtrium, color: [220, 60, 60]}
+"""
+
+
+@pytest.mark.peers
+def test_a_running_node_serves_the_model(
+    nnunet_model: TrainedModel, tmp_path: Path, storescp: StoreSCP
+) -> None:
+    """The trained folder as a route's model of a running node: the held-out case sent by
+    DCMTK ``storescu`` as an MR series gives, at a DCMTK ``storescp``, a SEG (read by
+    highdicom) whose atrium is the runner's map of the same stored values (the runner being
+    ``nnUNetv2_predict``, above), and within rounding of ``nnUNetv2_predict`` on the NIfTI."""
+    from pydicom.uid import generate_uid
+
+    from tests.factories import mr_series, write_files
+    from tests.work.test_bundle_route import node_settings, run_node, seg_labels
+
+    model = tmp_path / "model"
+    shutil.copytree(nnunet_model.folder, model)
+    (model / "dicom-node.yaml").write_text(NODE_MAPPING)
+    image = sitk.ReadImage(str(nnunet_model.image))
+    assert image.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    volume = sitk.GetArrayFromImage(image)
+    spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
+    datasets = mr_series(
+        volume, spacing_mm=spacing, study_uid=generate_uid(), frame_of_reference_uid=generate_uid()
+    )
+    paths = write_files(datasets, tmp_path / "mr")
+    route = {"name": "la", "match": {"Modality": ["MR"]}, "model": str(model)}
+    received = run_node(node_settings(tmp_path, storescp.port, route), [paths], storescp)
+
+    seg = pydicom.dcmread(received["SEG"])
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["Left atrium"]
+    atrium = seg_labels(received["SEG"], [str(ds.SOPInstanceUID) for ds in datasets], {1: 1}) == 1
+    stored = np.clip(np.round(volume), 0, 65535).astype(np.float32)[None]
+    _, geometry = _case(nnunet_model.image)
+    direct = NnUNetRunner(nnunet_model.folder, CPU).predict(stored, geometry) == 1
+    assert direct.any() and not direct.all()
+    np.testing.assert_array_equal(atrium, direct)
+    expected = nnunet_model.expected == 1
+    dice = 2 * (atrium & expected).sum() / (atrium.sum() + expected.sum())
+    assert dice >= 0.98, f"Dice {dice:.4f} against nnUNetv2_predict on the unrounded volume"
