@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,10 @@ def test_verify_while_records_are_appended(db: Database, settings: Settings) -> 
     writer = threading.Thread(target=append)
     writer.start()
     try:
+        # On a loaded machine the writer may not run before the verifies: let it start first.
+        deadline = time.monotonic() + 60
+        while len(stored(db)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         reports = [verify_database(db, log.chain.key) for _ in range(5)]  # type: ignore[attr-defined]
     finally:
         stop.set()
