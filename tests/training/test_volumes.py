@@ -162,3 +162,41 @@ def test_3d_augment_refuses_2d_keys() -> None:
     with pytest.raises(Exception, match="elastic_prob"):
         parse_train_config(doc)
     assert VolumeAugment.from_dict({"gamma": [0.8, 1.2]}).gamma == (0.8, 1.2)
+
+
+LA_STAGE2_CONFIG = REPO / "config" / "train-la-lge-stage2.yaml"
+LA_STAGE2_RUN = REPO / "checkpoints" / "la-lge-stage2"
+
+
+def test_la_lge_stage2_continues_the_shipped_package_on_its_split() -> None:
+    """The stage-2 config (a training over several sittings from the shipped weights) draws
+    the shipped split (so no stage trains on, or chooses with, a test case), keeps the
+    network and input (so ``--init`` copies every tensor) and a newer version; its committed
+    run holds the shipped split exactly and a checkpoint small enough to commit."""
+    from dicom_node.training.config import load_train_config
+
+    shipped = load_package(REPO / "config" / "models" / "la-lge")
+    split = read_split(shipped.path)
+    stage1, stage2 = load_train_config(LA_CONFIG), load_train_config(LA_STAGE2_CONFIG)
+    for config in (stage1, stage2):
+        s = config.training
+        assert (s.test_fraction, s.test_seed) == (split.test_fraction, split.test_seed)
+        assert (s.validation_fraction, s.split_seed) == (split.validation_fraction, split.seed)
+    for key in ("name", "dims", "input", "network", "output", "structures"):
+        assert stage2.model[key] == stage1.model[key], key
+
+    def version(text: object) -> tuple[int, ...]:
+        return tuple(int(p) for p in str(text).split("."))
+
+    assert version(stage2.model["version"]) > version(stage1.model["version"])
+    assert version(stage2.model["version"]) >= version(shipped.version)
+    assert stage2.training.checkpoint_minutes <= 10
+    run_split = read_split(LA_STAGE2_RUN)
+    assert (run_split.train, run_split.validation, run_split.test) == (
+        split.train,
+        split.validation,
+        split.test,
+    )
+    checkpoint = LA_STAGE2_RUN / "checkpoint.pt"
+    if checkpoint.is_file():  # absent once the training has finished into a package
+        assert checkpoint.stat().st_size < 50e6
