@@ -1,9 +1,12 @@
-"""The network of a model package: a MONAI U-Net built from ``model.yaml`` and its weights.
+"""The network of a model package: a U-Net built from ``model.yaml`` and its weights.
 
 ``network`` in ``model.yaml`` holds the keyword arguments of :class:`monai.networks.nets.UNet`
 other than ``spatial_dims``, ``in_channels`` and ``out_channels``, which follow from ``dims``,
 ``input.color`` (1 channel for gray, 3 for rgb) and the structures (see
-:attr:`ModelPackage.in_channels` and :attr:`ModelPackage.out_channels`).
+:attr:`ModelPackage.in_channels` and :attr:`ModelPackage.out_channels`). With
+``kind: efficientnet-lite0-unet`` (2D only) it is a U-Net over an EfficientNet-Lite0 encoder
+(:mod:`dicom_node.models.efficientnet_lite`), whose other keys (``decoder_channels``) are its
+arguments; the package's weights hold the whole network, pretrained encoder included.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from monai.networks.nets import UNet
 
 from dicom_node.common.errors import ModelPackageError
+from dicom_node.models import efficientnet_lite
 from dicom_node.package.manifest import ModelPackage
 
 log = structlog.get_logger(__name__)
@@ -30,7 +34,8 @@ def build_network(package: ModelPackage) -> torch.nn.Module:
     Raises
     ------
     ModelPackageError
-        When ``network`` sets a reserved key or arguments that UNet does not accept.
+        When ``network`` sets a reserved key, an unknown ``kind`` or arguments that the
+        network does not accept.
     """
     reserved = [key for key in RESERVED_KEYS if key in package.network]
     if reserved:
@@ -38,12 +43,28 @@ def build_network(package: ModelPackage) -> torch.nn.Module:
             f"{package.path}: network: {', '.join(reserved)} must not be set; they follow "
             "from dims, input.color and the structures"
         )
+    arguments = dict(package.network)
+    kind = arguments.pop("kind", "unet")
+    if kind == efficientnet_lite.KIND:
+        if package.dims != 2:
+            raise ModelPackageError(f"{package.path}: network: {kind} is a 2D network (dims: 2)")
+        try:
+            return efficientnet_lite.build(package.in_channels, package.out_channels, **arguments)
+        except (TypeError, ValueError) as exc:
+            raise ModelPackageError(
+                f"{package.path}: network: not valid arguments of {kind}: {exc}"
+            ) from exc
+    if kind != "unet":
+        raise ModelPackageError(
+            f"{package.path}: network: kind {kind!r} is not known; use unet (MONAI UNet, the "
+            f"default) or {efficientnet_lite.KIND}"
+        )
     try:
         return UNet(
             spatial_dims=package.dims,
             in_channels=package.in_channels,
             out_channels=package.out_channels,
-            **package.network,
+            **arguments,
         )
     except (TypeError, ValueError, AssertionError) as exc:
         raise ModelPackageError(

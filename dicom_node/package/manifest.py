@@ -159,6 +159,13 @@ class ModelPackage:
     #: final mask is below this is dropped (not found); None keeps everything. Chosen on the
     #: validation cases (training.evaluate.select_min_confidence).
     min_confidence: float | None = None
+    #: output.min_area_fraction: a structure found on an image whose final mask covers less
+    #: than this fraction of the image is dropped (not found); None keeps everything. Chosen
+    #: on the validation cases with min_confidence (training.evaluate.select_min_confidence).
+    min_area_fraction: float | None = None
+    #: output.flip_tta: 2D models: the probabilities are the mean of the image's and of its
+    #: left-right mirror's (test-time augmentation; chosen on the validation cases).
+    flip_tta: bool = False
     #: ``inputs``: the roles in channel order; without it one required role ``image``.
     inputs: tuple[InputSpec, ...] = (InputSpec(DEFAULT_ROLE),)
     #: ``reference``: the role whose grid the others are resampled onto and the SEG is on.
@@ -432,6 +439,20 @@ def load_package(path: Path | str) -> ModelPackage:
         raise ModelPackageError(
             f"{where}: output.min_confidence: a mean probability in [0, 1), got {min_confidence!r}"
         )
+    min_area = out.get("min_area_fraction")
+    if min_area is not None and (
+        isinstance(min_area, bool) or not isinstance(min_area, int | float) or not 0 <= min_area < 1
+    ):
+        raise ModelPackageError(
+            f"{where}: output.min_area_fraction: a fraction of the image in [0, 1), got "
+            f"{min_area!r}"
+        )
+    flip_tta = out.get("flip_tta", False)
+    if not isinstance(flip_tta, bool) or (flip_tta and dims != 2):
+        raise ModelPackageError(
+            f"{where}: output.flip_tta: true or false, and true only for 2D models; got "
+            f"{flip_tta!r}"
+        )
     structures_doc = _require(doc, "structures", where)
     if not isinstance(structures_doc, list) or not structures_doc:
         raise ModelPackageError(f"{where}: structures: expected a non-empty list")
@@ -466,6 +487,8 @@ def load_package(path: Path | str) -> ModelPackage:
         ),
         threshold=threshold,
         min_confidence=None if min_confidence is None else float(min_confidence),
+        min_area_fraction=None if min_area is None else float(min_area),
+        flip_tta=flip_tta,
         network=dict(network),
         weights=weights,
         structures=structures,
