@@ -48,6 +48,11 @@ def build_network(package: ModelPackage) -> torch.nn.Module:
     if kind == efficientnet_lite.KIND:
         if package.dims != 2:
             raise ModelPackageError(f"{package.path}: network: {kind} is a 2D network (dims: 2)")
+        if any(side % 32 for side in package.input_size):
+            raise ModelPackageError(
+                f"{package.path}: input.size: {kind} needs sides that are multiples of 32, "
+                f"got {list(package.input_size)}"
+            )
         try:
             return efficientnet_lite.build(package.in_channels, package.out_channels, **arguments)
         except (TypeError, ValueError) as exc:

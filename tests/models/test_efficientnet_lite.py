@@ -104,6 +104,8 @@ def test_bad_kind_or_dims_or_arguments_are_package_errors(tmp_path: Path) -> Non
         build_network(replace(package, network={"kind": "resnet"}))
     with pytest.raises(ModelPackageError, match="2D network"):
         build_network(replace(package, dims=3))
+    with pytest.raises(ModelPackageError, match="multiples of 32"):
+        build_network(replace(package, input_size=(64, 80)))
     with pytest.raises(ModelPackageError, match="not valid arguments of efficientnet-lite0-unet"):
         build_network(replace(package, network={**package.network, "channels": [8]}))
 
