@@ -132,18 +132,27 @@ def masks_from_probabilities(probs: np.ndarray, package: ModelPackage) -> np.nda
 
 def confidence_gate(masks: np.ndarray, probs: np.ndarray, package: ModelPackage) -> np.ndarray:
     """Drop, per frame and structure, a found mask whose mean probability is below the
-    package's ``output.min_confidence`` (a faint, doubtful finding counts as not found).
+    package's ``output.min_confidence`` or whose area is below ``output.min_area_fraction`` of
+    the image (a faint or tiny, doubtful finding counts as not found: e.g. "no lesion").
 
     ``masks`` (boolean) and ``probs`` are ``(frames, rows, cols, S)``; returns ``masks``
-    unchanged when the package has no ``min_confidence``.
+    unchanged when the package has neither rule.
     """
-    if package.min_confidence is None:
+    min_conf, min_area = package.min_confidence, package.min_area_fraction
+    if min_conf is None and min_area is None:
         return masks
     out = masks.copy()
+    pixels = masks.shape[1] * masks.shape[2]
     for frame in range(masks.shape[0]):
         for s in range(masks.shape[-1]):
             found = masks[frame, ..., s]
-            if found.any() and float(probs[frame, ..., s][found].mean()) < package.min_confidence:
+            area = int(found.sum())
+            if not area:
+                continue
+            doubtful = min_area is not None and area < min_area * pixels
+            if min_conf is not None and float(probs[frame, ..., s][found].mean()) < min_conf:
+                doubtful = True
+            if doubtful:
                 out[frame, ..., s] = False
     return out
 
@@ -337,7 +346,12 @@ class Segmenter:
                 stacked = np.stack([image for image, _ in prepared])
                 inputs = torch.from_numpy(stacked if stacked.ndim == 4 else stacked[:, None])
                 with torch.inference_mode(), self._autocast(device):
-                    probs = self._activate(network(inputs.to(device))).cpu().numpy()
+                    x = inputs.to(device)
+                    probs_t = self._activate(network(x))
+                    if self.package.flip_tta:  # mean with the mirrored image's, mirrored back
+                        mirrored = self._activate(network(torch.flip(x, dims=(-1,))))
+                        probs_t = (probs_t + torch.flip(mirrored, dims=(-1,))) / 2
+                    probs = probs_t.cpu().numpy()
                 for i, (_, placement) in enumerate(prepared):
                     frame = np.moveaxis(restore_probabilities(probs[i], placement), 0, -1)
                     out[start + i] = plans[start + i].to_source(frame) if plans else frame

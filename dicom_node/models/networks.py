@@ -1,10 +1,13 @@
-"""The network of a model package: a MONAI U-Net built from ``model.yaml`` and its weights,
-or a TorchScript or ONNX file (``network: {kind: torchscript | onnx, file: ...}``).
+"""The network of a model package: a U-Net built from ``model.yaml`` and its weights, or a
+TorchScript or ONNX file (``network: {kind: torchscript | onnx, file: ...}``).
 
 ``network`` in ``model.yaml`` holds the keyword arguments of :class:`monai.networks.nets.UNet`
 other than ``spatial_dims``, ``in_channels`` and ``out_channels``, which follow from ``dims``,
 ``input.color`` (1 channel for gray, 3 for rgb) and the structures (see
-:attr:`ModelPackage.in_channels` and :attr:`ModelPackage.out_channels`).
+:attr:`ModelPackage.in_channels` and :attr:`ModelPackage.out_channels`). With
+``kind: efficientnet-lite0-unet`` (2D only) it is a U-Net over an EfficientNet-Lite0 encoder
+(:mod:`dicom_node.models.efficientnet_lite`), whose other keys (``decoder_channels``) are its
+arguments; the package's weights hold the whole network, pretrained encoder included.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from monai.networks.nets import UNet
 
 from dicom_node.common.errors import ModelPackageError
+from dicom_node.models import efficientnet_lite
 from dicom_node.package.manifest import ModelPackage, NetworkKind
 
 log = structlog.get_logger(__name__)
@@ -31,12 +35,14 @@ def build_network(package: ModelPackage) -> torch.nn.Module:
     Raises
     ------
     ModelPackageError
-        When ``network`` sets a reserved key or arguments that UNet does not accept.
+        When ``network`` sets a reserved key, an unknown ``kind`` or arguments that the
+        network does not accept.
     """
-    if package.network_kind is not NetworkKind.UNET:
+    if package.network_kind in (NetworkKind.TORCHSCRIPT, NetworkKind.ONNX):
         raise ModelPackageError(
-            f"{package.path}: network.kind is {package.network_kind.value}; only a unet "
-            "package can be built, trained or fine-tuned here (use the package it came from)"
+            f"{package.path}: network.kind is {package.network_kind.value}; only a unet or "
+            f"{efficientnet_lite.KIND} package can be built, trained or fine-tuned here (use "
+            "the package it came from)"
         )
     reserved = [key for key in RESERVED_KEYS if key in package.network]
     if reserved:
@@ -44,12 +50,33 @@ def build_network(package: ModelPackage) -> torch.nn.Module:
             f"{package.path}: network: {', '.join(reserved)} must not be set; they follow "
             "from dims, input.color and the structures"
         )
+    arguments = dict(package.network)
+    kind = arguments.pop("kind", "unet")
+    if kind == efficientnet_lite.KIND:
+        if package.dims != 2:
+            raise ModelPackageError(f"{package.path}: network: {kind} is a 2D network (dims: 2)")
+        if any(side % 32 for side in package.input_size):
+            raise ModelPackageError(
+                f"{package.path}: input.size: {kind} needs sides that are multiples of 32, "
+                f"got {list(package.input_size)}"
+            )
+        try:
+            return efficientnet_lite.build(package.in_channels, package.out_channels, **arguments)
+        except (TypeError, ValueError) as exc:
+            raise ModelPackageError(
+                f"{package.path}: network: not valid arguments of {kind}: {exc}"
+            ) from exc
+    if kind != "unet":
+        raise ModelPackageError(
+            f"{package.path}: network: kind {kind!r} is not known; use unet (MONAI UNet, the "
+            f"default) or {efficientnet_lite.KIND}"
+        )
     try:
         return UNet(
             spatial_dims=package.dims,
             in_channels=package.in_channels,
             out_channels=package.out_channels,
-            **package.network,
+            **arguments,
         )
     except (TypeError, ValueError, AssertionError) as exc:
         raise ModelPackageError(

@@ -38,6 +38,9 @@ class NetworkKind(enum.Enum):
     UNET = "unet"  # a MONAI UNet built from the other keys, weights a state_dict (default)
     TORCHSCRIPT = "torchscript"  # network.file: a TorchScript module (torch.jit.save)
     ONNX = "onnx"  # network.file: an ONNX graph, run with onnxruntime
+    #: a U-Net over an EfficientNet-Lite0 encoder (dicom_node.models.efficientnet_lite), weights
+    #: a state_dict; ``kind`` stays in :attr:`ModelPackage.network` for its builder
+    EFFICIENTNET_LITE0_UNET = "efficientnet-lite0-unet"
 
 
 class NormalizationKind(enum.Enum):
@@ -167,6 +170,13 @@ class ModelPackage:
     #: final mask is below this is dropped (not found); None keeps everything. Chosen on the
     #: validation cases (training.evaluate.select_min_confidence).
     min_confidence: float | None = None
+    #: output.min_area_fraction: a structure found on an image whose final mask covers less
+    #: than this fraction of the image is dropped (not found); None keeps everything. Chosen
+    #: on the validation cases with min_confidence (training.evaluate.select_min_confidence).
+    min_area_fraction: float | None = None
+    #: output.flip_tta: 2D models: the probabilities are the mean of the image's and of its
+    #: left-right mirror's (test-time augmentation; chosen on the validation cases).
+    flip_tta: bool = False
     #: ``inputs``: the roles in channel order; without it one required role ``image``.
     inputs: tuple[InputSpec, ...] = (InputSpec(DEFAULT_ROLE),)
     #: ``reference``: the role whose grid the others are resampled onto and the SEG is on.
@@ -396,7 +406,7 @@ def _network(
     if network_file is not None:
         default_kind = "onnx" if network_file.suffix.lower() == ".onnx" else "torchscript"
     kind = _enum(NetworkKind, network.pop("kind", default_kind), f"{where}: network.kind")
-    if kind is NetworkKind.UNET:
+    if kind in (NetworkKind.UNET, NetworkKind.EFFICIENTNET_LITE0_UNET):
         if "file" in network:
             raise ModelPackageError(
                 f"{where}: network.file: only for kind torchscript or onnx; a unet's weights "
@@ -405,6 +415,8 @@ def _network(
         weights = folder / str(doc.get("weights", "model.pt"))
         if not weights.is_file():
             raise ModelPackageError(f"{where}: weights: file {weights} does not exist")
+        if kind is not NetworkKind.UNET:
+            network = {"kind": kind.value, **network}
         return kind, network, weights
     name = network.pop("file", None)
     if network:
@@ -506,6 +518,20 @@ def load_package(path: Path | str, network_file: Path | None = None) -> ModelPac
         raise ModelPackageError(
             f"{where}: output.min_confidence: a mean probability in [0, 1), got {min_confidence!r}"
         )
+    min_area = out.get("min_area_fraction")
+    if min_area is not None and (
+        isinstance(min_area, bool) or not isinstance(min_area, int | float) or not 0 <= min_area < 1
+    ):
+        raise ModelPackageError(
+            f"{where}: output.min_area_fraction: a fraction of the image in [0, 1), got "
+            f"{min_area!r}"
+        )
+    flip_tta = out.get("flip_tta", False)
+    if not isinstance(flip_tta, bool) or (flip_tta and dims != 2):
+        raise ModelPackageError(
+            f"{where}: output.flip_tta: true or false, and true only for 2D models; got "
+            f"{flip_tta!r}"
+        )
     structures_doc = _require(doc, "structures", where)
     if not isinstance(structures_doc, list) or not structures_doc:
         raise ModelPackageError(f"{where}: structures: expected a non-empty list")
@@ -535,6 +561,8 @@ def load_package(path: Path | str, network_file: Path | None = None) -> ModelPac
         ),
         threshold=threshold,
         min_confidence=None if min_confidence is None else float(min_confidence),
+        min_area_fraction=None if min_area is None else float(min_area),
+        flip_tta=flip_tta,
         network=network,
         weights=weights,
         structures=structures,

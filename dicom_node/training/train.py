@@ -42,6 +42,7 @@ from dicom_node.training.evaluate import (
     EvaluationResult,
     evaluate,
     select_min_confidence,
+    select_output_rules,
     select_postprocessing,
 )
 from dicom_node.training.loop import (
@@ -221,11 +222,18 @@ def image_loop_data(data_dir: Path, split: Split, run: Run) -> LoopData:
     train_set = CachedCases(data_dir, split.train, package, transform=augmentation)
     val_set = CachedCases(data_dir, split.validation, package)
     generator = torch.Generator().manual_seed(settings.seed)
+    # epoch_images: a random subset per epoch (the sampler draws from the loader's generator,
+    # which the checkpoint keeps)
+    sampler = torch.utils.data.RandomSampler(
+        train_set,
+        num_samples=min(settings.epoch_images or len(train_set), len(train_set)),
+        generator=generator,
+    )
     train_loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=settings.batch_size,
-        shuffle=True,
-        drop_last=len(train_set) > settings.batch_size,
+        sampler=sampler,
+        drop_last=len(sampler) > settings.batch_size,
         generator=generator,
     )
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=settings.batch_size)
@@ -277,7 +285,27 @@ def finish_package(
         progress=progress,
     )
     model, package = write_chosen_postprocess(out, config, chosen)
-    if settings.min_confidence_candidates:
+    if settings.min_area_fraction_candidates or settings.try_flip_tta:
+        rules = select_output_rules(
+            package,
+            data_dir,
+            run.split.validation,
+            settings.min_confidence_candidates,
+            settings.min_area_fraction_candidates,
+            try_flip=settings.try_flip_tta,
+            device=device,
+        )
+        chosen_rules = {
+            "min_confidence": rules.min_confidence,
+            "min_area_fraction": rules.min_area_fraction,
+            "flip_tta": rules.flip_tta or None,
+        }
+        output = {**dict(model.get("output") or {})}
+        output.update({k: v for k, v in chosen_rules.items() if v is not None})
+        model["output"] = output
+        write_model_yaml(out, model)
+        package = load_package(out)
+    elif settings.min_confidence_candidates:
         gate, _ = select_min_confidence(
             package,
             data_dir,
@@ -334,6 +362,7 @@ def finish_package(
         init=run.init,
         test_summary=None if test_eval is None else test_eval.summary,
         sittings=len(run.sittings),
+        pretrained=run.pretrained,
     )
     log.info("package written", model=package.name, best_epoch=run.best_epoch)
     return TrainResult(
