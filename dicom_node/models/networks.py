@@ -106,7 +106,7 @@ def load_network(package: ModelPackage, device: torch.device) -> torch.nn.Module
     ModelPackageError
         When the weights (or the file) cannot be read or do not fit the architecture.
     """
-    if package.network_kind is NetworkKind.UNET:
+    if package.network_kind in (NetworkKind.UNET, NetworkKind.EFFICIENTNET_LITE0_UNET):
         return load_unet(package, device)
     from dicom_node.models.exported import load_onnx, load_torchscript
 
