@@ -35,6 +35,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -90,10 +91,23 @@ class _Watch:
 
     connected: bool = False
     answer: object | None = None
+    #: An A-ASSOCIATE-RJ PDU as received (its primitive), for when ACSE never saw it.
+    rejected: A_ASSOCIATE | None = None
     started: float = field(default_factory=time.monotonic)
 
     def handlers(self) -> list[EventHandlerType]:
-        return [(evt.EVT_CONN_OPEN, self._opened), (evt.EVT_ACSE_RECV, self._received)]
+        return [
+            (evt.EVT_CONN_OPEN, self._opened),
+            (evt.EVT_ACSE_RECV, self._received),
+            (evt.EVT_PDU_RECV, self._pdu),
+        ]
+
+    def _pdu(self, event: Any) -> None:
+        # A peer that rejects and closes at once (DCMTK storescp --refuse) can have its
+        # A-ASSOCIATE-RJ decoded by the DUL thread but never handed to ACSE, when pynetdicom
+        # sees the closed connection first: keep the rejection from the PDU itself.
+        if self.answer is None and isinstance(event.pdu, A_ASSOCIATE_RJ):
+            self.rejected = event.pdu.to_primitive()
 
     def _opened(self, event: Any) -> None:
         self.connected = True
@@ -143,7 +157,7 @@ def association_failure(
     When TCP did not connect, ``probe`` tries one connection to say why (refused, timed out,
     unknown host, TLS handshake); without it the answer is only "no connection".
     """
-    answer = watch.answer
+    answer = watch.answer if watch.answer is not None else watch.rejected
     if not watch.connected:
         if not probe:
             return f"no connection to {host}:{port}"
