@@ -339,3 +339,14 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
 # PostgreSQL fixtures (postgres_server, postgres_url, database_url) for every test file; imported
 # last because tests.postgres uses the helpers above.
 from tests.postgres import database_url, postgres_server, postgres_url  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def playwright_session() -> Iterator[Any]:
+    """One Playwright (sync API) for the whole session: the viewer's and the console's browser
+    tests each start their Chromium from it (a second ``sync_playwright()`` while one runs
+    fails: "using Playwright Sync API inside the asyncio loop")."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        yield playwright

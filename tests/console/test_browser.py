@@ -37,19 +37,15 @@ STEP_S = 60.0
 
 
 @pytest.fixture
-def browser() -> Iterator[Any]:
-    executable = require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            new_user_data_dir(),
-            executable_path=executable,
-            args=list(CHROMIUM_ARGS),
-            headless=True,
-        )
-        yield context
-        context.close()
+def browser(playwright_session: Any) -> Iterator[Any]:
+    context = playwright_session.chromium.launch_persistent_context(
+        new_user_data_dir(),
+        executable_path=require_chromium(),
+        args=list(CHROMIUM_ARGS),
+        headless=True,
+    )
+    yield context
+    context.close()
 
 
 def add_user(config: Path, name: str) -> None:

@@ -50,21 +50,17 @@ def viewer_server(orthanc_dicomweb: DicomWebOrthanc) -> Iterator[ViewerServer]:
 
 
 @pytest.fixture(scope="session")
-def browser_context() -> Iterator[Any]:
+def browser_context(playwright_session: Any) -> Iterator[Any]:
     """A Chromium (Debian's) persistent context on a fresh profile, driven by Playwright."""
-    executable = require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            new_user_data_dir(),
-            executable_path=executable,
-            args=list(CHROMIUM_ARGS),
-            headless=True,
-            viewport=VIEWPORT_SIZE,
-        )
-        yield context
-        context.close()
+    context = playwright_session.chromium.launch_persistent_context(
+        new_user_data_dir(),
+        executable_path=require_chromium(),
+        args=list(CHROMIUM_ARGS),
+        headless=True,
+        viewport=VIEWPORT_SIZE,
+    )
+    yield context
+    context.close()
 
 
 @dataclass
@@ -187,11 +183,20 @@ class Viewer:
         Renders are asynchronous: screenshots are taken until two in a row are equal (and,
         with ``different_from``, differ from that one: the render asked for has happened).
         """
-        element = self.page.evaluate_handle(f"() => {_FIRST_VIEWPORT}.element")
+        from playwright.sync_api import Error as PlaywrightError
+
         deadline = time.monotonic() + STEP_TIMEOUT_S
         previous: np.ndarray | None = None
         while True:
-            png = element.as_element().screenshot(animations="disabled")
+            # Looked up each time: OHIF may replace the viewport's element while it renders.
+            element = self.page.evaluate_handle(f"() => {_FIRST_VIEWPORT}.element")
+            try:
+                png = element.as_element().screenshot(animations="disabled")
+            except PlaywrightError as exc:
+                if "not attached" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                previous = None
+                continue
             pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
             settled = previous is not None and np.array_equal(previous, pixels)
             if settled and (different_from is None or not np.array_equal(pixels, different_from)):
