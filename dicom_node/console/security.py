@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 import threading
 import time
@@ -12,6 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dicom_node.common.errors import StartupError
+from dicom_node.common.keyfile import KeyFileError, load_hex_key
 
 __all__ = ["LoginLimiter", "csrf_ok", "load_session_key", "new_csrf_token"]
 
@@ -19,7 +19,8 @@ SESSION_KEY_BYTES = 32
 
 
 def load_session_key(path: Path) -> bytes:
-    """The key that signs session cookies (hex in ``path``, made with mode 0600 if missing).
+    """The key that signs session cookies (hex in ``path``, made with mode 0600 if missing:
+    :func:`~dicom_node.common.keyfile.load_hex_key`).
 
     A new key (a deleted file) ends every session.
 
@@ -29,30 +30,15 @@ def load_session_key(path: Path) -> bytes:
         When the file cannot be read or holds no key.
     """
     try:
-        text = path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process made it meanwhile
-            return load_session_key(path)
-        try:
-            os.write(fd, (secrets.token_hex(SESSION_KEY_BYTES) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return load_session_key(path)
+        key = load_hex_key(path, SESSION_KEY_BYTES, create=True)
     except (OSError, UnicodeDecodeError) as exc:
         raise StartupError(f"console: cannot read the session key {path}: {exc}") from exc
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        key = b""
-    if len(key) < SESSION_KEY_BYTES:
+    except KeyFileError:
         raise StartupError(
             f"console: {path} holds no session key; delete it (every console session ends) "
             "and start the node again"
-        )
+        ) from None
+    assert key is not None  # created when missing
     return key
 
 
