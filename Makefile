@@ -21,7 +21,7 @@ DNA_VERSION := 0.4.4
 OHIF_DIR := .cache/ohif/$(OHIF_VERSION)
 
 .PHONY: install serve test test-viewer ohif lint bench bench-throughput bench-workers fuzz peers clean \
-  container-base container test-container
+  container-tools container-base container test-container
 
 install: $(STAMP)
 
@@ -110,7 +110,19 @@ ULIMITS := --ulimit nofile=$(shell bash -c 'echo $$(ulimit -Sn):$$(ulimit -Hn)' 
 # pip in the build trusts what the host's pip trusts (a TLS-inspecting proxy's CA)
 HOST_CA := $(or $(PIP_CERT),$(wildcard /etc/ssl/certs/ca-certificates.crt))
 
-container-base:
+# podman (runc beside it), debootstrap and podman-compose from Debian's packages, when missing.
+CONTAINER_TOOLS := podman:podman runc:runc debootstrap:debootstrap podman-compose:podman-compose
+
+container-tools:
+	@missing=""; for p in $(CONTAINER_TOOLS); do \
+	  PATH="$$PATH:/usr/sbin" command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing container tools from Debian's packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+container-base: container-tools
 	BASE_IMAGE=$(BASE_IMAGE) deploy/container/debian-base.sh
 
 # The local CPU torch wheel (pip's find-links, e.g. /opt/wheels) goes into the build context;
