@@ -40,14 +40,32 @@ CHECKPOINT_FORMAT = 1
 #: Training settings that may change between sittings: they do not change the result
 #: (``max_minutes`` is a budget over all sittings together).
 SITTING_SETTINGS = frozenset({"max_minutes", "num_threads", "checkpoint_minutes"})
+#: Training settings added after checkpoint format 1 was first written. At their default
+#: (which keeps the behaviour from before they existed) they are left out of the fingerprint,
+#: so that a checkpoint of a run started before them still resumes; set, they count.
+LATER_SETTINGS = frozenset(
+    {
+        "min_area_fraction_candidates",
+        "try_flip_tta",
+        "epoch_images",
+        "pretrained_encoder",
+        "cpu_autocast",
+        "channels_last",
+    }
+)
 
 
 def fingerprint(config: TrainConfig, split: Split, epochs: int, init: str | None) -> str:
     """SHA-256 (hex) of what decides a run's result: the model, the training settings (less
-    :data:`SITTING_SETTINGS`), the augmentation, the split's cases, the number of epochs and
-    the starting package (``"name version"`` of ``--init``, or None)."""
+    :data:`SITTING_SETTINGS`, and :data:`LATER_SETTINGS` at their defaults), the augmentation,
+    the split's cases, the number of epochs and the starting package (``"name version"`` of
+    ``--init``, or None)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config.training)}
     settings = {
-        k: v for k, v in dataclasses.asdict(config.training).items() if k not in SITTING_SETTINGS
+        k: v
+        for k, v in dataclasses.asdict(config.training).items()
+        if k not in SITTING_SETTINGS
+        and not (k in LATER_SETTINGS and _same(v, defaults.get(k, dataclasses.MISSING)))
     }
     doc = {
         "model": config.model,
@@ -59,6 +77,13 @@ def fingerprint(config: TrainConfig, split: Split, epochs: int, init: str | None
     }
     text = json.dumps(doc, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Whether a setting's value (as :func:`dataclasses.asdict` gives it) is its default."""
+    if isinstance(value, list | tuple) and isinstance(default, list | tuple):
+        return list(value) == list(default)
+    return bool(value == default)
 
 
 def _walk_random_states(obj: Any, path: str, found: dict[str, Any], seen: set[int]) -> None:

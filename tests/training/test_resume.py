@@ -4,6 +4,7 @@ bit for bit as the uninterrupted run (2D and 3D); checkpoints are atomic, due ev
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from dicom_node.training.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from dicom_node.training.config import parse_train_config
+from dicom_node.training.config import load_train_config, parse_train_config
+from dicom_node.training.data import read_split
 from dicom_node.training.train import train
 from tests.training.test_train import needs_jsrt, tiny_config, tiny_data  # noqa: F401
 from tests.training.test_volumes import tiny_config as tiny_3d_config
@@ -271,3 +273,24 @@ def test_resume_after_a_crash_while_finishing_only_finishes(
     result = train(tiny_data, config, out, progress=False, overlays=False, resume=True)
     assert result.finished and [h["epoch"] for h in result.history] == [1]  # no epoch 2
     assert (out / "MODEL_CARD.md").is_file() and not (out / CHECKPOINT_FILE).exists()
+
+
+def test_settings_added_later_keep_an_older_checkpoint_resumable() -> None:
+    """The committed la-lge stage-2 checkpoint was written before the 2D settings of
+    ``LATER_SETTINGS`` existed: at their defaults they leave its fingerprint as it was (the
+    run resumes); set to anything else, the fingerprint changes (another run)."""
+    folder = REPO / "checkpoints" / "la-lge-stage2"
+    if not (folder / CHECKPOINT_FILE).exists():
+        pytest.skip("no la-lge stage-2 checkpoint in checkpoints/ (the run finished)")
+    train_config = load_train_config(REPO / "config" / "train-la-lge-stage2.yaml")
+    split = read_split(folder)
+    state = read_checkpoint(folder / CHECKPOINT_FILE)
+    epochs = train_config.training.epochs
+    expected = checkpoint_module.fingerprint(train_config, split, epochs, "la-lge 1.0.0")
+    assert expected == state["fingerprint"]
+
+    for name, value in (("channels_last", True), ("epoch_images", 8), ("try_flip_tta", True)):
+        changed = dataclasses.replace(
+            train_config, training=dataclasses.replace(train_config.training, **{name: value})
+        )
+        assert checkpoint_module.fingerprint(changed, split, epochs, "la-lge 1.0.0") != expected
