@@ -4,11 +4,13 @@ Run with ``.venv/bin/python -m benchmarks.receivers`` (options: ``--repeat``, ``
 ``--slices``). Each of ``--senders`` DCMTK ``storescu`` processes sends its own CT series
 (``--slices`` slices of 512 x 512, 16 bit) at the same moment to: the node with
 ``receivers: 2``, the node with ``receivers: 1`` (no routes: it stores and indexes, nothing
-else competes for the CPU), and DCMTK ``storescp --fork`` (a process per association, the
-bar). The time runs from the senders' start until the last one exited (every C-STORE
+else competes for the CPU), DCMTK ``storescp --fork`` (a process per association, the
+bar), and two bare pynetdicom SCPs (``benchmarks.bare_scp``, event-driven, half of the senders
+to each: what two processes of the node's stack reach when they keep nothing, the floor of
+N=2). The time runs from the senders' start until the last one exited (every C-STORE
 answered, released). Every repetition starts fresh receivers and rotates which one goes first;
 the report gives the medians and their ratios (issue 19: N=2 >= 1.6x N=1, >= 0.5x
-``storescp --fork``).
+``storescp --fork``; the floor says how much of that pynetdicom itself allows).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from benchmarks.receive import (
     THROUGHPUT_SIZE,
+    BareSCP,
     BenchmarkError,
     machine,
     received_files,
@@ -36,15 +39,17 @@ from tests.conftest import PEER_ENV, NodeProcess, free_port, node_settings, requ
 from tests.factories import ct_series, write_files
 
 
-def send_at_once(port: int, batches: list[list[Path]], called: str) -> float:
-    """Each batch by its own ``storescu`` (calling AE ``SENDER<i>``), all at once; the wall
-    time until the last exits, in seconds."""
+def send_at_once(port: int | Sequence[int], batches: list[list[Path]], called: str) -> float:
+    """Each batch by its own ``storescu`` (calling AE ``SENDER<i>``), all at once, to ``port``
+    (several ports: batch i to port i modulo their number); the wall time until the last
+    exits, in seconds."""
+    ports = [port] if isinstance(port, int) else list(port)
     exe = require_tool("storescu")
     os.sync()  # no run pays for another's dirty pages
     started = time.perf_counter()
     procs = [
         subprocess.Popen(
-            [exe, "-aet", f"SENDER{i}", "-aec", called, "127.0.0.1", str(port)]
+            [exe, "-aet", f"SENDER{i}", "-aec", called, "127.0.0.1", str(ports[i % len(ports)])]
             + [str(f) for f in files],
             env=PEER_ENV,
             stdout=subprocess.DEVNULL,
@@ -71,7 +76,7 @@ def bench(work: Path, repeat: int, senders: int, slices: int) -> str:
     total = sum(len(b) for b in batches)
     nbytes = sum(p.stat().st_size for b in batches for p in b)
     print(f"built {senders} x {slices} CT files, {nbytes / 1e6:.0f} MB", flush=True)
-    times: dict[str, list[float]] = {"n2": [], "n1": [], "fork": []}
+    times: dict[str, list[float]] = {"n2": [], "n1": [], "fork": [], "bare2": []}
 
     def to_node(name: str, count: int, i: int) -> None:
         folder = work / f"{name}-{i}"
@@ -117,17 +122,34 @@ def bench(work: Path, repeat: int, senders: int, slices: int) -> str:
         if got != total:
             raise BenchmarkError(f"storescp --fork stored {got} of {total} files")
 
+    def to_bare(i: int) -> None:
+        """The floor of N=2: two bare pynetdicom SCPs (the node's settings and reactor, an
+        answer of Success and nothing kept), half of the senders to each."""
+        folders = [work / f"bare-{i}-{k}" for k in range(2)]
+        scps = [BareSCP(folder, free_port(), event_driven=True).start() for folder in folders]
+        try:
+            times["bare2"].append(
+                send_at_once([scp.port for scp in scps], batches, scps[0].ae_title)
+            )
+        finally:
+            for scp in scps:
+                scp.stop()
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
     targets: list[Callable[[int], None]] = [
         lambda i: to_node("n2", 2, i),
         lambda i: to_node("n1", 1, i),
         to_fork,
+        to_bare,
     ]
     for i in range(repeat):
         for k in range(len(targets)):
             targets[(i + k) % len(targets)](i)
         print(
             f"repetition {i + 1}/{repeat}: N=2 {times['n2'][-1]:.2f} s, N=1 "
-            f"{times['n1'][-1]:.2f} s, storescp --fork {times['fork'][-1]:.2f} s",
+            f"{times['n1'][-1]:.2f} s, storescp --fork {times['fork'][-1]:.2f} s, "
+            f"2 bare pynetdicom {times['bare2'][-1]:.2f} s",
             flush=True,
         )
     median = {name: statistics.median(v) for name, v in times.items()}
@@ -143,6 +165,7 @@ def bench(work: Path, repeat: int, senders: int, slices: int) -> str:
             ("n2", "dicom-node, receivers: 2"),
             ("n1", "dicom-node, receivers: 1"),
             ("fork", "DCMTK storescp --fork"),
+            ("bare2", "2 bare pynetdicom SCPs (floor of N=2)"),
         )
     ]
     out = (
@@ -151,7 +174,9 @@ def bench(work: Path, repeat: int, senders: int, slices: int) -> str:
         + table(["receiver", "median s", "instances/s", "MB/s", "runs (s)"], rows)
         + f"\n\nRatios (goal, issue 19): N=2 / N=1 {median['n1'] / median['n2']:.2f} "
         f"(goal >= 1.6), N=2 / storescp --fork {median['fork'] / median['n2']:.2f} "
-        f"(goal >= 0.5); N=1 / storescp --fork {median['fork'] / median['n1']:.2f}."
+        f"(goal >= 0.5); N=1 / storescp --fork {median['fork'] / median['n1']:.2f}. The floor: "
+        f"2 bare pynetdicom / storescp --fork {median['fork'] / median['bare2']:.2f}, "
+        f"N=2 / 2 bare pynetdicom {median['bare2'] / median['n2']:.2f}."
     )
     return out + run_end(started)
 
