@@ -165,14 +165,14 @@ def test_3d_augment_refuses_2d_keys() -> None:
 
 
 LA_STAGE2_CONFIG = REPO / "config" / "train-la-lge-stage2.yaml"
-LA_STAGE2_RUN = REPO / "checkpoints" / "la-lge-stage2"
 
 
 def test_la_lge_stage2_continues_the_shipped_package_on_its_split() -> None:
     """The stage-2 config (a training over several sittings from the shipped weights) draws
     the shipped split (so no stage trains on, or chooses with, a test case), keeps the
-    network and input (so ``--init`` copies every tensor) and a newer version; its committed
-    run holds the shipped split exactly and a checkpoint small enough to commit."""
+    network and input (so ``--init`` copies every tensor) and a newer version. (Its run
+    finished into the shipped package, 1.2.0; the size of a committed checkpoint is
+    test_resume's.)"""
     from dicom_node.training.config import load_train_config
 
     shipped = load_package(REPO / "config" / "models" / "la-lge")
@@ -189,14 +189,7 @@ def test_la_lge_stage2_continues_the_shipped_package_on_its_split() -> None:
         return tuple(int(p) for p in str(text).split("."))
 
     assert version(stage2.model["version"]) > version(stage1.model["version"])
-    assert version(stage2.model["version"]) >= version(shipped.version)
+    # the run was made as 1.1.0 (the version is part of its checkpoint's fingerprint) and its
+    # end shipped as 1.2.0: the shipped package is stage 2's or later
+    assert version(shipped.version) >= version(stage2.model["version"])
     assert stage2.training.checkpoint_minutes <= 10
-    run_split = read_split(LA_STAGE2_RUN)
-    assert (run_split.train, run_split.validation, run_split.test) == (
-        split.train,
-        split.validation,
-        split.test,
-    )
-    checkpoint = LA_STAGE2_RUN / "checkpoint.pt"
-    if checkpoint.is_file():  # absent once the training has finished into a package
-        assert checkpoint.stat().st_size < 50e6
