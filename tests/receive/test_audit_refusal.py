@@ -80,7 +80,14 @@ def test_an_unaudited_c_store_is_refused_with_out_of_resources(
     series = ct_series(3, 16, 16)
     assoc = associate(receiver.settings.port)
     assert assoc.is_established  # type: ignore[attr-defined]
-    full_disk(monkeypatch)  # the disk fills after the association was audited
+    # The node audits an association just after accepting it: the disk fills once that record
+    # is written (under load the A-ASSOCIATE-AC can arrive first; CI saw it abort unaudited).
+    wait_for(
+        lambda: read_events(receiver.audit.path),
+        10,
+        "the association's audit record",
+    )
+    full_disk(monkeypatch)
     try:
         statuses = [assoc.send_c_store(ds).Status for ds in series]  # type: ignore[attr-defined]
     finally:
