@@ -29,7 +29,13 @@ from tests.factories import JSRT
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "config" / "models" / "cxr-anatomy"
-STAGE_CONFIGS = (REPO / "config" / "train-cxr-base.yaml", REPO / "config" / "train-cxr.yaml")
+#: The training stages, in order: each ``--init`` from the package of the one before; the last
+#: wrote the shipped package.
+STAGE_CONFIGS = (
+    REPO / "config" / "train-cxr-base.yaml",
+    REPO / "config" / "train-cxr.yaml",
+    REPO / "config" / "train-cxr-stage2.yaml",
+)
 N_CASES = 4
 JACCARD_TOLERANCE = 0.01
 HD95_TOLERANCE_MM = 1.0
@@ -75,16 +81,18 @@ def test_package_is_complete_and_consistent() -> None:
 
 def test_test_part_is_apart_from_training_and_validation() -> None:
     """No test case in training or validation, in the shipped split and in the split that the
-    configs of both training stages draw (stage 1, the ``--init`` package, trained on the same
-    training part, so it never saw a test case either)."""
+    configs of every training stage draw (the earlier stages, the ``--init`` packages, trained
+    on the same training part, so none saw a test case either)."""
     split = read_split(PACKAGE)
     test = set(split.test)
     assert len(test) >= 40
     assert not test & set(split.train), sorted(test & set(split.train))
     assert not test & set(split.validation), sorted(test & set(split.validation))
     assert not set(split.train) & set(split.validation)
-    base = load_train_config(STAGE_CONFIGS[0]).model
-    assert _training()["init"] == f"{base['name']} {base['version']}"
+    before = load_train_config(STAGE_CONFIGS[-2]).model
+    assert _training()["init"] == f"{before['name']} {before['version']}"
+    shipped = load_package(PACKAGE)
+    assert load_train_config(STAGE_CONFIGS[-1]).model["version"] == shipped.version
     for path in STAGE_CONFIGS:
         s = load_train_config(path).training
         assert (s.test_fraction, s.test_seed) == (split.test_fraction, split.test_seed), path
