@@ -86,10 +86,11 @@ def test_onnx_runs_in_onnxruntime_batched_like_the_package(exported: dict[str, P
     assert isinstance(onnx, Segmenter) and isinstance(package, Segmenter)
     assert isinstance(onnx.network, OnnxNetwork)
     assert onnx.network.session.get_providers() == ["CPUExecutionProvider"]
-    x = torch.from_numpy(np.random.default_rng(0).random((3, 1, 384, 384), dtype=np.float32))
+    rows, cols = package.package.input_size  # the export's fixed input: the package's
+    x = torch.from_numpy(np.random.default_rng(0).random((3, 1, rows, cols), dtype=np.float32))
     with torch.inference_mode():
         got, want = onnx.network(x), package.network(x)
-    assert got.shape == (3, 5, 384, 384)  # one sigmoid channel per structure
+    assert got.shape == (3, 5, rows, cols)  # one sigmoid channel per structure
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-3)
     onnx.warm_up()
 
