@@ -11,7 +11,13 @@ FlexibleUNet) over the feature maps at strides 2, 4, 8, 16 and 32, then a 3 x 3 
 to one logit channel per structure.
 
 The classification head of the ImageNet network (``_conv_head``, ``_bn1``, ``_fc``) is not
-part of the encoder: :data:`HEAD_KEYS` names the keys that are left out on purpose.
+part of the encoder: :data:`HEAD_KEYS` names the keys that are left out on purpose. With
+``presence_head: true`` the network also has an image-level head (:class:`PresenceHead`: the
+ImageNet ``_conv_head`` and ``_bn1``, global average pooling and a new linear layer) that
+gives one "is this structure on the image" logit per structure from the deepest features;
+training learns it beside the masks, and :meth:`EfficientNetLite0UNet.set_presence_gate` makes
+the forward pass empty a structure's mask on an image whose presence probability is below the
+package's ``output.min_presence`` (inside the network, so that exports keep it).
 Convolutions with stride 2 pad as TensorFlow's ``SAME`` did when the weights were trained
 (more on the bottom/right side). The grey input is repeated to the three colour channels the
 weights expect and scaled from [0, 1] to [-1, 1] (the Lite models' input range).
@@ -19,6 +25,7 @@ weights expect and scaled from [0, 1] to [-1, 1] (the Lite models' input range).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +48,9 @@ HEAD_KEYS = (
     "_fc.weight",
     "_fc.bias",
 )
+
+#: Prefixes of the ImageNet head's keys that the presence head starts from (not ``_fc``).
+PRESENCE_KEYS = ("_conv_head.", "_bn1.")
 
 #: The blocks of EfficientNet-Lite0: (repeats, kernel, stride, expand ratio, in, out).
 STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
@@ -130,6 +140,23 @@ class EfficientNetLite0Encoder(nn.Module):
         return features
 
 
+class PresenceHead(nn.Module):
+    """One logit per structure for the whole image from the stride-32 features: the ImageNet
+    network's own head convolution (320 -> 1280, 1 x 1, BN, ReLU6), global average pooling,
+    dropout and a linear layer."""
+
+    def __init__(self, out_channels: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self._conv_head = nn.Conv2d(FEATURE_CHANNELS[-1], 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(1280, out_channels)
+
+    def forward(self, deepest: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn1(self._conv_head(deepest)))
+        return self.fc(self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))  # type: ignore[no-any-return]
+
+
 class EfficientNetLite0UNet(nn.Module):
     """U-Net with an EfficientNet-Lite0 encoder and MONAI's FlexibleUNet decoder.
 
@@ -141,6 +168,8 @@ class EfficientNetLite0UNet(nn.Module):
         One logit channel per structure.
     decoder_channels
         Channels of the five decoder stages, deepest first.
+    presence_head
+        Add the image-level :class:`PresenceHead` (see :meth:`forward_with_presence`).
 
     The input's rows and columns must be multiples of 32.
     """
@@ -150,6 +179,7 @@ class EfficientNetLite0UNet(nn.Module):
         in_channels: int,
         out_channels: int,
         decoder_channels: Sequence[int] = (128, 64, 32, 24, 16),
+        presence_head: bool = False,
     ) -> None:
         super().__init__()
         if in_channels not in (1, 3):
@@ -175,15 +205,52 @@ class EfficientNetLite0UNet(nn.Module):
             is_pad=True,
         )
         self.head = nn.Conv2d(int(decoder_channels[-1]), out_channels, 3, padding=1)
+        if not isinstance(presence_head, bool):
+            raise ValueError(f"presence_head must be true or false, not {presence_head!r}")
+        self.presence = PresenceHead(out_channels) if presence_head else None
+        #: Logit offset of the presence gate (None: no gate); see :meth:`set_presence_gate`.
+        self.presence_gate: float | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def set_presence_gate(self, min_presence: float | None, threshold: float = 0.5) -> None:
+        """Make :meth:`forward` empty a structure's mask where its presence probability is
+        below ``min_presence`` (None: no gate), for masks thresholded at ``threshold``.
+
+        The logits become ``min(mask logit, presence logit - offset)`` with ``offset =
+        logit(min_presence) - logit(threshold)``: a pixel is above ``threshold`` exactly when
+        its own probability is and the image's presence probability is above
+        ``min_presence``.
+        """
+        if min_presence is None:
+            self.presence_gate = None
+            return
+        if self.presence is None:
+            raise ValueError("min_presence needs a network with presence_head: true")
+        self.presence_gate = _logit(min_presence) - _logit(threshold)
+
+    def forward_with_presence(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mask logits ``(N, S, rows, cols)``, not gated, and the presence logits
+        ``(N, S)`` (None without a presence head)."""
         if x.shape[-1] % 32 or x.shape[-2] % 32:
             raise ValueError(f"input rows and columns must be multiples of 32, not {x.shape[-2:]}")
         if self.in_channels == 1:
             x = x.expand(-1, 3, -1, -1)
         x = x * 2.0 - 1.0
         features = self.encoder(x)
-        return self.head(self.decoder([x, *features], skip_connect=len(features) - 1))  # type: ignore[no-any-return]
+        logits = self.head(self.decoder([x, *features], skip_connect=len(features) - 1))
+        presence = None if self.presence is None else self.presence(features[-1])
+        return logits, presence
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, presence = self.forward_with_presence(x)
+        if presence is None or self.presence_gate is None:
+            return logits
+        return torch.minimum(logits, (presence - self.presence_gate)[:, :, None, None])
+
+
+def _logit(p: float) -> float:
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"a probability in (0, 1) is needed, not {p!r}")
+    return math.log(p / (1.0 - p))
 
 
 def build(in_channels: int, out_channels: int, **kwargs: Any) -> EfficientNetLite0UNet:
@@ -209,4 +276,10 @@ def load_encoder_weights(
         When a key is missing, unexpected or of another shape.
     """
     network.encoder.load_state_dict(encoder_state(imagenet), strict=True)
-    return sorted(k for k in imagenet if k in HEAD_KEYS)
+    if network.presence is None:
+        return sorted(k for k in imagenet if k in HEAD_KEYS)
+    trunk = {k: v for k, v in imagenet.items() if k.startswith(PRESENCE_KEYS)}
+    missing, _ = network.presence.load_state_dict(trunk, strict=False)
+    if sorted(missing) != ["fc.bias", "fc.weight"]:
+        raise RuntimeError(f"the ImageNet head does not fit the presence head: {missing}")
+    return sorted(k for k in imagenet if k in HEAD_KEYS and not k.startswith(PRESENCE_KEYS))

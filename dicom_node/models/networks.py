@@ -7,7 +7,9 @@ other than ``spatial_dims``, ``in_channels`` and ``out_channels``, which follow 
 :attr:`ModelPackage.in_channels` and :attr:`ModelPackage.out_channels`). With
 ``kind: efficientnet-lite0-unet`` (2D only) it is a U-Net over an EfficientNet-Lite0 encoder
 (:mod:`dicom_node.models.efficientnet_lite`), whose other keys (``decoder_channels``) are its
-arguments; the package's weights hold the whole network, pretrained encoder included.
+arguments, and ``presence_head: true`` adds its image-level head, whose gate
+``output.min_presence`` sets; the package's weights hold the whole network, pretrained encoder
+included.
 """
 
 from __future__ import annotations
@@ -143,6 +145,16 @@ def load_unet(package: ModelPackage, device: torch.device) -> torch.nn.Module:
             f"{package.weights}: the weights do not fit the network in model.yaml "
             f"(dims, network, structures): {exc}"
         ) from exc
+    if package.min_presence is not None:
+        if not isinstance(network, efficientnet_lite.EfficientNetLite0UNet):
+            raise ModelPackageError(
+                f"{package.path}: output.min_presence needs network.kind "
+                f"{efficientnet_lite.KIND} with presence_head: true"
+            )
+        try:
+            network.set_presence_gate(package.min_presence, package.threshold)
+        except ValueError as exc:
+            raise ModelPackageError(f"{package.path}: output.min_presence: {exc}") from exc
     network.to(device)
     network.eval()
     log.info(

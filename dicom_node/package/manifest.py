@@ -177,6 +177,11 @@ class ModelPackage:
     #: output.flip_tta: 2D models: the probabilities are the mean of the image's and of its
     #: left-right mirror's (test-time augmentation; chosen on the validation cases).
     flip_tta: bool = False
+    #: output.min_presence: networks with an image-level presence head
+    #: (``network.presence_head``): a structure whose presence probability on an image is below
+    #: this is not found there (its mask is empty); None: no gate. Chosen on the validation
+    #: cases (training.evaluate.select_output_rules).
+    min_presence: float | None = None
     #: ``inputs``: the roles in channel order; without it one required role ``image``.
     inputs: tuple[InputSpec, ...] = (InputSpec(DEFAULT_ROLE),)
     #: ``reference``: the role whose grid the others are resampled onto and the SEG is on.
@@ -532,6 +537,19 @@ def load_package(path: Path | str, network_file: Path | None = None) -> ModelPac
             f"{where}: output.flip_tta: true or false, and true only for 2D models; got "
             f"{flip_tta!r}"
         )
+    min_presence = out.get("min_presence")
+    if min_presence is not None and (
+        isinstance(min_presence, bool)
+        or not isinstance(min_presence, int | float)
+        or not 0.0 < min_presence < 1.0
+    ):
+        raise ModelPackageError(
+            f"{where}: output.min_presence: a probability in (0, 1), got {min_presence!r}"
+        )
+    if min_presence is not None and out.get("activation", "sigmoid") != "sigmoid":
+        raise ModelPackageError(
+            f"{where}: output.min_presence is for sigmoid outputs (one gate per structure)"
+        )
     structures_doc = _require(doc, "structures", where)
     if not isinstance(structures_doc, list) or not structures_doc:
         raise ModelPackageError(f"{where}: structures: expected a non-empty list")
@@ -563,6 +581,7 @@ def load_package(path: Path | str, network_file: Path | None = None) -> ModelPac
         min_confidence=None if min_confidence is None else float(min_confidence),
         min_area_fraction=None if min_area is None else float(min_area),
         flip_tta=flip_tta,
+        min_presence=None if min_presence is None else float(min_presence),
         network=network,
         weights=weights,
         structures=structures,

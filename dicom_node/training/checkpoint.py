@@ -51,6 +51,8 @@ LATER_SETTINGS = frozenset(
         "pretrained_encoder",
         "cpu_autocast",
         "channels_last",
+        "presence_weight",
+        "min_presence_candidates",
     }
 )
 

@@ -94,6 +94,14 @@ class TrainSettings:
         Values of ``output.min_confidence`` to measure on the validation cases after the
         postprocessing is chosen (empty: no gate); see
         :func:`~dicom_node.training.evaluate.select_min_confidence`.
+    presence_weight
+        Networks with an image-level presence head (``network.presence_head``): weight of its
+        binary cross-entropy against "the expert drew this structure on the image", added to
+        the mask loss.
+    min_presence_candidates
+        Values of ``output.min_presence`` (the presence head's gate) measured with the other
+        output rules on the validation cases, every combination (see
+        :func:`~dicom_node.training.evaluate.select_output_rules`).
     """
 
     seed: int = 0
@@ -127,6 +135,8 @@ class TrainSettings:
     pretrained_encoder: str | None = None
     cpu_autocast: str | None = None
     channels_last: bool = False
+    presence_weight: float = 1.0
+    min_presence_candidates: tuple[float, ...] = ()
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any] | None) -> TrainSettings:
@@ -156,7 +166,16 @@ class TrainSettings:
                     f"training.min_area_fraction_candidates: numbers in [0, 1), got {values!r}"
                 )
             doc["min_area_fraction_candidates"] = tuple(float(v) for v in values)
+        if "min_presence_candidates" in doc:
+            values = doc["min_presence_candidates"] or []
+            if not all(isinstance(v, int | float) and 0 < v < 1 for v in values):
+                raise ConfigError(
+                    f"training.min_presence_candidates: probabilities in (0, 1), got {values!r}"
+                )
+            doc["min_presence_candidates"] = tuple(float(v) for v in values)
         settings = cls(**doc)
+        if settings.presence_weight < 0:
+            raise ConfigError("training.presence_weight must be >= 0")
         if settings.epochs < 1 or settings.batch_size < 1:
             raise ConfigError("training.epochs and training.batch_size must be >= 1")
         if settings.learning_rate <= 0 or settings.spacing_mm <= 0:

@@ -122,9 +122,9 @@ def select_min_confidence(
 class OutputRules:
     """What :func:`select_output_rules` chose on the validation cases, and what it measured.
 
-    ``scores`` maps ``"flip=<bool> conf=<value> area=<value>"`` (``none`` where a rule is off)
-    to the mean score; ``ms_per_image`` the mean network time per image without and with the
-    flip.
+    ``scores`` maps ``"flip=<bool> presence=<value> conf=<value> area=<value>"`` (``none``
+    where a rule is off) to the mean score; ``ms_per_image`` the mean network time per image
+    without and with the flip.
     """
 
     min_confidence: float | None
@@ -132,6 +132,28 @@ class OutputRules:
     flip_tta: bool
     scores: dict[str, float]
     ms_per_image: dict[str, float]
+    min_presence: float | None = None
+
+
+@dataclass(frozen=True)
+class _Rule:
+    flip: bool
+    presence: float | None
+    conf: float | None
+    area: float | None
+
+    def name(self) -> str:
+        def value(v: float | None) -> str:
+            return "none" if v is None else f"{v:g}"
+
+        return (
+            f"flip={str(self.flip).lower()} presence={value(self.presence)} "
+            f"conf={value(self.conf)} area={value(self.area)}"
+        )
+
+    def strictness(self) -> tuple[float, float, float]:
+        """Ties keep the lower thresholds."""
+        return (-(self.presence or 0.0), -(self.conf or 0.0), -(self.area or 0.0))
 
 
 def select_output_rules(
@@ -141,73 +163,81 @@ def select_output_rules(
     confidence_candidates: Sequence[float],
     area_candidates: Sequence[float] = (),
     *,
+    presence_candidates: Sequence[float] = (),
     try_flip: bool = False,
     flip_min_gain: float = 0.005,
     device: torch.device | None = None,
 ) -> OutputRules:
-    """Choose ``output.min_confidence``, ``output.min_area_fraction`` and ``output.flip_tta``
-    together on ``cases`` (validation cases only).
+    """Choose ``output.min_confidence``, ``output.min_area_fraction``,
+    ``output.min_presence`` (networks with a presence head) and ``output.flip_tta`` together
+    on ``cases`` (validation cases only).
 
     Every combination is scored as in :func:`select_min_confidence` (mean Dice of the final
     masks, 1 for an absent structure with nothing returned, 0 for one returned where the
-    expert drew none: a normal breast with a lesion costs as much as a missed lesion). The
-    mirrored pass (``try_flip``) doubles the network's time: it is kept only when its best
-    score beats the best without it by more than ``flip_min_gain``. Ties keep the lower
-    thresholds.
+    expert drew none: a normal breast with a lesion costs as much as a missed lesion). Each
+    presence candidate runs the network again with its gate, as the node does. The mirrored
+    pass (``try_flip``) doubles the network's time: it is kept only when its best score beats
+    the best without it by more than ``flip_min_gain``. Ties keep the lower thresholds.
     """
     device = device or select_device()
     data_dir = Path(data_dir)
     labels = [s.label for s in package.structures]
     conf_options: list[float | None] = [None, *sorted(confidence_candidates)]
     area_options: list[float | None] = [None, *sorted(area_candidates)]
+    presence_options: list[float | None] = [None, *sorted(presence_candidates)]
     flips = [False, True] if try_flip else [False]
-    scores: dict[tuple[bool, float | None, float | None], list[float]] = {}
+    scores: dict[_Rule, list[float]] = {}
     seconds: dict[bool, float] = {}
+    truths = {case: read_masks(data_dir, case, labels) for case in cases}
+    images = {case: read_image(data_dir, case, package.color) for case in cases}
     for flip in flips:
-        segmenter = Segmenter(
-            replace(package, min_confidence=None, min_area_fraction=None, flip_tta=flip), device
-        )
         seconds[flip] = 0.0
-        for case in cases:
-            truth = read_masks(data_dir, case, labels)
-            image = read_image(data_dir, case, package.color)
-            started = time.perf_counter()
-            probs = segmenter.predict_image(image)[None]
-            seconds[flip] += time.perf_counter() - started
-            base = postprocess(masks_from_probabilities(probs, package), package, per_frame=True)
-            for conf in conf_options:
-                for area in area_options:
-                    rule = replace(package, min_confidence=conf, min_area_fraction=area)
-                    gated = confidence_gate(base, probs, rule)
-                    for i in range(len(labels)):
-                        found, expert = gated[0, ..., i], truth[i]
-                        total = int(found.sum() + expert.sum())
-                        inter = int(np.logical_and(found, expert).sum())
-                        scores.setdefault((flip, conf, area), []).append(
-                            1.0 if total == 0 else 2 * inter / total
-                        )
+        for presence in presence_options:
+            segmenter = Segmenter(
+                replace(
+                    package,
+                    min_confidence=None,
+                    min_area_fraction=None,
+                    min_presence=presence,
+                    flip_tta=flip,
+                ),
+                device,
+            )
+            for case in cases:
+                started = time.perf_counter()
+                probs = segmenter.predict_image(images[case])[None]
+                if presence is None:
+                    seconds[flip] += time.perf_counter() - started
+                base = postprocess(
+                    masks_from_probabilities(probs, package), package, per_frame=True
+                )
+                for conf in conf_options:
+                    for area in area_options:
+                        rule = replace(package, min_confidence=conf, min_area_fraction=area)
+                        gated = confidence_gate(base, probs, rule)
+                        for i in range(len(labels)):
+                            found, expert = gated[0, ..., i], truths[case][i]
+                            total = int(found.sum() + expert.sum())
+                            inter = int(np.logical_and(found, expert).sum())
+                            scores.setdefault(_Rule(flip, presence, conf, area), []).append(
+                                1.0 if total == 0 else 2 * inter / total
+                            )
     means = {k: float(np.mean(v)) for k, v in scores.items()}
 
-    def best_of(flip: bool) -> tuple[bool, float | None, float | None]:
-        keys = [k for k in means if k[0] == flip]
-        return max(keys, key=lambda k: (means[k], -(k[1] or 0.0), -(k[2] or 0.0)))
+    def best_of(flip: bool) -> _Rule:
+        keys = [k for k in means if k.flip == flip]
+        return max(keys, key=lambda k: (means[k], k.strictness()))
 
     chosen = best_of(False)
     if try_flip and means[best_of(True)] > means[chosen] + flip_min_gain:
         chosen = best_of(True)
-
-    def name(k: tuple[bool, float | None, float | None]) -> str:
-        conf = "none" if k[1] is None else f"{k[1]:g}"
-        area = "none" if k[2] is None else f"{k[2]:g}"
-        return f"flip={str(k[0]).lower()} conf={conf} area={area}"
-
-    table = {name(k): round(m, 4) for k, m in means.items()}
+    table = {k.name(): round(m, 4) for k, m in means.items()}
     ms = {
         ("flip" if f else "plain"): round(1000 * t / max(1, len(cases)), 1)
         for f, t in seconds.items()
     }
-    log.info("output rules chosen", chosen=name(chosen), ms_per_image=ms)
-    return OutputRules(chosen[1], chosen[2], chosen[0], table, ms)
+    log.info("output rules chosen", chosen=chosen.name(), ms_per_image=ms)
+    return OutputRules(chosen.conf, chosen.area, chosen.flip, table, ms, chosen.presence)
 
 
 def select_postprocessing(

@@ -35,6 +35,7 @@ from monai.losses import DiceLoss
 from monai.utils import set_determinism
 
 from dicom_node.common.errors import ConfigError
+from dicom_node.models.efficientnet_lite import EfficientNetLite0UNet
 from dicom_node.models.inference import select_device
 from dicom_node.models.networks import build_network, load_network
 from dicom_node.package.manifest import MODEL_FILE, ModelPackage, load_package
@@ -114,6 +115,17 @@ def build_network_from(model: dict[str, Any], out: Path) -> torch.nn.Module:
     network = build_network(load_package(out))
     save_weights(network, out / WEIGHTS_FILE)
     return network
+
+
+def forward_for_training(
+    network: torch.nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The mask logits of ``x`` and, for a network with an image-level presence head
+    (:class:`~dicom_node.models.efficientnet_lite.EfficientNetLite0UNet` with
+    ``presence_head``), its presence logits ``(N, S)`` (else None)."""
+    if isinstance(network, EfficientNetLite0UNet) and network.presence is not None:
+        return network.forward_with_presence(x)
+    return network(x), None
 
 
 class _Schedule:
@@ -365,6 +377,7 @@ def run_epochs(  # noqa: PLR0915 - the loop is written once, for 2D and 3D
     n_epochs, budget_min = run.epochs, run.budget_min
     steps = len(data.loader)
     loss_fn, optimizer, schedule, scheduler = optimisation(network, settings, steps, n_epochs)
+    presence_loss = torch.nn.BCEWithLogitsLoss()
     planned = n_epochs
     use_amp = device.type == "cuda"
     cpu_bf16 = device.type == "cpu" and settings.cpu_autocast == "bfloat16"
@@ -461,8 +474,12 @@ def run_epochs(  # noqa: PLR0915 - the loop is written once, for 2D and 3D
             with torch.autocast(
                 device.type, enabled=use_amp or cpu_bf16, dtype=torch.bfloat16 if cpu_bf16 else None
             ):
-                logits = network(x)
+                logits, presence = forward_for_training(network, x)
             loss = loss_fn(logits.float(), y)
+            if presence is not None:
+                loss = loss + settings.presence_weight * presence_loss(
+                    presence.float(), y.flatten(2).amax(-1)
+                )
             torch.autograd.backward(scaler.scale(loss))
             scaler.step(optimizer)
             scaler.update()

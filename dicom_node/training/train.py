@@ -285,19 +285,25 @@ def finish_package(
         progress=progress,
     )
     model, package = write_chosen_postprocess(out, config, chosen)
-    if settings.min_area_fraction_candidates or settings.try_flip_tta:
+    if (
+        settings.min_area_fraction_candidates
+        or settings.try_flip_tta
+        or settings.min_presence_candidates
+    ):
         rules = select_output_rules(
             package,
             data_dir,
             run.split.validation,
             settings.min_confidence_candidates,
             settings.min_area_fraction_candidates,
+            presence_candidates=settings.min_presence_candidates,
             try_flip=settings.try_flip_tta,
             device=device,
         )
         chosen_rules = {
             "min_confidence": rules.min_confidence,
             "min_area_fraction": rules.min_area_fraction,
+            "min_presence": rules.min_presence,
             "flip_tta": rules.flip_tta or None,
         }
         output = {**dict(model.get("output") or {})}

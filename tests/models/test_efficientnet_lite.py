@@ -179,3 +179,131 @@ def test_checkpoint_of_the_busi_lite0_config_stays_under_50_mb(tmp_path: Path) -
         },
     )
     assert path.stat().st_size < 50e6, f"{path.stat().st_size / 1e6:.1f} MB"
+
+
+def _presence_network(presence_logit: float) -> efficientnet_lite.EfficientNetLite0UNet:
+    """A small network with a presence head whose logit is ``presence_logit`` on any image."""
+    network = efficientnet_lite.build(
+        1, 1, decoder_channels=(32, 24, 16, 16, 8), presence_head=True
+    ).eval()
+    assert network.presence is not None
+    torch.nn.init.zeros_(network.presence.fc.weight)
+    torch.nn.init.constant_(network.presence.fc.bias, presence_logit)
+    torch.nn.init.constant_(network.head.bias, 5.0)  # every pixel found, before any gate
+    return network
+
+
+def test_the_presence_head_starts_from_the_imagenet_head_and_only_fc_is_left_out() -> None:
+    imagenet = _imagenet()
+    network = efficientnet_lite.build(1, 1, presence_head=True)
+    assert efficientnet_lite.load_encoder_weights(network, imagenet) == ["_fc.bias", "_fc.weight"]
+    assert network.presence is not None
+    trunk = network.presence.state_dict()
+    for key in ("_conv_head.weight", "_bn1.weight", "_bn1.running_var"):
+        assert torch.equal(trunk[key], imagenet[key]), key
+
+
+def test_the_presence_gate_empties_a_structure_below_min_presence_only() -> None:
+    x = torch.rand(2, 1, 64, 64)
+    logit_06 = float(torch.logit(torch.tensor(0.6)))  # the image's presence: 0.6
+    network = _presence_network(logit_06)
+    with torch.inference_mode():
+        seg, presence = network.forward_with_presence(x)
+        assert presence is not None and presence.shape == (2, 1)
+        torch.testing.assert_close(torch.sigmoid(presence), torch.full((2, 1), 0.6))
+        assert torch.equal(network(x), seg)  # no gate: the masks as they are
+        assert (seg > 0).all()
+        network.set_presence_gate(0.5)  # 0.6 >= 0.5: every pixel still found
+        assert (network(x) > 0).all()
+        network.set_presence_gate(0.7)  # 0.6 < 0.7: nothing found on either image
+        assert (network(x) < 0).all()
+        network.set_presence_gate(0.5, threshold=0.3)  # masks thresholded at 0.3
+        gated = torch.sigmoid(network(x))
+        assert (gated > 0.3).all()
+        network.set_presence_gate(0.65, threshold=0.3)
+        assert (torch.sigmoid(network(x)) < 0.3).all()
+    plain = efficientnet_lite.build(1, 1, decoder_channels=(32, 24, 16, 16, 8))
+    with pytest.raises(ValueError, match="presence_head"):
+        plain.set_presence_gate(0.5)
+
+
+def test_min_presence_in_a_package_gates_served_and_exported_networks(tmp_path: Path) -> None:
+    from dicom_node.testing.exported import export_package
+
+    package = _lite_package(tmp_path / "pkg")
+    network = _presence_network(float(torch.logit(torch.tensor(0.4))))
+    torch.save(network.state_dict(), package.weights)
+    doc = yaml.safe_load((package.path / "model.yaml").read_text())
+    doc["network"] = {**package.network, "presence_head": True}
+    x = torch.rand(1, 1, 64, 64)
+    for min_presence, found in ((0.3, True), (0.5, False)):
+        doc["output"] = {**doc.get("output", {}), "min_presence": min_presence}
+        (package.path / "model.yaml").write_text(yaml.safe_dump(doc))
+        served = load_network(load_package(package.path), CPU)
+        with torch.inference_mode():
+            assert bool((served(x) > 0).all()) is found
+        # TorchScript and ONNX exports carry the gate of the package they came from
+        exported = export_package(package.path, tmp_path / f"export-{min_presence}")
+        for kind in ("torchscript", "onnx"):
+            runner = load_network(load_package(exported[kind]), CPU)
+            with torch.inference_mode():
+                out = runner(x)
+            assert bool((torch.as_tensor(out) > 0).all()) is found, kind
+
+
+def test_min_presence_needs_a_presence_head_and_a_sigmoid_output(tmp_path: Path) -> None:
+    package = _lite_package(tmp_path / "pkg")
+    torch.save(build_network(package).state_dict(), package.weights)
+    doc = yaml.safe_load((package.path / "model.yaml").read_text())
+    doc["network"] = package.network  # no presence head
+    doc["output"] = {**doc.get("output", {}), "min_presence": 0.5}
+    (package.path / "model.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ModelPackageError, match="min_presence.*presence_head"):
+        load_network(load_package(package.path), CPU)
+    for bad in (0, 1, 1.5, True, "high"):
+        doc["output"]["min_presence"] = bad
+        (package.path / "model.yaml").write_text(yaml.safe_dump(doc))
+        with pytest.raises(ModelPackageError, match="output.min_presence: a probability"):
+            load_package(package.path)
+    doc["output"].update(min_presence=0.5, activation="softmax")
+    (package.path / "model.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ModelPackageError, match="min_presence is for sigmoid"):
+        load_package(package.path)
+    with pytest.raises(ConfigError, match="min_presence_candidates"):
+        parse_train_config({"model": {"name": "m"}, "training": {"min_presence_candidates": [1.0]}})
+
+
+@needs_jsrt
+def test_training_learns_the_presence_head_beside_the_masks(
+    tiny_data: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    doc = tiny_config(1)
+    doc["model"]["network"] = {
+        "kind": "efficientnet-lite0-unet",
+        "decoder_channels": [16] * 5,
+        "presence_head": True,
+    }
+    doc["training"].update(
+        pretrained_encoder=WHEEL,
+        batch_size=2,
+        warmup_epochs=0,
+        presence_weight=1.0,
+        min_presence_candidates=[0.5],
+    )
+    config = parse_train_config(doc)
+    run = start_run(config, tmp_path / "start", None, epochs=None, max_minutes=None, started=0.0)
+    assert run.network.presence is not None  # type: ignore[union-attr]
+    bias_before = run.network.presence.fc.bias.detach().clone()  # type: ignore[union-attr]
+    torch.manual_seed(0)
+    train(tiny_data, config, tmp_path / "pkg", progress=False, overlays=False)
+    package = load_package(tmp_path / "pkg")
+    network = load_network(package, CPU)
+    # every radiograph shows every structure: the head's cross-entropy pulls its bias up (a
+    # head left out of the loss would keep its initial bias: AdamW skips it)
+    assert network.presence is not None  # type: ignore[union-attr]
+    # (AdamW's first step moves each bias by about the learning rate, in the gradient's sign)
+    step = 0.5 * config.training.learning_rate
+    assert (network.presence.fc.bias > bias_before + step).all()  # type: ignore[union-attr]
+    # a gate cannot help where every image has every structure: none is kept
+    assert package.min_presence is None and package.network["presence_head"] is True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,10 +61,53 @@ def test_the_area_rule_is_chosen_where_normals_show_small_confident_blobs(
     # 0.01 of 1600 pixels = 16 > 9: the normals' blobs go, the 144-pixel lesions stay; 0.001
     # keeps the blobs, 0.2 drops the lesions; no confidence threshold separates them
     assert rules.min_area_fraction == 0.01 and rules.min_confidence is None
-    assert rules.scores["flip=false conf=none area=0.01"] == 1.0
-    assert rules.scores["flip=false conf=none area=none"] == 0.5
-    assert rules.scores["flip=false conf=none area=0.2"] == 0.5
+    assert rules.scores["flip=false presence=none conf=none area=0.01"] == 1.0
+    assert rules.scores["flip=false presence=none conf=none area=none"] == 0.5
+    assert rules.scores["flip=false presence=none conf=none area=0.2"] == 0.5
     assert len(rules.scores) == 2 * 3 * 4  # every combination was measured
     # the mirrored pass was measured but gains nothing here: not kept
     assert calls.count(True) == 4 and not rules.flip_tta
     assert set(rules.ms_per_image) == {"plain", "flip"}
+
+
+def test_the_presence_gate_is_chosen_with_the_network_run_at_each_candidate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gates: list[float | None] = []
+
+    def predict_image(self: inference.Segmenter, image: np.ndarray) -> np.ndarray:
+        # the network's presence head says 0.3 on normals and 0.8 on lesions; its gate
+        # (output.min_presence) empties the map where the presence is below it
+        gates.append(self.package.min_presence)
+        presence = 0.8 if image.max() > 100 else 0.3
+        probs = np.zeros((SIZE, SIZE, 1), np.float32)
+        if image.max() > 100:
+            probs[10:22, 10:22] = 0.95
+        else:  # a large, confident false lesion: no confidence or area rule removes it
+            probs[2:20, 20:38] = 0.95
+        if self.package.min_presence is not None and presence < self.package.min_presence:
+            probs[:] = 0.0
+        return probs
+
+    def init(self: inference.Segmenter, package: Any, device: torch.device) -> None:
+        self.package = package  # the shipped package has no presence head to load
+
+    monkeypatch.setattr(inference.Segmenter, "__init__", init)
+    monkeypatch.setattr(inference.Segmenter, "predict_image", predict_image)
+    package = replace(load_package(PACKAGE), min_confidence=None)
+    rules = select_output_rules(
+        package,
+        _folder(tmp_path / "data"),
+        ["normal_1", "normal_2", "benign_1", "benign_2"],
+        [0.5],
+        presence_candidates=[0.2, 0.5, 0.9],
+        device=torch.device("cpu"),
+    )
+    # 0.2 keeps the normals' false lesions, 0.9 drops the lesions: 0.5 alone separates them
+    assert rules.min_presence == 0.5 and rules.min_confidence is None
+    assert rules.scores["flip=false presence=0.5 conf=none area=none"] == 1.0
+    assert rules.scores["flip=false presence=0.2 conf=none area=none"] == 0.5
+    assert rules.scores["flip=false presence=0.9 conf=none area=none"] == 0.5
+    assert rules.scores["flip=false presence=none conf=0.5 area=none"] == 0.5
+    # the network ran once per image at each candidate, and once without the gate
+    assert sorted(gates, key=lambda g: g or 0.0) == [None] * 4 + [0.2] * 4 + [0.5] * 4 + [0.9] * 4
