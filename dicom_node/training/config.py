@@ -7,6 +7,11 @@ the optimisation settings (:class:`TrainSettings`), ``augment`` the augmentation
 :class:`~dicom_node.training.volumes.VolumeAugment` for 3D ones) and ``data`` what the model
 card says about the data (:class:`DataInfo`). The names of the files training writes into the
 package are here too.
+
+A config that continues another (a later stage: another resolution, learning rate, version)
+says ``extends: OTHER.yaml`` (a path relative to its own folder) and only what differs: its
+mappings are merged into the other's key by key, and its lists and values replace the other's
+(:func:`load_train_config`).
 """
 
 from __future__ import annotations
@@ -220,21 +225,50 @@ class TrainConfig:
 
 
 def load_train_config(path: Path | str) -> TrainConfig:
-    """Read a training config YAML file.
+    """Read a training config YAML file, with the configs it ``extends`` merged in.
 
     Raises
     ------
     ConfigError
-        When the file is missing, not YAML, or a key is invalid; the message names it.
+        When a file is missing, not YAML, extends itself (directly or not), or a key is
+        invalid; the message names it.
     """
     path = Path(path)
+    return parse_train_config(_read_extended(path, ()), source=str(path))
+
+
+def _read_extended(path: Path, seen: tuple[Path, ...]) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: training config not found")
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ConfigError(f"{path}: extends itself ({chain})")
     try:
         doc = yamlfile.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_train_config(doc, source=str(path))
+    if not isinstance(doc, dict) or "extends" not in doc:
+        return doc
+    doc = dict(doc)
+    base_name = doc.pop("extends")
+    if not isinstance(base_name, str) or not base_name:
+        raise ConfigError(f"{path}: extends: the path of another training config, relative to it")
+    base = _read_extended(path.parent / base_name, (*seen, path.resolve()))
+    if not isinstance(base, dict):
+        raise ConfigError(f"{path.parent / base_name}: expected a mapping (extended by {path})")
+    return merge_config(base, doc)
+
+
+def merge_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in: mappings key by key (recursively), anything else
+    (lists, values) replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_config(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def parse_train_config(doc: Any, source: str = "<config>") -> TrainConfig:
