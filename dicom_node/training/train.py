@@ -285,6 +285,7 @@ def finish_package(
         progress=progress,
     )
     model, package = write_chosen_postprocess(out, config, chosen)
+    output_rules: tuple[dict[str, Any], dict[str, float]] | None = None
     if (
         settings.min_area_fraction_candidates
         or settings.try_flip_tta
@@ -306,19 +307,21 @@ def finish_package(
             "min_presence": rules.min_presence,
             "flip_tta": rules.flip_tta or None,
         }
+        output_rules = (chosen_rules, rules.scores)
         output = {**dict(model.get("output") or {})}
         output.update({k: v for k, v in chosen_rules.items() if v is not None})
         model["output"] = output
         write_model_yaml(out, model)
         package = load_package(out)
     elif settings.min_confidence_candidates:
-        gate, _ = select_min_confidence(
+        gate, table = select_min_confidence(
             package,
             data_dir,
             run.split.validation,
             settings.min_confidence_candidates,
             device=device,
         )
+        output_rules = ({"min_confidence": gate}, table)
         if gate is not None:
             model["output"] = {**dict(model.get("output") or {}), "min_confidence": gate}
             write_model_yaml(out, model)
@@ -369,6 +372,7 @@ def finish_package(
         test_summary=None if test_eval is None else test_eval.summary,
         sittings=len(run.sittings),
         pretrained=run.pretrained,
+        output_rules=output_rules,
     )
     log.info("package written", model=package.name, best_epoch=run.best_epoch)
     return TrainResult(

@@ -307,3 +307,9 @@ def test_training_learns_the_presence_head_beside_the_masks(
     assert (network.presence.fc.bias > bias_before + step).all()  # type: ignore[union-attr]
     # a gate cannot help where every image has every structure: none is kept
     assert package.min_presence is None and package.network["presence_head"] is True
+    # the card says what was measured: both gates, the head, the flips of the augmentation
+    card = (tmp_path / "pkg" / "MODEL_CARD.md").read_text()
+    rules = card.split("## Output rules, measured", 1)[1].split("##", 1)[0]
+    assert "| flip=false presence=0.5 conf=none area=none |" in rules
+    assert "| flip=false presence=none conf=none area=none |" in rules and "Kept: none" in rules
+    assert "image-level presence head" in card and "no left/right flips" in card
