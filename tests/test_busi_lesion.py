@@ -44,6 +44,7 @@ from tests.factories import (
     us_region,
     write_files,
 )
+from tests.la_mri import dice
 
 pytestmark = pytest.mark.peers
 
@@ -53,10 +54,6 @@ CASE = "benign_174"
 DICE_MIN = 0.85  # this case reached 0.961 in the held-out DICOM run (test/metrics.json)
 DELTA_X_CM, DELTA_Y_CM = 0.008, 0.011
 AREA, LONG_AXIS, PERPENDICULAR = "42798000", "103339001", "131189007"
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
 
 
 @pytest.fixture(scope="module")
