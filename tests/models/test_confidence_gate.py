@@ -12,7 +12,7 @@ import yaml
 from dicom_node.common.errors import ModelPackageError
 from dicom_node.models.inference import confidence_gate
 from dicom_node.package.manifest import load_package
-from dicom_node.training.config import parse_train_config
+from dicom_node.training.config import load_train_config, parse_train_config
 
 PACKAGE = Path(__file__).resolve().parents[2] / "config" / "models" / "busi-lesion"
 
@@ -45,17 +45,14 @@ def test_min_confidence_is_validated(tmp_path: Path) -> None:
 
 def test_shipped_package_gate_and_training_config_agree() -> None:
     package = load_package(PACKAGE)
-    assert package.min_confidence == pytest.approx(0.725)  # 2.0.0, chosen on validation
-    config_path = Path(__file__).resolve().parents[2] / "config" / "train-busi-lite0.yaml"
-    config = parse_train_config(yaml.safe_load(config_path.read_text()))
+    assert package.min_confidence == pytest.approx(0.675)  # 2.1.0, chosen on validation
+    assert package.min_presence is None  # its presence gate was measured, not chosen
+    config_path = Path(__file__).resolve().parents[2] / "config" / "train-busi-stage2.yaml"
+    config = load_train_config(config_path)
+    assert config.model["version"] == package.version
     assert package.min_confidence in config.training.min_confidence_candidates
     with pytest.raises(Exception, match="min_confidence_candidates"):
-        parse_train_config(
-            {
-                **yaml.safe_load(config_path.read_text()),
-                "training": {"min_confidence_candidates": [2]},
-            }
-        )
+        parse_train_config({"model": config.model, "training": {"min_confidence_candidates": [2]}})
 
 
 def test_area_rule_drops_a_tiny_finding_and_keeps_a_large_one() -> None:
