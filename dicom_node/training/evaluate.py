@@ -94,28 +94,11 @@ def select_min_confidence(
         The chosen value (None: no gate) and ``{candidate: mean score}`` (``"none"`` for no
         gate).
     """
-    device = device or select_device()
-    data_dir = Path(data_dir)
-    segmenter = Segmenter(replace(package, min_confidence=None), device)
-    labels = [s.label for s in package.structures]
-    options: list[float | None] = [None, *sorted(candidates)]
-    scores: dict[float | None, list[float]] = {c: [] for c in options}
-    for case in cases:
-        truth = read_masks(data_dir, case, labels)
-        probs = segmenter.predict_image(read_image(data_dir, case, package.color))[None]
-        base = postprocess(masks_from_probabilities(probs, package), package, per_frame=True)
-        for c in options:
-            gated = confidence_gate(base, probs, replace(package, min_confidence=c))
-            for i in range(len(labels)):
-                found, expert = gated[0, ..., i], truth[i]
-                total = int(found.sum() + expert.sum())
-                inter = int(np.logical_and(found, expert).sum())
-                scores[c].append(1.0 if total == 0 else 2 * inter / total)
-    means = {c: float(np.mean(v)) for c, v in scores.items()}
-    best = max(options, key=lambda c: (means[c], -(c or 0.0)))
-    table = {("none" if c is None else f"{c:g}"): round(m, 4) for c, m in means.items()}
-    log.info("min_confidence chosen", chosen=best, scores=table)
-    return best, table
+    rules = select_output_rules(package, data_dir, cases, candidates, device=device)
+    prefix, suffix = "flip=false presence=none conf=", " area=none"
+    table = {k.removeprefix(prefix).removesuffix(suffix): v for k, v in rules.scores.items()}
+    log.info("min_confidence chosen", chosen=rules.min_confidence, scores=table)
+    return rules.min_confidence, table
 
 
 @dataclass(frozen=True)

@@ -111,3 +111,29 @@ def test_the_presence_gate_is_chosen_with_the_network_run_at_each_candidate(
     assert rules.scores["flip=false presence=none conf=0.5 area=none"] == 0.5
     # the network ran once per image at each candidate, and once without the gate
     assert sorted(gates, key=lambda g: g or 0.0) == [None] * 4 + [0.2] * 4 + [0.5] * 4 + [0.9] * 4
+
+
+def test_min_confidence_alone_drops_faint_findings_with_its_own_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_node.training.evaluate import select_min_confidence
+
+    def predict_image(self: inference.Segmenter, image: np.ndarray) -> np.ndarray:
+        probs = np.zeros((SIZE, SIZE, 1), np.float32)
+        if image.max() > 100:
+            probs[10:22, 10:22] = 0.95  # the lesion, found confidently
+        else:
+            probs[2:20, 20:38] = 0.6  # a large but faint false lesion on a normal
+        return probs
+
+    monkeypatch.setattr(inference.Segmenter, "predict_image", predict_image)
+    package = replace(load_package(PACKAGE), min_confidence=None)
+    chosen, table = select_min_confidence(
+        package,
+        _folder(tmp_path / "data"),
+        ["normal_1", "normal_2", "benign_1", "benign_2"],
+        [0.5, 0.8, 0.99],
+        device=torch.device("cpu"),
+    )
+    assert chosen == 0.8
+    assert table == {"none": 0.5, "0.5": 0.5, "0.8": 1.0, "0.99": 0.5}
