@@ -18,13 +18,19 @@ from dicom_node.training.evaluate import select_output_rules
 
 PACKAGE = Path(__file__).resolve().parents[2] / "config" / "models" / "busi-lesion"
 SIZE = 40
+CASES = ["normal_1", "normal_2", "benign_1", "benign_2"]
+
+
+def _ungated() -> Any:
+    """The shipped package with no output rule of its own."""
+    return replace(load_package(PACKAGE), min_confidence=None)
 
 
 def _folder(root: Path) -> Path:
     """Two normals (empty masks) and two lesions (a 12 x 12 square)."""
     for sub in ("images", "masks"):
         (root / sub).mkdir(parents=True)
-    for case in ("normal_1", "normal_2", "benign_1", "benign_2"):
+    for case in CASES:
         mask = np.zeros((SIZE, SIZE), np.uint8)
         if case.startswith("benign"):
             mask[10:22, 10:22] = 255
@@ -48,11 +54,10 @@ def test_the_area_rule_is_chosen_where_normals_show_small_confident_blobs(
         return probs
 
     monkeypatch.setattr(inference.Segmenter, "predict_image", predict_image)
-    package = replace(load_package(PACKAGE), min_confidence=None)
     rules = select_output_rules(
-        package,
+        _ungated(),
         _folder(tmp_path / "data"),
-        ["normal_1", "normal_2", "benign_1", "benign_2"],
+        CASES,
         [0.5, 0.9],
         [0.001, 0.01, 0.2],
         try_flip=True,
@@ -94,11 +99,10 @@ def test_the_presence_gate_is_chosen_with_the_network_run_at_each_candidate(
 
     monkeypatch.setattr(inference.Segmenter, "__init__", init)
     monkeypatch.setattr(inference.Segmenter, "predict_image", predict_image)
-    package = replace(load_package(PACKAGE), min_confidence=None)
     rules = select_output_rules(
-        package,
+        _ungated(),
         _folder(tmp_path / "data"),
-        ["normal_1", "normal_2", "benign_1", "benign_2"],
+        CASES,
         [0.5],
         presence_candidates=[0.2, 0.5, 0.9],
         device=torch.device("cpu"),
@@ -127,11 +131,10 @@ def test_min_confidence_alone_drops_faint_findings_with_its_own_table(
         return probs
 
     monkeypatch.setattr(inference.Segmenter, "predict_image", predict_image)
-    package = replace(load_package(PACKAGE), min_confidence=None)
     chosen, table = select_min_confidence(
-        package,
+        _ungated(),
         _folder(tmp_path / "data"),
-        ["normal_1", "normal_2", "benign_1", "benign_2"],
+        CASES,
         [0.5, 0.8, 0.99],
         device=torch.device("cpu"),
     )
