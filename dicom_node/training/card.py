@@ -285,12 +285,17 @@ figures below are validation, not independent test, figures. The case ids are in
         if kind == "efficientnet-lite0-unet"
         else f"MONAI `UNet` {package.network}"
     )
-    if package.network.get("presence_head"):
+    if config.model.get("network", {}).get("presence_head"):
         network_text += (
-            ", with an image-level presence head (one logit per structure from the deepest "
-            f"features, binary cross-entropy weight {s.presence_weight}; its gate is "
+            ", trained with an image-level presence head (one logit per structure from the "
+            f"deepest features, binary cross-entropy weight {s.presence_weight}; its gate is "
             "`output.min_presence`)"
         )
+        if not package.network.get("presence_head"):
+            network_text += (
+                "; the head is left out of the package, since validation did not choose its "
+                "gate (the masks are the same without it)"
+            )
     flips = f"left/right flips p={a.flip_prob}" if a.flip_prob else "no left/right flips"
     rules_text = _rules_section(output_rules, len(split.validation))
     text = f"""# Model card: {package.name} {package.version}

@@ -30,7 +30,7 @@ from dicom_node.package.manifest import Postprocess, load_package
 from dicom_node.training import card
 from dicom_node.training.augment import AugmentConfig, build_augmentation
 from dicom_node.training.checkpoint import CHECKPOINT_FILE
-from dicom_node.training.config import TrainConfig, TrainSettings, load_train_config
+from dicom_node.training.config import WEIGHTS_FILE, TrainConfig, TrainSettings, load_train_config
 from dicom_node.training.data import (
     CachedCases,
     Split,
@@ -54,6 +54,7 @@ from dicom_node.training.loop import (
     TrainResult,
     check_checkpoint,
     run_epochs,
+    save_state,
     start_run,
     training_record,
     write_chosen_postprocess,
@@ -103,6 +104,18 @@ def draw_split(data_dir: Path, labels: list[str], settings: TrainSettings) -> Sp
         test_fraction=settings.test_fraction,
         test_seed=settings.test_seed,
     )
+
+
+def drop_presence_head(out: Path, model: dict[str, Any]) -> None:
+    """Take an image-level presence head whose gate validation did not choose out of the package
+    in ``out``: its weights and ``network.presence_head`` (the network never runs a head
+    without a gate, so the masks are the same; the package and a continued training's
+    checkpoint are smaller)."""
+    model["network"] = {k: v for k, v in model["network"].items() if k != "presence_head"}
+    weights = out / WEIGHTS_FILE
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    save_state({k: v for k, v in state.items() if not k.startswith("presence.")}, weights)
+    log.info("presence head not kept: its gate was not chosen", model=model.get("name"))
 
 
 def train(
@@ -311,6 +324,8 @@ def finish_package(
         output = {**dict(model.get("output") or {})}
         output.update({k: v for k, v in chosen_rules.items() if v is not None})
         model["output"] = output
+        if rules.min_presence is None and model.get("network", {}).get("presence_head"):
+            drop_presence_head(out, model)
         write_model_yaml(out, model)
         package = load_package(out)
     elif settings.min_confidence_candidates:

@@ -277,6 +277,7 @@ def test_min_presence_needs_a_presence_head_and_a_sigmoid_output(tmp_path: Path)
 def test_training_learns_the_presence_head_beside_the_masks(
     tiny_data: Path,  # noqa: F811
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     doc = tiny_config(1)
     doc["model"]["network"] = {
@@ -295,21 +296,33 @@ def test_training_learns_the_presence_head_beside_the_masks(
     run = start_run(config, tmp_path / "start", None, epochs=None, max_minutes=None, started=0.0)
     assert run.network.presence is not None  # type: ignore[union-attr]
     bias_before = run.network.presence.fc.bias.detach().clone()  # type: ignore[union-attr]
+    import dicom_node.training.train as train_module
+
+    trained: dict[str, torch.Tensor] = {}
+    drop = train_module.drop_presence_head
+
+    def spy(out: Path, model: dict[str, Any]) -> None:
+        trained.update(torch.load(out / "model.pt", weights_only=True))
+        drop(out, model)
+
+    monkeypatch.setattr(train_module, "drop_presence_head", spy)
     torch.manual_seed(0)
     train(tiny_data, config, tmp_path / "pkg", progress=False, overlays=False)
     package = load_package(tmp_path / "pkg")
-    network = load_network(package, CPU)
     # every radiograph shows every structure: the head's cross-entropy pulls its bias up (a
     # head left out of the loss would keep its initial bias: AdamW skips it)
-    assert network.presence is not None  # type: ignore[union-attr]
     # (AdamW's first step moves each bias by about the learning rate, in the gradient's sign)
     step = 0.5 * config.training.learning_rate
-    assert (network.presence.fc.bias > bias_before + step).all()  # type: ignore[union-attr]
-    # a gate cannot help where every image has every structure: none is kept
-    assert package.min_presence is None and package.network["presence_head"] is True
+    assert (trained["presence.fc.bias"].float() > bias_before + step).all()
+    # a gate cannot help where every image has every structure: none is kept, and a head
+    # without a gate is not shipped (its weights and network.presence_head are gone)
+    assert package.min_presence is None and "presence_head" not in package.network
+    assert not [k for k in torch.load(package.weights, weights_only=True) if "presence" in k]
+    assert load_network(package, CPU).presence is None  # type: ignore[union-attr]
     # the card says what was measured: both gates, the head, the flips of the augmentation
     card = (tmp_path / "pkg" / "MODEL_CARD.md").read_text()
     rules = card.split("## Output rules, measured", 1)[1].split("##", 1)[0]
     assert "| flip=false presence=0.5 conf=none area=none |" in rules
     assert "| flip=false presence=none conf=none area=none |" in rules and "Kept: none" in rules
-    assert "image-level presence head" in card and "no left/right flips" in card
+    assert "image-level presence head" in card and "left out of the package" in card
+    assert "no left/right flips" in card
