@@ -324,8 +324,6 @@ def finish_package(
         output = {**dict(model.get("output") or {})}
         output.update({k: v for k, v in chosen_rules.items() if v is not None})
         model["output"] = output
-        if rules.min_presence is None and model.get("network", {}).get("presence_head"):
-            drop_presence_head(out, model)
         write_model_yaml(out, model)
         package = load_package(out)
     elif settings.min_confidence_candidates:
@@ -341,6 +339,11 @@ def finish_package(
             model["output"] = {**dict(model.get("output") or {}), "min_confidence": gate}
             write_model_yaml(out, model)
             package = load_package(out)
+    presence_head = (model.get("network") or {}).get("presence_head")
+    if presence_head and "min_presence" not in (model.get("output") or {}):
+        drop_presence_head(out, model)  # whichever rules were measured, none chose its gate
+        write_model_yaml(out, model)
+        package = load_package(out)
 
     def evaluate_part(part: str, cases: Sequence[str]) -> EvaluationResult:
         return evaluate(

@@ -326,3 +326,21 @@ def test_training_learns_the_presence_head_beside_the_masks(
     assert "| flip=false presence=none conf=none area=none |" in rules and "Kept: none" in rules
     assert "image-level presence head" in card and "left out of the package" in card
     assert "no left/right flips" in card
+
+
+@needs_jsrt
+def test_a_presence_head_with_no_gate_measured_is_not_shipped(
+    tiny_data: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    doc = tiny_config(1)
+    doc["model"]["network"] = {
+        "kind": "efficientnet-lite0-unet",
+        "decoder_channels": [16] * 5,
+        "presence_head": True,
+    }
+    doc["training"].update(batch_size=2)  # no output rule is measured at all
+    train(tiny_data, parse_train_config(doc), tmp_path / "pkg", progress=False, overlays=False)
+    package = load_package(tmp_path / "pkg")
+    assert package.min_presence is None and "presence_head" not in package.network
+    assert not [k for k in torch.load(package.weights, weights_only=True) if "presence" in k]
