@@ -24,7 +24,7 @@ from dicom_node.config.checks import config_error
 from dicom_node.config.destinations import DimseDestination
 from dicom_node.config.settings import Settings, load_settings
 from dicom_node.store.files import StorageLayout
-from dicom_node.training.cli import add_evaluate_parser, add_train_parser
+from dicom_node.training.cli import add_crops_parser, add_evaluate_parser, add_train_parser
 
 if TYPE_CHECKING:
     from dicom_node.audit.verify import Report
@@ -636,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_evaluate_parser(sub)
+    add_crops_parser(sub)
     return parser
 
 

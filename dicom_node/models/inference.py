@@ -26,7 +26,7 @@ patches per sliding-window pass) down to 1, then once on the CPU; each step is l
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -49,8 +49,9 @@ from dicom_node.models.preprocess import (
     restore_probabilities,
     restore_volume,
 )
+from dicom_node.models.refine import refine_frame
 from dicom_node.package.applicability import check_image
-from dicom_node.package.manifest import Activation, ColorMode, ModelPackage
+from dicom_node.package.manifest import Activation, ColorMode, ModelPackage, Refinement
 from dicom_node.package.orientation import Reorientation, frame_datasets, reorientations
 
 log = structlog.get_logger(__name__)
@@ -229,6 +230,11 @@ class Segmenter:
         self.network = load_network(package, self.device)
         self._cpu_network: torch.nn.Module | None = None
         self._cpu_lock = threading.Lock()
+        #: the crop stages' networks (``refine``), per device (the CPU ones made on demand)
+        self._crop_networks: dict[tuple[int, str], torch.nn.Module] = {
+            (i, str(self.device)): load_network(stage.package, self.device)
+            for i, stage in enumerate(package.refine)
+        }
 
     def warm_up(self) -> None:
         """Run the network once on zeros of its input size (a 2D image, or one 3D patch) on
@@ -248,6 +254,13 @@ class Segmenter:
                 return probs.cpu().numpy()
 
         probs = self._run(forward, InferenceReport())
+        for stage in self.package.refine:
+            crop = np.zeros(stage.package.input_size, np.float32)
+            if self._crop_probs(stage, [crop], self.device)[0].shape != crop.shape:
+                raise ModelPackageError(
+                    f"model {self.package.name}: crop stage {stage.package.path.name} gives "
+                    "more than one channel; a crop stage segments one structure"
+                )
         expected = (1, len(self.package.structures), *self.package.input_size)
         if probs.shape != expected:
             raise ModelPackageError(
@@ -305,12 +318,45 @@ class Segmenter:
                 f"{series.modality or 'an unknown modality'}; route this series to another model"
             )
 
-    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+    def _activate(self, logits: torch.Tensor, package: ModelPackage | None = None) -> torch.Tensor:
         """Logits ``(B, C, ...)`` to probabilities ``(B, S, ...)``, background dropped."""
         logits = logits.float()
-        if self.package.activation is Activation.SIGMOID:
+        if (package or self.package).activation is Activation.SIGMOID:
             return torch.sigmoid(logits)
         return torch.softmax(logits, dim=1)[:, 1:]
+
+    def _image_probs(
+        self, network: torch.nn.Module, x: torch.Tensor, package: ModelPackage
+    ) -> np.ndarray:
+        """Probabilities of a batch of prepared 2D inputs ``x`` on ``network`` (call under
+        inference mode and autocast): with ``output.flip_tta`` the mean with the mirrored
+        images', mirrored back."""
+        probs_t = self._activate(network(x), package)
+        if package.flip_tta:
+            mirrored = self._activate(network(torch.flip(x, dims=(-1,))), package)
+            probs_t = (probs_t + torch.flip(mirrored, dims=(-1,))) / 2
+        probs: np.ndarray = probs_t.cpu().numpy()
+        return probs
+
+    def _crop_probs(
+        self,
+        stage: Refinement,
+        crops: Sequence[np.ndarray],
+        device: torch.device,
+    ) -> list[np.ndarray]:
+        """Probabilities ``(rows, cols)`` of each crop (see :mod:`dicom_node.models.refine`)
+        from the crop stage's network on ``device``, in one batch."""
+        index = self.package.refine.index(stage)
+        key = (index, str(device))
+        if key not in self._crop_networks:  # the CPU fallback after a CUDA out-of-memory error
+            with self._cpu_lock:
+                self._crop_networks.setdefault(key, load_network(stage.package, device))
+        prepared = [prepare_image(crop, stage.package) for crop in crops]
+        stacked = np.stack([image for image, _ in prepared])
+        inputs = torch.from_numpy(stacked if stacked.ndim == 4 else stacked[:, None])
+        with torch.inference_mode(), self._autocast(device):
+            probs = self._image_probs(self._crop_networks[key], inputs.to(device), stage.package)
+        return [restore_probabilities(probs[i], p)[0] for i, (_, p) in enumerate(prepared)]
 
     @staticmethod
     def _autocast(device: torch.device) -> torch.autocast:
@@ -335,25 +381,23 @@ class Segmenter:
         out = np.empty((frames, rows, cols, len(self.package.structures)), dtype=np.float32)
 
         def forward(network: torch.nn.Module, device: torch.device, batch: int) -> np.ndarray:
+            def crop_probs(stage: Refinement, crops: Sequence[np.ndarray]) -> list[np.ndarray]:
+                return self._crop_probs(stage, crops, device)
+
             for start in range(0, frames, batch):
                 stop = min(start + batch, frames)
-                prepared = [
-                    prepare_image(
-                        plans[f].to_model(images[f]) if plans else images[f], self.package
-                    )
-                    for f in range(start, stop)
+                oriented = [
+                    plans[f].to_model(images[f]) if plans else images[f] for f in range(start, stop)
                 ]
+                prepared = [prepare_image(image, self.package) for image in oriented]
                 stacked = np.stack([image for image, _ in prepared])
                 inputs = torch.from_numpy(stacked if stacked.ndim == 4 else stacked[:, None])
                 with torch.inference_mode(), self._autocast(device):
-                    x = inputs.to(device)
-                    probs_t = self._activate(network(x))
-                    if self.package.flip_tta:  # mean with the mirrored image's, mirrored back
-                        mirrored = self._activate(network(torch.flip(x, dims=(-1,))))
-                        probs_t = (probs_t + torch.flip(mirrored, dims=(-1,))) / 2
-                    probs = probs_t.cpu().numpy()
+                    probs = self._image_probs(network, inputs.to(device), self.package)
                 for i, (_, placement) in enumerate(prepared):
                     frame = np.moveaxis(restore_probabilities(probs[i], placement), 0, -1)
+                    if self.package.refine:  # crop stages, in the model's orientation
+                        frame = refine_frame(oriented[i], frame, self.package, crop_probs)
                     out[start + i] = plans[start + i].to_source(frame) if plans else frame
             return out
 

@@ -142,6 +142,31 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class Refinement:
+    """A crop stage of a 2D package (``refine:`` in ``model.yaml``): each of ``structures``
+    found by the package's network is run again by the crop network of ``package`` on a
+    square crop around it (:mod:`dicom_node.models.refine`), at a finer scale.
+
+    Attributes
+    ----------
+    structures
+        Labels of the parent package refined by this stage, one crop each.
+    package
+        The crop network's package, a sub-folder of the parent: 2D, sigmoid, one structure.
+    mirror
+        Those of ``structures`` whose crops are mirrored left-right before the crop network
+        and back after (so that one network serves a left and a right structure).
+    margin
+        The square crop's side is the found mask's longer box side times ``1 + 2 * margin``.
+    """
+
+    structures: tuple[str, ...]
+    package: ModelPackage
+    mirror: tuple[str, ...] = ()
+    margin: float = 0.15
+
+
+@dataclass(frozen=True)
 class ModelPackage:
     """A validated model package. Construct with :func:`load_package`."""
 
@@ -192,6 +217,8 @@ class ModelPackage:
     #: ``network.kind``: a MONAI UNet (``weights`` its state_dict), or a TorchScript or ONNX
     #: file (``network.file``, then ``weights`` is that file and ``network`` is empty).
     network_kind: NetworkKind = NetworkKind.UNET
+    #: ``refine``: 2D models: crop stages run after the network (see :class:`Refinement`).
+    refine: tuple[Refinement, ...] = ()
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -565,6 +592,11 @@ def load_package(path: Path | str, network_file: Path | None = None) -> ModelPac
         _enum(Measurement, m, f"{where}: measurements") for m in doc.get("measurements", [])
     )
     inputs, reference, registered = _inputs(doc, where)
+    refine = _refine(doc.get("refine"), folder, where, dims, labels, out)
+    if refine and (len(inputs) != 1 or any(r.package.color is not color for r in refine)):
+        raise ModelPackageError(
+            f"{where}: refine: crop stages need a one-input package and the same input.color"
+        )
     return ModelPackage(
         path=folder,
         name=str(_require(doc, "name", where)),
@@ -595,4 +627,71 @@ def load_package(path: Path | str, network_file: Path | None = None) -> ModelPac
         reference=reference,
         registered=registered,
         network_kind=network_kind,
+        refine=refine,
     )
+
+
+def _refine(
+    value: Any, folder: Path, where: str, dims: int, labels: list[str], out: dict[str, Any]
+) -> tuple[Refinement, ...]:
+    """The ``refine:`` list of a package (see :class:`Refinement`), validated."""
+    if value is None:
+        return ()
+    key = f"{where}: refine"
+    if not isinstance(value, list) or not value:
+        raise ModelPackageError(f"{key}: expected a non-empty list of crop stages")
+    if dims != 2 or out.get("activation", "sigmoid") != "sigmoid":
+        raise ModelPackageError(f"{key}: crop stages are for 2D sigmoid models")
+    stages: list[Refinement] = []
+    refined: list[str] = []
+    for i, item in enumerate(value):
+        stage_key = f"{key}[{i}]"
+        item = _mapping(item, stage_key)
+        unknown = sorted(set(item) - {"structures", "package", "mirror", "margin"})
+        if unknown:
+            raise ModelPackageError(
+                f"{stage_key}: unknown keys {unknown}; known: margin, mirror, package, structures"
+            )
+        structures = item.get("structures")
+        if not isinstance(structures, list) or not structures:
+            raise ModelPackageError(f"{stage_key}.structures: a non-empty list of labels")
+        bad = [s for s in structures if s not in labels]
+        if bad:
+            raise ModelPackageError(
+                f"{stage_key}.structures: {bad} are not structures of this package ({labels})"
+            )
+        refined.extend(structures)
+        mirror = item.get("mirror", [])
+        if not isinstance(mirror, list) or not set(mirror) <= set(structures):
+            raise ModelPackageError(f"{stage_key}.mirror: a list of this stage's structures")
+        margin = item.get("margin", 0.15)
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin <= 2:
+            raise ModelPackageError(f"{stage_key}.margin: a number in [0, 2], got {margin!r}")
+        name = item.get("package")
+        sub_folder = (folder / str(name)).resolve()
+        inside = sub_folder.is_relative_to(folder.resolve()) and sub_folder != folder.resolve()
+        if not isinstance(name, str) or not inside:
+            raise ModelPackageError(
+                f"{stage_key}.package: the name of a sub-folder of the package, got {name!r}"
+            )
+        sub = load_package(sub_folder)
+        if sub.dims != 2 or sub.activation is not Activation.SIGMOID or len(sub.structures) != 1:
+            raise ModelPackageError(
+                f"{stage_key}.package: {sub_folder} must be a 2D sigmoid package with one "
+                f"structure (it has dims {sub.dims}, {len(sub.structures)} structures)"
+            )
+        if sub.refine or len(sub.inputs) != 1:
+            raise ModelPackageError(
+                f"{stage_key}.package: a crop stage has one input and no crop stages of its own"
+            )
+        stages.append(
+            Refinement(
+                structures=tuple(structures),
+                package=sub,
+                mirror=tuple(mirror),
+                margin=float(margin),
+            )
+        )
+    if len(set(refined)) != len(refined):
+        raise ModelPackageError(f"{key}: each structure may be refined by one stage only")
+    return tuple(stages)

@@ -22,7 +22,8 @@ def export_package(package_folder: Path, folder: Path) -> dict[str, Path]:
         ``torchscript`` and ``onnx``: package folders whose ``model.yaml`` is the package's
         with ``network: {kind, file}``; ``bare-onnx``: a lone ``cxr.onnx`` with its
         descriptor ``cxr.yaml`` beside it (``network`` left empty). The ONNX graphs have a
-        dynamic batch axis.
+        dynamic batch axis. The package's crop stages (``refine``) are copied beside each as
+        they are (packages of their own).
     """
     folder.mkdir(parents=True, exist_ok=True)
     package = load_package(package_folder)
@@ -54,6 +55,10 @@ def export_package(package_folder: Path, folder: Path) -> dict[str, Path]:
         made[kind] = target
     bare = folder / "bare"
     bare.mkdir()
+    for stage in package.refine:
+        where = stage.package.path.relative_to(Path(package_folder).resolve())
+        for target in (made["torchscript"], made["onnx"], bare):
+            shutil.copytree(stage.package.path, target / where)
     shutil.copy(made["onnx"] / "model.onnx", bare / "cxr.onnx")
     (bare / "cxr.yaml").write_text(yaml.safe_dump({**doc, "network": {}}))
     made["bare-onnx"] = bare / "cxr.onnx"

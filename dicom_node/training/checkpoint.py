@@ -53,6 +53,7 @@ LATER_SETTINGS = frozenset(
         "channels_last",
         "presence_weight",
         "min_presence_candidates",
+        "empty_image_weight",
     }
 )
 

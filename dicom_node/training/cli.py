@@ -8,12 +8,15 @@
                      [--stop-after-epochs N]
     dicom-node evaluate --model PACKAGE --data DIR [--out DIR] [--json] [--all-cases]
                         [--spacing-mm MM] [--no-progress]
+    dicom-node crops --data DIR --model PACKAGE --structures S [S ...] [--mirror S ...]
+                     [--margin F] --name NAME --out DIR
 
 Both print progress lines on stderr (counts, elapsed time, time left) unless
 ``--no-progress``; results go to stdout.
 
-The main parser calls :func:`add_train_parser` and :func:`add_evaluate_parser` with its
-sub-parsers; each sets ``func`` to a handler that returns the exit status.
+The main parser calls :func:`add_train_parser`, :func:`add_evaluate_parser` and
+:func:`add_crops_parser` with its sub-parsers; each sets ``func`` to a handler that returns
+the exit status.
 """
 
 from __future__ import annotations
@@ -172,4 +175,48 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def cmd_crops(args: argparse.Namespace) -> int:
+    """Run :func:`dicom_node.training.crops.write_crops` from parsed arguments."""
+    from dicom_node.training.crops import write_crops
+
+    configure_logging("console", args.log_level)
+    crops = write_crops(
+        args.data, args.model, args.structures, args.mirror, args.margin, args.name, args.out
+    )
+    print(
+        f"{len(crops.train)} training and {len(crops.validation)} validation crops in "
+        f"{crops.out} (split.json as {args.model}'s; its test cases left out)"
+    )
+    return 0
+
+
+def add_crops_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``crops`` to the ``dicom-node`` sub-parsers and return its parser."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "crops",
+        help="cut the training crops of a crop stage (refine:) from a package's split",
+        description="Write square crops around the expert masks of some structures, with "
+        "their masks and a split.json, for the training and validation cases of a model "
+        "package (its test cases are left out), as the node cuts them around the package's "
+        "own masks; train a crop stage's network on the folder with dicom-node train.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder with images/ and masks/")
+    p.add_argument("--model", type=Path, required=True, help="the package whose split is used")
+    p.add_argument("--structures", nargs="+", required=True, help="structures to crop around")
+    p.add_argument(
+        "--mirror", nargs="*", default=[], help="structures whose crops are mirrored left-right"
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.15,
+        help="the square's side is the mask box's longer side times 1 + 2 * margin",
+    )
+    p.add_argument("--name", required=True, help="the crop network's structure label")
+    p.add_argument("--out", type=Path, required=True, help="new folder to write")
+    _common(p)
+    p.set_defaults(func=cmd_crops, log_level="info")
     return p

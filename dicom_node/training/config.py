@@ -107,6 +107,10 @@ class TrainSettings:
         Values of ``output.min_presence`` (the presence head's gate) measured with the other
         output rules on the validation cases, every combination (see
         :func:`~dicom_node.training.evaluate.select_output_rules`).
+    empty_image_weight
+        2D: how much more often than an image with a structure a training image without any
+        (a normal breast) is drawn for an epoch; 1.0 draws every image alike. Above 1 the
+        network and its presence head see more of what "nothing here" looks like.
     """
 
     seed: int = 0
@@ -142,6 +146,7 @@ class TrainSettings:
     channels_last: bool = False
     presence_weight: float = 1.0
     min_presence_candidates: tuple[float, ...] = ()
+    empty_image_weight: float = 1.0
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any] | None) -> TrainSettings:
@@ -181,6 +186,11 @@ class TrainSettings:
         settings = cls(**doc)
         if settings.presence_weight < 0:
             raise ConfigError("training.presence_weight must be >= 0")
+        if not settings.empty_image_weight > 0:
+            raise ConfigError(
+                "training.empty_image_weight must be > 0 (1.0: images without a structure "
+                "drawn as often as the others)"
+            )
         if settings.epochs < 1 or settings.batch_size < 1:
             raise ConfigError("training.epochs and training.batch_size must be >= 1")
         if settings.learning_rate <= 0 or settings.spacing_mm <= 0:

@@ -26,17 +26,20 @@ import numpy as np
 import structlog
 import torch
 
+from dicom_node.common.errors import InputError
 from dicom_node.package.manifest import Postprocess, load_package
 from dicom_node.training import card
 from dicom_node.training.augment import AugmentConfig, build_augmentation
 from dicom_node.training.checkpoint import CHECKPOINT_FILE
 from dicom_node.training.config import WEIGHTS_FILE, TrainConfig, TrainSettings, load_train_config
 from dicom_node.training.data import (
+    SPLIT_FILE,
     CachedCases,
     Split,
     list_cases,
     make_split,
     read_findings,
+    read_split,
 )
 from dicom_node.training.evaluate import (
     EvaluationResult,
@@ -94,8 +97,24 @@ def _validate(
 
 def draw_split(data_dir: Path, labels: list[str], settings: TrainSettings) -> Split:
     """The split ``settings`` draws from every case of ``data_dir`` with masks for ``labels``:
-    the test part first with its own seed, then validation; the same at every run."""
+    the test part first with its own seed, then validation; the same at every run.
+
+    A data folder with its own ``split.json`` (e.g. the crops of :mod:`dicom_node.training.crops`,
+    cut from another package's split) is split as that file says; the config's split settings
+    are then not used.
+    """
     cases = list_cases(data_dir, labels)
+    if (Path(data_dir) / SPLIT_FILE).is_file():
+        split = read_split(Path(data_dir))
+        listed = [*split.train, *split.validation, *split.test]
+        missing = sorted(set(listed) - set(cases))
+        if missing or len(set(listed)) != len(listed):
+            raise InputError(
+                f"{Path(data_dir) / SPLIT_FILE}: lists cases without an image and masks "
+                f"({missing[:3]}) or a case twice; fix or remove the file"
+            )
+        log.info("split of the data folder", file=str(Path(data_dir) / SPLIT_FILE))
+        return split
     return make_split(
         cases,
         read_findings(data_dir, settings.finding_pattern, cases),
@@ -225,6 +244,24 @@ def train(
     return result
 
 
+def epoch_sampler(
+    masks: np.ndarray, settings: TrainSettings, generator: torch.Generator
+) -> torch.utils.data.RandomSampler | torch.utils.data.WeightedRandomSampler:
+    """What an epoch draws from the training images (masks ``(N, S, H, W)``), without
+    replacement, from ``generator``: ``settings.epoch_images`` of them (None: all), an image
+    without any structure ``settings.empty_image_weight`` times as likely as one with."""
+    n_drawn = min(settings.epoch_images or len(masks), len(masks))
+    if settings.empty_image_weight == 1.0:
+        return torch.utils.data.RandomSampler(
+            range(len(masks)), num_samples=n_drawn, generator=generator
+        )
+    empty = ~masks.reshape(len(masks), -1).any(axis=1)
+    weights = np.where(empty, settings.empty_image_weight, 1.0)
+    return torch.utils.data.WeightedRandomSampler(
+        weights.tolist(), num_samples=n_drawn, replacement=False, generator=generator
+    )
+
+
 def image_loop_data(data_dir: Path, split: Split, run: Run) -> LoopData:
     """The 2D part of the loop: batches of augmented cached training cases, shuffled by the
     run's seed; validation on the cached validation cases (network input grid)."""
@@ -237,11 +274,7 @@ def image_loop_data(data_dir: Path, split: Split, run: Run) -> LoopData:
     generator = torch.Generator().manual_seed(settings.seed)
     # epoch_images: a random subset per epoch (the sampler draws from the loader's generator,
     # which the checkpoint keeps)
-    sampler = torch.utils.data.RandomSampler(
-        train_set,
-        num_samples=min(settings.epoch_images or len(train_set), len(train_set)),
-        generator=generator,
-    )
+    sampler = epoch_sampler(train_set.masks, settings, generator)
     train_loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=settings.batch_size,
