@@ -45,8 +45,8 @@ from benchmarks.receive import (
     send,
     table,
 )
-from benchmarks.receivers import send_at_once
-from tests.conftest import PEER_ENV, StoreSCP, free_port, require_tool, wait_port
+from benchmarks.receivers import send_at_once, send_to_storescp_fork
+from tests.conftest import StoreSCP, free_port, wait_port
 from tests.factories import ct_series, write_files
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,26 +139,7 @@ def bench(work: Path, repeat: int, senders: int, slices: int, one_slices: int) -
     splits: dict[str, list[str]] = {"lean2": [], "lean2ns": []}
 
     def to_fork(i: int) -> None:
-        folder = work / f"fork-{i}"
-        folder.mkdir()
-        port = free_port()
-        proc = subprocess.Popen(
-            [require_tool("storescp"), "--fork", "-aet", "STORESCP", "-od", str(folder), "-uf"]
-            + [str(port)],
-            env=PEER_ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_port(port)
-            times["fork"].append(send_at_once(port, batches, "STORESCP"))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        got = len(received_files(folder))
-        shutil.rmtree(folder)
-        if got != total:
-            raise BenchmarkError(f"storescp --fork stored {got} of {total} files")
+        times["fork"].append(send_to_storescp_fork(work / f"fork-{i}", batches))
 
     def to_bare2(i: int) -> None:
         folders = [work / f"bare2-{i}-{k}" for k in range(2)]

@@ -64,6 +64,32 @@ def send_at_once(port: int | Sequence[int], batches: list[list[Path]], called: s
     return elapsed
 
 
+def send_to_storescp_fork(folder: Path, batches: list[list[Path]]) -> float:
+    """Seconds for ``batches`` sent at once (:func:`send_at_once`) to a fresh DCMTK
+    ``storescp --fork`` writing into ``folder`` (made, then removed); raises
+    :class:`BenchmarkError` unless it stored every file."""
+    folder.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        [require_tool("storescp"), "--fork", "-aet", "STORESCP", "-od", str(folder), "-uf"]
+        + [str(port)],
+        env=PEER_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        seconds = send_at_once(port, batches, "STORESCP")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    got, total = len(received_files(folder)), sum(len(b) for b in batches)
+    shutil.rmtree(folder)
+    if got != total:
+        raise BenchmarkError(f"storescp --fork stored {got} of {total} files")
+    return seconds
+
+
 def bench(work: Path, repeat: int, senders: int, slices: int) -> str:
     started = time.perf_counter()
     batches = [
@@ -101,26 +127,7 @@ def bench(work: Path, repeat: int, senders: int, slices: int) -> str:
             raise BenchmarkError(f"the node ({name}) stored {got} of {total} files")
 
     def to_fork(i: int) -> None:
-        folder = work / f"fork-{i}"
-        folder.mkdir()
-        port = free_port()
-        proc = subprocess.Popen(
-            [require_tool("storescp"), "--fork", "-aet", "STORESCP", "-od", str(folder), "-uf"]
-            + [str(port)],
-            env=PEER_ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_port(port)
-            times["fork"].append(send_at_once(port, batches, "STORESCP"))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        got = len(received_files(folder))
-        shutil.rmtree(folder)
-        if got != total:
-            raise BenchmarkError(f"storescp --fork stored {got} of {total} files")
+        times["fork"].append(send_to_storescp_fork(work / f"fork-{i}", batches))
 
     def to_bare(i: int) -> None:
         """The floor of N=2: two bare pynetdicom SCPs (the node's settings and reactor, an

@@ -60,6 +60,14 @@ def _node_format(detected: Detected, device: torch.device, out: TextIO) -> list[
         f"normalization: {package.normalization.kind.value}",
         file=out,
     )
+    for stage in package.refine:
+        mirrored = f", {', '.join(stage.mirror)} mirrored" if stage.mirror else ""
+        print(
+            f"crop stage: {', '.join(stage.structures)} again on crops (margin "
+            f"{stage.margin}{mirrored}) by {stage.package.path.name}/ "
+            f"({stage.package.name} {stage.package.version}, {list(stage.package.input_size)})",
+            file=out,
+        )
     print(f"device: {device}", file=out)
     segmenter = Segmenter(package, device)
     started = time.perf_counter()

@@ -29,13 +29,17 @@ from tests.factories import JSRT
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "config" / "models" / "cxr-anatomy"
-#: The training stages, in order: each ``--init`` from the package of the one before; the last
-#: wrote the shipped package.
+#: The training stages of the whole-image network, in order: each ``--init`` from the package of
+#: the one before; the last wrote the shipped package's network (1.2.0).
 STAGE_CONFIGS = (
     REPO / "config" / "train-cxr-base.yaml",
     REPO / "config" / "train-cxr.yaml",
     REPO / "config" / "train-cxr-stage2.yaml",
 )
+#: The crop stage (``refine:``) added in 1.3.0, trained on crops of the same split.
+CROP_CONFIG = REPO / "config" / "train-cxr-clavicle-crop.yaml"
+#: The package version the crop stage made of the last stage's.
+SHIPPED_VERSION = "1.3.0"
 N_CASES = 4
 JACCARD_TOLERANCE = 0.01
 HD95_TOLERANCE_MM = 1.0
@@ -92,7 +96,8 @@ def test_test_part_is_apart_from_training_and_validation() -> None:
     before = load_train_config(STAGE_CONFIGS[-2]).model
     assert _training()["init"] == f"{before['name']} {before['version']}"
     shipped = load_package(PACKAGE)
-    assert load_train_config(STAGE_CONFIGS[-1]).model["version"] == shipped.version
+    assert load_train_config(STAGE_CONFIGS[-1]).model["version"] == "1.2.0"
+    assert shipped.version == SHIPPED_VERSION and shipped.refine
     for path in STAGE_CONFIGS:
         s = load_train_config(path).training
         assert (s.test_fraction, s.test_seed) == (split.test_fraction, split.test_seed), path
@@ -113,12 +118,33 @@ def test_recorded_split_is_the_one_the_config_draws() -> None:
     assert (drawn.train, drawn.validation) == (split.train, split.validation)
 
 
+def test_the_crop_stage_saw_no_test_case() -> None:
+    """The clavicle crop stage trained on crops of the package's training cases and chose its
+    epoch on crops of its validation cases; no test case was cropped."""
+    package = load_package(PACKAGE)
+    (stage,) = package.refine
+    assert stage.structures == ("right_clavicle", "left_clavicle")
+    assert stage.mirror == ("left_clavicle",)
+    split, crops = read_split(PACKAGE), read_split(stage.package.path)
+    assert crops.test == ()
+    assert {c.split("__")[0] for c in crops.train} == set(split.train)
+    assert {c.split("__")[0] for c in crops.validation} == set(split.validation)
+    assert load_train_config(CROP_CONFIG).model["name"] == stage.package.name
+    # the card's validation figure for the stage is what validation/metrics.json holds
+    card = (PACKAGE / CARD_FILE).read_text()
+    clavicles = _recorded("validation")["summary"]["clavicles"]["jaccard"]
+    assert f"cases reach clavicles {clavicles:.3f}" in card
+
+
 def test_card_choices_were_measured_on_validation_cases_only() -> None:
     """The postprocessing table of the card was measured on the validation cases: for each
     structure, the row of the kept combination is the validation mean Jaccard of
     ``validation/metrics.json`` (evaluated on exactly ``split.validation``), not the test one;
-    and the best epoch was chosen by validation Dice (``history.json``)."""
+    and the best epoch was chosen by validation Dice (``history.json``). The table is the
+    whole-image network's: the structures a crop stage refines are not compared (their
+    validation figures are the crop stage's, see the test above)."""
     package = load_package(PACKAGE)
+    refined = {label for stage in package.refine for label in stage.structures}
     card = (PACKAGE / CARD_FILE).read_text()
     validation, test = _recorded("validation"), _recorded("test")
     labels = [s.label for s in package.structures]
@@ -130,6 +156,8 @@ def test_card_choices_were_measured_on_validation_cases_only() -> None:
             rows[found.group(1)] = [float(c.split(" / ")[0]) for c in cells]
     assert "none" in rows, "postprocessing table missing from the card"
     for i, structure in enumerate(package.structures):
+        if structure.label in refined:
+            continue
         kept = "+".join(p.value for p in structure.postprocess) or "none"
         measured = rows[kept][i]
         assert measured == pytest.approx(validation["summary"][labels[i]]["jaccard"], abs=2e-5), (

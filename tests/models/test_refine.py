@@ -251,3 +251,15 @@ def test_crops_keep_the_package_split_and_leave_its_test_cases_out(tmp_path: Pat
         write_crops(data, model, ["a"], [], 0.1, "crop", tmp_path / "crops")
     with pytest.raises(InputError, match="--structures"):
         write_crops(data, model, ["z"], [], 0.1, "crop", tmp_path / "other")
+
+
+def test_model_check_names_the_crop_stage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicom_node.app.cli import main
+
+    parent = _cascade(tmp_path)
+    assert main(["model", "check", str(parent), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "crop stage: a, b again on crops (margin 0.1, b mirrored) by crop/ (crop 1.0.0" in out
+    assert "ran once on zeros [1, 64, 64]: ok" in out
