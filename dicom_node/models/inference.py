@@ -254,12 +254,15 @@ class Segmenter:
                 return probs.cpu().numpy()
 
         probs = self._run(forward, InferenceReport())
-        for stage in self.package.refine:
-            crop = np.zeros(stage.package.input_size, np.float32)
-            if self._crop_probs(stage, [crop], self.device)[0].shape != crop.shape:
+        for i, stage in enumerate(self.package.refine):
+            zeros = torch.zeros((1, stage.package.in_channels, *stage.package.input_size))
+            with torch.inference_mode(), self._autocast(self.device):
+                logits = self._crop_networks[(i, str(self.device))](zeros.to(self.device))
+            if tuple(logits.shape[1:]) != (1, *stage.package.input_size):
                 raise ModelPackageError(
                     f"model {self.package.name}: crop stage {stage.package.path.name} gives "
-                    "more than one channel; a crop stage segments one structure"
+                    f"{tuple(logits.shape[1:])} (channels, size) for an input of "
+                    f"{tuple(zeros.shape[1:])}; a crop stage gives one channel, the structure"
                 )
         expected = (1, len(self.package.structures), *self.package.input_size)
         if probs.shape != expected:

@@ -168,6 +168,14 @@ def test_a_package_with_a_crop_stage_runs_it_on_the_node_path(tmp_path: Path) ->
     assert c[103, 103] > 0.9 and c[50, 35] > 0.9 and c[20, 35] < 0.1
 
 
+def test_a_crop_network_with_more_than_one_channel_fails_its_warm_up(tmp_path: Path) -> None:
+    parent = _cascade(tmp_path)
+    torch.jit.script(Bright(2)).save(str(parent / "crop" / "model.ts"))
+    segmenter = Segmenter(load_package(parent), torch.device("cpu"))
+    with pytest.raises(ModelPackageError, match=r"crop stage crop gives \(2, 32, 32\)"):
+        segmenter.warm_up()
+
+
 @pytest.mark.parametrize(
     ("refine", "sub", "words"),
     [
