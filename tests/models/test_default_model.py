@@ -36,10 +36,14 @@ STAGE_CONFIGS = (
     REPO / "config" / "train-cxr.yaml",
     REPO / "config" / "train-cxr-stage2.yaml",
 )
-#: The crop stage (``refine:``) added in 1.3.0, trained on crops of the same split.
-CROP_CONFIG = REPO / "config" / "train-cxr-clavicle-crop.yaml"
-#: The package version the crop stage made of the last stage's.
-SHIPPED_VERSION = "1.3.0"
+#: The crop stages (``refine:``) added in 1.3.0 and 1.4.0, trained on crops of the same split:
+#: their structures and training configs.
+CROP_CONFIGS = {
+    ("right_clavicle", "left_clavicle"): REPO / "config" / "train-cxr-clavicle-crop.yaml",
+    ("heart",): REPO / "config" / "train-cxr-heart-crop.yaml",
+}
+#: The package version the crop stages made of the last stage's.
+SHIPPED_VERSION = "1.4.0"
 N_CASES = 4
 JACCARD_TOLERANCE = 0.01
 HD95_TOLERANCE_MM = 1.0
@@ -118,18 +122,21 @@ def test_recorded_split_is_the_one_the_config_draws() -> None:
     assert (drawn.train, drawn.validation) == (split.train, split.validation)
 
 
-def test_the_crop_stage_saw_no_test_case() -> None:
-    """The clavicle crop stage trained on crops of the package's training cases and chose its
-    epoch on crops of its validation cases; no test case was cropped."""
+def test_the_crop_stages_saw_no_test_case() -> None:
+    """Each crop stage trained on crops of the package's training cases and chose its epoch on
+    crops of its validation cases; no test case was cropped."""
     package = load_package(PACKAGE)
-    (stage,) = package.refine
-    assert stage.structures == ("right_clavicle", "left_clavicle")
-    assert stage.mirror == ("left_clavicle",)
-    split, crops = read_split(PACKAGE), read_split(stage.package.path)
-    assert crops.test == ()
-    assert {c.split("__")[0] for c in crops.train} == set(split.train)
-    assert {c.split("__")[0] for c in crops.validation} == set(split.validation)
-    assert load_train_config(CROP_CONFIG).model["name"] == stage.package.name
+    assert {stage.structures for stage in package.refine} == set(CROP_CONFIGS)
+    split = read_split(PACKAGE)
+    for stage in package.refine:
+        crops = read_split(stage.package.path)
+        assert crops.test == ()
+        assert {c.split("__")[0] for c in crops.train} == set(split.train)
+        assert {c.split("__")[0] for c in crops.validation} == set(split.validation)
+        config = load_train_config(CROP_CONFIGS[stage.structures])
+        assert config.model["name"] == stage.package.name
+    clavicles = next(s for s in package.refine if "left_clavicle" in s.structures)
+    assert clavicles.mirror == ("left_clavicle",)
     # the card's validation figure for the stage is what validation/metrics.json holds
     card = (PACKAGE / CARD_FILE).read_text()
     clavicles = _recorded("validation")["summary"]["clavicles"]["jaccard"]
