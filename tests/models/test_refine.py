@@ -7,6 +7,7 @@ assertion says where the probabilities must be, pixel by pixel.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,13 @@ def test_crops_keep_the_package_split_and_leave_its_test_cases_out(tmp_path: Pat
     split = draw_split(tmp_path / "crops", ["crop"], TrainSettings(validation_fraction=0.5))
     assert split.train == crops.train and split.validation == crops.validation
     assert read_split(tmp_path / "crops").test == ()
+
+    # a split.json naming a case the folder does not have is refused, not half-used
+    bad = json.loads((tmp_path / "crops" / "split.json").read_text())
+    bad["validation"] = [*bad["validation"], "case9__a"]
+    (tmp_path / "crops" / "split.json").write_text(json.dumps(bad))
+    with pytest.raises(InputError, match="lists cases without an image"):
+        draw_split(tmp_path / "crops", ["crop"], TrainSettings())
 
     with pytest.raises(InputError, match="already holds"):
         write_crops(data, model, ["a"], [], 0.1, "crop", tmp_path / "crops")
