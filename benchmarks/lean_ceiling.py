@@ -45,7 +45,7 @@ from benchmarks.receive import (
     send,
     table,
 )
-from benchmarks.receivers import send_at_once, send_to_storescp_fork
+from benchmarks.receivers import send_at_once, send_to_storescp_fork, send_to_two_bare_scps
 from tests.conftest import StoreSCP, free_port, wait_port
 from tests.factories import ct_series, write_files
 
@@ -142,17 +142,9 @@ def bench(work: Path, repeat: int, senders: int, slices: int, one_slices: int) -
         times["fork"].append(send_to_storescp_fork(work / f"fork-{i}", batches))
 
     def to_bare2(i: int) -> None:
-        folders = [work / f"bare2-{i}-{k}" for k in range(2)]
-        scps = [BareSCP(folder, free_port(), event_driven=True).start() for folder in folders]
-        try:
-            times["bare2"].append(
-                send_at_once([scp.port for scp in scps], batches, scps[0].ae_title)
-            )
-        finally:
-            for scp in scps:
-                scp.stop()
-        for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)
+        times["bare2"].append(
+            send_to_two_bare_scps([work / f"bare2-{i}-{k}" for k in (0, 1)], batches)
+        )
 
     def to_lean(name: str, processes: int, sync: bool, i: int) -> None:
         scp = LeanSCP(work / f"{name}-{i}", processes, sync).start()

@@ -90,6 +90,20 @@ def send_to_storescp_fork(folder: Path, batches: list[list[Path]]) -> float:
     return seconds
 
 
+def send_to_two_bare_scps(folders: list[Path], batches: list[list[Path]]) -> float:
+    """Seconds for ``batches`` sent at once to two fresh bare pynetdicom SCPs, the floor of
+    N=2 (the node's settings and reactor, an answer of Success and nothing kept), half of the
+    senders to each; their ``folders`` are removed after."""
+    scps = [BareSCP(folder, free_port(), event_driven=True).start() for folder in folders]
+    try:
+        return send_at_once([scp.port for scp in scps], batches, scps[0].ae_title)
+    finally:
+        for scp in scps:
+            scp.stop()
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def bench(work: Path, repeat: int, senders: int, slices: int) -> str:
     started = time.perf_counter()
     batches = [
@@ -130,19 +144,9 @@ def bench(work: Path, repeat: int, senders: int, slices: int) -> str:
         times["fork"].append(send_to_storescp_fork(work / f"fork-{i}", batches))
 
     def to_bare(i: int) -> None:
-        """The floor of N=2: two bare pynetdicom SCPs (the node's settings and reactor, an
-        answer of Success and nothing kept), half of the senders to each."""
-        folders = [work / f"bare-{i}-{k}" for k in range(2)]
-        scps = [BareSCP(folder, free_port(), event_driven=True).start() for folder in folders]
-        try:
-            times["bare2"].append(
-                send_at_once([scp.port for scp in scps], batches, scps[0].ae_title)
-            )
-        finally:
-            for scp in scps:
-                scp.stop()
-        for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)
+        times["bare2"].append(
+            send_to_two_bare_scps([work / f"bare-{i}-{k}" for k in (0, 1)], batches)
+        )
 
     targets: list[Callable[[int], None]] = [
         lambda i: to_node("n2", 2, i),
