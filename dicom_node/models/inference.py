@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -41,6 +42,7 @@ from dicom_node.imaging.series import ImageSeries
 from dicom_node.models.networks import load_network
 from dicom_node.models.postprocess import postprocess
 from dicom_node.models.preprocess import (
+    Placement,
     VolumePlacement,
     model_images,
     prepare_image,
@@ -230,10 +232,11 @@ class Segmenter:
         self.network = load_network(package, self.device)
         self._cpu_network: torch.nn.Module | None = None
         self._cpu_lock = threading.Lock()
-        #: the crop stages' networks (``refine``), per device (the CPU ones made on demand)
-        self._crop_networks: dict[tuple[int, str], torch.nn.Module] = {
-            (i, str(self.device)): load_network(stage.package, self.device)
-            for i, stage in enumerate(package.refine)
+        #: the crop stages' networks (``refine``), by stage package folder and device (the CPU
+        #: ones made on demand)
+        self._crop_networks: dict[tuple[Path, str], torch.nn.Module] = {
+            (stage.package.path, str(self.device)): load_network(stage.package, self.device)
+            for stage in package.refine
         }
 
     def warm_up(self) -> None:
@@ -254,10 +257,10 @@ class Segmenter:
                 return probs.cpu().numpy()
 
         probs = self._run(forward, InferenceReport())
-        for i, stage in enumerate(self.package.refine):
+        for stage in self.package.refine:
             zeros = torch.zeros((1, stage.package.in_channels, *stage.package.input_size))
             with torch.inference_mode(), self._autocast(self.device):
-                logits = self._crop_networks[(i, str(self.device))](zeros.to(self.device))
+                logits = self._crop_network(stage, self.device)(zeros.to(self.device))
             if tuple(logits.shape[1:]) != (1, *stage.package.input_size):
                 raise ModelPackageError(
                     f"model {self.package.name}: crop stage {stage.package.path.name} gives "
@@ -341,6 +344,27 @@ class Segmenter:
         probs: np.ndarray = probs_t.cpu().numpy()
         return probs
 
+    def _crop_network(self, stage: Refinement, device: torch.device) -> torch.nn.Module:
+        """The crop stage's network on ``device`` (on the CPU made once, for the fallback after
+        a CUDA out-of-memory error)."""
+        key = (stage.package.path, str(device))
+        if key not in self._crop_networks:
+            with self._cpu_lock:
+                if key not in self._crop_networks:
+                    self._crop_networks[key] = load_network(stage.package, device)
+        return self._crop_networks[key]
+
+    @staticmethod
+    def _prepare_batch(
+        images: Sequence[np.ndarray], package: ModelPackage
+    ) -> tuple[torch.Tensor, list[Placement]]:
+        """``images`` prepared for ``package`` (:func:`prepare_image`) as one batch ``(B, C,
+        *input_size)``, and each one's placement to undo."""
+        prepared = [prepare_image(image, package) for image in images]
+        stacked = np.stack([image for image, _ in prepared])
+        batch = torch.from_numpy(stacked if stacked.ndim == 4 else stacked[:, None])
+        return batch, [placement for _, placement in prepared]
+
     def _crop_probs(
         self,
         stage: Refinement,
@@ -349,17 +373,14 @@ class Segmenter:
     ) -> list[np.ndarray]:
         """Probabilities ``(rows, cols)`` of each crop (see :mod:`dicom_node.models.refine`)
         from the crop stage's network on ``device``, in one batch."""
-        index = self.package.refine.index(stage)
-        key = (index, str(device))
-        if key not in self._crop_networks:  # the CPU fallback after a CUDA out-of-memory error
-            with self._cpu_lock:
-                self._crop_networks.setdefault(key, load_network(stage.package, device))
-        prepared = [prepare_image(crop, stage.package) for crop in crops]
-        stacked = np.stack([image for image, _ in prepared])
-        inputs = torch.from_numpy(stacked if stacked.ndim == 4 else stacked[:, None])
+        inputs, placements = self._prepare_batch(crops, stage.package)
+        network = self._crop_network(stage, device)
         with torch.inference_mode(), self._autocast(device):
-            probs = self._image_probs(self._crop_networks[key], inputs.to(device), stage.package)
-        return [restore_probabilities(probs[i], p)[0] for i, (_, p) in enumerate(prepared)]
+            probs = self._image_probs(network, inputs.to(device), stage.package)
+        return [
+            restore_probabilities(p, placement)[0]
+            for p, placement in zip(probs, placements, strict=True)
+        ]
 
     @staticmethod
     def _autocast(device: torch.device) -> torch.autocast:
@@ -392,12 +413,10 @@ class Segmenter:
                 oriented = [
                     plans[f].to_model(images[f]) if plans else images[f] for f in range(start, stop)
                 ]
-                prepared = [prepare_image(image, self.package) for image in oriented]
-                stacked = np.stack([image for image, _ in prepared])
-                inputs = torch.from_numpy(stacked if stacked.ndim == 4 else stacked[:, None])
+                inputs, placements = self._prepare_batch(oriented, self.package)
                 with torch.inference_mode(), self._autocast(device):
                     probs = self._image_probs(network, inputs.to(device), self.package)
-                for i, (_, placement) in enumerate(prepared):
+                for i, placement in enumerate(placements):
                     frame = np.moveaxis(restore_probabilities(probs[i], placement), 0, -1)
                     if self.package.refine:  # crop stages, in the model's orientation
                         frame = refine_frame(oriented[i], frame, self.package, crop_probs)
